@@ -1,0 +1,68 @@
+"""Tunables of a store and the retention policy of a timeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidArgumentError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much history a timeline keeps readable (and branchable).
+
+    An LSN is retained while it is within `period` seconds of now or within
+    `lsn_distance` of the head (either suffices). With both None, all history
+    is kept. GC never moves the horizon back, and never past the head.
+    """
+
+    period: float | None = 7 * 24 * 3600.0
+    lsn_distance: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.period is not None and not (isinstance(self.period, (int, float)) and self.period >= 0):
+            raise InvalidArgumentError(f"retention period must be seconds >= 0, got {self.period!r}")
+        if self.lsn_distance is not None and not (
+            type(self.lsn_distance) is int and self.lsn_distance >= 0
+        ):
+            raise InvalidArgumentError(f"retention lsn_distance must be an int >= 0, got {self.lsn_distance!r}")
+
+
+KEEP_ALL = Retention(period=None, lsn_distance=None)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    # An open in-memory layer is frozen and flushed to a delta layer past this.
+    inmemory_layer_bytes: int = 64 * MiB
+    # The log starts a new segment past this; segments are deleted once their
+    # records are in layer files and a manifest snapshot.
+    log_segment_bytes: int = 64 * MiB
+    # Checkpoint (flush and snapshot) when the log holds more than this.
+    log_checkpoint_bytes: int = 256 * MiB
+    # Compaction: merge runs of at least this many small deltas ...
+    merge_threshold: int = 8
+    # ... into deltas of about this size ("small" is under half of it).
+    delta_target_bytes: int = 128 * MiB
+    # Write an image for a key partition once this many deltas lie above its
+    # newest image, so a read consults at most about this many layers.
+    image_threshold: int = 4
+    # Keys per image partition (16384 pages of 8 KiB = 128 MiB).
+    image_partition_keys: int = 16384
+    # Default retention of timelines that do not set their own.
+    retention: Retention = Retention()
+    # Seconds between passes of the background thread (flush, compact, GC).
+    background_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "inmemory_layer_bytes", "log_segment_bytes", "log_checkpoint_bytes",
+            "merge_threshold", "delta_target_bytes", "image_threshold", "image_partition_keys",
+        ):
+            v = getattr(self, name)
+            if type(v) is not int or v < 1:
+                raise InvalidArgumentError(f"StoreConfig.{name} must be a positive int, got {v!r}")
+        if self.merge_threshold < 2:
+            raise InvalidArgumentError("StoreConfig.merge_threshold must be at least 2")

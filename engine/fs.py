@@ -1,0 +1,298 @@
+"""The one seam for file I/O.
+
+Everything the engine reads or writes goes through a `FileSystem`: opening,
+reading at an offset, appending, fsync, rename, fsync of a directory, removal
+and the store lock. Nothing else in the engine calls `os.fsync`, `os.rename`
+or `open`. Tests swap in `engine.faultfs.FaultFileSystem`, which keeps only
+what was synced when it "crashes" and can fail chosen operations.
+
+Crash-safe replacement of a file is `write_atomically`: write a temporary
+file, fsync it, rename it over the target, fsync the directory. The temporary
+name ends in `.tmp`; an interrupted write leaves only such a file, which the
+owner of the directory removes on open.
+
+What this module does not guarantee: data written and not synced survives a
+process crash (it is in the OS page cache) but not a power loss.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from typing import Protocol
+
+from .errors import StoreLockedError
+
+TMP_SUFFIX = ".tmp"
+
+
+class ReadFile(Protocol):
+    path: str
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+    def size(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class WriteFile(Protocol):
+    path: str
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def sync(self) -> None: ...
+    def tell(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class FileLock(Protocol):
+    def release(self) -> None: ...
+
+
+class FileSystem(Protocol):
+    """The operations the engine performs on files and directories."""
+
+    def open_read(self, path: str) -> ReadFile: ...
+    def open_write(self, path: str) -> WriteFile: ...
+    def open_append(self, path: str) -> WriteFile: ...
+    def read_file(self, path: str) -> bytes: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def remove(self, path: str) -> None: ...
+    def makedirs(self, path: str) -> None: ...
+    def rmdir(self, path: str) -> None: ...
+    def listdir(self, path: str) -> list[str]: ...
+    def exists(self, path: str) -> bool: ...
+    def isdir(self, path: str) -> bool: ...
+    def file_size(self, path: str) -> int: ...
+    def truncate(self, path: str, size: int) -> None: ...
+    def sync_dir(self, path: str) -> None: ...
+    def lock(self, path: str) -> FileLock: ...
+
+
+# --- helpers over any FileSystem ---------------------------------------------
+
+
+def write_atomically(fs: FileSystem, path: str, chunks: bytes | list[bytes]) -> None:
+    """Replace `path` with `chunks` so that a crash leaves the old or the new file."""
+    tmp = path + TMP_SUFFIX
+    f = fs.open_write(tmp)
+    try:
+        for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
+            f.write(chunk)
+        f.sync()
+    finally:
+        f.close()
+    fs.rename(tmp, path)
+    fs.sync_dir(os.path.dirname(path))
+
+
+def remove_tree(fs: FileSystem, path: str) -> None:
+    """Remove a directory and everything below it (no fsync: callers that need
+    the removal to be durable have already recorded it in the log)."""
+    if not fs.exists(path):
+        return
+    for name in fs.listdir(path):
+        child = os.path.join(path, name)
+        if fs.isdir(child):
+            remove_tree(fs, child)
+        else:
+            fs.remove(child)
+    fs.rmdir(path)
+
+
+def ensure_dir(fs: FileSystem, path: str) -> None:
+    """Create `path` (and parents) durably: each new entry's parent is synced."""
+    missing: list[str] = []
+    p = path
+    while not fs.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        fs.makedirs(d)
+        fs.sync_dir(os.path.dirname(d))
+
+
+# --- the real file system ----------------------------------------------------
+
+
+class OsReadFile:
+    __slots__ = ("path", "_fd", "_size", "__weakref__")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._size = os.fstat(self._fd).st_size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        # Layers are shared by concurrent readers; the descriptor lives exactly
+        # as long as the last reference to its layer.
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
+class OsWriteFile:
+    """Buffered sequential writer. `sync` flushes the buffer and fsyncs."""
+
+    __slots__ = ("path", "_fd", "_buf", "_pos", "_append")
+
+    _FLUSH_AT = 1 << 20
+
+    def __init__(self, path: str, append: bool) -> None:
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        flags |= os.O_APPEND if append else os.O_TRUNC
+        self._fd = os.open(path, flags, 0o644)
+        self._append = append
+        self._pos = os.lseek(self._fd, 0, os.SEEK_END)
+        self._buf = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._append:
+            # Log appends go straight to the OS so that a process crash after
+            # the call returns does not lose them.
+            _write_all(self._fd, data)
+        else:
+            self._buf += data
+            if len(self._buf) >= self._FLUSH_AT:
+                self._flush()
+        self._pos += len(data)
+
+    def _flush(self) -> None:
+        if self._buf:
+            _write_all(self._fd, self._buf)
+            self._buf.clear()
+
+    def sync(self) -> None:
+        self._flush()
+        if self._append:
+            os.fdatasync(self._fd)
+        else:
+            os.fsync(self._fd)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self._flush()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class OsFileLock:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class OsFileSystem:
+    """The real thing: POSIX calls on the local file system."""
+
+    def open_read(self, path: str) -> ReadFile:
+        return OsReadFile(path)
+
+    def open_write(self, path: str) -> WriteFile:
+        return OsWriteFile(path, append=False)
+
+    def open_append(self, path: str) -> WriteFile:
+        return OsWriteFile(path, append=True)
+
+    def read_file(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def remove(self, path: str) -> None:
+        os.unlink(path)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def file_size(self, path: str) -> int:
+        return os.stat(path).st_size
+
+    def truncate(self, path: str, size: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def lock(self, path: str) -> FileLock:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StoreLockedError(os.path.dirname(path), holder) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        return OsFileLock(fd)
+
+
+def walk_files(fs: FileSystem, root: str) -> Iterator[tuple[str, int]]:
+    """Yield (path, size) of every file below `root`."""
+    if not fs.isdir(root):
+        return
+    for name in sorted(fs.listdir(root)):
+        p = os.path.join(root, name)
+        if fs.isdir(p):
+            yield from walk_files(fs, p)
+        else:
+            yield p, fs.file_size(p)
+

@@ -1,0 +1,788 @@
+"""The store: one directory holding timelines, their layers and the log.
+
+Layout::
+
+    <store>/LOCK                       flock'd while a process has it open
+    <store>/manifest                   last snapshot (engine.manifest)
+    <store>/log/<first LSN>.log        commit log segments (engine.wal)
+    <store>/timelines/<id>/*.layer     each timeline's layer files (engine.layer_file)
+
+Durability protocol: every change is a record in the commit log first.
+Commits stay in in-memory layers until a flush writes them to a delta layer
+file; the flush is an edit record. A checkpoint seals the current log
+segment, flushes every timeline with commits in the sealed segments, writes a
+manifest snapshot, and deletes the sealed segments. Opening replays the log
+from the snapshot's `replay_from` segment: edits above its `applied_lsn`,
+commits above their timeline's disk-consistent LSN. Closing checkpoints.
+
+Lock order (outer first): a timeline's layers lock, the store lock, a
+timeline's write lock, the log's lock. Commits take only the last two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+
+from .clock import Clock, system_clock
+from .compaction import CompactionResult, compact_timeline, write_image
+from .config import Retention, StoreConfig
+from .errors import (
+    AlreadyExistsError,
+    CorruptionError,
+    HasChildrenError,
+    InvalidArgumentError,
+    NotFoundError,
+    StoreClosedError,
+    StoreFailedError,
+    StrataError,
+)
+from .fs import TMP_SUFFIX, FileSystem, OsFileSystem, ensure_dir, remove_tree, write_atomically
+from .gc import GcResult, gc_timeline, needed_layers
+from .inmemory_layer import InMemoryLayer
+from .keyspace import partitions
+from .layer_file import KIND_DELTA, Layer, LayerDesc, LayerWriter, parse_layer_name
+from .manifest import (
+    OP_CREATE,
+    OP_DROP,
+    Snapshot,
+    TimelineMeta,
+    apply_edit,
+    decode_edit,
+    decode_snapshot,
+    edit_create,
+    edit_drop,
+    edit_horizon,
+    edit_layers,
+    edit_retention,
+    encode_snapshot,
+    encode_timeline,
+)
+from .timeline import Timeline, TimelineUsage
+from .values import MAX_KEY
+from .wal import REC_COMMIT, REC_EDIT, CommitLog, Record, decode_commit, list_segments, scan_segment
+
+log = logging.getLogger("strata.engine")
+
+MANIFEST = "manifest"
+LOG_DIR = "log"
+TIMELINES_DIR = "timelines"
+
+
+def _parse_id(ident: object) -> bytes:
+    if isinstance(ident, Timeline):
+        return ident._tid
+    if isinstance(ident, str) and len(ident) == 32:
+        try:
+            return bytes.fromhex(ident)
+        except ValueError:
+            pass
+    raise InvalidArgumentError(f"a timeline id is 32 hex digits or a Timeline, got {ident!r}")
+
+
+class Store:
+    """A directory of timelines. Open with `Store.open(path)`; thread-safe."""
+
+    def __init__(self, path: str, fs: FileSystem, clock: Clock, config: StoreConfig) -> None:
+        self.path = path
+        self.fs = fs
+        self.config = config
+        self._clock = clock
+        self._timelines_dir = os.path.join(path, TIMELINES_DIR)
+        self._mu = threading.RLock()
+        self._checkpoint_mu = threading.Lock()
+        self._timelines: dict[bytes, Timeline | None] = {}  # None: not decoded yet
+        self._ancestors: dict[bytes, bytes | None] = {}
+        self._children: dict[bytes, set[bytes]] = {}
+        self._metas: dict[bytes, TimelineMeta] = {}  # decoded, Timeline not built yet
+        self._damaged: dict[bytes, CorruptionError] = {}
+        self._snapshot: Snapshot | None = None
+        self._topology = 0  # bumped when an ancestor link changes
+        self._closed = False
+        self._log: CommitLog = None  # type: ignore[assignment]
+        self._lock = None
+        self._bg: threading.Thread | None = None
+        self._bg_stop = threading.Event()
+        self._bg_wake = threading.Event()
+        self.background_error: BaseException | None = None
+
+    # --- opening ---------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        config: StoreConfig | None = None,
+        fs: FileSystem | None = None,
+        clock: Clock | None = None,
+        background: bool = True,
+    ) -> Store:
+        """Open the store at `path`, creating it if missing, and recover it.
+
+        Raises StoreLockedError if another process (or Store) has it open,
+        CorruptionError if the manifest or a synced log segment is damaged."""
+        fs = fs or OsFileSystem()
+        path = os.path.abspath(os.fspath(path))
+        if fs.exists(path) and not fs.isdir(path):
+            raise InvalidArgumentError(f"store path {path} exists and is not a directory")
+        store = cls(path, fs, clock or system_clock, config or StoreConfig())
+        ensure_dir(fs, path)
+        store._lock = fs.lock(os.path.join(path, "LOCK"))
+        try:
+            store._recover()
+        except BaseException:
+            store._lock.release()
+            raise
+        if background:
+            store._start_background()
+        return store
+
+    def _recover(self) -> None:
+        t0 = time.monotonic()
+        fs = self.fs
+        mpath = os.path.join(self.path, MANIFEST)
+        log_dir = os.path.join(self.path, LOG_DIR)
+        if fs.exists(mpath + TMP_SUFFIX):
+            fs.remove(mpath + TMP_SUFFIX)
+        if not fs.exists(mpath):
+            if (fs.isdir(log_dir) and fs.listdir(log_dir)) or (
+                fs.isdir(self._timelines_dir) and fs.listdir(self._timelines_dir)
+            ):
+                raise CorruptionError(mpath, 0, "manifest missing from a store that has data")
+            write_atomically(fs, mpath, encode_snapshot(0, 0, 1, []))
+        snap = decode_snapshot(mpath, fs.read_file(mpath))
+        self._snapshot = snap
+        for tid, (anc, _, _, _) in snap.table.items():
+            self._timelines[tid] = None
+            self._link(tid, anc)
+
+        ensure_dir(fs, log_dir)
+        segments = list_segments(fs, log_dir)
+        last_lsn, last_time = snap.applied_lsn, snap.last_time_us
+        pins: dict[int, dict[bytes, int]] = {}
+        replayed = 0
+        prev: int | None = None
+        live: list[tuple[int, str]] = []
+        # Pass 1: check every segment, cut a torn tail, apply the edits. The
+        # commits wait for pass 2, when each timeline's disk-consistent LSN
+        # (which a later flush edit may raise) is final.
+        for i, (first, spath) in enumerate(segments):
+            if first < snap.replay_from:
+                fs.remove(spath)  # a checkpoint died before deleting it
+                continue
+            is_last = i == len(segments) - 1
+            scan = scan_segment(fs, spath, is_last)
+            if scan.first_record is not None:
+                if scan.first_record != first or (prev is not None and first != prev + 1):
+                    raise CorruptionError(spath, 32, "log segment does not continue the log",
+                                          first if prev is None else prev + 1, scan.first_record)
+                prev = scan.last_record
+            for tl_bytes, offset, why in scan.damaged:
+                self._mark_damaged(tl_bytes, CorruptionError(spath, offset, why))
+            for rec in scan.records:
+                if rec.type == REC_EDIT:
+                    self._replay_edit(rec, snap.applied_lsn)
+                last_lsn = max(last_lsn, rec.lsn)
+                last_time = max(last_time, rec.time_us)
+            if scan.torn:
+                log.warning("cut torn tail of %s at offset %d (%d bytes)", spath, scan.end, scan.size - scan.end)
+                fs.truncate(spath, scan.end)
+            if is_last and not scan.records and not scan.damaged:
+                fs.remove(spath)
+                fs.sync_dir(log_dir)
+            else:
+                live.append((first, spath))
+        # Pass 2: commits not yet in a layer file go back to memory.
+        for first, spath in live:
+            pins[first] = {}
+            for rec in scan_segment(fs, spath, False).records:
+                if rec.type == REC_COMMIT:
+                    replayed += self._replay_commit(rec, pins[first])
+        self._log = CommitLog(
+            fs, log_dir, last_lsn=last_lsn, last_time_us=last_time,
+            segment_bytes=self.config.log_segment_bytes, store_path=self.path,
+        )
+        self._log.pins.update(pins)
+        # Directories of timelines that no longer exist (dropped, or created
+        # and lost in a crash) go; files of live ones are checked on load.
+        if fs.isdir(self._timelines_dir):
+            for name in fs.listdir(self._timelines_dir):
+                try:
+                    tid = bytes.fromhex(name) if len(name) == 32 else None
+                except ValueError:
+                    tid = None
+                if tid is None or tid not in self._timelines:
+                    remove_tree(fs, os.path.join(self._timelines_dir, name))
+        log.info(
+            "opened store %s: %d timelines, replayed %d log records, last LSN %d, in %.3fs",
+            self.path, len(self._timelines), replayed, last_lsn, time.monotonic() - t0,
+        )
+
+    def _replay_edit(self, rec: Record, applied_lsn: int) -> None:
+        tid = rec.timeline
+        if tid in self._damaged or rec.lsn <= applied_lsn:
+            return
+        edit = decode_edit(rec.payload, rec.path, rec.offset)
+        if edit.op == OP_CREATE:
+            assert edit.meta is not None
+            if tid not in self._timelines:
+                self._metas[tid] = edit.meta
+                self._timelines[tid] = None
+                self._link(tid, edit.meta.ancestor)
+        elif edit.op == OP_DROP:
+            self._forget(tid)
+        elif tid in self._timelines:
+            meta = self._meta_of(tid)
+            if meta is not None:
+                old_anc = meta.ancestor
+                apply_edit(meta, edit)
+                if meta.ancestor != old_anc:
+                    self._link(tid, meta.ancestor, old_anc)
+
+    def _replay_commit(self, rec: Record, pins: dict[bytes, int]) -> int:
+        tid = rec.timeline
+        if tid not in self._timelines or tid in self._damaged:
+            return 0  # dropped later in the log, or beyond repair
+        meta = self._meta_of(tid)
+        if meta is None or rec.lsn <= meta.disk_consistent_lsn:
+            return 0
+        try:
+            versions = decode_commit(rec.payload, rec.path, rec.offset)
+        except CorruptionError as e:
+            self._mark_damaged(tid, e)
+            return 0
+        tl = self._load(tid)
+        tl._map.open.put(rec.lsn, rec.time_us, versions)
+        tl._head = max(tl._head, rec.lsn)
+        pins[tid] = rec.lsn
+        return 1
+
+    def _meta_of(self, tid: bytes) -> TimelineMeta | None:
+        """Decoded metadata of a timeline (decoding it from the snapshot)."""
+        tl = self._timelines.get(tid)
+        if tl is not None:
+            return tl._meta
+        meta = self._metas.get(tid)
+        if meta is None:
+            assert self._snapshot is not None
+            try:
+                meta = self._snapshot.load(tid)
+            except CorruptionError as e:
+                self._mark_damaged(tid, e)
+                return None
+            self._metas[tid] = meta
+        return meta
+
+    def _mark_damaged(self, tid: bytes, err: CorruptionError) -> None:
+        if tid not in self._damaged:
+            log.error("timeline %s is damaged: %s", tid.hex(), err)
+            self._damaged[tid] = err
+
+    def _link(self, tid: bytes, anc: bytes | None, old: bytes | None = None) -> None:
+        if old is not None:
+            self._children.get(old, set()).discard(tid)
+        self._ancestors[tid] = anc
+        if anc is not None:
+            self._children.setdefault(anc, set()).add(tid)
+        self._topology += 1
+
+    def _forget(self, tid: bytes) -> None:
+        self._timelines.pop(tid, None)
+        self._metas.pop(tid, None)
+        self._damaged.pop(tid, None)
+        anc = self._ancestors.pop(tid, None)
+        if anc is not None:
+            self._children.get(anc, set()).discard(tid)
+        self._topology += 1
+
+    def _load(self, tid: bytes) -> Timeline:
+        """The Timeline object for an id, building it on first use."""
+        tl = self._timelines.get(tid)
+        if tl is not None:
+            return tl
+        with self._mu:
+            if tid not in self._timelines:
+                raise NotFoundError("timeline", tid.hex())
+            if tid in self._damaged:
+                raise self._damaged[tid]
+            tl = self._timelines[tid]
+            if tl is not None:
+                return tl
+            meta = self._meta_of(tid)
+            if meta is None:
+                raise self._damaged[tid]
+            tl = self._build(meta)
+            self._metas.pop(tid, None)
+            self._timelines[tid] = tl
+            return tl
+
+    def _build(self, meta: TimelineMeta) -> Timeline:
+        tdir = os.path.join(self._timelines_dir, meta.id.hex())
+        layers = [Layer(self.fs, tdir, d, meta.id) for d in meta.layers.values()]
+        if self.fs.isdir(tdir):
+            for name in self.fs.listdir(tdir):
+                if name not in meta.layers:
+                    self.fs.remove(os.path.join(tdir, name))
+                    if parse_layer_name(name):
+                        log.info("removed layer file %s/%s that the manifest does not list", meta.id.hex(), name)
+        return Timeline(self, meta, layers)
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(self.path)
+
+    def _now_us(self) -> int:
+        return int(self._clock() * 1_000_000)
+
+    @property
+    def last_lsn(self) -> int:
+        return self._log.last_lsn
+
+    def close(self) -> None:
+        """Checkpoint (every commit becomes durable and lands in a layer file)
+        and release the store."""
+        if self._closed:
+            return
+        self._stop_background()
+        try:
+            if self._log._failed is None:
+                self.checkpoint()
+        finally:
+            self._closed = True
+            try:
+                self._log.close()
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
+            log.info("closed store %s at LSN %d", self.path, self._log.last_lsn)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sync(self) -> None:
+        """Make every commit so far durable."""
+        self._check_open()
+        self._log.sync()
+
+    # --- timelines -----------------------------------------------------------------
+
+    def create_timeline(
+        self, timeline_id: str | None = None, *, retention: Retention | None = None
+    ) -> Timeline:
+        """A new, empty root timeline."""
+        return self._create(timeline_id, None, 0, retention, durable=True)
+
+    def branch(
+        self,
+        parent: Timeline | str,
+        at_lsn: int | None = None,
+        *,
+        timeline_id: str | None = None,
+        retention: Retention | None = None,
+        durable: bool = True,
+    ) -> Timeline:
+        """A new timeline that starts as `parent` at `at_lsn` (default: its
+        head). Writes one log record: its cost does not depend on the data."""
+        return self._create(timeline_id, parent, at_lsn, retention, durable)
+
+    def _create(
+        self,
+        timeline_id: str | None,
+        parent: Timeline | str | None,
+        at_lsn: int | None,
+        retention: Retention | None,
+        durable: bool,
+    ) -> Timeline:
+        self._check_open()
+        if retention is not None and not isinstance(retention, Retention):
+            raise InvalidArgumentError(f"retention must be a Retention, got {type(retention).__name__}")
+        tid = _parse_id(timeline_id) if timeline_id is not None else os.urandom(16)
+        with self._mu:
+            self._check_open()
+            if tid in self._timelines:
+                raise AlreadyExistsError("timeline", tid.hex())
+            now = self._now_us()
+            if parent is None:
+                anc, start = None, self._log.last_lsn
+            else:
+                ptl = self._load(_parse_id(parent))
+                ptl._check_live()
+                start = ptl.head_lsn if at_lsn is None else ptl._check_lsn(at_lsn)
+                anc = ptl._tid
+            meta = TimelineMeta(
+                id=tid, ancestor=anc, ancestor_lsn=start if anc else 0, start_lsn=start,
+                head_lsn=start, disk_consistent_lsn=start, horizon=0, created_us=now,
+                retention=retention,
+            )
+            _, _, pos = self._log.append(REC_EDIT, tid, edit_create(meta), now)
+            tl = Timeline(self, meta, [])
+            self._timelines[tid] = tl
+            self._link(tid, anc)
+        if durable:
+            self._log.sync(pos)
+        log.info(
+            "created timeline %s%s", tl.id,
+            f" from {anc.hex()} at LSN {start}" if anc else f" at LSN {start}",
+        )
+        return tl
+
+    def timeline(self, timeline_id: str) -> Timeline:
+        self._check_open()
+        return self._load(_parse_id(timeline_id))
+
+    def __contains__(self, timeline_id: str) -> bool:
+        try:
+            return _parse_id(timeline_id) in self._timelines
+        except InvalidArgumentError:
+            return False
+
+    def timeline_ids(self) -> list[str]:
+        """Ids of every timeline, damaged ones included, without loading them."""
+        return sorted(t.hex() for t in list(self._timelines))
+
+    def timelines(self) -> list[Timeline]:
+        """Every timeline that is not damaged (loads them all)."""
+        self._check_open()
+        out = []
+        for tid in list(self._timelines):
+            if tid not in self._damaged:
+                try:
+                    out.append(self._load(tid))
+                except (CorruptionError, NotFoundError):
+                    continue
+        return sorted(out, key=lambda t: t.id)
+
+    def damaged(self) -> dict[str, CorruptionError]:
+        """Timelines that cannot be served, with the error that says why."""
+        return {t.hex(): e for t, e in self._damaged.items()}
+
+    def children(self, timeline: Timeline | str) -> list[str]:
+        return sorted(c.hex() for c in self._children.get(_parse_id(timeline), ()))
+
+    def delete_timeline(self, timeline: Timeline | str) -> None:
+        """Delete a timeline and its files. Refused (HasChildrenError) while
+        other timelines branch from it: delete or detach those first."""
+        self._check_open()
+        tid = _parse_id(timeline)
+        tl = self._timelines.get(tid)
+        layers_mu = tl._layers_mu if tl is not None else threading.RLock()
+        with layers_mu, self._mu:
+            if tid not in self._timelines:
+                raise NotFoundError("timeline", tid.hex())
+            kids = self._children.get(tid)
+            if kids:
+                raise HasChildrenError(tid.hex(), [k.hex() for k in kids])
+            tl = self._timelines.get(tid)
+            if tl is not None:
+                with tl._write_mu:
+                    tl._deleted = True
+            _, _, pos = self._log.append(REC_EDIT, tid, edit_drop(), self._now_us())
+            self._forget(tid)
+        self._log.sync(pos)
+        remove_tree(self.fs, os.path.join(self._timelines_dir, tid.hex()))
+        log.info("deleted timeline %s", tid.hex())
+
+    def detach(self, timeline: Timeline | str) -> Timeline:
+        """Give a timeline its own copy of what it reads from its ancestors
+        (complete images at its branch point), then cut it loose from them."""
+        self._check_open()
+        tl = self._load(_parse_id(timeline))
+        t0 = time.monotonic()
+        with tl._layers_mu:
+            tl._check_live()
+            meta = tl._meta
+            if meta.ancestor is None:
+                raise InvalidArgumentError(f"timeline {tl.id} has no ancestor to detach from")
+            anc = self._load(meta.ancestor)
+            at = meta.ancestor_lsn
+            keys = anc._candidate_keys(at, 0, MAX_KEY, True)
+            written: list[LayerDesc] = []
+            ensure_dir(self.fs, tl._dir)
+            try:
+                for part in partitions(keys, self.config.image_partition_keys) or [(0, MAX_KEY)]:
+                    written.append(write_image(self, tl, at, part, True, source=anc))
+            except BaseException:
+                self._discard_files(tl, written)
+                raise
+            self._replace_layers(tl, written, [], detach=True)
+        log.info(
+            "detached timeline %s from %s at LSN %d: %d images, %d bytes, in %.2fs",
+            tl.id, anc.id, at, len(written), sum(d.file_size for d in written), time.monotonic() - t0,
+        )
+        return tl
+
+    def _set_retention(self, tl: Timeline, retention: Retention | None) -> None:
+        if retention is not None and not isinstance(retention, Retention):
+            raise InvalidArgumentError(f"retention must be a Retention or None, got {type(retention).__name__}")
+        with self._mu:
+            tl._check_live()
+            _, _, pos = self._log.append(REC_EDIT, tl._tid, edit_retention(retention), self._now_us())
+            tl._meta.retention = retention
+        self._log.sync(pos)
+
+    # --- layer changes ----------------------------------------------------------------
+
+    def _replace_layers(
+        self, tl: Timeline, added: list[LayerDesc], removed: list[LayerDesc],
+        dcl: int = 0, detach: bool = False, drop_frozen: InMemoryLayer | None = None,
+    ) -> None:
+        """Log and apply a change of a timeline's layer set (caller holds the
+        timeline's layers lock), then delete the files of removed layers."""
+        with self._mu:
+            tl._check_live()
+            head = drop_frozen.lsn_max if drop_frozen is not None else 0
+            payload = edit_layers(added, removed, dcl, head, detach)
+            _, _, pos = self._log.append(REC_EDIT, tl._tid, payload, self._now_us())
+            meta = tl._meta
+            old_anc = meta.ancestor
+            apply_edit(meta, decode_edit(payload, "", 0))
+            if detach:
+                self._link(tl._tid, None, old_anc)
+            gone = {d.name for d in removed}
+            new = [Layer(self.fs, tl._dir, d, tl._tid) for d in added]
+            with tl._write_mu:
+                cur = tl._map
+                keep = [ly for ly in cur.layers if ly.desc.name not in gone]
+                frozen = cur.frozen
+                if drop_frozen is not None:
+                    frozen = tuple(f for f in frozen if f is not drop_frozen)
+                tl._map = cur.replace(frozen=frozen, layers=keep + new)
+            for ly in cur.layers:
+                if ly.desc.name in gone:
+                    ly.retired = True
+        self._log.sync(pos)
+        for d in removed:
+            try:
+                self.fs.remove(os.path.join(tl._dir, d.name))
+            except FileNotFoundError:
+                pass
+
+    def _discard_files(self, tl: Timeline, descs: Iterable[LayerDesc]) -> None:
+        for d in descs:
+            try:
+                self.fs.remove(os.path.join(tl._dir, d.name))
+            except OSError:
+                pass
+
+    def _advance_horizon(self, tl: Timeline, target: int) -> tuple[bool, list[int]]:
+        """Move a timeline's horizon up to `target` (logged) and return the
+        branch points of its children, atomically with respect to branching."""
+        with self._mu:
+            tl._check_live()
+            moved = target > tl._meta.horizon and target > tl._meta.start_lsn
+            if moved:
+                _, _, pos = self._log.append(REC_EDIT, tl._tid, edit_horizon(target), self._now_us())
+                self._log.sync(pos)
+                tl._meta.horizon = target
+            points = [self._load(c)._meta.ancestor_lsn for c in self._children.get(tl._tid, ())]
+        return moved, points
+
+    # --- flush and checkpoint -----------------------------------------------------------
+
+    def _frozen(self, tl: Timeline) -> None:
+        """A commit froze an in-memory layer: write it out (or have it written)."""
+        if self._bg is not None and len(tl._map.frozen) < 2:
+            self._bg_wake.set()
+        else:
+            self._flush_timeline(tl)
+
+    def _flush_timeline(self, tl: Timeline) -> int:
+        """Write every frozen in-memory layer of `tl` to a delta layer file."""
+        flushed = 0
+        with tl._layers_mu:
+            while not tl._deleted:
+                m = tl._map
+                if not m.frozen:
+                    break
+                mem = m.frozen[-1]
+                start = tl._meta.disk_consistent_lsn + 1
+                ensure_dir(self.fs, tl._dir)
+                w = LayerWriter(
+                    self.fs, tl._dir, kind=KIND_DELTA, timeline=tl._tid,
+                    lsn_start=start, lsn_end=mem.frozen_at + 1,
+                )
+                try:
+                    for key, v in mem.sorted_versions():
+                        w.add(key, v[0], v[1], v[2], v[3], v[4])
+                    w.add_times(mem.times)
+                    desc = w.finish()
+                except BaseException:
+                    w.abort()
+                    raise
+                self._replace_layers(tl, [desc], [], dcl=mem.frozen_at, drop_frozen=mem)
+                flushed += 1
+                log.debug("flushed timeline %s: %s (%d bytes)", tl.id, desc.name, desc.file_size)
+        return flushed
+
+    def flush(self, timeline: Timeline | str | None = None) -> int:
+        """Write in-memory layers to delta layer files (of one timeline, or all
+        loaded ones). Returns the number of layer files written."""
+        self._check_open()
+        tls = [self._load(_parse_id(timeline))] if timeline is not None else self._loaded()
+        n = 0
+        for tl in tls:
+            tl.freeze()
+            n += self._flush_timeline(tl)
+        return n
+
+    def _loaded(self) -> list[Timeline]:
+        return [t for t in list(self._timelines.values()) if t is not None and not t._deleted]
+
+    def checkpoint(self) -> None:
+        """Seal the log, flush what it holds to layer files, write a manifest
+        snapshot and delete the sealed log segments."""
+        self._check_open()
+        with self._checkpoint_mu:
+            t0 = time.monotonic()
+            new_first = self._log.rotate()
+            pinned: set[bytes] = set()
+            for first, tls in list(self._log.pins.items()):
+                if first < new_first:
+                    pinned.update(tls)
+            for tid in pinned:
+                tl = self._timelines.get(tid)
+                if tl is not None and not tl._deleted:
+                    tl.freeze()
+                    self._flush_timeline(tl)
+            self._write_snapshot(new_first)
+            removed = self._log.drop_segments_before(new_first)
+            log.info(
+                "checkpoint at LSN %d: flushed %d timelines, removed %d log segments, in %.3fs",
+                self._log.last_lsn, len(pinned), removed, time.monotonic() - t0,
+            )
+
+    def _write_snapshot(self, replay_from: int) -> None:
+        snap = self._snapshot
+        assert snap is not None
+        with self._mu:
+            entries: list[tuple[bytes, bytes | None, bytes]] = []
+            for tid in sorted(self._timelines):
+                tl = self._timelines[tid]
+                if tid in self._damaged:
+                    if tid in snap.table:  # keep it as it was; it stays damaged
+                        _, off, length, _ = snap.table[tid]
+                        entries.append((tid, self._ancestors.get(tid), snap.buf[off : off + length]))
+                    continue
+                if tl is not None:
+                    meta = tl._meta.copy()
+                    meta.head_lsn = tl._head
+                    entries.append((tid, meta.ancestor, encode_timeline(meta)))
+                elif tid in self._metas:
+                    entries.append((tid, self._metas[tid].ancestor, encode_timeline(self._metas[tid])))
+                else:
+                    _, off, length, _ = snap.table[tid]
+                    entries.append((tid, self._ancestors.get(tid), snap.buf[off : off + length]))
+            applied = self._log.last_lsn
+            last_time = self._log.last_time_us
+        self._log.sync()  # the heads above are durable before the snapshot says so
+        chunks = encode_snapshot(applied, last_time, replay_from, entries)
+        mpath = os.path.join(self.path, MANIFEST)
+        write_atomically(self.fs, mpath, chunks)
+        self._snapshot = decode_snapshot(mpath, b"".join(chunks))
+
+    # --- maintenance -------------------------------------------------------------------
+
+    def compact(self, timeline: Timeline | str | None = None, *, force_images: bool = False) -> list[CompactionResult]:
+        """Compact one timeline, or every loaded one. Flushes first."""
+        self._check_open()
+        tls = [self._load(_parse_id(timeline))] if timeline is not None else self._loaded()
+        out = []
+        for tl in tls:
+            tl.freeze()
+            self._flush_timeline(tl)
+            out.append(compact_timeline(self, tl, force_images))
+        return out
+
+    def gc(self, timeline: Timeline | str | None = None) -> GcResult:
+        """Move horizons as retention allows and delete layers no retained
+        read needs (of one timeline, or of every timeline)."""
+        self._check_open()
+        tids = [_parse_id(timeline)] if timeline is not None else list(self._timelines)
+        total = GcResult()
+        now = self._now_us()
+        for tid in tids:
+            if tid in self._damaged:
+                continue
+            try:
+                tl = self._load(tid)
+            except NotFoundError:
+                continue
+            if not tl._map.layers and tl.retention == Retention(None, None):
+                continue
+            total.add(gc_timeline(self, tl, now))
+        return total
+
+    def _usage(self, tl: Timeline, lsn: int | None) -> TimelineUsage:
+        tl._check_live()
+        with tl._layers_mu:
+            descs = [ly.desc for ly in tl._map.layers]
+            with self._mu:
+                points = [self._load(c)._meta.ancestor_lsn for c in self._children.get(tl._tid, ())]
+            own = needed_layers(descs, start_lsn=tl._meta.start_lsn, horizon=tl.horizon)
+            kids = needed_layers(descs, start_lsn=tl._meta.start_lsn, horizon=None, points=points)
+            m = tl._map
+            inmem = sum(x.size for x in (m.open,) + m.frozen)
+        at = tl.head_lsn if lsn is None else lsn
+        return TimelineUsage(
+            lsn=at,
+            logical_size=tl.logical_size(at),
+            physical_size=sum(d.file_size for d in descs),
+            exclusive_size=sum(d.file_size for d in descs if d.name not in kids),
+            pinned_by_children=sum(d.file_size for d in descs if d.name in kids and d.name not in own),
+            inmemory_size=inmem,
+        )
+
+    def disk_usage(self) -> int:
+        """Bytes of every file in the store directory."""
+        from .fs import walk_files
+
+        return sum(size for _, size in walk_files(self.fs, self.path))
+
+    # --- background work ---------------------------------------------------------------
+
+    def _start_background(self) -> None:
+        self._bg = threading.Thread(target=self._background, name=f"strata-bg:{self.path}", daemon=True)
+        self._bg.start()
+
+    def _stop_background(self) -> None:
+        if self._bg is not None:
+            self._bg_stop.set()
+            self._bg_wake.set()
+            self._bg.join()
+            self._bg = None
+
+    def _background(self) -> None:
+        interval = self.config.background_interval
+        last_maint = time.monotonic()
+        while not self._bg_stop.is_set():
+            self._bg_wake.wait(interval)
+            self._bg_wake.clear()
+            if self._bg_stop.is_set():
+                return
+            try:
+                for tl in self._loaded():
+                    if tl._map.frozen:
+                        self._flush_timeline(tl)
+                if self._log.segment_bytes_total() > self.config.log_checkpoint_bytes:
+                    self.checkpoint()
+                if time.monotonic() - last_maint >= interval:
+                    last_maint = time.monotonic()
+                    for tl in self._loaded():
+                        compact_timeline(self, tl)
+                    self.gc()
+            except StoreFailedError as e:
+                self.background_error = e
+                log.error("background work stopped: %s", e)
+                return
+            except (StrataError, OSError) as e:
+                self.background_error = e
+                log.exception("background pass failed: %s", e)

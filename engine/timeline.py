@@ -1,0 +1,367 @@
+"""Timelines: a history of versions with an optional ancestor.
+
+A timeline is a lineage of commits. A root timeline starts empty at its start
+LSN; a child timeline starts at its *branch point* (its ancestor and an LSN of
+it) and sees the ancestor as of that LSN for every key it has not written
+since. Creating one writes only metadata. LSNs are store-wide and increase,
+so a child's first commit is above its branch point, and the two sides of a
+branch never see each other's later writes.
+
+A timeline serves reads at any LSN from its *horizon* (its start, or the
+point below which GC has removed history) to its head. One thread at a time
+may commit to a timeline (commits are serialized by its write lock); any
+number may read, without locks, from the layer map they picked up.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyroaring import BitMap64
+
+from .config import Retention
+from .errors import InvalidArgumentError, LsnOutOfRangeError, NotFoundError, StoreFailedError
+from .inmemory_layer import InMemoryLayer, MemVersion
+from .keyspace import clip
+from .layer_file import Entry, Layer, LayerRetired
+from .layer_map import ABSENT, MISS, LayerMap
+from .manifest import TimelineMeta
+from .values import FLAG_TOMBSTONE, KEY_LIMIT, MAX_KEY, check_key, decode, encode_batch
+from .wal import REC_COMMIT, encode_commit
+
+if TYPE_CHECKING:
+    from .store import Store
+
+# A version found for materialization: (lsn, flags, raw_len, stored, checksum)
+RawVersion = tuple[int, int, int, bytes, int]
+
+
+@dataclass(frozen=True)
+class TimelineUsage:
+    """Space accounting of one timeline (bytes)."""
+
+    lsn: int  # the LSN logical_size is measured at
+    logical_size: int  # values visible at `lsn`, uncompressed, ancestors included
+    physical_size: int  # this timeline's layer files
+    exclusive_size: int  # layer files no child needs: what it alone holds
+    pinned_by_children: int  # layer files kept only for children's branch points
+    inmemory_size: int  # recent commits not yet in a layer file (in the log)
+
+
+def found_flags(found: tuple[Layer | None, MemVersion | Entry]) -> int:
+    src, v = found
+    return v[1] if src is None else v[5]  # type: ignore[misc]
+
+
+def found_raw_len(found: tuple[Layer | None, MemVersion | Entry]) -> int:
+    src, v = found
+    return v[2] if src is None else v[3]  # type: ignore[misc]
+
+
+def to_epoch_us(when: float | int | dt.datetime) -> int:
+    if isinstance(when, dt.datetime):
+        return int(when.timestamp() * 1_000_000)
+    if isinstance(when, (int, float)) and not isinstance(when, bool):
+        return int(when * 1_000_000)
+    raise InvalidArgumentError(f"a time is a datetime or epoch seconds, got {type(when).__name__}")
+
+
+class Timeline:
+    def __init__(self, store: Store, meta: TimelineMeta, layers: list[Layer]) -> None:
+        self._store = store
+        self._meta = meta
+        self._tid = meta.id
+        self.id = meta.id.hex()
+        self._dir = os.path.join(store._timelines_dir, self.id)
+        self._write_mu = threading.Lock()  # commits; swaps of the layer map
+        self._layers_mu = threading.RLock()  # flush, compaction, GC, detach
+        self._map = LayerMap(InMemoryLayer(), (), layers, meta.start_lsn)
+        self._head = meta.head_lsn
+        self._deleted = False
+        self._chain_cache: tuple[int, tuple[tuple[Timeline, int], ...]] = (-1, ())
+
+    # --- identity and range ------------------------------------------------
+
+    @property
+    def ancestor_id(self) -> str | None:
+        a = self._meta.ancestor
+        return a.hex() if a is not None else None
+
+    @property
+    def ancestor_lsn(self) -> int | None:
+        return self._meta.ancestor_lsn if self._meta.ancestor is not None else None
+
+    @property
+    def branch_lsn(self) -> int:
+        """Where this timeline's own history starts (its branch point, or its
+        creation LSN for a root). Stays the same after detach."""
+        return self._meta.start_lsn
+
+    @property
+    def head_lsn(self) -> int:
+        return self._head
+
+    @property
+    def horizon(self) -> int:
+        """The lowest LSN this timeline can still read or branch at."""
+        return max(self._meta.start_lsn, self._meta.horizon)
+
+    @property
+    def created_at(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._meta.created_us / 1e6, tz=dt.UTC)
+
+    @property
+    def retention(self) -> Retention:
+        return self._meta.retention or self._store.config.retention
+
+    def set_retention(self, retention: Retention | None) -> None:
+        """Set this timeline's retention policy (None: the store's default)."""
+        self._store._set_retention(self, retention)
+
+    def __repr__(self) -> str:
+        anc = f" ancestor={self.ancestor_id}@{self.ancestor_lsn}" if self._meta.ancestor else ""
+        return f"<Timeline {self.id} head={self._head}{anc}>"
+
+    def _check_live(self) -> None:
+        if self._deleted:
+            raise NotFoundError("timeline", self.id)
+        self._store._check_open()
+
+    def _check_lsn(self, lsn: object) -> int:
+        if type(lsn) is not int:
+            raise InvalidArgumentError(f"an LSN is an int, got {type(lsn).__name__}")
+        low, high = self.horizon, self._head
+        if not low <= lsn <= high:
+            why = "beyond the head" if lsn > high else "below the retention horizon"
+            raise LsnOutOfRangeError(self.id, lsn, low, high, why)
+        return lsn
+
+    # --- writes --------------------------------------------------------------
+
+    def commit(self, batch: dict[int, bytes | None], durable: bool = False) -> int:
+        """Apply a batch of puts (bytes) and deletes (None) atomically.
+
+        Returns the batch's LSN. With `durable`, returns only once the batch is
+        fsynced to the commit log; otherwise it survives a crash of this
+        process but not of the machine until the next sync or checkpoint."""
+        versions = encode_batch(batch)
+        payload = encode_commit(versions)
+        store = self._store
+        log = store._log
+        with self._write_mu:
+            self._check_live()
+            lsn, time_us, pos = log.append(REC_COMMIT, self._tid, payload, store._now_us())
+            m = self._map
+            m.open.put(lsn, time_us, versions)
+            self._head = lsn
+            full = m.open.size >= store.config.inmemory_layer_bytes
+            if full:
+                self._freeze_locked()
+        if durable:
+            log.sync(pos)
+        if full:
+            store._frozen(self)
+        return lsn
+
+    def sync(self) -> None:
+        """Make every commit so far durable (of this and every other timeline)."""
+        self._store._check_open()
+        self._store._log.sync()
+
+    def _freeze_locked(self) -> None:
+        m = self._map
+        if not m.open.versions:
+            return
+        m.open.frozen_at = self._store._log.last_lsn
+        self._map = m.replace(open_layer=InMemoryLayer(), frozen=(m.open,) + m.frozen)
+
+    def freeze(self) -> None:
+        with self._write_mu:
+            self._freeze_locked()
+
+    # --- reads ----------------------------------------------------------------
+
+    def get(self, key: int, lsn: int | None = None) -> bytes | None:
+        """The value of `key` at `lsn` (default: head), or None if absent."""
+        if type(key) is not int or not 0 <= key < KEY_LIMIT:
+            check_key(key)
+        if self._deleted:
+            raise NotFoundError("timeline", self.id)
+        lsn = self._head if lsn is None else self._check_lsn(lsn)
+        for _ in range(8):
+            try:
+                r = self._find(key, lsn)
+                if r is None:
+                    return None
+                src, v = r
+                if src is None:
+                    return decode(v[1], v[2], v[3])  # type: ignore[arg-type]
+                return src.read(v)  # type: ignore[arg-type]
+            except LayerRetired:
+                continue  # GC removed a layer under us: read the new map
+        raise StoreFailedError(self._store.path, RuntimeError("layer map kept changing under a read"))
+
+    def _find(self, key: int, lsn: int) -> tuple[Layer | None, MemVersion | Entry] | None:
+        r = self._map.locate(key, lsn)
+        if r is MISS:
+            for tl, cap in self._chain():
+                if lsn > cap:
+                    lsn = cap
+                r = tl._map.locate(key, lsn)
+                if r is not MISS:
+                    break
+            else:
+                return None
+        if r is ABSENT:
+            return None
+        return r  # type: ignore[return-value]
+
+    def _chain(self) -> tuple[tuple[Timeline, int], ...]:
+        """The ancestors a read falls through to, with the LSN cap of each."""
+        version, chain = self._chain_cache
+        store = self._store
+        if version == store._topology:
+            return chain
+        out = []
+        meta = self._meta
+        cap = 1 << 64
+        while meta.ancestor is not None:
+            cap = min(cap, meta.ancestor_lsn)
+            anc = store._load(meta.ancestor)
+            out.append((anc, cap))
+            meta = anc._meta
+        chain = tuple(out)
+        self._chain_cache = (store._topology, chain)
+        return chain
+
+    def _read_raw(self, found: tuple[Layer | None, MemVersion | Entry]) -> RawVersion:
+        src, v = found
+        if src is None:
+            return v  # type: ignore[return-value]
+        e: Entry = v  # type: ignore[assignment]
+        return (e[0], e[5], e[3], src.read_stored(e), e[4])
+
+    def _candidate_keys(self, lsn: int, first: int, last: int, through_ancestors: bool) -> BitMap64:
+        keys = BitMap64()
+        levels = [(self, lsn)]
+        if through_ancestors:
+            levels += [(tl, min(cap, lsn)) for tl, cap in self._chain()]
+        for tl, _ in levels:
+            m = tl._map
+            for mem in (m.open,) + m.frozen:
+                keys.update(list(mem.versions))
+            for layer in m.layers:
+                keys |= layer.keys
+        return clip(keys, first, last)
+
+    def _versions(
+        self, lsn: int, first: int = 0, last: int = MAX_KEY, *, local: bool = False
+    ) -> Iterator[tuple[int, tuple[Layer | None, MemVersion | Entry]]]:
+        """(key, where its version is) for every key with a version visible at
+        `lsn`, in key order. `local`: only this timeline's own versions
+        (tombstones included), not the ancestors'."""
+        m = self._map
+        for key in self._candidate_keys(lsn, first, last, not local):
+            if local:
+                r = m.locate(key, lsn)
+                if r is MISS or r is ABSENT:
+                    continue
+                yield key, r  # type: ignore[misc]
+            else:
+                f = self._find(key, lsn)
+                if f is not None and not found_flags(f) & FLAG_TOMBSTONE:
+                    yield key, f
+
+    def scan(
+        self, lsn: int | None = None, first: int = 0, last: int = MAX_KEY
+    ) -> Iterator[tuple[int, bytes]]:
+        """Every (key, value) present at `lsn` with first <= key <= last, by key."""
+        self._check_live()
+        lsn = self._head if lsn is None else self._check_lsn(lsn)
+        for key, found in self._versions(lsn, check_key(first), check_key(last)):
+            src, v = found
+            value = decode(v[1], v[2], v[3]) if src is None else src.read(v)  # type: ignore[index,arg-type]
+            if value is not None:
+                yield key, value
+
+    def keys(self, lsn: int | None = None, first: int = 0, last: int = MAX_KEY) -> Iterator[int]:
+        for key, _ in self.scan(lsn, first, last):
+            yield key
+
+    # --- time -------------------------------------------------------------------
+
+    def lsn_at(self, when: float | int | dt.datetime) -> int:
+        """The LSN of this timeline as of a wall-clock time: its newest commit
+        at or before `when` (its ancestor's, if it had not committed yet)."""
+        self._check_live()
+        t_us = to_epoch_us(when)
+        lsn = self._lsn_at_us(t_us)
+        if lsn is None or lsn < self.horizon:
+            low = self.horizon
+            raise LsnOutOfRangeError(
+                self.id, lsn if lsn is not None else -1, low, self._head,
+                f"no retained state as of {dt.datetime.fromtimestamp(t_us / 1e6, dt.UTC).isoformat()}",
+            )
+        return min(lsn, self._head)
+
+    def _lsn_at_us(self, t_us: int) -> int | None:
+        best = self._local_commit_at(t_us)
+        if best is not None:
+            return best
+        meta = self._meta
+        if meta.ancestor is not None:
+            anc = self._store._load(meta.ancestor)
+            a = anc._lsn_at_us(t_us)
+            return None if a is None else min(a, meta.ancestor_lsn)
+        if t_us >= meta.created_us:
+            return meta.start_lsn
+        return None
+
+    def _local_commit_at(self, t_us: int) -> int | None:
+        """The newest commit of this timeline itself with time <= t_us."""
+        m = self._map
+        for mem in (m.open,) + m.frozen:
+            times = mem.times
+            if times and times[0][1] <= t_us:
+                i = bisect.bisect_right(times, t_us, key=lambda t: t[1])
+                return times[i - 1][0]
+        best: int | None = None
+        for layer in m.layers:
+            d = layer.desc
+            if d.time_min_us == 0 or d.time_min_us > t_us or (best is not None and d.lsn_end <= best):
+                continue
+            times = layer.times()
+            i = bisect.bisect_right(times, t_us, key=lambda t: t[1])
+            if i:
+                best = max(best or 0, times[i - 1][0])
+        return best
+
+    def _commit_time_at(self, lsn: int) -> tuple[int, int] | None:
+        """(LSN, time µs) of this timeline's newest own commit at or below `lsn`."""
+        best: tuple[int, int] | None = None
+        m = self._map
+        sources: list[list[tuple[int, int]]] = [mem.times for mem in (m.open,) + m.frozen]
+        sources += [ly.times() for ly in m.layers if ly.desc.time_min_us and ly.lsn_start <= lsn]
+        for times in sources:
+            i = bisect.bisect_right(times, (lsn, 1 << 64))
+            if i and (best is None or times[i - 1][0] > best[0]):
+                best = times[i - 1]
+        return best
+
+    # --- accounting -------------------------------------------------------------
+
+    def logical_size(self, lsn: int | None = None) -> int:
+        """Bytes of all values visible at `lsn` (uncompressed). Reads indexes,
+        not values: about a second per million keys."""
+        self._check_live()
+        lsn = self._head if lsn is None else self._check_lsn(lsn)
+        return sum(found_raw_len(f) for _, f in self._versions(lsn))
+
+    def usage(self, lsn: int | None = None) -> TimelineUsage:
+        return self._store._usage(self, lsn)

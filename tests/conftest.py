@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from engine import ManualClock, Store, StoreConfig
+from engine.config import KEEP_ALL
+from engine.faultfs import FaultFileSystem
+
+settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile(
+    "ci", deadline=None, max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# A small configuration that makes every mechanism (freeze, flush, merge,
+# image, log rotation, checkpoint) happen within a few dozen commits.
+SMALL = StoreConfig(
+    inmemory_layer_bytes=4096,
+    log_segment_bytes=8192,
+    log_checkpoint_bytes=32768,
+    merge_threshold=2,
+    delta_target_bytes=64 * 1024,
+    image_threshold=2,
+    image_partition_keys=4,
+    retention=KEEP_ALL,
+)
+
+_PAGE_HEAD = struct.Struct("<16sQQ")
+
+
+def page(timeline: str, key: int, seq: int, size: int = 8192) -> bytes:
+    """A page that describes itself: which timeline wrote it, for which key,
+    in which commit; the rest is half noise, half pattern (lz4 halves it)."""
+    head = _PAGE_HEAD.pack(bytes.fromhex(timeline), key, seq)
+    rnd = struct.pack("<Q", (key * 0x9E3779B97F4A7C15 + seq) & (2**64 - 1)) * ((size // 2) // 8)
+    noise = bytes((b * 31 + i) & 0xFF for i, b in enumerate(rnd[: size // 2 - len(head)]))
+    return (head + noise + b"pattern!" * size)[:size]
+
+
+def page_owner(value: bytes) -> tuple[str, int, int]:
+    tl, key, seq = _PAGE_HEAD.unpack_from(value, 0)
+    return tl.hex(), key, seq
+
+
+@pytest.fixture
+def store_path(tmp_path) -> str:
+    return str(tmp_path / "store")
+
+
+@pytest.fixture
+def store(store_path) -> Iterator[Store]:
+    s = Store.open(store_path, background=False)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def fault_fs() -> FaultFileSystem:
+    return FaultFileSystem(seed=1)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
