@@ -123,6 +123,7 @@ class OsReadFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._fd = -1
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._size = os.fstat(self._fd).st_size
 

@@ -109,8 +109,9 @@ class LayerMap:
             self._keys = k
         return k
 
-    def locate(self, key: int, lsn: int) -> Found | _Sentinel:
-        """The newest version of `key` at or below `lsn` in this timeline."""
+    def locate(self, key: int, lsn: int, trace: list[Layer] | None = None) -> Found | _Sentinel:
+        """The newest version of `key` at or below `lsn` in this timeline.
+        `trace`, if given, collects every layer file whose bitmap was checked."""
         vs = self.open.versions.get(key)
         if vs is not None:
             v = vs[-1]
@@ -136,6 +137,8 @@ class LayerMap:
             i += 1
             if layer.lsn_start > lsn:
                 continue
+            if trace is not None:
+                trace.append(layer)
             if key in layer.keys:
                 e = layer.find(key, lsn)
                 if e is not None:

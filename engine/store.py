@@ -181,13 +181,14 @@ class Store:
                     raise CorruptionError(spath, 32, "log segment does not continue the log",
                                           first if prev is None else prev + 1, scan.first_record)
                 prev = scan.last_record
-            for tl_bytes, offset, why in scan.damaged:
-                self._mark_damaged(tl_bytes, CorruptionError(spath, offset, why))
             for rec in scan.records:
                 if rec.type == REC_EDIT:
                     self._replay_edit(rec, snap.applied_lsn)
                 last_lsn = max(last_lsn, rec.lsn)
                 last_time = max(last_time, rec.time_us)
+            for tl_bytes, offset, why in scan.damaged:
+                if tl_bytes in self._timelines:
+                    self._mark_damaged(tl_bytes, CorruptionError(spath, offset, why))
             if scan.torn:
                 log.warning("cut torn tail of %s at offset %d (%d bytes)", spath, scan.end, scan.size - scan.end)
                 fs.truncate(spath, scan.end)
@@ -224,7 +225,7 @@ class Store:
 
     def _replay_edit(self, rec: Record, applied_lsn: int) -> None:
         tid = rec.timeline
-        if tid in self._damaged or rec.lsn <= applied_lsn:
+        if rec.lsn <= applied_lsn:
             return
         edit = decode_edit(rec.payload, rec.path, rec.offset)
         if edit.op == OP_CREATE:
@@ -361,6 +362,19 @@ class Store:
                 if self._lock is not None:
                     self._lock.release()
             log.info("closed store %s at LSN %d", self.path, self._log.last_lsn)
+
+    def abandon(self) -> None:
+        """Let go of the store without checkpointing, as if the process had
+        been killed: commits not yet synced may be lost, and the next open
+        recovers from the log. For crash tests and emergency shutdown."""
+        if self._closed:
+            return
+        self._closed = True
+        self._bg_stop.set()
+        self._bg_wake.set()
+        self._log._failed = self._log._failed or StoreClosedError(self.path)
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> Store:
         return self

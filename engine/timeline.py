@@ -222,6 +222,19 @@ class Timeline:
             return None
         return r  # type: ignore[return-value]
 
+    def trace(self, key: int, lsn: int | None = None) -> list[tuple[str, str]]:
+        """The layer files a read of (key, lsn) examines, as (timeline id,
+        layer file name), in order: a tool to check that reads stay short."""
+        lsn = self._head if lsn is None else self._check_lsn(lsn)
+        path: list[Layer] = []
+        r = self._map.locate(key, lsn, path)
+        if r is MISS:
+            for tl, cap in self._chain():
+                lsn = min(lsn, cap)
+                if tl._map.locate(key, lsn, path) is not MISS:
+                    break
+        return [(ly.timeline.hex(), ly.desc.name) for ly in path]
+
     def _chain(self) -> tuple[tuple[Timeline, int], ...]:
         """The ancestors a read falls through to, with the LSN cap of each."""
         version, chain = self._chain_cache

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 import struct
 from collections.abc import Iterator
 
@@ -40,9 +41,8 @@ def page(timeline: str, key: int, seq: int, size: int = 8192) -> bytes:
     """A page that describes itself: which timeline wrote it, for which key,
     in which commit; the rest is half noise, half pattern (lz4 halves it)."""
     head = _PAGE_HEAD.pack(bytes.fromhex(timeline), key, seq)
-    rnd = struct.pack("<Q", (key * 0x9E3779B97F4A7C15 + seq) & (2**64 - 1)) * ((size // 2) // 8)
-    noise = bytes((b * 31 + i) & 0xFF for i, b in enumerate(rnd[: size // 2 - len(head)]))
-    return (head + noise + b"pattern!" * size)[:size]
+    noise = random.Random(key * 1_000_003 + seq).randbytes(max(0, size // 2 - len(head)))
+    return (head + noise + b"pattern!" * (size // 8))[:size]
 
 
 def page_owner(value: bytes) -> tuple[str, int, int]:

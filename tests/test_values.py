@@ -1,0 +1,52 @@
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given
+
+from engine import InvalidArgumentError, MAX_VALUE_SIZE
+from engine.values import FLAG_LZ4, FLAG_TOMBSTONE, decode, encode, encode_batch
+
+
+@given(st.binary(max_size=MAX_VALUE_SIZE) | st.none(), st.integers(0, 2**64 - 1))
+def test_encode_decode_roundtrip(value, key):
+    v = encode(key, value)
+    assert v.key == key
+    assert decode(v.flags, v.raw_len, v.stored) == value
+    assert bool(v.flags & FLAG_TOMBSTONE) == (value is None)
+
+
+def test_compressible_pages_are_stored_compressed():
+    v = encode(1, b"abcdefgh" * 1024)
+    assert v.flags & FLAG_LZ4 and len(v.stored) < 1024
+    rnd = encode(2, bytes(range(256)) * 0 + __import__("os").urandom(8192))
+    assert not rnd.flags & FLAG_LZ4 and len(rnd.stored) == 8192
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({}, "at least one key"),
+        ([(1, b"x")], "mapping"),
+        ({-1: b"x"}, "outside"),
+        ({2**64: b"x"}, "outside"),
+        ({"k": b"x"}, "must be an int"),
+        ({True: b"x"}, "must be an int"),
+        ({1.0: b"x"}, "must be an int"),
+        ({1: "text"}, "must be bytes"),
+        ({1: 5}, "must be bytes"),
+        ({1: b"x" * (MAX_VALUE_SIZE + 1)}, "limit"),
+    ],
+)
+def test_bad_batches_are_refused_with_a_reason(batch, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        encode_batch(batch)
+
+
+def test_a_bad_entry_anywhere_refuses_the_whole_batch():
+    with pytest.raises(InvalidArgumentError, match="key 7"):
+        encode_batch({1: b"ok", 7: b"x" * (MAX_VALUE_SIZE + 1), 3: b"ok"})
+
+
+def test_batches_are_sorted_by_key_and_accept_buffers():
+    out = encode_batch({5: bytearray(b"b"), 1: memoryview(b"a"), 3: None})
+    assert [v.key for v in out] == [1, 3, 5]
+    assert decode(out[0].flags, out[0].raw_len, out[0].stored) == b"a"
