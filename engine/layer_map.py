@@ -139,7 +139,7 @@ class LayerMap:
                 continue
             if trace is not None:
                 trace.append(layer)
-            if key in layer.keys:
+            if key in (layer._keys or layer.keys):
                 e = layer.find(key, lsn)
                 if e is not None:
                     return layer, e

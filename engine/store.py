@@ -289,7 +289,8 @@ class Store:
         self._ancestors[tid] = anc
         if anc is not None:
             self._children.setdefault(anc, set()).add(tid)
-        self._topology += 1
+        if old is not None:
+            self._topology += 1  # a live timeline's ancestry changed
 
     def _forget(self, tid: bytes) -> None:
         self._timelines.pop(tid, None)
@@ -298,7 +299,6 @@ class Store:
         anc = self._ancestors.pop(tid, None)
         if anc is not None:
             self._children.get(anc, set()).discard(tid)
-        self._topology += 1
 
     def _load(self, tid: bytes) -> Timeline:
         """The Timeline object for an id, building it on first use."""

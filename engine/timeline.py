@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyroaring import BitMap64
+from pyroaring import BitMap64, FrozenBitMap64
 
 from .config import Retention
-from .errors import InvalidArgumentError, LsnOutOfRangeError, NotFoundError, StoreFailedError
+from .errors import CorruptionError, InvalidArgumentError, LsnOutOfRangeError, NotFoundError, StoreFailedError
 from .inmemory_layer import InMemoryLayer, MemVersion
 from .keyspace import clip
 from .layer_file import Entry, Layer, LayerRetired
@@ -84,7 +84,9 @@ class Timeline:
         self._map = LayerMap(InMemoryLayer(), (), layers, meta.start_lsn)
         self._head = meta.head_lsn
         self._deleted = False
-        self._chain_cache: tuple[int, tuple[tuple[Timeline, int], ...]] = (-1, ())
+        self._chain_cache: tuple[int, tuple[tuple[Timeline, int], ...], FrozenBitMap64 | None] = (
+            -1, (), None,
+        )
 
     # --- identity and range ------------------------------------------------
 
@@ -210,14 +212,23 @@ class Timeline:
     def _find(self, key: int, lsn: int) -> tuple[Layer | None, MemVersion | Entry] | None:
         r = self._map.locate(key, lsn)
         if r is MISS:
-            for tl, cap in self._chain():
-                if lsn > cap:
-                    lsn = cap
-                r = tl._map.locate(key, lsn)
-                if r is not MISS:
-                    break
-            else:
+            chain, skip = self._chain_info()
+            if not chain:
                 return None
+            if skip is not None and key not in skip:
+                tl, cap = chain[-1]
+                r = tl._map.locate(key, lsn if lsn < cap else cap)
+                if r is MISS:
+                    return None
+            else:
+                for tl, cap in chain:
+                    if lsn > cap:
+                        lsn = cap
+                    r = tl._map.locate(key, lsn)
+                    if r is not MISS:
+                        break
+                else:
+                    return None
         if r is ABSENT:
             return None
         return r  # type: ignore[return-value]
@@ -237,10 +248,19 @@ class Timeline:
 
     def _chain(self) -> tuple[tuple[Timeline, int], ...]:
         """The ancestors a read falls through to, with the LSN cap of each."""
-        version, chain = self._chain_cache
+        return self._chain_info()[0]
+
+    def _chain_info(self) -> tuple[tuple[tuple[Timeline, int], ...], FrozenBitMap64 | None]:
+        """The chain of ancestors, and a filter for reads that fall through:
+        the keys any ancestor but the last has a version of at or below its
+        cap (None: no filter). A key outside it is read from the last
+        ancestor directly, so a read's cost does not grow with branch depth.
+        The ancestors' versions below their caps never change, so neither
+        does the filter; it is rebuilt only when an ancestry changes."""
+        version, chain, skip = self._chain_cache
         store = self._store
         if version == store._topology:
-            return chain
+            return chain, skip
         out = []
         meta = self._meta
         cap = 1 << 64
@@ -250,8 +270,22 @@ class Timeline:
             out.append((anc, cap))
             meta = anc._meta
         chain = tuple(out)
-        self._chain_cache = (store._topology, chain)
-        return chain
+        skip = None
+        if len(chain) > 1:
+            try:
+                keys = BitMap64()
+                for tl, c in chain[:-1]:
+                    m = tl._map
+                    for mem in (m.open,) + m.frozen:
+                        keys.update(list(mem.versions))
+                    for layer in m.layers:
+                        if layer.lsn_start <= c:
+                            keys |= layer.keys
+                skip = FrozenBitMap64(keys)
+            except (CorruptionError, OSError):
+                skip = None  # a damaged layer: search every level, let it raise
+        self._chain_cache = (store._topology, chain, skip)
+        return chain, skip
 
     def _read_raw(self, found: tuple[Layer | None, MemVersion | Entry]) -> RawVersion:
         src, v = found

@@ -31,7 +31,7 @@ class FakeLayer:
     def __init__(self, desc: LayerDesc, versions: dict[int, list[tuple[int, object]]]) -> None:
         self.desc = desc
         self.versions = versions
-        self.keys = FrozenBitMap64(versions)
+        self.keys = self._keys = FrozenBitMap64(versions)
         self.is_image = desc.is_image
         self.complete = desc.complete
         self.lsn_start = desc.lsn_start

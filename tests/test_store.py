@@ -313,3 +313,30 @@ def test_opening_a_store_loads_timelines_lazily(store_path):
         assert store.timeline(ids[7]).get(1) == b"x"
         decoded = [t for t, v in store._timelines.items() if v is not None]
         assert sorted(t.hex() for t in decoded) == sorted([ids[7], root.id])
+
+
+def test_deep_chains_read_through_every_level_and_survive_detach(store):
+    root = store.create_timeline()
+    root.commit({k: b"root%d" % k for k in range(50)})
+    chain = [root]
+    for depth in range(1, 12):
+        tl = store.branch(chain[-1])
+        tl.commit({depth: b"level%d" % depth})
+        chain.append(tl)
+    leaf = chain[-1]
+
+    def expected(k: int, upto: int) -> bytes:
+        return b"level%d" % k if 1 <= k <= upto else b"root%d" % k
+
+    assert [leaf.get(k) for k in range(50)] == [expected(k, 11) for k in range(50)]
+    # writes in the middle after the branch points are invisible below
+    chain[5].commit({40: b"late"})
+    assert leaf.get(40) == b"root40"
+    store.detach(chain[6])
+    store.delete_timeline(chain[11])  # a leaf may go at any time
+    leaf = chain[10]
+    assert [leaf.get(k) for k in range(50)] == [expected(k, 10) for k in range(50)]
+    for tl in reversed(chain[:6]):
+        if not store.children(tl):
+            store.delete_timeline(tl)
+    assert [leaf.get(k) for k in range(50)] == [expected(k, 10) for k in range(50)]
