@@ -316,6 +316,9 @@ class _ReadHandle(_Handle):
             self._live()
             return bytes(self.inode.data[offset : offset + length])
 
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.read_at(offset, length)
+
     def size(self) -> int:
         with self.fs._mu:
             return len(self.inode.data)

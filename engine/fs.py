@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .errors import StoreLockedError
@@ -30,6 +31,9 @@ TMP_SUFFIX = ".tmp"
 
 class ReadFile(Protocol):
     path: str
+    # pread(length, offset): read_at with the arguments of os.pread, for hot
+    # paths (the real file system makes it a C call, no Python frame)
+    pread: Callable[[int, int], bytes]
 
     def read_at(self, offset: int, length: int) -> bytes: ...
     def size(self) -> int: ...
@@ -119,13 +123,14 @@ def ensure_dir(fs: FileSystem, path: str) -> None:
 
 
 class OsReadFile:
-    __slots__ = ("path", "_fd", "_size", "__weakref__")
+    __slots__ = ("path", "_fd", "_size", "pread", "__weakref__")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._size = os.fstat(self._fd).st_size
+        self.pread: Callable[[int, int], bytes] = functools.partial(os.pread, self._fd)
 
     def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
@@ -135,6 +140,7 @@ class OsReadFile:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self.pread = _closed_pread
             os.close(self._fd)
             self._fd = -1
 
@@ -145,6 +151,10 @@ class OsReadFile:
             self.close()
         except OSError:
             pass
+
+
+def _closed_pread(length: int, offset: int) -> bytes:
+    raise OSError(errno.EBADF, "read from a closed layer file")
 
 
 class OsWriteFile:

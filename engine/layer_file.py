@@ -49,15 +49,18 @@ import os
 import random
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import xxhash
+from lz4.block import LZ4BlockError
+from lz4.block import decompress as _decompress
 from pyroaring import BitMap64, FrozenBitMap64
 
 from .errors import CorruptionError
 from .fs import TMP_SUFFIX, FileSystem, ReadFile
-from .values import KNOWN_FLAGS, MAX_KEY, MAX_VALUE_SIZE, decode_checked
+from .values import FLAG_LZ4, FLAG_TOMBSTONE, KNOWN_FLAGS, MAX_KEY, MAX_VALUE_SIZE
 
 MAGIC = b"STRATLYR"
 END_MAGIC = b"STRATEND"
@@ -246,7 +249,7 @@ class Layer:
     __slots__ = (
         "desc", "path", "timeline", "_fs", "_file", "_keys", "_index", "_times",
         "_mu", "_footer", "retired", "is_image", "complete", "lsn_start",
-        "key_first", "key_last", "__weakref__",
+        "key_first", "key_last", "_pread", "__weakref__",
     )
 
     def __init__(self, fs: FileSystem, directory: str, desc: LayerDesc, timeline: bytes) -> None:
@@ -259,6 +262,7 @@ class Layer:
         self._index: dict[int, object] | None = None
         self._times: list[tuple[int, int]] | None = None
         self._footer: tuple[int, ...] | None = None
+        self._pread: Callable[[int, int], bytes] | None = None  # (length, offset) -> bytes
         self._mu = threading.Lock()
         self.retired = False
         self.is_image = desc.kind == KIND_IMAGE
@@ -404,24 +408,38 @@ class Layer:
 
     def read_stored(self, e: Entry) -> bytes:
         """The stored bytes of an entry, checksum verified."""
-        f = self._file
-        if f is None:
-            f, _ = self._open()
-        lsn, off, slen, rlen, csum, flags = e
-        data = f.read_at(off, slen)
-        got = _xxh3(data)
-        if got != csum:
-            if len(data) != slen:
-                raise CorruptionError(self.path, off + len(data), "value cut short", slen, len(data))
-            raise CorruptionError(self.path, off, "value checksum mismatch", csum, got)
+        pread = self._pread or self._opened_pread()
+        data = pread(e[2], e[1])
+        if _xxh3(data) != e[4]:
+            self._bad_value(data, e)
         return data
 
     def read(self, e: Entry) -> bytes | None:
-        f = self._file
-        if f is None:
-            f, _ = self._open()
+        """The value of an entry (None for a tombstone), checksum verified."""
         lsn, off, slen, rlen, csum, flags = e
-        return decode_checked(flags, rlen, f.read_at(off, slen), csum, self.path, off)
+        pread = self._pread or self._opened_pread()
+        data = pread(slen, off)
+        if _xxh3(data) != csum:
+            self._bad_value(data, e)
+        if flags & FLAG_LZ4:
+            try:
+                return _decompress(data, uncompressed_size=rlen)
+            except LZ4BlockError as err:  # the checksum matched: the writer was wrong
+                raise CorruptionError(self.path, off, f"undecodable lz4 block: {err}") from None
+        if flags & FLAG_TOMBSTONE:
+            return None
+        return data
+
+    def _opened_pread(self) -> Callable[[int, int], bytes]:
+        f, _ = self._open()
+        self._pread = f.pread
+        return f.pread
+
+    def _bad_value(self, data: bytes, e: Entry) -> NoReturn:
+        off, slen, csum = e[1], e[2], e[4]
+        if len(data) != slen:
+            raise CorruptionError(self.path, off + len(data), "value cut short", slen, len(data))
+        raise CorruptionError(self.path, off, "value checksum mismatch", csum, _xxh3(data))
 
     def entries(self) -> Iterator[tuple[int, Entry]]:
         """Every (key, entry) in (key, LSN) order."""
@@ -437,6 +455,7 @@ class Layer:
     def close(self) -> None:
         with self._mu:
             if self._file is not None:
+                self._pread = None
                 self._file.close()
                 self._file = None
                 self._footer = None

@@ -40,7 +40,7 @@ from .errors import (
     StoreFailedError,
     StrataError,
 )
-from .fs import TMP_SUFFIX, FileSystem, OsFileSystem, ensure_dir, remove_tree, write_atomically
+from .fs import TMP_SUFFIX, FileLock, FileSystem, OsFileSystem, ensure_dir, remove_tree, write_atomically
 from .gc import GcResult, gc_timeline, needed_layers
 from .inmemory_layer import InMemoryLayer
 from .keyspace import partitions
@@ -103,7 +103,7 @@ class Store:
         self._topology = 0  # bumped when an ancestor link changes
         self._closed = False
         self._log: CommitLog = None  # type: ignore[assignment]
-        self._lock = None
+        self._lock: FileLock | None = None
         self._bg: threading.Thread | None = None
         self._bg_stop = threading.Event()
         self._bg_wake = threading.Event()
@@ -131,11 +131,11 @@ class Store:
             raise InvalidArgumentError(f"store path {path} exists and is not a directory")
         store = cls(path, fs, clock or system_clock, config or StoreConfig())
         ensure_dir(fs, path)
-        store._lock = fs.lock(os.path.join(path, "LOCK"))
+        lock = store._lock = fs.lock(os.path.join(path, "LOCK"))
         try:
             store._recover()
         except BaseException:
-            store._lock.release()
+            lock.release()
             raise
         if background:
             store._start_background()
@@ -192,8 +192,8 @@ class Store:
             if scan.torn:
                 log.warning("cut torn tail of %s at offset %d (%d bytes)", spath, scan.end, scan.size - scan.end)
                 fs.truncate(spath, scan.end)
-            if is_last and not scan.records and not scan.damaged:
-                fs.remove(spath)
+            if not scan.records and not scan.damaged:
+                fs.remove(spath)  # nothing in it (a new segment, or all torn)
                 fs.sync_dir(log_dir)
             else:
                 live.append((first, spath))
@@ -213,10 +213,10 @@ class Store:
         if fs.isdir(self._timelines_dir):
             for name in fs.listdir(self._timelines_dir):
                 try:
-                    tid = bytes.fromhex(name) if len(name) == 32 else None
+                    known = len(name) == 32 and bytes.fromhex(name) in self._timelines
                 except ValueError:
-                    tid = None
-                if tid is None or tid not in self._timelines:
+                    known = False
+                if not known:
                     remove_tree(fs, os.path.join(self._timelines_dir, name))
         log.info(
             "opened store %s: %d timelines, replayed %d log records, last LSN %d, in %.3fs",
@@ -373,6 +373,8 @@ class Store:
         self._bg_stop.set()
         self._bg_wake.set()
         self._log._failed = self._log._failed or StoreClosedError(self.path)
+        if self._log._file is not None:
+            self._log._file.close()
         if self._lock is not None:
             self._lock.release()
 
@@ -596,7 +598,7 @@ class Store:
             if moved:
                 _, _, pos = self._log.append(REC_EDIT, tl._tid, edit_horizon(target), self._now_us())
                 self._log.sync(pos)
-                tl._meta.horizon = target
+                tl._set_horizon(target)
             points = [self._load(c)._meta.ancestor_lsn for c in self._children.get(tl._tid, ())]
         return moved, points
 

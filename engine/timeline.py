@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyroaring import BitMap64, FrozenBitMap64
 
@@ -56,12 +56,12 @@ class TimelineUsage:
 
 def found_flags(found: tuple[Layer | None, MemVersion | Entry]) -> int:
     src, v = found
-    return v[1] if src is None else v[5]  # type: ignore[misc]
+    return v[1] if src is None else v[5]  # type: ignore[return-value,misc]
 
 
 def found_raw_len(found: tuple[Layer | None, MemVersion | Entry]) -> int:
     src, v = found
-    return v[2] if src is None else v[3]  # type: ignore[misc]
+    return v[2] if src is None else v[3]  # type: ignore[return-value]
 
 
 def to_epoch_us(when: float | int | dt.datetime) -> int:
@@ -83,6 +83,7 @@ class Timeline:
         self._layers_mu = threading.RLock()  # flush, compaction, GC, detach
         self._map = LayerMap(InMemoryLayer(), (), layers, meta.start_lsn)
         self._head = meta.head_lsn
+        self._low = max(meta.start_lsn, meta.horizon)  # the horizon
         self._deleted = False
         self._chain_cache: tuple[int, tuple[tuple[Timeline, int], ...], FrozenBitMap64 | None] = (
             -1, (), None,
@@ -112,7 +113,11 @@ class Timeline:
     @property
     def horizon(self) -> int:
         """The lowest LSN this timeline can still read or branch at."""
-        return max(self._meta.start_lsn, self._meta.horizon)
+        return self._low
+
+    def _set_horizon(self, lsn: int) -> None:
+        self._meta.horizon = max(self._meta.horizon, lsn)
+        self._low = max(self._meta.start_lsn, self._meta.horizon)
 
     @property
     def created_at(self) -> dt.datetime:
@@ -136,6 +141,8 @@ class Timeline:
         self._store._check_open()
 
     def _check_lsn(self, lsn: object) -> int:
+        if self._deleted:
+            raise NotFoundError("timeline", self.id)
         if type(lsn) is not int:
             raise InvalidArgumentError(f"an LSN is an int, got {type(lsn).__name__}")
         low, high = self.horizon, self._head
@@ -193,45 +200,59 @@ class Timeline:
         """The value of `key` at `lsn` (default: head), or None if absent."""
         if type(key) is not int or not 0 <= key < KEY_LIMIT:
             check_key(key)
-        if self._deleted:
-            raise NotFoundError("timeline", self.id)
-        lsn = self._head if lsn is None else self._check_lsn(lsn)
+        if lsn is None:
+            if self._deleted:
+                raise NotFoundError("timeline", self.id)
+            lsn = self._head
+        elif type(lsn) is not int or not self._low <= lsn <= self._head or self._deleted:
+            self._check_lsn(lsn)
+        try:
+            r: Any = self._map.locate(key, lsn)
+            if r is MISS:
+                r = self._locate_in_ancestors(key, lsn)
+            if r.__class__ is tuple:
+                src, v = r
+                if src is None:
+                    return decode(v[1], v[2], v[3])
+                return src.read(v)
+            return None  # MISS or ABSENT
+        except LayerRetired:
+            return self._get_retrying(key, lsn)
+
+    def _get_retrying(self, key: int, lsn: int) -> bytes | None:
+        """GC removed a layer while a read was using the old layer map: read
+        again from the new map (which no longer needs that layer)."""
         for _ in range(8):
             try:
                 r = self._find(key, lsn)
                 if r is None:
                     return None
                 src, v = r
-                if src is None:
-                    return decode(v[1], v[2], v[3])  # type: ignore[arg-type]
-                return src.read(v)  # type: ignore[arg-type]
+                return decode(v[1], v[2], v[3]) if src is None else src.read(v)  # type: ignore[arg-type]
             except LayerRetired:
-                continue  # GC removed a layer under us: read the new map
+                continue
         raise StoreFailedError(self._store.path, RuntimeError("layer map kept changing under a read"))
 
     def _find(self, key: int, lsn: int) -> tuple[Layer | None, MemVersion | Entry] | None:
-        r = self._map.locate(key, lsn)
+        r: Any = self._map.locate(key, lsn)
         if r is MISS:
-            chain, skip = self._chain_info()
-            if not chain:
-                return None
-            if skip is not None and key not in skip:
-                tl, cap = chain[-1]
-                r = tl._map.locate(key, lsn if lsn < cap else cap)
-                if r is MISS:
-                    return None
-            else:
-                for tl, cap in chain:
-                    if lsn > cap:
-                        lsn = cap
-                    r = tl._map.locate(key, lsn)
-                    if r is not MISS:
-                        break
-                else:
-                    return None
-        if r is ABSENT:
-            return None
-        return r  # type: ignore[return-value]
+            r = self._locate_in_ancestors(key, lsn)
+        return r if r.__class__ is tuple else None  # type: ignore[return-value]
+
+    def _locate_in_ancestors(self, key: int, lsn: int) -> object:
+        chain, skip = self._chain_info()
+        if not chain:
+            return MISS
+        if skip is not None and key not in skip:
+            tl, cap = chain[-1]
+            return tl._map.locate(key, lsn if lsn < cap else cap)
+        for tl, cap in chain:
+            if lsn > cap:
+                lsn = cap
+            r = tl._map.locate(key, lsn)
+            if r is not MISS:
+                return r
+        return MISS
 
     def trace(self, key: int, lsn: int | None = None) -> list[tuple[str, str]]:
         """The layer files a read of (key, lsn) examines, as (timeline id,

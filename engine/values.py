@@ -20,7 +20,7 @@ from typing import NamedTuple
 import lz4.block
 import xxhash
 
-from .errors import CorruptionError, InvalidArgumentError
+from .errors import InvalidArgumentError
 
 PAGE_SIZE = 8192
 MAX_VALUE_SIZE = 64 * 1024
@@ -70,19 +70,6 @@ def decode(flags: int, raw_len: int, stored: bytes) -> bytes | None:
     if flags & FLAG_LZ4:
         return _decompress(stored, uncompressed_size=raw_len)
     return stored
-
-
-def decode_checked(
-    flags: int, raw_len: int, stored: bytes, expected_sum: int, path: str, offset: int
-) -> bytes | None:
-    """Decode bytes read from a file, checking them against their checksum."""
-    got = checksum(stored)
-    if got != expected_sum:
-        raise CorruptionError(path, offset, "value checksum mismatch", expected_sum, got)
-    try:
-        return decode(flags, raw_len, stored)
-    except lz4.block.LZ4BlockError as e:  # checksum matched, so the writer was wrong
-        raise CorruptionError(path, offset, f"undecodable lz4 block: {e}") from None
 
 
 def check_key(key: object) -> int:

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import os
-import random
-import struct
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +9,7 @@ from hypothesis import HealthCheck, settings
 from engine import ManualClock, Store, StoreConfig
 from engine.config import KEEP_ALL
 from engine.faultfs import FaultFileSystem
+from engine.testing import page, page_owner  # noqa: F401  (re-exported for tests)
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -33,22 +32,6 @@ SMALL = StoreConfig(
     image_partition_keys=4,
     retention=KEEP_ALL,
 )
-
-_PAGE_HEAD = struct.Struct("<16sQQ")
-
-
-def page(timeline: str, key: int, seq: int, size: int = 8192) -> bytes:
-    """A page that describes itself: which timeline wrote it, for which key,
-    in which commit; the rest is half noise, half pattern (lz4 halves it)."""
-    head = _PAGE_HEAD.pack(bytes.fromhex(timeline), key, seq)
-    noise = random.Random(key * 1_000_003 + seq).randbytes(max(0, size // 2 - len(head)))
-    return (head + noise + b"pattern!" * (size // 8))[:size]
-
-
-def page_owner(value: bytes) -> tuple[str, int, int]:
-    tl, key, seq = _PAGE_HEAD.unpack_from(value, 0)
-    return tl.hex(), key, seq
-
 
 @pytest.fixture
 def store_path(tmp_path) -> str:

@@ -17,7 +17,7 @@ from .conftest import page, page_owner
 WRITER = r"""
 import sys
 from engine import Store, StoreConfig
-from tests.conftest import page
+from engine.testing import page
 path, tid, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = StoreConfig(inmemory_layer_bytes=256 * 1024, log_segment_bytes=512 * 1024,
                   log_checkpoint_bytes=2 * 1024 * 1024, background_interval=0.05)

@@ -209,7 +209,7 @@ def test_partitions_tile_the_key_space():
     keys = BitMap64(range(0, 1000, 7))
     parts = partitions(keys, 10)
     assert parts[0][0] == 0 and parts[-1][1] == MAX_KEY
-    for (a, b), (c, _) in zip(parts, parts[1:]):
+    for (_, b), (c, _) in zip(parts, parts[1:]):
         assert b + 1 == c
     assert all(count_in(keys, a, b) <= 10 for a, b in parts)
     assert sum(count_in(keys, a, b) for a, b in parts) == len(keys)

@@ -232,7 +232,7 @@ def test_lsn_at_finds_the_state_as_of_a_time(store_path, clock):
         for t, lsn in stamps:
             assert r.lsn_at(t) == lsn
             assert r.lsn_at(t + 9.9) == lsn
-        assert r.lsn_at(dt.datetime.fromtimestamp(stamps[3][0], dt.timezone.utc)) == stamps[3][1]
+        assert r.lsn_at(dt.datetime.fromtimestamp(stamps[3][0], dt.UTC)) == stamps[3][1]
         assert r.lsn_at(1000.5) == r.branch_lsn  # created, nothing committed yet
         with pytest.raises(LsnOutOfRangeError):
             r.lsn_at(999.0)  # before the timeline existed

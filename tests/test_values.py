@@ -2,7 +2,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
-from engine import InvalidArgumentError, MAX_VALUE_SIZE
+from engine import MAX_VALUE_SIZE, InvalidArgumentError
 from engine.values import FLAG_LZ4, FLAG_TOMBSTONE, decode, encode, encode_batch
 
 
