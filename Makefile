@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test test-fast bench lint typecheck clean
+.PHONY: all venv demo test bench lint clean
 
 all: venv
 
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m engine.demo
 
-test: venv
+test: venv lint
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
@@ -34,7 +34,7 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check engine tests bench
-	$(BIN)/mypy
+	$(BIN)/mypy --no-error-summary
 
 clean:
 	rm -rf $(VENV) .strata .pytest_cache .benchmarks .hypothesis

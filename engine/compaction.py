@@ -10,9 +10,9 @@ property-tested without a disk) and carried out by `compact_timeline`:
 2. *Images*: the key space is cut into partitions of `image_partition_keys`
    keys. A partition with `image_threshold` or more deltas holding its keys
    above its newest image gets a new image at the timeline's disk-consistent
-   LSN. A read at any LSN then meets at most about `image_threshold` deltas
-   before an image ends its search (images at older LSNs stay until GC, so
-   reads at old LSNs are bounded too).
+   LSN (or its head, if lower). A read at any LSN then meets at most about
+   `image_threshold` deltas before an image ends its search (images at older
+   LSNs stay until GC, so reads at old LSNs are bounded too).
 
 Images of a timeline with an ancestor are *local* (its own keys and
 tombstones only: the ancestor's data is not copied into every branch); those
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .timeline import Timeline
 
 log = logging.getLogger("strata.engine")
+
+Progress = Callable[[int, int], None]  # (done, total)
 
 
 
@@ -147,7 +149,9 @@ def _bitmap_holds(by_name: dict[str, Layer]) -> Callable[[LayerDesc, KeyRange], 
     return holds
 
 
-def compact_timeline(store: Store, tl: Timeline, force_images: bool = False) -> CompactionResult:
+def compact_timeline(
+    store: Store, tl: Timeline, force_images: bool = False, progress: Progress | None = None
+) -> CompactionResult:
     """Plan and carry out compaction of one timeline."""
     t0 = time.monotonic()
     result = CompactionResult(tl.id)
@@ -156,12 +160,15 @@ def compact_timeline(store: Store, tl: Timeline, force_images: bool = False) -> 
         meta = tl._meta
         by_name = {ly.desc.name: ly for ly in tl._map.layers}
         complete = meta.ancestor is None
+        # Images go at the newest LSN whose data is all in layer files, and
+        # no higher than the head (so a horizon at the head can use them).
+        image_lsn = min(meta.disk_consistent_lsn, tl.head_lsn)
         plan = plan_compaction(
             [ly.desc for ly in by_name.values()],
             start_lsn=meta.start_lsn,
-            disk_consistent_lsn=meta.disk_consistent_lsn,
+            disk_consistent_lsn=image_lsn,
             parts=partitions(
-                tl._candidate_keys(meta.disk_consistent_lsn, 0, MAX_KEY, False),
+                tl._candidate_keys(image_lsn, 0, MAX_KEY, False),
                 store.config.image_partition_keys,
             ),
             holds=_bitmap_holds(by_name),
@@ -172,13 +179,18 @@ def compact_timeline(store: Store, tl: Timeline, force_images: bool = False) -> 
             return result
         written: list[LayerDesc] = []
         try:
+            total = len(plan.merges) + len(plan.image_ranges)
             for group in plan.merges:
                 written.append(_merge(store, tl, [by_name[d.name] for d in group]))
                 result.merged += len(group)
                 result.deltas_written += 1
+                if progress is not None:
+                    progress(len(written), total)
             for part in plan.image_ranges:
                 written.append(write_image(store, tl, plan.image_lsn, part, complete))
                 result.images_written += 1
+                if progress is not None:
+                    progress(len(written), total)
         except BaseException:
             store._discard_files(tl, written)
             raise

@@ -53,8 +53,11 @@ class StoreConfig:
     image_partition_keys: int = 16384
     # Default retention of timelines that do not set their own.
     retention: Retention = Retention()
-    # Seconds between passes of the background thread (flush, compact, GC).
+    # Seconds between passes of the background thread (compaction, and GC of
+    # the timelines in use); frozen layers are flushed as soon as they appear.
     background_interval: float = 10.0
+    # Seconds between GC passes over every timeline, used or not.
+    full_gc_interval: float = 600.0
 
     def __post_init__(self) -> None:
         for name in (

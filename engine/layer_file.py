@@ -49,6 +49,7 @@ import os
 import random
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
@@ -114,10 +115,6 @@ class LayerDesc:
 
 # An index entry as kept in memory: (lsn, offset, stored_len, raw_len, checksum, flags)
 Entry = tuple[int, int, int, int, int, int]
-
-
-class LayerRetired(Exception):
-    """The layer left the layer map and its file is gone: read a newer map."""
 
 
 class LayerWriter:
@@ -248,7 +245,7 @@ class Layer:
 
     __slots__ = (
         "desc", "path", "timeline", "_fs", "_file", "_keys", "_index", "_times",
-        "_mu", "_footer", "retired", "is_image", "complete", "lsn_start",
+        "_mu", "_footer", "is_image", "complete", "lsn_start",
         "key_first", "key_last", "_pread", "__weakref__",
     )
 
@@ -264,7 +261,6 @@ class Layer:
         self._footer: tuple[int, ...] | None = None
         self._pread: Callable[[int, int], bytes] | None = None  # (length, offset) -> bytes
         self._mu = threading.Lock()
-        self.retired = False
         self.is_image = desc.kind == KIND_IMAGE
         self.complete = desc.complete
         self.lsn_start = desc.lsn_start
@@ -280,8 +276,6 @@ class Layer:
         try:
             f = self._fs.open_read(path)
         except FileNotFoundError:
-            if self.retired:
-                raise LayerRetired(path) from None
             raise CorruptionError(path, 0, "layer file listed in the manifest is missing") from None
         size = f.size()
         d = self.desc
@@ -451,6 +445,12 @@ class Layer:
             else:
                 for v in e:  # type: ignore[attr-defined]
                     yield key, v
+
+    def retire(self, on_release: Callable[[], None]) -> None:
+        """The layer left its timeline's layer map. Readers that picked it up
+        before may still be using it: `on_release` (deleting the file) runs
+        once the last of them lets go of this object."""
+        weakref.finalize(self, on_release)
 
     def close(self) -> None:
         with self._mu:

@@ -21,6 +21,7 @@ timeline's write lock, the log's lock. Commits take only the last two.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ import time
 from collections.abc import Iterable
 
 from .clock import Clock, system_clock
-from .compaction import CompactionResult, compact_timeline, write_image
+from .compaction import CompactionResult, Progress, compact_timeline, write_image
 from .config import Retention, StoreConfig
 from .errors import (
     AlreadyExistsError,
@@ -38,7 +39,6 @@ from .errors import (
     NotFoundError,
     StoreClosedError,
     StoreFailedError,
-    StrataError,
 )
 from .fs import TMP_SUFFIX, FileLock, FileSystem, OsFileSystem, ensure_dir, remove_tree, write_atomically
 from .gc import GcResult, gc_timeline, needed_layers
@@ -70,6 +70,13 @@ log = logging.getLogger("strata.engine")
 MANIFEST = "manifest"
 LOG_DIR = "log"
 TIMELINES_DIR = "timelines"
+
+
+def _remove_file(fs: FileSystem, path: str) -> None:
+    try:
+        fs.remove(path)
+    except OSError:
+        pass  # gone already, or it will be found unlisted on the next open
 
 
 def _parse_id(ident: object) -> bytes:
@@ -208,20 +215,38 @@ class Store:
             segment_bytes=self.config.log_segment_bytes, store_path=self.path,
         )
         self._log.pins.update(pins)
-        # Directories of timelines that no longer exist (dropped, or created
-        # and lost in a crash) go; files of live ones are checked on load.
-        if fs.isdir(self._timelines_dir):
-            for name in fs.listdir(self._timelines_dir):
-                try:
-                    known = len(name) == 32 and bytes.fromhex(name) in self._timelines
-                except ValueError:
-                    known = False
-                if not known:
-                    remove_tree(fs, os.path.join(self._timelines_dir, name))
+        self._remove_unlisted_files()
         log.info(
             "opened store %s: %d timelines, replayed %d log records, last LSN %d, in %.3fs",
             self.path, len(self._timelines), replayed, last_lsn, time.monotonic() - t0,
         )
+
+    def _remove_unlisted_files(self) -> None:
+        """Remove what the manifest does not list: directories of timelines
+        that no longer exist (dropped, or created and lost in a crash), and
+        files in live timelines' directories that no layer names (temporary
+        files, layers of a flush or compaction that a crash interrupted).
+        Timelines that never wrote a layer have no directory: no cost."""
+        fs = self.fs
+        if not fs.isdir(self._timelines_dir):
+            return
+        for name in fs.listdir(self._timelines_dir):
+            tdir = os.path.join(self._timelines_dir, name)
+            try:
+                tid = bytes.fromhex(name) if len(name) == 32 else None
+            except ValueError:
+                tid = None
+            if tid is None or tid not in self._timelines:
+                remove_tree(fs, tdir)
+                continue
+            meta = self._meta_of(tid)
+            if meta is None:
+                continue  # damaged: leave its files for whoever investigates
+            for fname in fs.listdir(tdir):
+                if fname not in meta.layers:
+                    fs.remove(os.path.join(tdir, fname))
+                    if parse_layer_name(fname):
+                        log.info("removed layer file %s/%s that the manifest does not list", name, fname)
 
     def _replay_edit(self, rec: Record, applied_lsn: int) -> None:
         tid = rec.timeline
@@ -323,14 +348,7 @@ class Store:
 
     def _build(self, meta: TimelineMeta) -> Timeline:
         tdir = os.path.join(self._timelines_dir, meta.id.hex())
-        layers = [Layer(self.fs, tdir, d, meta.id) for d in meta.layers.values()]
-        if self.fs.isdir(tdir):
-            for name in self.fs.listdir(tdir):
-                if name not in meta.layers:
-                    self.fs.remove(os.path.join(tdir, name))
-                    if parse_layer_name(name):
-                        log.info("removed layer file %s/%s that the manifest does not list", meta.id.hex(), name)
-        return Timeline(self, meta, layers)
+        return Timeline(self, meta, [Layer(self.fs, tdir, d, meta.id) for d in meta.layers.values()])
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -507,7 +525,7 @@ class Store:
         remove_tree(self.fs, os.path.join(self._timelines_dir, tid.hex()))
         log.info("deleted timeline %s", tid.hex())
 
-    def detach(self, timeline: Timeline | str) -> Timeline:
+    def detach(self, timeline: Timeline | str, *, progress: Progress | None = None) -> Timeline:
         """Give a timeline its own copy of what it reads from its ancestors
         (complete images at its branch point), then cut it loose from them."""
         self._check_open()
@@ -524,8 +542,11 @@ class Store:
             written: list[LayerDesc] = []
             ensure_dir(self.fs, tl._dir)
             try:
-                for part in partitions(keys, self.config.image_partition_keys) or [(0, MAX_KEY)]:
+                parts = partitions(keys, self.config.image_partition_keys) or [(0, MAX_KEY)]
+                for part in parts:
                     written.append(write_image(self, tl, at, part, True, source=anc))
+                    if progress is not None:
+                        progress(len(written), len(parts))
             except BaseException:
                 self._discard_files(tl, written)
                 raise
@@ -551,8 +572,12 @@ class Store:
         self, tl: Timeline, added: list[LayerDesc], removed: list[LayerDesc],
         dcl: int = 0, detach: bool = False, drop_frozen: InMemoryLayer | None = None,
     ) -> None:
-        """Log and apply a change of a timeline's layer set (caller holds the
-        timeline's layers lock), then delete the files of removed layers."""
+        """Log and apply a change of a timeline's layer set (the caller holds
+        the timeline's layers lock and has made the added files durable).
+
+        The new layer map is in use at once; the files of removed layers are
+        deleted once the edit is durable and no reader still holds them."""
+        gone = {d.name for d in removed}
         with self._mu:
             tl._check_live()
             head = drop_frozen.lsn_max if drop_frozen is not None else 0
@@ -561,9 +586,7 @@ class Store:
             meta = tl._meta
             old_anc = meta.ancestor
             apply_edit(meta, decode_edit(payload, "", 0))
-            if detach:
-                self._link(tl._tid, None, old_anc)
-            gone = {d.name for d in removed}
+            tl._layers_gen += 1
             new = [Layer(self.fs, tl._dir, d, tl._tid) for d in added]
             with tl._write_mu:
                 cur = tl._map
@@ -572,15 +595,13 @@ class Store:
                 if drop_frozen is not None:
                     frozen = tuple(f for f in frozen if f is not drop_frozen)
                 tl._map = cur.replace(frozen=frozen, layers=keep + new)
-            for ly in cur.layers:
-                if ly.desc.name in gone:
-                    ly.retired = True
+            if detach:  # after the map has the base images the reads now need
+                self._link(tl._tid, None, old_anc)
+            retiring = [ly for ly in cur.layers if ly.desc.name in gone]
+            del cur
         self._log.sync(pos)
-        for d in removed:
-            try:
-                self.fs.remove(os.path.join(tl._dir, d.name))
-            except FileNotFoundError:
-                pass
+        for ly in retiring:
+            ly.retire(functools.partial(_remove_file, self.fs, ly.path))
 
     def _discard_files(self, tl: Timeline, descs: Iterable[LayerDesc]) -> None:
         for d in descs:
@@ -707,15 +728,19 @@ class Store:
 
     # --- maintenance -------------------------------------------------------------------
 
-    def compact(self, timeline: Timeline | str | None = None, *, force_images: bool = False) -> list[CompactionResult]:
-        """Compact one timeline, or every loaded one. Flushes first."""
+    def compact(
+        self, timeline: Timeline | str | None = None, *, force_images: bool = False,
+        progress: Progress | None = None,
+    ) -> list[CompactionResult]:
+        """Compact one timeline, or every loaded one. Flushes first.
+        `progress(done, total)` is called as layer files are written."""
         self._check_open()
         tls = [self._load(_parse_id(timeline))] if timeline is not None else self._loaded()
         out = []
         for tl in tls:
             tl.freeze()
             self._flush_timeline(tl)
-            out.append(compact_timeline(self, tl, force_images))
+            out.append(compact_timeline(self, tl, force_images, progress))
         return out
 
     def gc(self, timeline: Timeline | str | None = None) -> GcResult:
@@ -723,6 +748,9 @@ class Store:
         read needs (of one timeline, or of every timeline)."""
         self._check_open()
         tids = [_parse_id(timeline)] if timeline is not None else list(self._timelines)
+        return self._gc_pass(tids, skip_small=False)
+
+    def _gc_pass(self, tids: Iterable[bytes], skip_small: bool) -> GcResult:
         total = GcResult()
         now = self._now_us()
         for tid in tids:
@@ -732,8 +760,8 @@ class Store:
                 tl = self._load(tid)
             except NotFoundError:
                 continue
-            if not tl._map.layers and tl.retention == Retention(None, None):
-                continue
+            if skip_small and len(tl._map.layers) < 2:
+                continue  # nothing to delete; its horizon moves when there is
             total.add(gc_timeline(self, tl, now))
         return total
 
@@ -777,10 +805,14 @@ class Store:
             self._bg = None
 
     def _background(self) -> None:
-        interval = self.config.background_interval
-        last_maint = time.monotonic()
+        """Flush frozen layers as they appear; checkpoint when the log grows;
+        every `background_interval`, compact timelines whose layers changed
+        and GC the timelines in use; every `full_gc_interval`, GC them all.
+        Timelines nobody has used since the store opened cost nothing."""
+        cfg = self.config
+        last_maint = last_full = time.monotonic()
         while not self._bg_stop.is_set():
-            self._bg_wake.wait(interval)
+            self._bg_wake.wait(cfg.background_interval)
             self._bg_wake.clear()
             if self._bg_stop.is_set():
                 return
@@ -788,17 +820,25 @@ class Store:
                 for tl in self._loaded():
                     if tl._map.frozen:
                         self._flush_timeline(tl)
-                if self._log.segment_bytes_total() > self.config.log_checkpoint_bytes:
+                if self._log.segment_bytes_total() > cfg.log_checkpoint_bytes:
                     self.checkpoint()
-                if time.monotonic() - last_maint >= interval:
-                    last_maint = time.monotonic()
+                now = time.monotonic()
+                if now - last_maint >= cfg.background_interval:
+                    last_maint = now
                     for tl in self._loaded():
-                        compact_timeline(self, tl)
-                    self.gc()
+                        gen = tl._layers_gen
+                        if gen != tl._compacted_gen:
+                            compact_timeline(self, tl)
+                            tl._compacted_gen = gen
+                    if now - last_full >= cfg.full_gc_interval:
+                        last_full = now
+                        self._gc_pass(list(self._timelines), skip_small=True)
+                    else:
+                        self._gc_pass([t._tid for t in self._loaded()], skip_small=True)
             except StoreFailedError as e:
                 self.background_error = e
                 log.error("background work stopped: %s", e)
                 return
-            except (StrataError, OSError) as e:
+            except Exception as e:  # keep serving; say what went wrong
                 self.background_error = e
                 log.exception("background pass failed: %s", e)

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 from pyroaring import BitMap64, FrozenBitMap64
 
 from .config import Retention
-from .errors import CorruptionError, InvalidArgumentError, LsnOutOfRangeError, NotFoundError, StoreFailedError
+from .errors import CorruptionError, InvalidArgumentError, LsnOutOfRangeError, NotFoundError
 from .inmemory_layer import InMemoryLayer, MemVersion
 from .keyspace import clip
-from .layer_file import Entry, Layer, LayerRetired
+from .layer_file import Entry, Layer
 from .layer_map import ABSENT, MISS, LayerMap
 from .manifest import TimelineMeta
 from .values import FLAG_TOMBSTONE, KEY_LIMIT, MAX_KEY, check_key, decode, encode_batch
@@ -85,6 +85,8 @@ class Timeline:
         self._head = meta.head_lsn
         self._low = max(meta.start_lsn, meta.horizon)  # the horizon
         self._deleted = False
+        self._layers_gen = 0  # bumped at every change of the layer set
+        self._compacted_gen = -1  # the generation background compaction last saw
         self._chain_cache: tuple[int, tuple[tuple[Timeline, int], ...], FrozenBitMap64 | None] = (
             -1, (), None,
         )
@@ -206,32 +208,15 @@ class Timeline:
             lsn = self._head
         elif type(lsn) is not int or not self._low <= lsn <= self._head or self._deleted:
             self._check_lsn(lsn)
-        try:
-            r: Any = self._map.locate(key, lsn)
-            if r is MISS:
-                r = self._locate_in_ancestors(key, lsn)
-            if r.__class__ is tuple:
-                src, v = r
-                if src is None:
-                    return decode(v[1], v[2], v[3])
-                return src.read(v)
-            return None  # MISS or ABSENT
-        except LayerRetired:
-            return self._get_retrying(key, lsn)
-
-    def _get_retrying(self, key: int, lsn: int) -> bytes | None:
-        """GC removed a layer while a read was using the old layer map: read
-        again from the new map (which no longer needs that layer)."""
-        for _ in range(8):
-            try:
-                r = self._find(key, lsn)
-                if r is None:
-                    return None
-                src, v = r
-                return decode(v[1], v[2], v[3]) if src is None else src.read(v)  # type: ignore[arg-type]
-            except LayerRetired:
-                continue
-        raise StoreFailedError(self._store.path, RuntimeError("layer map kept changing under a read"))
+        r: Any = self._map.locate(key, lsn)
+        if r is MISS:
+            r = self._locate_in_ancestors(key, lsn)
+        if r.__class__ is tuple:
+            src, v = r
+            if src is None:
+                return decode(v[1], v[2], v[3])
+            return src.read(v)
+        return None  # MISS or ABSENT
 
     def _find(self, key: int, lsn: int) -> tuple[Layer | None, MemVersion | Entry] | None:
         r: Any = self._map.locate(key, lsn)

@@ -181,6 +181,15 @@ class EngineMachine(RuleBasedStateMachine):
                 want = max(want, min(m.head - m.distance, m.head))
             assert tl.horizon == max(want, m.start), (tid, tl.horizon, want)
 
+    @rule(data=st.data(), distance=st.integers(min_value=0, max_value=3))
+    def squeeze(self, data, distance) -> None:
+        """Short retention, fresh images, GC: the path that deletes layers."""
+        tid = data.draw(st.sampled_from(self.live()))
+        self.store.timeline(tid).set_retention(Retention(period=None, lsn_distance=distance))
+        self.model[tid].distance = distance
+        self.store.compact(tid, force_images=True)
+        self.gc()
+
     @precondition(lambda self: len(self.live()) > 1)
     @rule(data=st.data())
     def delete(self, data) -> None:

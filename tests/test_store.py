@@ -340,3 +340,26 @@ def test_deep_chains_read_through_every_level_and_survive_detach(store):
         if not store.children(tl):
             store.delete_timeline(tl)
     assert [leaf.get(k) for k in range(50)] == [expected(k, 10) for k in range(50)]
+
+
+def test_files_the_manifest_does_not_list_are_removed_on_open(store_path):
+    with Store.open(store_path, background=False) as store:
+        tl = store.create_timeline()
+        tl.commit({1: b"x" * 100})
+        store.flush()
+        tdir = os.path.join(store_path, "timelines", tl.id)
+        listed = sorted(os.listdir(tdir))
+    # what a crash in the middle of a flush, a compaction or a delete leaves
+    stray = "delta-0000000000000000-0000000000000001-0000000000000001-0000000000000009-deadbeef.layer"
+    for name in (stray, "new-0badf00d.layer.tmp"):
+        with open(os.path.join(tdir, name), "wb") as f:
+            f.write(b"junk")
+    orphan = os.path.join(store_path, "timelines", "c" * 32)
+    os.makedirs(orphan)
+    open(os.path.join(orphan, "x.layer"), "wb").close()
+    open(os.path.join(store_path, "manifest.tmp"), "wb").close()
+    with Store.open(store_path, background=False) as store:
+        assert sorted(os.listdir(tdir)) == listed
+        assert not os.path.exists(orphan)
+        assert not os.path.exists(os.path.join(store_path, "manifest.tmp"))
+        assert store.timeline(tl.id).get(1) == b"x" * 100
