@@ -54,11 +54,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
-import xxhash
 from lz4.block import LZ4BlockError
 from lz4.block import decompress as _decompress
 from pyroaring import BitMap64, FrozenBitMap64
 
+from .checksums import check_header, seal, sealed_ok, xxh3, xxh64
 from .errors import CorruptionError
 from .fs import TMP_SUFFIX, FileSystem, ReadFile
 from .values import FLAG_LZ4, FLAG_TOMBSTONE, KNOWN_FLAGS, MAX_KEY, MAX_VALUE_SIZE
@@ -81,8 +81,6 @@ assert FOOTER.size == 88
 TIME_ENTRY = struct.Struct("<QQ")
 assert TIME_ENTRY.size == 16
 
-_xxh64 = xxhash.xxh64_intdigest
-_xxh3 = xxhash.xxh3_64_intdigest
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +145,7 @@ class LayerWriter:
         self._file = fs.open_write(self._tmp)
         flags = FLAG_COMPLETE if complete else 0
         head = HEADER.pack(MAGIC, VERSION, kind, flags, 0, lsn_start, lsn_end, timeline, 0, 0)
-        self._file.write(head[:56] + struct.pack("<Q", _xxh64(head[:56])))
+        self._file.write(seal(head))
         self._pos = HEADER.size
         self._index = bytearray()
         self._keys = BitMap64()
@@ -198,10 +196,10 @@ class LayerWriter:
             else:
                 key_first, key_last = 0, MAX_KEY
             foot = FOOTER.pack(
-                index_off, self._count, _xxh3(index), len(bitmap), _xxh3(bitmap),
-                len(tbytes), _xxh3(tbytes), key_first, key_last, 0, END_MAGIC,
+                index_off, self._count, xxh3(index), len(bitmap), xxh3(bitmap),
+                len(tbytes), xxh3(tbytes), key_first, key_last, 0, END_MAGIC,
             )
-            foot = foot[:72] + struct.pack("<Q", _xxh64(foot[:72])) + END_MAGIC
+            foot = seal(foot, at=72)
             for chunk in (index, bitmap, tbytes, foot):
                 self._file.write(chunk)
             size = index_off + len(index) + len(bitmap) + len(tbytes) + FOOTER.size
@@ -284,13 +282,8 @@ class Layer:
         if size < HEADER.size + FOOTER.size:
             raise CorruptionError(path, 0, "layer file too short", HEADER.size + FOOTER.size, size)
         head = f.read_at(0, HEADER.size)
-        magic, version, kind, flags, _, l0, l1, tl, _, hsum = HEADER.unpack(head)
-        if magic != MAGIC:
-            raise CorruptionError(path, 0, "bad layer magic", MAGIC, magic)
-        if _xxh64(head[:56]) != hsum:
-            raise CorruptionError(path, 56, "layer header checksum mismatch", hsum, _xxh64(head[:56]))
-        if version != VERSION:
-            raise CorruptionError(path, 8, "unsupported layer format version", VERSION, version)
+        check_header(path, head, MAGIC, VERSION, "layer")
+        _, _, kind, flags, _, l0, l1, tl, _, _ = HEADER.unpack(head)
         if (kind, bool(flags & FLAG_COMPLETE), l0, l1, tl) != (d.kind, d.complete, d.lsn_start, d.lsn_end, self.timeline):
             raise CorruptionError(path, 10, "layer header does not match the manifest")
         foot_off = size - FOOTER.size
@@ -298,8 +291,8 @@ class Layer:
         fields = FOOTER.unpack(foot)
         if fields[10] != END_MAGIC:
             raise CorruptionError(path, foot_off + 80, "bad layer footer magic", END_MAGIC, fields[10])
-        if _xxh64(foot[:72]) != fields[9]:
-            raise CorruptionError(path, foot_off + 72, "layer footer checksum mismatch", fields[9], _xxh64(foot[:72]))
+        if not sealed_ok(foot, at=72):
+            raise CorruptionError(path, foot_off + 72, "layer footer checksum mismatch", fields[9], xxh64(foot[:72]))
         index_off, n, _, blen, _, tlen, _, kf, kl = fields[:9]
         if n != d.entries or (kf, kl) != (d.key_first, d.key_last):
             raise CorruptionError(path, foot_off, "layer footer does not match the manifest")
@@ -313,7 +306,7 @@ class Layer:
         data = f.read_at(off, length)
         if len(data) != length:
             raise CorruptionError(self.path, off + len(data), f"layer {what} cut short", length, len(data))
-        got = _xxh3(data)
+        got = xxh3(data)
         if got != expected:
             raise CorruptionError(self.path, off, f"layer {what} checksum mismatch", expected, got)
         return data
@@ -404,7 +397,7 @@ class Layer:
         """The stored bytes of an entry, checksum verified."""
         pread = self._pread or self._opened_pread()
         data = pread(e[2], e[1])
-        if _xxh3(data) != e[4]:
+        if xxh3(data) != e[4]:
             self._bad_value(data, e)
         return data
 
@@ -413,7 +406,7 @@ class Layer:
         lsn, off, slen, rlen, csum, flags = e
         pread = self._pread or self._opened_pread()
         data = pread(slen, off)
-        if _xxh3(data) != csum:
+        if xxh3(data) != csum:
             self._bad_value(data, e)
         if flags & FLAG_LZ4:
             try:
@@ -433,7 +426,7 @@ class Layer:
         off, slen, csum = e[1], e[2], e[4]
         if len(data) != slen:
             raise CorruptionError(self.path, off + len(data), "value cut short", slen, len(data))
-        raise CorruptionError(self.path, off, "value checksum mismatch", csum, _xxh3(data))
+        raise CorruptionError(self.path, off, "value checksum mismatch", csum, xxh3(data))
 
     def entries(self) -> Iterator[tuple[int, Entry]]:
         """Every (key, entry) in (key, LSN) order."""

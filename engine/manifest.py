@@ -51,8 +51,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-import xxhash
-
+from .checksums import check_header, seal, xxh3
 from .config import Retention
 from .errors import CorruptionError
 from .layer_file import KIND_NAMES, LayerDesc
@@ -85,8 +84,6 @@ LAYERS_DETACH = 1
 
 NO_ID = bytes(16)
 
-_xxh3 = xxhash.xxh3_64_intdigest
-_xxh64 = xxhash.xxh64_intdigest
 
 
 @dataclass
@@ -278,9 +275,9 @@ class Snapshot:
     def load(self, tid: bytes) -> TimelineMeta:
         _, off, length, csum = self.table[tid]
         block = self.buf[off : off + length]
-        if len(block) != length or _xxh3(block) != csum:
+        if len(block) != length or xxh3(block) != csum:
             raise CorruptionError(self.path, off, f"manifest entry of timeline {tid.hex()} is damaged",
-                                  csum, _xxh3(block))
+                                  csum, xxh3(block))
         meta = decode_timeline(block, 0, length, self.path)
         if meta.id != tid:
             raise CorruptionError(self.path, off, "manifest entry names another timeline", tid.hex(), meta.id.hex())
@@ -296,28 +293,23 @@ def encode_snapshot(
     table = bytearray()
     off = HEADER.size + len(timelines) * TABLE_ENTRY.size
     for tid, anc, block in timelines:
-        table += TABLE_ENTRY.pack(tid, anc or NO_ID, off, len(block), _xxh3(block))
+        table += TABLE_ENTRY.pack(tid, anc or NO_ID, off, len(block), xxh3(block))
         off += len(block)
     head = HEADER.pack(MAGIC, VERSION, 0, 0, applied_lsn, last_time_us, replay_from,
-                       len(timelines), _xxh3(bytes(table)), 0)
-    head = head[:56] + struct.pack("<Q", _xxh64(head[:56]))
+                       len(timelines), xxh3(bytes(table)), 0)
+    head = seal(head)
     return [head, bytes(table)] + [b for _, _, b in timelines]
 
 
 def decode_snapshot(path: str, buf: bytes) -> Snapshot:
     if len(buf) < HEADER.size:
         raise CorruptionError(path, 0, "manifest shorter than its header", HEADER.size, len(buf))
-    magic, version, _, _, applied, last_us, replay_from, n, tsum, hsum = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise CorruptionError(path, 0, "bad manifest magic", MAGIC, magic)
-    if _xxh64(buf[:56]) != hsum:
-        raise CorruptionError(path, 56, "manifest header checksum mismatch", hsum, _xxh64(buf[:56]))
-    if version != VERSION:
-        raise CorruptionError(path, 8, "unsupported manifest version", VERSION, version)
+    check_header(path, buf[: HEADER.size], MAGIC, VERSION, "manifest")
+    _, _, _, _, applied, last_us, replay_from, n, tsum, _ = HEADER.unpack_from(buf, 0)
     tend = HEADER.size + n * TABLE_ENTRY.size
     raw = buf[HEADER.size : tend]
-    if len(raw) != n * TABLE_ENTRY.size or _xxh3(raw) != tsum:
-        raise CorruptionError(path, HEADER.size, "manifest table damaged", tsum, _xxh3(raw))
+    if len(raw) != n * TABLE_ENTRY.size or xxh3(raw) != tsum:
+        raise CorruptionError(path, HEADER.size, "manifest table damaged", tsum, xxh3(raw))
     table: dict[bytes, tuple[bytes | None, int, int, int]] = {}
     for i, (tid, anc, off, length, csum) in enumerate(TABLE_ENTRY.iter_unpack(raw)):
         if off < tend or off + length > len(buf):

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import lz4.block
-import xxhash
 
+from .checksums import xxh3 as checksum
 from .errors import InvalidArgumentError
 
 PAGE_SIZE = 8192
@@ -34,7 +34,6 @@ KNOWN_FLAGS = FLAG_LZ4 | FLAG_TOMBSTONE
 
 _COMPRESS_FROM = 64  # smaller values are stored as they are
 
-checksum = xxhash.xxh3_64_intdigest
 _compress = lz4.block.compress
 _decompress = lz4.block.decompress
 

@@ -50,8 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import xxhash
-
+from .checksums import check_header, seal, xxh3, xxh64
 from .errors import CorruptionError, StoreFailedError
 from .fs import FileSystem, WriteFile, ensure_dir
 from .values import KNOWN_FLAGS, MAX_VALUE_SIZE, Version
@@ -77,8 +76,6 @@ MAX_PAYLOAD = 1 << 31
 
 NO_TIMELINE = bytes(16)
 
-_xxh64 = xxhash.xxh64_intdigest
-_xxh3 = xxhash.xxh3_64_intdigest
 
 
 def segment_name(first_lsn: int) -> str:
@@ -139,8 +136,7 @@ def decode_commit(payload: bytes, path: str, offset: int) -> list[Version]:
 
 
 def _pack_header(rtype: int, length: int, lsn: int, time_us: int, timeline: bytes, psum: int) -> bytes:
-    head = RECORD_HEADER.pack(RECORD_MAGIC, rtype, length, 0, lsn, time_us, timeline, psum, 0)
-    return head[:56] + struct.pack("<Q", _xxh64(head[:56]))
+    return seal(RECORD_HEADER.pack(RECORD_MAGIC, rtype, length, 0, lsn, time_us, timeline, psum, 0))
 
 
 # --- reading -----------------------------------------------------------------
@@ -169,7 +165,7 @@ def _check_header(buf: bytes, pos: int) -> tuple[int, int, int, int, bytes, int]
     if pos + RECORD_HEADER.size > len(buf):
         return None
     magic, rtype, length, _, lsn, time_us, tl, psum, hsum = RECORD_HEADER.unpack_from(buf, pos)
-    if magic != RECORD_MAGIC or _xxh64(buf[pos : pos + 56]) != hsum:
+    if magic != RECORD_MAGIC or xxh64(buf[pos : pos + 56]) != hsum:
         return None
     if rtype not in _KNOWN_TYPES or length > MAX_PAYLOAD:
         return None
@@ -183,7 +179,7 @@ def _valid_record_at(buf: bytes, pos: int) -> int | None:
         return None
     rtype, length, lsn, _, _, psum = h
     start = pos + RECORD_HEADER.size
-    if start + length > len(buf) or _xxh3(buf[start : start + length]) != psum:
+    if start + length > len(buf) or xxh3(buf[start : start + length]) != psum:
         return None
     return lsn
 
@@ -207,13 +203,8 @@ def scan_segment(fs: FileSystem, path: str, last: bool) -> SegmentScan:
         if last:  # created, then crashed before its header was synced
             return SegmentScan(path, name_lsn or 0, [], 0, len(buf))
         raise CorruptionError(path, 0, "log segment shorter than its header", SEGMENT_HEADER.size, len(buf))
-    magic, version, _, _, first_lsn, hsum = SEGMENT_HEADER.unpack_from(buf, 0)
-    if magic != SEGMENT_MAGIC:
-        raise CorruptionError(path, 0, "bad log segment magic", SEGMENT_MAGIC, magic)
-    if _xxh64(buf[:24]) != hsum:
-        raise CorruptionError(path, 24, "log segment header checksum mismatch", hsum, _xxh64(buf[:24]))
-    if version != SEGMENT_VERSION:
-        raise CorruptionError(path, 8, "unsupported log segment version", SEGMENT_VERSION, version)
+    check_header(path, buf[: SEGMENT_HEADER.size], SEGMENT_MAGIC, SEGMENT_VERSION, "log segment")
+    first_lsn = SEGMENT_HEADER.unpack_from(buf, 0)[4]
     if name_lsn is not None and first_lsn != name_lsn:
         raise CorruptionError(path, 16, "segment header does not match its name", name_lsn, first_lsn)
     scan = SegmentScan(path, first_lsn, [], SEGMENT_HEADER.size, len(buf))
@@ -228,7 +219,7 @@ def scan_segment(fs: FileSystem, path: str, last: bool) -> SegmentScan:
         rtype, length, lsn, time_us, tl, psum = h
         start = pos + RECORD_HEADER.size
         payload = buf[start : start + length]
-        if len(payload) < length or _xxh3(payload) != psum:
+        if len(payload) < length or xxh3(payload) != psum:
             if not _valid_record_after(buf, pos):
                 break  # torn tail
             # Durable data damaged in place: the header says whose it was.
@@ -330,7 +321,7 @@ class CommitLog:
         try:
             f = self._fs.open_write(path)
             head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 0, 0, first, 0)
-            f.write(head[:24] + struct.pack("<Q", _xxh64(head[:24])))
+            f.write(seal(head))
             f.sync()
             f.close()
             self._fs.sync_dir(self._dir)
@@ -345,7 +336,7 @@ class CommitLog:
         self, rtype: int, timeline: bytes, payload: bytes, clock_us: int
     ) -> tuple[int, int, int]:
         """Write one record. Returns (lsn, time_us, position to sync to)."""
-        psum = _xxh3(payload)
+        psum = xxh3(payload)
         with self._mu:
             self._check()
             if self._segment_size >= self._segment_bytes:
