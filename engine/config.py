@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .errors import InvalidArgumentError
 
 MiB = 1 << 20
+MAX_PERIOD = 100 * 365 * 24 * 3600.0  # a century
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,14 @@ class Retention:
     lsn_distance: int | None = None
 
     def __post_init__(self) -> None:
-        if self.period is not None and not (isinstance(self.period, (int, float)) and self.period >= 0):
-            raise InvalidArgumentError(f"retention period must be seconds >= 0, got {self.period!r}")
-        if self.lsn_distance is not None and not (
-            type(self.lsn_distance) is int and self.lsn_distance >= 0
+        p = self.period
+        if p is not None and not (
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= MAX_PERIOD
         ):
-            raise InvalidArgumentError(f"retention lsn_distance must be an int >= 0, got {self.lsn_distance!r}")
+            raise InvalidArgumentError(f"retention period must be seconds in [0, {MAX_PERIOD:.0f}], got {p!r}")
+        d = self.lsn_distance
+        if d is not None and not (type(d) is int and 0 <= d < 2**63):
+            raise InvalidArgumentError(f"retention lsn_distance must be an int in [0, 2**63), got {d!r}")
 
 
 KEEP_ALL = Retention(period=None, lsn_distance=None)

@@ -5,11 +5,15 @@ tracks, for every file, the bytes as of its last fsync and, for every
 directory, its entries as of its last directory fsync. `crash()` simulates a
 power loss the way LevelDB's fault-injection environment does:
 
-- file contents revert to what was last synced (the unsynced tail of the file
-  written last may survive in part, torn, with its final bytes garbled);
+- file contents revert to what was last synced, except that the unsynced
+  tail of a file may survive in part: a prefix of it, its end garbled, or
+  (as page-cache writeback does) some 4 KiB pages of it and not others,
+  the missing ones reading as zeros;
 - a file or directory created, renamed or removed since its parent directory
   was last synced reverts to its state as of that sync;
-- open handles of the crashed "process" fail with EIO; locks are released.
+- open handles of the crashed "process" fail with EIO; locks are released;
+- a directory rename is durable at once (the engine renames directories
+  only to remove them).
 
 It can also fail the Nth mutating operation (or every one after it) with an
 errno such as EIO or ENOSPC, to check that the engine fails closed.
@@ -75,7 +79,7 @@ class FaultFileSystem:
                 if _parent(path) not in dirs:
                     continue
                 data = bytearray(inode.synced)
-                if tear and inode is self._last_written:
+                if tear:
                     data = self._torn(inode)
                 files[path] = _Inode(bytearray(data), bytes(data))
             self._files = files
@@ -102,10 +106,20 @@ class FaultFileSystem:
         tail = cur[len(synced):]
         keep = self.rng.randrange(len(tail) + 1)
         kept = bytearray(tail[:keep])
-        if kept and self.rng.random() < 0.5:
+        mode = self.rng.random()
+        if kept and mode < 0.3:
             # the last sector made it only in part: garble its end
             n = min(len(kept), self.rng.randrange(1, 64))
             kept[-n:] = bytes(self.rng.randrange(256) for _ in range(n))
+        elif kept and mode < 0.6:
+            # pages written back out of order: some made it, some did not
+            page = 4096
+            first = (len(synced) // page) * page
+            for start in range(first, len(synced) + len(kept), page):
+                if self.rng.random() < 0.4:
+                    lo = max(start, len(synced)) - len(synced)
+                    hi = min(start + page, len(synced) + len(kept)) - len(synced)
+                    kept[lo:hi] = bytes(hi - lo)
         return bytearray(synced) + kept
 
     def fail(
@@ -208,10 +222,30 @@ class FaultFileSystem:
         with self._mu:
             src, dst = self._norm(src), self._norm(dst)
             self._op("rename")
+            if src in self._dirs:
+                self._check_parent(dst)
+                self._rename_dir(src, dst)
+                return
             inode = self._inode(src)
             self._check_parent(dst)
             del self._files[src]
             self._files[dst] = inode
+
+    def _rename_dir(self, src: str, dst: str) -> None:
+        """Move a directory and everything below it. Modeled as durable at
+        once (as if the parent were synced right after): the engine only
+        renames directories it is about to remove."""
+        def moved(p: str) -> str:
+            return dst + p[len(src):]
+
+        under = src + "/"
+        for table in (self._files, self._durable_files):
+            for p in [p for p in table if p.startswith(under)]:
+                table[moved(p)] = table.pop(p)
+        for dirs in (self._dirs, self._durable_dirs):
+            for d in [d for d in dirs if d == src or d.startswith(under)]:
+                dirs.discard(d)
+                dirs.add(moved(d))
 
     def remove(self, path: str) -> None:
         with self._mu:

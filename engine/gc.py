@@ -133,6 +133,9 @@ def gc_timeline(store: Store, tl: Timeline, now_us: int) -> GcResult:
         # lock, so a concurrent branch either sees the new horizon or is seen.
         moved, points = store._advance_horizon(tl, target)
         result.horizons_moved = int(moved)
+        if points is None:
+            log.warning("gc timeline %s: a child's metadata is unreadable; keeping every layer", tl.id)
+            return result
         descs = [ly.desc for ly in tl._map.layers]
         garbage = plan_gc(descs, start_lsn=tl._meta.start_lsn, horizon=tl.horizon, branch_points=points)
         if garbage:

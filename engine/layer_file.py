@@ -377,13 +377,15 @@ class Layer:
     # --- reading ---------------------------------------------------------
 
     def find(self, key: int, lsn: int) -> Entry | None:
-        """The newest entry for `key` at or below `lsn`, or None."""
+        """The newest entry for `key` (which the key bitmap holds) at or
+        below `lsn`, or None."""
         index = self._index
         if index is None:
             index = self._load_index()
         e = index.get(key)
         if e is None:
-            return None
+            raise CorruptionError(self.path, self._footer[0] if self._footer else 0,
+                                  f"key {key} is in the layer's key bitmap but not in its index")
         if self.is_image:
             return e  # type: ignore[return-value]
         vs: tuple[Entry, ...] = e  # type: ignore[assignment]

@@ -19,16 +19,21 @@ Snapshot file `manifest`::
     | magic  | version | zero | zero | applied LSN | last time µs | replay_from | n timelines  | table      | header      |
     |"STRATMAN"  u16   | u16  | u32  | u64         | u64          | u64 (LSN)   | u64          | xxh3_64    | xxh64       |
     +--------+---------+------+------+-------------+--------------+-------------+--------------+------------+-------------+
-    | table: n x 52 bytes: timeline id 16s | ancestor id 16s (zeros: none) |                                           |
-    |        block offset u64 | block length u32 | block xxh3_64 u64                                                    |
+    | table: n x 56 bytes: timeline id 16s | ancestor id 16s (zeros: none) |                                           |
+    |        block offset u64 | block length u32 | block xxh3_64 u64 | flags u32 (1: out of service)                  |
     +------------------------------------------------------------------------------------------------------------------+
-    | blocks: per timeline, TIMELINE (104 bytes) then n_layers x LAYER (70 bytes)                                      |
+    | blocks: per timeline, TIMELINE (108 bytes), n_layers x LAYER (70 bytes), then a note of note_len bytes          |
     +------------------------------------------------------------------------------------------------------------------+
 
 TIMELINE: id 16s | ancestor 16s | ancestor_lsn u64 | start_lsn u64 | head_lsn u64 |
 disk_consistent_lsn u64 | horizon u64 | created µs u64 | retention period µs u64 |
 retention LSN distance u64 | flags u32 (4: the timeline has its own retention,
-1: with a period, 2: with an LSN distance) | n_layers u32
+1: with a period, 2: with an LSN distance) | n_layers u32 | note_len u32
+
+The note (UTF-8) says why a timeline was taken out of service; a damaged
+timeline keeps its entry (and its files) until it is deleted, so the damage
+outlives checkpoints. A block that fails its checksum is carried over with
+its original checksum, so it keeps failing.
 
 LAYER: kind u8 | complete u8 | key_first u64 | key_last u64 | lsn_start u64 |
 lsn_end u64 | file_size u64 | entries u64 | time_min µs u64 | time_max µs u64 | gen u32
@@ -61,10 +66,10 @@ VERSION = 1
 
 HEADER = struct.Struct("<8sHHIQQQQQQ")
 assert HEADER.size == 64
-TABLE_ENTRY = struct.Struct("<16s16sQIQ")
-assert TABLE_ENTRY.size == 52
-TIMELINE = struct.Struct("<16s16sQQQQQQQQII")
-assert TIMELINE.size == 104
+TABLE_ENTRY = struct.Struct("<16s16sQIQI")
+assert TABLE_ENTRY.size == 56
+TIMELINE = struct.Struct("<16s16sQQQQQQQQIII")
+assert TIMELINE.size == 108
 LAYER = struct.Struct("<BBQQQQQQQQI")
 assert LAYER.size == 70
 LAYERS_EDIT = struct.Struct("<IQQII")
@@ -81,6 +86,8 @@ RET_PERIOD = 1
 RET_DISTANCE = 2
 RET_OWN = 4
 LAYERS_DETACH = 1
+TABLE_DAMAGED = 1  # table entry flag: the timeline is out of service
+MAX_NOTE = 1024
 
 NO_ID = bytes(16)
 
@@ -98,6 +105,7 @@ class TimelineMeta:
     created_us: int
     retention: Retention | None = None  # None: the store's default
     layers: dict[str, LayerDesc] = field(default_factory=dict)
+    damage: str | None = None  # why the timeline is out of service, if it is
 
     def copy(self) -> TimelineMeta:
         return replace(self, layers=dict(self.layers))
@@ -140,21 +148,26 @@ def _retention_from(flags: int, period_us: int, dist: int) -> Retention | None:
 
 def encode_timeline(m: TimelineMeta) -> bytes:
     flags, period, dist = _retention_fields(m.retention)
+    note = (m.damage or "").encode()[:MAX_NOTE]
     parts = [
         TIMELINE.pack(
             m.id, m.ancestor or NO_ID, m.ancestor_lsn, m.start_lsn, m.head_lsn,
             m.disk_consistent_lsn, m.horizon, m.created_us, period, dist, flags, len(m.layers),
+            len(note),
         )
     ]
     parts.extend(encode_layer(d) for d in sorted(m.layers.values(), key=lambda d: d.name))
+    parts.append(note)
     return b"".join(parts)
 
 
 def decode_timeline(buf: bytes | memoryview, pos: int, length: int, where: str) -> TimelineMeta:
     if length < TIMELINE.size:
         raise CorruptionError(where, pos, "timeline entry too short")
-    (tid, anc, anc_lsn, start, head, dcl, horizon, created, period, dist, flags, n) = TIMELINE.unpack_from(buf, pos)
-    if length != TIMELINE.size + n * LAYER.size:
+    (tid, anc, anc_lsn, start, head, dcl, horizon, created, period, dist, flags, n, note_len) = (
+        TIMELINE.unpack_from(buf, pos)
+    )
+    if length != TIMELINE.size + n * LAYER.size + note_len:
         raise CorruptionError(where, pos, "timeline entry length does not match its layer count")
     meta = TimelineMeta(
         id=tid,
@@ -172,6 +185,8 @@ def decode_timeline(buf: bytes | memoryview, pos: int, length: int, where: str) 
         d = decode_layer(buf, p, where)
         meta.layers[d.name] = d
         p += LAYER.size
+    if note_len:
+        meta.damage = bytes(buf[p : p + note_len]).decode(errors="replace")
     return meta
 
 
@@ -271,6 +286,7 @@ class Snapshot:
     replay_from: int
     buf: bytes
     table: dict[bytes, tuple[bytes | None, int, int, int]]  # id -> (ancestor, off, len, xxh)
+    damaged: set[bytes] = field(default_factory=set)  # entries flagged TABLE_DAMAGED
 
     def load(self, tid: bytes) -> TimelineMeta:
         _, off, length, csum = self.table[tid]
@@ -284,21 +300,27 @@ class Snapshot:
         return meta
 
 
+class SnapshotEntry(NamedTuple):
+    id: bytes
+    ancestor: bytes | None
+    block: bytes  # an encoded timeline
+    damaged: bool = False
+    checksum: int | None = None  # keep this one (a damaged block keeps failing)
+
+
 def encode_snapshot(
-    applied_lsn: int,
-    last_time_us: int,
-    replay_from: int,
-    timelines: list[tuple[bytes, bytes | None, bytes]],  # (id, ancestor, encoded block)
+    applied_lsn: int, last_time_us: int, replay_from: int, timelines: list[SnapshotEntry]
 ) -> list[bytes]:
     table = bytearray()
     off = HEADER.size + len(timelines) * TABLE_ENTRY.size
-    for tid, anc, block in timelines:
-        table += TABLE_ENTRY.pack(tid, anc or NO_ID, off, len(block), xxh3(block))
+    for tid, anc, block, damaged, csum in timelines:
+        csum = xxh3(block) if csum is None else csum
+        table += TABLE_ENTRY.pack(tid, anc or NO_ID, off, len(block), csum, TABLE_DAMAGED if damaged else 0)
         off += len(block)
     head = HEADER.pack(MAGIC, VERSION, 0, 0, applied_lsn, last_time_us, replay_from,
                        len(timelines), xxh3(bytes(table)), 0)
     head = seal(head)
-    return [head, bytes(table)] + [b for _, _, b in timelines]
+    return [head, bytes(table)] + [e.block for e in timelines]
 
 
 def decode_snapshot(path: str, buf: bytes) -> Snapshot:
@@ -311,8 +333,11 @@ def decode_snapshot(path: str, buf: bytes) -> Snapshot:
     if len(raw) != n * TABLE_ENTRY.size or xxh3(raw) != tsum:
         raise CorruptionError(path, HEADER.size, "manifest table damaged", tsum, xxh3(raw))
     table: dict[bytes, tuple[bytes | None, int, int, int]] = {}
-    for i, (tid, anc, off, length, csum) in enumerate(TABLE_ENTRY.iter_unpack(raw)):
+    damaged = set()
+    for i, (tid, anc, off, length, csum, flags) in enumerate(TABLE_ENTRY.iter_unpack(raw)):
         if off < tend or off + length > len(buf):
             raise CorruptionError(path, HEADER.size + i * TABLE_ENTRY.size, "manifest table entry out of bounds")
         table[tid] = (None if anc == NO_ID else anc, off, length, csum)
-    return Snapshot(path, applied, last_us, replay_from, buf, table)
+        if flags & TABLE_DAMAGED:
+            damaged.add(tid)
+    return Snapshot(path, applied, last_us, replay_from, buf, table, damaged)

@@ -21,6 +21,7 @@ timeline's write lock, the log's lock. Commits take only the last two.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -49,6 +50,7 @@ from .manifest import (
     OP_CREATE,
     OP_DROP,
     Snapshot,
+    SnapshotEntry,
     TimelineMeta,
     apply_edit,
     decode_edit,
@@ -106,6 +108,7 @@ class Store:
         self._children: dict[bytes, set[bytes]] = {}
         self._metas: dict[bytes, TimelineMeta] = {}  # decoded, Timeline not built yet
         self._damaged: dict[bytes, CorruptionError] = {}
+        self._incarnation: dict[bytes, int] = {}  # id -> LSN of its last create/drop (recovery)
         self._snapshot: Snapshot | None = None
         self._topology = 0  # bumped when an ancestor link changes
         self._closed = False
@@ -163,9 +166,14 @@ class Store:
             write_atomically(fs, mpath, encode_snapshot(0, 0, 1, []))
         snap = decode_snapshot(mpath, fs.read_file(mpath))
         self._snapshot = snap
-        for tid, (anc, _, _, _) in snap.table.items():
+        for tid, (anc, off, _, _) in snap.table.items():
             self._timelines[tid] = None
             self._link(tid, anc)
+            if tid in snap.damaged:
+                meta = self._meta_of(tid)  # a damaged block marks itself
+                if meta is not None:
+                    self._mark_damaged(tid, CorruptionError(
+                        mpath, off, f"timeline out of service since an earlier open: {meta.damage}"))
 
         ensure_dir(fs, log_dir)
         segments = list_segments(fs, log_dir)
@@ -194,11 +202,18 @@ class Store:
                 last_lsn = max(last_lsn, rec.lsn)
                 last_time = max(last_time, rec.time_us)
             for tl_bytes, offset, why in scan.damaged:
-                if tl_bytes in self._timelines:
-                    self._mark_damaged(tl_bytes, CorruptionError(spath, offset, why))
+                self._mark_damaged(tl_bytes, CorruptionError(spath, offset, why))
+            if scan.last_record is not None:
+                last_lsn = max(last_lsn, scan.last_record)  # damaged records took LSNs too
             if scan.torn:
                 log.warning("cut torn tail of %s at offset %d (%d bytes)", spath, scan.end, scan.size - scan.end)
                 fs.truncate(spath, scan.end)
+            elif is_last and scan.records:
+                # what a killed process left in the page cache is made durable
+                # before new records (and new segments) build on it
+                f = fs.open_append(spath)
+                f.sync()
+                f.close()
             if not scan.records and not scan.damaged:
                 fs.remove(spath)  # nothing in it (a new segment, or all torn)
                 fs.sync_dir(log_dir)
@@ -240,8 +255,8 @@ class Store:
                 remove_tree(fs, tdir)
                 continue
             meta = self._meta_of(tid)
-            if meta is None:
-                continue  # damaged: leave its files for whoever investigates
+            if meta is None or tid in self._damaged:
+                continue  # out of service: leave its files for whoever investigates
             for fname in fs.listdir(tdir):
                 if fname not in meta.layers:
                     fs.remove(os.path.join(tdir, fname))
@@ -250,9 +265,12 @@ class Store:
 
     def _replay_edit(self, rec: Record, applied_lsn: int) -> None:
         tid = rec.timeline
+        edit = decode_edit(rec.payload, rec.path, rec.offset)
+        if edit.op in (OP_CREATE, OP_DROP):
+            # commits of an earlier timeline with the same id are not its
+            self._incarnation[tid] = max(self._incarnation.get(tid, 0), rec.lsn)
         if rec.lsn <= applied_lsn:
             return
-        edit = decode_edit(rec.payload, rec.path, rec.offset)
         if edit.op == OP_CREATE:
             assert edit.meta is not None
             if tid not in self._timelines:
@@ -273,6 +291,8 @@ class Store:
         tid = rec.timeline
         if tid not in self._timelines or tid in self._damaged:
             return 0  # dropped later in the log, or beyond repair
+        if rec.lsn < self._incarnation.get(tid, 0):
+            return 0  # written by an earlier timeline that had this id
         meta = self._meta_of(tid)
         if meta is None or rec.lsn <= meta.disk_consistent_lsn:
             return 0
@@ -304,9 +324,16 @@ class Store:
         return meta
 
     def _mark_damaged(self, tid: bytes, err: CorruptionError) -> None:
-        if tid not in self._damaged:
-            log.error("timeline %s is damaged: %s", tid.hex(), err)
-            self._damaged[tid] = err
+        """Take a timeline out of service (kept so across checkpoints until it
+        is deleted). A damaged create record leaves only its id: the timeline
+        is kept as a placeholder so that it cannot silently vanish."""
+        if tid in self._damaged:
+            return
+        log.error("timeline %s is out of service: %s", tid.hex(), err)
+        self._damaged[tid] = err
+        if tid not in self._timelines:
+            self._timelines[tid] = None
+            self._metas[tid] = TimelineMeta(tid, None, 0, 0, 0, 0, 0, 0, damage=str(err))
 
     def _link(self, tid: bytes, anc: bytes | None, old: bytes | None = None) -> None:
         if old is not None:
@@ -387,9 +414,8 @@ class Store:
         recovers from the log. For crash tests and emergency shutdown."""
         if self._closed:
             return
+        self._stop_background()
         self._closed = True
-        self._bg_stop.set()
-        self._bg_wake.set()
         self._log._failed = self._log._failed or StoreClosedError(self.path)
         if self._log._file is not None:
             self._log._file.close()
@@ -504,25 +530,35 @@ class Store:
 
     def delete_timeline(self, timeline: Timeline | str) -> None:
         """Delete a timeline and its files. Refused (HasChildrenError) while
-        other timelines branch from it: delete or detach those first."""
+        other timelines branch from it: delete or detach those first. A
+        timeline that is out of service (damaged) can be deleted."""
         self._check_open()
         tid = _parse_id(timeline)
-        tl = self._timelines.get(tid)
-        layers_mu = tl._layers_mu if tl is not None else threading.RLock()
-        with layers_mu, self._mu:
+        try:
+            tl: Timeline | None = self._load(tid)
+        except CorruptionError:
+            tl = None  # damaged: nothing runs on it
+        with tl._layers_mu if tl is not None else contextlib.nullcontext(), self._mu:
             if tid not in self._timelines:
                 raise NotFoundError("timeline", tid.hex())
             kids = self._children.get(tid)
             if kids:
                 raise HasChildrenError(tid.hex(), [k.hex() for k in kids])
-            tl = self._timelines.get(tid)
             if tl is not None:
                 with tl._write_mu:
                     tl._deleted = True
             _, _, pos = self._log.append(REC_EDIT, tid, edit_drop(), self._now_us())
             self._forget(tid)
-        self._log.sync(pos)
-        remove_tree(self.fs, os.path.join(self._timelines_dir, tid.hex()))
+            # The drop is durable before the files go, and the directory is
+            # moved aside before the id can be used again.
+            self._log.sync(pos)
+            tdir = os.path.join(self._timelines_dir, tid.hex())
+            doomed = None
+            if self.fs.isdir(tdir):
+                doomed = os.path.join(self._timelines_dir, f"deleted-{tid.hex()}-{os.urandom(4).hex()}")
+                self.fs.rename(tdir, doomed)
+        if doomed is not None:
+            remove_tree(self.fs, doomed)
         log.info("deleted timeline %s", tid.hex())
 
     def detach(self, timeline: Timeline | str, *, progress: Progress | None = None) -> Timeline:
@@ -579,10 +615,14 @@ class Store:
         deleted once the edit is durable and no reader still holds them."""
         gone = {d.name for d in removed}
         with self._mu:
-            tl._check_live()
             head = drop_frozen.lsn_max if drop_frozen is not None else 0
             payload = edit_layers(added, removed, dcl, head, detach)
-            _, _, pos = self._log.append(REC_EDIT, tl._tid, payload, self._now_us())
+            try:
+                tl._check_live()
+                _, _, pos = self._log.append(REC_EDIT, tl._tid, payload, self._now_us())
+            except BaseException:
+                self._discard_files(tl, added)
+                raise
             meta = tl._meta
             old_anc = meta.ancestor
             apply_edit(meta, decode_edit(payload, "", 0))
@@ -610,7 +650,7 @@ class Store:
             except OSError:
                 pass
 
-    def _advance_horizon(self, tl: Timeline, target: int) -> tuple[bool, list[int]]:
+    def _advance_horizon(self, tl: Timeline, target: int) -> tuple[bool, list[int] | None]:
         """Move a timeline's horizon up to `target` (logged) and return the
         branch points of its children, atomically with respect to branching."""
         with self._mu:
@@ -620,8 +660,18 @@ class Store:
                 _, _, pos = self._log.append(REC_EDIT, tl._tid, edit_horizon(target), self._now_us())
                 self._log.sync(pos)
                 tl._set_horizon(target)
-            points = [self._load(c)._meta.ancestor_lsn for c in self._children.get(tl._tid, ())]
-        return moved, points
+            return moved, self._branch_points(tl)
+
+    def _branch_points(self, tl: Timeline) -> list[int] | None:
+        """The LSNs at which children branch from `tl` (None if a child's
+        metadata is unreadable: then nothing of `tl` may be collected)."""
+        points = []
+        for c in self._children.get(tl._tid, ()):
+            meta = self._meta_of(c)
+            if meta is None or meta.ancestor != tl._tid:
+                return None
+            points.append(meta.ancestor_lsn)
+        return points
 
     # --- flush and checkpoint -----------------------------------------------------------
 
@@ -701,23 +751,29 @@ class Store:
         snap = self._snapshot
         assert snap is not None
         with self._mu:
-            entries: list[tuple[bytes, bytes | None, bytes]] = []
+            entries: list[SnapshotEntry] = []
             for tid in sorted(self._timelines):
                 tl = self._timelines[tid]
-                if tid in self._damaged:
-                    if tid in snap.table:  # keep it as it was; it stays damaged
-                        _, off, length, _ = snap.table[tid]
-                        entries.append((tid, self._ancestors.get(tid), snap.buf[off : off + length]))
-                    continue
+                anc = self._ancestors.get(tid)
+                err = self._damaged.get(tid)
                 if tl is not None:
                     meta = tl._meta.copy()
                     meta.head_lsn = tl._head
-                    entries.append((tid, meta.ancestor, encode_timeline(meta)))
-                elif tid in self._metas:
-                    entries.append((tid, self._metas[tid].ancestor, encode_timeline(self._metas[tid])))
+                elif err is not None:
+                    meta = self._meta_of(tid)  # type: ignore[assignment]
                 else:
-                    _, off, length, _ = snap.table[tid]
-                    entries.append((tid, self._ancestors.get(tid), snap.buf[off : off + length]))
+                    meta = self._metas.get(tid)  # type: ignore[assignment]
+                if meta is None and tid in snap.table:
+                    # not decoded, or its block is damaged: carry it over as it is
+                    _, off, length, csum = snap.table[tid]
+                    entries.append(SnapshotEntry(tid, anc, snap.buf[off : off + length],
+                                                 err is not None, csum))
+                    continue
+                assert meta is not None
+                if err is not None:
+                    meta = meta.copy()
+                    meta.damage = meta.damage or str(err)
+                entries.append(SnapshotEntry(tid, anc, encode_timeline(meta), err is not None))
             applied = self._log.last_lsn
             last_time = self._log.last_time_us
         self._log.sync()  # the heads above are durable before the snapshot says so
@@ -725,6 +781,7 @@ class Store:
         mpath = os.path.join(self.path, MANIFEST)
         write_atomically(self.fs, mpath, chunks)
         self._snapshot = decode_snapshot(mpath, b"".join(chunks))
+        self._metas = {t: m for t, m in self._metas.items() if t in self._damaged}
 
     # --- maintenance -------------------------------------------------------------------
 
@@ -758,8 +815,8 @@ class Store:
                 continue
             try:
                 tl = self._load(tid)
-            except NotFoundError:
-                continue
+            except (NotFoundError, CorruptionError):
+                continue  # gone meanwhile, or out of service
             if skip_small and len(tl._map.layers) < 2:
                 continue  # nothing to delete; its horizon moves when there is
             total.add(gc_timeline(self, tl, now))
@@ -770,7 +827,9 @@ class Store:
         with tl._layers_mu:
             descs = [ly.desc for ly in tl._map.layers]
             with self._mu:
-                points = [self._load(c)._meta.ancestor_lsn for c in self._children.get(tl._tid, ())]
+                points = self._branch_points(tl)
+            if points is None:  # a child is unreadable: count everything as pinned
+                points = [tl._meta.start_lsn] + [d.lsn_start for d in descs]
             own = needed_layers(descs, start_lsn=tl._meta.start_lsn, horizon=tl.horizon)
             kids = needed_layers(descs, start_lsn=tl._meta.start_lsn, horizon=None, points=points)
             m = tl._map

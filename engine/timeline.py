@@ -142,12 +142,12 @@ class Timeline:
             raise NotFoundError("timeline", self.id)
         self._store._check_open()
 
-    def _check_lsn(self, lsn: object) -> int:
+    def _check_lsn(self, lsn: object, head: int | None = None) -> int:
         if self._deleted:
             raise NotFoundError("timeline", self.id)
         if type(lsn) is not int:
             raise InvalidArgumentError(f"an LSN is an int, got {type(lsn).__name__}")
-        low, high = self.horizon, self._head
+        low, high = self.horizon, self._head if head is None else head
         if not low <= lsn <= high:
             why = "beyond the head" if lsn > high else "below the retention horizon"
             raise LsnOutOfRangeError(self.id, lsn, low, high, why)
@@ -202,13 +202,18 @@ class Timeline:
         """The value of `key` at `lsn` (default: head), or None if absent."""
         if type(key) is not int or not 0 <= key < KEY_LIMIT:
             check_key(key)
+        # Order matters: the head before the map (the map then holds every
+        # commit up to it), the map before the horizon (GC moves the horizon
+        # before it swaps in a map without the layers older reads need).
+        head = self._head
+        m = self._map
         if lsn is None:
             if self._deleted:
                 raise NotFoundError("timeline", self.id)
-            lsn = self._head
-        elif type(lsn) is not int or not self._low <= lsn <= self._head or self._deleted:
-            self._check_lsn(lsn)
-        r: Any = self._map.locate(key, lsn)
+            lsn = head
+        elif type(lsn) is not int or not self._low <= lsn <= head or self._deleted:
+            self._check_lsn(lsn, head)
+        r: Any = m.locate(key, lsn)
         if r is MISS:
             r = self._locate_in_ancestors(key, lsn)
         if r.__class__ is tuple:
@@ -218,8 +223,10 @@ class Timeline:
             return src.read(v)
         return None  # MISS or ABSENT
 
-    def _find(self, key: int, lsn: int) -> tuple[Layer | None, MemVersion | Entry] | None:
-        r: Any = self._map.locate(key, lsn)
+    def _find(
+        self, key: int, lsn: int, m: LayerMap | None = None
+    ) -> tuple[Layer | None, MemVersion | Entry] | None:
+        r: Any = (m or self._map).locate(key, lsn)
         if r is MISS:
             r = self._locate_in_ancestors(key, lsn)
         return r if r.__class__ is tuple else None  # type: ignore[return-value]
@@ -265,7 +272,8 @@ class Timeline:
         does the filter; it is rebuilt only when an ancestry changes."""
         version, chain, skip = self._chain_cache
         store = self._store
-        if version == store._topology:
+        topology = store._topology  # before building: a change meanwhile forces a rebuild
+        if version == topology:
             return chain, skip
         out = []
         meta = self._meta
@@ -290,7 +298,7 @@ class Timeline:
                 skip = FrozenBitMap64(keys)
             except (CorruptionError, OSError):
                 skip = None  # a damaged layer: search every level, let it raise
-        self._chain_cache = (store._topology, chain, skip)
+        self._chain_cache = (topology, chain, skip)
         return chain, skip
 
     def _read_raw(self, found: tuple[Layer | None, MemVersion | Entry]) -> RawVersion:
@@ -300,44 +308,53 @@ class Timeline:
         e: Entry = v  # type: ignore[assignment]
         return (e[0], e[5], e[3], src.read_stored(e), e[4])
 
-    def _candidate_keys(self, lsn: int, first: int, last: int, through_ancestors: bool) -> BitMap64:
+    def _candidate_keys(
+        self, lsn: int, first: int, last: int, through_ancestors: bool, m: LayerMap | None = None
+    ) -> BitMap64:
         keys = BitMap64()
-        levels = [(self, lsn)]
+        maps = [m or self._map]
         if through_ancestors:
-            levels += [(tl, min(cap, lsn)) for tl, cap in self._chain()]
-        for tl, _ in levels:
-            m = tl._map
-            for mem in (m.open,) + m.frozen:
+            maps += [tl._map for tl, _ in self._chain()]
+        for lm in maps:
+            for mem in (lm.open,) + lm.frozen:
                 keys.update(list(mem.versions))
-            for layer in m.layers:
+            for layer in lm.layers:
                 keys |= layer.keys
         return clip(keys, first, last)
 
     def _versions(
-        self, lsn: int, first: int = 0, last: int = MAX_KEY, *, local: bool = False
+        self, lsn: int, first: int = 0, last: int = MAX_KEY, *, local: bool = False,
+        m: LayerMap | None = None,
     ) -> Iterator[tuple[int, tuple[Layer | None, MemVersion | Entry]]]:
         """(key, where its version is) for every key with a version visible at
-        `lsn`, in key order. `local`: only this timeline's own versions
-        (tombstones included), not the ancestors'."""
-        m = self._map
-        for key in self._candidate_keys(lsn, first, last, not local):
+        `lsn`, in key order, read from one layer map `m` of this timeline
+        (default: the current one) however long the iteration takes.
+        `local`: only this timeline's own versions (tombstones included)."""
+        m = m or self._map
+        for key in self._candidate_keys(lsn, first, last, not local, m):
             if local:
                 r = m.locate(key, lsn)
                 if r is MISS or r is ABSENT:
                     continue
                 yield key, r  # type: ignore[misc]
             else:
-                f = self._find(key, lsn)
+                f = self._find(key, lsn, m)
                 if f is not None and not found_flags(f) & FLAG_TOMBSTONE:
                     yield key, f
+
+    def _snapshot_at(self, lsn: int | None) -> tuple[LayerMap, int]:
+        """A layer map and a checked LSN for a read that takes a while."""
+        head = self._head
+        m = self._map  # see get() for why this order
+        self._check_live()
+        return m, (head if lsn is None else self._check_lsn(lsn, head))
 
     def scan(
         self, lsn: int | None = None, first: int = 0, last: int = MAX_KEY
     ) -> Iterator[tuple[int, bytes]]:
         """Every (key, value) present at `lsn` with first <= key <= last, by key."""
-        self._check_live()
-        lsn = self._head if lsn is None else self._check_lsn(lsn)
-        for key, found in self._versions(lsn, check_key(first), check_key(last)):
+        m, lsn = self._snapshot_at(lsn)
+        for key, found in self._versions(lsn, check_key(first), check_key(last), m=m):
             src, v = found
             value = decode(v[1], v[2], v[3]) if src is None else src.read(v)  # type: ignore[index,arg-type]
             if value is not None:
@@ -412,9 +429,8 @@ class Timeline:
     def logical_size(self, lsn: int | None = None) -> int:
         """Bytes of all values visible at `lsn` (uncompressed). Reads indexes,
         not values: about a second per million keys."""
-        self._check_live()
-        lsn = self._head if lsn is None else self._check_lsn(lsn)
-        return sum(found_raw_len(f) for _, f in self._versions(lsn))
+        m, lsn = self._snapshot_at(lsn)
+        return sum(found_raw_len(f) for _, f in self._versions(lsn, m=m))
 
     def usage(self, lsn: int | None = None) -> TimelineUsage:
         return self._store._usage(self, lsn)

@@ -20,25 +20,32 @@ Segment file::
     +--------+--------+--------+--------+--------------+-------------+
     | record | record | ...                                           |
 
-Record (64-byte header, then the payload)::
+Record (72-byte header, then the payload)::
 
-    0       4    5       8        12      16      24        32           48            56            64
-    +-------+----+-------+--------+-------+-------+---------+------------+-------------+-------------+
-    | magic |type| zero  | length | zero  | LSN   | time µs | timeline id| payload     | header xxh64|
-    | u32   | u8 | 3 B   | u32    | u32   | u64   | u64     | 16 B       | xxh3_64 u64 | of 0..56    |
-    +-------+----+-------+--------+-------+-------+---------+------------+-------------+-------------+
-    | payload: `length` bytes                                                                        |
+    0       4    5      8        12     16      24          32        40           56          64          72
+    +-------+----+------+--------+------+-------+-----------+---------+------------+-----------+-----------+
+    | magic |type| zero | length | zero | LSN   | synced    | time µs | timeline id| payload   | header    |
+    | u32   | u8 | 3 B  | u32    | u32  | u64   | LSN u64   | u64     | 16 B       | xxh3_64   | xxh64     |
+    +-------+----+------+--------+------+-------+-----------+---------+------------+-----------+-----------+
+    | payload: `length` bytes                                                                             |
+
+`synced LSN` is the highest LSN known to be fsynced when the record was
+written: a witness, for recovery, of how far the log was durable.
 
 Commit payload: u32 entry count, then per entry `key u64, flags u8, raw_len
 u32, stored_len u32, value xxh3_64 u64` followed by the stored bytes (see
 `engine.values`). Edit payloads belong to `engine.manifest`.
 
-Recovery reads the segments in order. A record that fails a check with no
-valid record after it is a torn tail: it is cut off (the file is truncated)
-and never applied. A bad record followed by a valid one is corruption: if its
-header is intact, the timeline it names is marked damaged and the rest of the
-store recovers; otherwise opening fails with a CorruptionError naming the
-file and offset.
+Recovery reads the segments in order and stops at the first record that
+fails a check (expected LSN E). In the last segment that is a *torn tail*
+(a write that never completed, possibly with later pages written out of
+order) unless a valid later record's `synced LSN` is at least E, proving
+that E had been fsynced: then, and always in an earlier (sealed) segment, it
+is damage. A torn tail is cut off and never applied. Damage to a record
+whose header is intact marks the timeline it names damaged and recovery goes
+on; damage to a header fails the open with a CorruptionError naming the file
+and offset. A flipped bit in the very last fsynced records, with nothing
+after them, looks like a torn tail and is cut: no log can tell those apart.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .checksums import check_header, seal, xxh3, xxh64
+from .checksums import check_header, seal, sealed_ok, xxh3
 from .errors import CorruptionError, StoreFailedError
 from .fs import FileSystem, WriteFile, ensure_dir
 from .values import KNOWN_FLAGS, MAX_VALUE_SIZE, Version
@@ -61,8 +68,8 @@ SEGMENT_HEADER = struct.Struct("<8sHHIQQ")
 assert SEGMENT_HEADER.size == 32
 
 RECORD_MAGIC = 0x4C525453  # b"STRL" read little-endian
-RECORD_HEADER = struct.Struct("<IB3xIIQQ16sQQ")
-assert RECORD_HEADER.size == 64
+RECORD_HEADER = struct.Struct("<IB3xIIQQQ16sQQ")
+assert RECORD_HEADER.size == 72
 _RECORD_MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
 
 COMMIT_ENTRY = struct.Struct("<QBIIQ")
@@ -135,8 +142,10 @@ def decode_commit(payload: bytes, path: str, offset: int) -> list[Version]:
     return out
 
 
-def _pack_header(rtype: int, length: int, lsn: int, time_us: int, timeline: bytes, psum: int) -> bytes:
-    return seal(RECORD_HEADER.pack(RECORD_MAGIC, rtype, length, 0, lsn, time_us, timeline, psum, 0))
+def _pack_header(
+    rtype: int, length: int, lsn: int, synced: int, time_us: int, timeline: bytes, psum: int
+) -> bytes:
+    return seal(RECORD_HEADER.pack(RECORD_MAGIC, rtype, length, 0, lsn, synced, time_us, timeline, psum, 0))
 
 
 # --- reading -----------------------------------------------------------------
@@ -160,83 +169,113 @@ class SegmentScan:
         return self.end < self.size
 
 
-def _check_header(buf: bytes, pos: int) -> tuple[int, int, int, int, bytes, int] | None:
-    """Parse and verify the record header at `pos`; None if it is not one."""
+class _Header(NamedTuple):
+    rtype: int
+    length: int
+    lsn: int
+    synced: int
+    time_us: int
+    timeline: bytes
+    psum: int
+
+
+def _header_at(buf: bytes, pos: int) -> _Header | None:
+    """The record header at `pos` if it is one (magic, checksum, fields)."""
     if pos + RECORD_HEADER.size > len(buf):
         return None
-    magic, rtype, length, _, lsn, time_us, tl, psum, hsum = RECORD_HEADER.unpack_from(buf, pos)
-    if magic != RECORD_MAGIC or xxh64(buf[pos : pos + 56]) != hsum:
+    magic, rtype, length, _, lsn, synced, time_us, tl, psum, _ = RECORD_HEADER.unpack_from(buf, pos)
+    if magic != RECORD_MAGIC or not sealed_ok(buf[pos : pos + RECORD_HEADER.size]):
         return None
     if rtype not in _KNOWN_TYPES or length > MAX_PAYLOAD:
         return None
-    return rtype, length, lsn, time_us, tl, psum
+    return _Header(rtype, length, lsn, synced, time_us, tl, psum)
 
 
-def _valid_record_at(buf: bytes, pos: int) -> int | None:
-    """The LSN of a fully valid record at `pos`, else None."""
-    h = _check_header(buf, pos)
-    if h is None:
-        return None
-    rtype, length, lsn, _, _, psum = h
+def _payload_ok(buf: bytes, pos: int, h: _Header) -> bool:
     start = pos + RECORD_HEADER.size
-    if start + length > len(buf) or xxh3(buf[start : start + length]) != psum:
-        return None
-    return lsn
+    return start + h.length <= len(buf) and xxh3(buf[start : start + h.length]) == h.psum
 
 
-def _valid_record_after(buf: bytes, pos: int) -> bool:
-    """Is there any valid record starting after `pos`? (Tells corruption from
-    a torn tail: a torn write is the last thing in the log.)"""
+def _durable_witness(buf: bytes, pos: int, lsn: int) -> bool:
+    """Does a valid record after offset `pos` prove that the record with LSN
+    `lsn` (which failed its check at `pos`) had been fsynced? Its synced-LSN
+    watermark must reach `lsn`, and it must be a record that can follow in
+    this log: a later LSN, no further ahead than the bytes in between allow.
+    (A record that a torn write's payload happens to contain is neither.)"""
     at = buf.find(_RECORD_MAGIC_BYTES, pos + 1)
     while at >= 0:
-        if _valid_record_at(buf, at) is not None:
+        h = _header_at(buf, at)
+        if (
+            h is not None
+            and lsn < h.lsn <= lsn + (at - pos) // RECORD_HEADER.size
+            and lsn <= h.synced < h.lsn
+            and _payload_ok(buf, at, h)
+        ):
             return True
         at = buf.find(_RECORD_MAGIC_BYTES, at + 1)
     return False
 
 
+def _torn_segment(buf: bytes) -> bool:
+    """A new last segment whose header never reached the disk: it holds no
+    valid record at all."""
+    return buf.find(_RECORD_MAGIC_BYTES) < 0 or not any(
+        (h := _header_at(buf, at)) is not None and _payload_ok(buf, at, h)
+        for at in _all(buf, _RECORD_MAGIC_BYTES)
+    )
+
+
+def _all(buf: bytes, needle: bytes) -> Iterator[int]:
+    at = buf.find(needle)
+    while at >= 0:
+        yield at
+        at = buf.find(needle, at + 1)
+
+
 def scan_segment(fs: FileSystem, path: str, last: bool) -> SegmentScan:
-    """Read one segment. `last`: it is the newest segment (may be torn)."""
+    """Read one segment. `last`: it is the newest segment (may end torn)."""
     buf = fs.read_file(path)
-    name_lsn = parse_segment_name(os.path.basename(path))
-    if len(buf) < SEGMENT_HEADER.size:
-        if last:  # created, then crashed before its header was synced
-            return SegmentScan(path, name_lsn or 0, [], 0, len(buf))
-        raise CorruptionError(path, 0, "log segment shorter than its header", SEGMENT_HEADER.size, len(buf))
-    check_header(path, buf[: SEGMENT_HEADER.size], SEGMENT_MAGIC, SEGMENT_VERSION, "log segment")
+    name_lsn = parse_segment_name(os.path.basename(path)) or 0
+    head = buf[: SEGMENT_HEADER.size]
+    try:
+        if len(head) < SEGMENT_HEADER.size:
+            raise CorruptionError(path, 0, "log segment shorter than its header", SEGMENT_HEADER.size, len(buf))
+        check_header(path, head, SEGMENT_MAGIC, SEGMENT_VERSION, "log segment")
+    except CorruptionError:
+        if last and _torn_segment(buf):
+            return SegmentScan(path, name_lsn, [], 0, len(buf))
+        raise
     first_lsn = SEGMENT_HEADER.unpack_from(buf, 0)[4]
-    if name_lsn is not None and first_lsn != name_lsn:
+    if first_lsn != name_lsn:
         raise CorruptionError(path, 16, "segment header does not match its name", name_lsn, first_lsn)
     scan = SegmentScan(path, first_lsn, [], SEGMENT_HEADER.size, len(buf))
     pos = SEGMENT_HEADER.size
-    expect = None
+    expect = first_lsn
     while pos < len(buf):
-        h = _check_header(buf, pos)
-        if h is None:
-            if _valid_record_after(buf, pos):
-                raise CorruptionError(path, pos, "damaged log record header with valid records after it")
-            break  # torn tail
-        rtype, length, lsn, time_us, tl, psum = h
-        start = pos + RECORD_HEADER.size
-        payload = buf[start : start + length]
-        if len(payload) < length or xxh3(payload) != psum:
-            if not _valid_record_after(buf, pos):
-                break  # torn tail
-            # Durable data damaged in place: the header says whose it was.
-            why = "log record payload checksum mismatch"
-            scan.damaged.append((tl, pos, why))
-        elif expect is not None and lsn != expect:
-            raise CorruptionError(path, pos, "log records out of sequence", expect, lsn)
+        h = _header_at(buf, pos)
+        if h is not None and h.lsn != expect:
+            raise CorruptionError(path, pos, "log records out of sequence", expect, h.lsn)
+        if h is not None and _payload_ok(buf, pos, h):
+            scan.records.append(Record(
+                h.rtype, h.lsn, h.time_us, h.timeline,
+                buf[pos + RECORD_HEADER.size : pos + RECORD_HEADER.size + h.length], path, pos,
+            ))
         else:
-            scan.records.append(Record(rtype, lsn, time_us, tl, payload, path, pos))
+            # A record that fails a check: torn tail, or damage?
+            if last and not _durable_witness(buf, pos, expect):
+                break  # torn: cut here
+            if h is None:
+                raise CorruptionError(path, pos, "damaged log record header in the durable log")
+            end = pos + RECORD_HEADER.size + h.length
+            if end > len(buf):
+                raise CorruptionError(path, pos, "log record cut short in the durable log")
+            scan.damaged.append((h.timeline, pos, "log record payload checksum mismatch"))
         if scan.first_record is None:
-            scan.first_record = lsn
-        scan.last_record = lsn
-        expect = lsn + 1
-        pos = start + length
+            scan.first_record = expect
+        scan.last_record = expect
+        expect += 1
+        pos += RECORD_HEADER.size + (h.length if h is not None else 0)
         scan.end = pos
-    if scan.end < len(buf) and not last:
-        raise CorruptionError(path, scan.end, "damaged record at the end of a synced log segment")
     return scan
 
 
@@ -281,6 +320,7 @@ class CommitLog:
         self._last_time_us = last_time_us
         self._written = 0  # bytes written since open (all segments)
         self._synced = 0
+        self._synced_lsn = last_lsn  # the recovered log was synced before we start
         self._syncing = False
         self._failed: BaseException | None = None
         self._closed = False
@@ -343,7 +383,7 @@ class CommitLog:
                 self._rotate_locked()
             lsn = self._last_lsn + 1
             time_us = clock_us if clock_us > self._last_time_us else self._last_time_us
-            head = _pack_header(rtype, len(payload), lsn, time_us, timeline, psum)
+            head = _pack_header(rtype, len(payload), lsn, self._synced_lsn, time_us, timeline, psum)
             assert self._file is not None
             try:
                 self._file.write(head + payload)
@@ -369,6 +409,7 @@ class CommitLog:
                     continue
                 self._syncing = True
                 upto = self._written
+                upto_lsn = self._last_lsn
                 f = self._file
                 self._mu.release()
                 err: BaseException | None = None
@@ -385,6 +426,7 @@ class CommitLog:
                     raise self._fail(err) from err
                 if upto > self._synced:
                     self._synced = upto
+                    self._synced_lsn = max(self._synced_lsn, upto_lsn)
             self._check()
 
     def rotate(self) -> int:
@@ -404,6 +446,7 @@ class CommitLog:
         except OSError as e:
             raise self._fail(e) from e
         self._synced = self._written
+        self._synced_lsn = self._last_lsn
         self._start_segment()
 
     def drop_segments_before(self, first_lsn: int) -> int:
@@ -436,6 +479,8 @@ class CommitLog:
         with self._mu:
             if self._closed:
                 return
+            while self._syncing:  # let an fsync in flight finish first
+                self._synced_cv.wait()
             self._closed = True
             if self._file is not None and self._failed is None:
                 try:
