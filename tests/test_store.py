@@ -363,3 +363,12 @@ def test_files_the_manifest_does_not_list_are_removed_on_open(store_path):
         assert not os.path.exists(orphan)
         assert not os.path.exists(os.path.join(store_path, "manifest.tmp"))
         assert store.timeline(tl.id).get(1) == b"x" * 100
+
+
+@pytest.mark.parametrize("bad", [dict(period=1e300), dict(period=True), dict(lsn_distance=2**64),
+                                 dict(lsn_distance=-1), dict(lsn_distance=1.5)])
+def test_out_of_range_retention_is_refused_before_anything_changes(store, bad):
+    tl = store.create_timeline()
+    with pytest.raises(InvalidArgumentError):
+        tl.set_retention(Retention(**bad))
+    assert tl.retention == store.config.retention

@@ -167,3 +167,16 @@ def test_log_is_replayed_after_a_kill_and_truncated_by_checkpoint(store_path):
     fs = OsFileSystem()
     records = [r for p in _log_files(store_path) for r in scan_segment(fs, p, True).records]
     assert [r for r in records if r.type == REC_COMMIT] == []
+
+
+def test_a_new_last_segment_whose_header_never_reached_the_disk_is_dropped(store_path):
+    (a, b), lsns = _abandoned_store(store_path)
+    # the file system kept the new segment's size but not its contents
+    nxt = os.path.join(store_path, "log", f"{lsns[-1] + 2:016x}.log")
+    with open(nxt, "wb") as f:
+        f.write(bytes(4096))
+    with Store.open(store_path, background=False) as store:
+        assert store.timeline(a).get(9) == b"a9" * 50
+        assert store.damaged() == {}
+        # the torn segment was dropped; a fresh one took its name
+        assert open(nxt, "rb").read(8) == b"STRATLOG"
