@@ -29,6 +29,9 @@ import threading
 import time
 from collections.abc import Iterable
 
+from . import checkpoint as _checkpoint
+from .background import Background
+from .checkpoint import flush_timeline
 from .clock import Clock, system_clock
 from .compaction import CompactionResult, Progress, compact_timeline, write_image
 from .config import Retention, StoreConfig
@@ -39,33 +42,27 @@ from .errors import (
     InvalidArgumentError,
     NotFoundError,
     StoreClosedError,
-    StoreFailedError,
 )
-from .fs import TMP_SUFFIX, FileLock, FileSystem, OsFileSystem, ensure_dir, remove_tree, write_atomically
+from .fs import FileLock, FileSystem, OsFileSystem, ensure_dir, remove_tree
 from .gc import GcResult, gc_timeline, needed_layers
 from .inmemory_layer import InMemoryLayer
 from .keyspace import partitions
-from .layer_file import KIND_DELTA, Layer, LayerDesc, LayerWriter, parse_layer_name
+from .layer_file import Layer, LayerDesc
 from .manifest import (
-    OP_CREATE,
-    OP_DROP,
     Snapshot,
-    SnapshotEntry,
     TimelineMeta,
     apply_edit,
     decode_edit,
-    decode_snapshot,
     edit_create,
     edit_drop,
     edit_horizon,
     edit_layers,
     edit_retention,
-    encode_snapshot,
-    encode_timeline,
 )
+from .recovery import recover
 from .timeline import Timeline, TimelineUsage
 from .values import MAX_KEY
-from .wal import REC_COMMIT, REC_EDIT, CommitLog, Record, decode_commit, list_segments, scan_segment
+from .wal import REC_EDIT, CommitLog
 
 log = logging.getLogger("strata.engine")
 
@@ -101,6 +98,8 @@ class Store:
         self.config = config
         self._clock = clock
         self._timelines_dir = os.path.join(path, TIMELINES_DIR)
+        self._manifest_path = os.path.join(path, MANIFEST)
+        self._log_dir = os.path.join(path, LOG_DIR)
         self._mu = threading.RLock()
         self._checkpoint_mu = threading.Lock()
         self._timelines: dict[bytes, Timeline | None] = {}  # None: not decoded yet
@@ -114,10 +113,7 @@ class Store:
         self._closed = False
         self._log: CommitLog = None  # type: ignore[assignment]
         self._lock: FileLock | None = None
-        self._bg: threading.Thread | None = None
-        self._bg_stop = threading.Event()
-        self._bg_wake = threading.Event()
-        self.background_error: BaseException | None = None
+        self._bg: Background | None = None
 
     # --- opening ---------------------------------------------------------------
 
@@ -143,169 +139,13 @@ class Store:
         ensure_dir(fs, path)
         lock = store._lock = fs.lock(os.path.join(path, "LOCK"))
         try:
-            store._recover()
+            recover(store)
         except BaseException:
             lock.release()
             raise
         if background:
-            store._start_background()
+            store._bg = Background(store)
         return store
-
-    def _recover(self) -> None:
-        t0 = time.monotonic()
-        fs = self.fs
-        mpath = os.path.join(self.path, MANIFEST)
-        log_dir = os.path.join(self.path, LOG_DIR)
-        if fs.exists(mpath + TMP_SUFFIX):
-            fs.remove(mpath + TMP_SUFFIX)
-        if not fs.exists(mpath):
-            if (fs.isdir(log_dir) and fs.listdir(log_dir)) or (
-                fs.isdir(self._timelines_dir) and fs.listdir(self._timelines_dir)
-            ):
-                raise CorruptionError(mpath, 0, "manifest missing from a store that has data")
-            write_atomically(fs, mpath, encode_snapshot(0, 0, 1, []))
-        snap = decode_snapshot(mpath, fs.read_file(mpath))
-        self._snapshot = snap
-        for tid, (anc, off, _, _) in snap.table.items():
-            self._timelines[tid] = None
-            self._link(tid, anc)
-            if tid in snap.damaged:
-                meta = self._meta_of(tid)  # a damaged block marks itself
-                if meta is not None:
-                    self._mark_damaged(tid, CorruptionError(
-                        mpath, off, f"timeline out of service since an earlier open: {meta.damage}"))
-
-        ensure_dir(fs, log_dir)
-        segments = list_segments(fs, log_dir)
-        last_lsn, last_time = snap.applied_lsn, snap.last_time_us
-        pins: dict[int, dict[bytes, int]] = {}
-        replayed = 0
-        prev: int | None = None
-        live: list[tuple[int, str]] = []
-        # Pass 1: check every segment, cut a torn tail, apply the edits. The
-        # commits wait for pass 2, when each timeline's disk-consistent LSN
-        # (which a later flush edit may raise) is final.
-        for i, (first, spath) in enumerate(segments):
-            if first < snap.replay_from:
-                fs.remove(spath)  # a checkpoint died before deleting it
-                continue
-            is_last = i == len(segments) - 1
-            scan = scan_segment(fs, spath, is_last)
-            if scan.first_record is not None:
-                if scan.first_record != first or (prev is not None and first != prev + 1):
-                    raise CorruptionError(spath, 32, "log segment does not continue the log",
-                                          first if prev is None else prev + 1, scan.first_record)
-                prev = scan.last_record
-            for rec in scan.records:
-                if rec.type == REC_EDIT:
-                    self._replay_edit(rec, snap.applied_lsn)
-                last_lsn = max(last_lsn, rec.lsn)
-                last_time = max(last_time, rec.time_us)
-            for tl_bytes, offset, why in scan.damaged:
-                self._mark_damaged(tl_bytes, CorruptionError(spath, offset, why))
-            if scan.last_record is not None:
-                last_lsn = max(last_lsn, scan.last_record)  # damaged records took LSNs too
-            if scan.torn:
-                log.warning("cut torn tail of %s at offset %d (%d bytes)", spath, scan.end, scan.size - scan.end)
-                fs.truncate(spath, scan.end)
-            elif is_last and scan.records:
-                # what a killed process left in the page cache is made durable
-                # before new records (and new segments) build on it
-                f = fs.open_append(spath)
-                f.sync()
-                f.close()
-            if not scan.records and not scan.damaged:
-                fs.remove(spath)  # nothing in it (a new segment, or all torn)
-                fs.sync_dir(log_dir)
-            else:
-                live.append((first, spath))
-        # Pass 2: commits not yet in a layer file go back to memory.
-        for first, spath in live:
-            pins[first] = {}
-            for rec in scan_segment(fs, spath, False).records:
-                if rec.type == REC_COMMIT:
-                    replayed += self._replay_commit(rec, pins[first])
-        self._log = CommitLog(
-            fs, log_dir, last_lsn=last_lsn, last_time_us=last_time,
-            segment_bytes=self.config.log_segment_bytes, store_path=self.path,
-        )
-        self._log.pins.update(pins)
-        self._remove_unlisted_files()
-        log.info(
-            "opened store %s: %d timelines, replayed %d log records, last LSN %d, in %.3fs",
-            self.path, len(self._timelines), replayed, last_lsn, time.monotonic() - t0,
-        )
-
-    def _remove_unlisted_files(self) -> None:
-        """Remove what the manifest does not list: directories of timelines
-        that no longer exist (dropped, or created and lost in a crash), and
-        files in live timelines' directories that no layer names (temporary
-        files, layers of a flush or compaction that a crash interrupted).
-        Timelines that never wrote a layer have no directory: no cost."""
-        fs = self.fs
-        if not fs.isdir(self._timelines_dir):
-            return
-        for name in fs.listdir(self._timelines_dir):
-            tdir = os.path.join(self._timelines_dir, name)
-            try:
-                tid = bytes.fromhex(name) if len(name) == 32 else None
-            except ValueError:
-                tid = None
-            if tid is None or tid not in self._timelines:
-                remove_tree(fs, tdir)
-                continue
-            meta = self._meta_of(tid)
-            if meta is None or tid in self._damaged:
-                continue  # out of service: leave its files for whoever investigates
-            for fname in fs.listdir(tdir):
-                if fname not in meta.layers:
-                    fs.remove(os.path.join(tdir, fname))
-                    if parse_layer_name(fname):
-                        log.info("removed layer file %s/%s that the manifest does not list", name, fname)
-
-    def _replay_edit(self, rec: Record, applied_lsn: int) -> None:
-        tid = rec.timeline
-        edit = decode_edit(rec.payload, rec.path, rec.offset)
-        if edit.op in (OP_CREATE, OP_DROP):
-            # commits of an earlier timeline with the same id are not its
-            self._incarnation[tid] = max(self._incarnation.get(tid, 0), rec.lsn)
-        if rec.lsn <= applied_lsn:
-            return
-        if edit.op == OP_CREATE:
-            assert edit.meta is not None
-            if tid not in self._timelines:
-                self._metas[tid] = edit.meta
-                self._timelines[tid] = None
-                self._link(tid, edit.meta.ancestor)
-        elif edit.op == OP_DROP:
-            self._forget(tid)
-        elif tid in self._timelines:
-            meta = self._meta_of(tid)
-            if meta is not None:
-                old_anc = meta.ancestor
-                apply_edit(meta, edit)
-                if meta.ancestor != old_anc:
-                    self._link(tid, meta.ancestor, old_anc)
-
-    def _replay_commit(self, rec: Record, pins: dict[bytes, int]) -> int:
-        tid = rec.timeline
-        if tid not in self._timelines or tid in self._damaged:
-            return 0  # dropped later in the log, or beyond repair
-        if rec.lsn < self._incarnation.get(tid, 0):
-            return 0  # written by an earlier timeline that had this id
-        meta = self._meta_of(tid)
-        if meta is None or rec.lsn <= meta.disk_consistent_lsn:
-            return 0
-        try:
-            versions = decode_commit(rec.payload, rec.path, rec.offset)
-        except CorruptionError as e:
-            self._mark_damaged(tid, e)
-            return 0
-        tl = self._load(tid)
-        tl._map.open.put(rec.lsn, rec.time_us, versions)
-        tl._head = max(tl._head, rec.lsn)
-        pins[tid] = rec.lsn
-        return 1
 
     def _meta_of(self, tid: bytes) -> TimelineMeta | None:
         """Decoded metadata of a timeline (decoding it from the snapshot)."""
@@ -678,37 +518,9 @@ class Store:
     def _frozen(self, tl: Timeline) -> None:
         """A commit froze an in-memory layer: write it out (or have it written)."""
         if self._bg is not None and len(tl._map.frozen) < 2:
-            self._bg_wake.set()
+            self._bg.wake()
         else:
-            self._flush_timeline(tl)
-
-    def _flush_timeline(self, tl: Timeline) -> int:
-        """Write every frozen in-memory layer of `tl` to a delta layer file."""
-        flushed = 0
-        with tl._layers_mu:
-            while not tl._deleted:
-                m = tl._map
-                if not m.frozen:
-                    break
-                mem = m.frozen[-1]
-                start = tl._meta.disk_consistent_lsn + 1
-                ensure_dir(self.fs, tl._dir)
-                w = LayerWriter(
-                    self.fs, tl._dir, kind=KIND_DELTA, timeline=tl._tid,
-                    lsn_start=start, lsn_end=mem.frozen_at + 1,
-                )
-                try:
-                    for key, v in mem.sorted_versions():
-                        w.add(key, v[0], v[1], v[2], v[3], v[4])
-                    w.add_times(mem.times)
-                    desc = w.finish()
-                except BaseException:
-                    w.abort()
-                    raise
-                self._replace_layers(tl, [desc], [], dcl=mem.frozen_at, drop_frozen=mem)
-                flushed += 1
-                log.debug("flushed timeline %s: %s (%d bytes)", tl.id, desc.name, desc.file_size)
-        return flushed
+            flush_timeline(self, tl)
 
     def flush(self, timeline: Timeline | str | None = None) -> int:
         """Write in-memory layers to delta layer files (of one timeline, or all
@@ -718,72 +530,19 @@ class Store:
         n = 0
         for tl in tls:
             tl.freeze()
-            n += self._flush_timeline(tl)
+            n += flush_timeline(self, tl)
         return n
 
     def _loaded(self) -> list[Timeline]:
         return [t for t in list(self._timelines.values()) if t is not None and not t._deleted]
 
+    # --- maintenance -------------------------------------------------------------------
+
     def checkpoint(self) -> None:
         """Seal the log, flush what it holds to layer files, write a manifest
         snapshot and delete the sealed log segments."""
         self._check_open()
-        with self._checkpoint_mu:
-            t0 = time.monotonic()
-            new_first = self._log.rotate()
-            pinned: set[bytes] = set()
-            for first, tls in list(self._log.pins.items()):
-                if first < new_first:
-                    pinned.update(tls)
-            for tid in pinned:
-                tl = self._timelines.get(tid)
-                if tl is not None and not tl._deleted:
-                    tl.freeze()
-                    self._flush_timeline(tl)
-            self._write_snapshot(new_first)
-            removed = self._log.drop_segments_before(new_first)
-            log.info(
-                "checkpoint at LSN %d: flushed %d timelines, removed %d log segments, in %.3fs",
-                self._log.last_lsn, len(pinned), removed, time.monotonic() - t0,
-            )
-
-    def _write_snapshot(self, replay_from: int) -> None:
-        snap = self._snapshot
-        assert snap is not None
-        with self._mu:
-            entries: list[SnapshotEntry] = []
-            for tid in sorted(self._timelines):
-                tl = self._timelines[tid]
-                anc = self._ancestors.get(tid)
-                err = self._damaged.get(tid)
-                if tl is not None:
-                    meta = tl._meta.copy()
-                    meta.head_lsn = tl._head
-                elif err is not None:
-                    meta = self._meta_of(tid)  # type: ignore[assignment]
-                else:
-                    meta = self._metas.get(tid)  # type: ignore[assignment]
-                if meta is None and tid in snap.table:
-                    # not decoded, or its block is damaged: carry it over as it is
-                    _, off, length, csum = snap.table[tid]
-                    entries.append(SnapshotEntry(tid, anc, snap.buf[off : off + length],
-                                                 err is not None, csum))
-                    continue
-                assert meta is not None
-                if err is not None:
-                    meta = meta.copy()
-                    meta.damage = meta.damage or str(err)
-                entries.append(SnapshotEntry(tid, anc, encode_timeline(meta), err is not None))
-            applied = self._log.last_lsn
-            last_time = self._log.last_time_us
-        self._log.sync()  # the heads above are durable before the snapshot says so
-        chunks = encode_snapshot(applied, last_time, replay_from, entries)
-        mpath = os.path.join(self.path, MANIFEST)
-        write_atomically(self.fs, mpath, chunks)
-        self._snapshot = decode_snapshot(mpath, b"".join(chunks))
-        self._metas = {t: m for t, m in self._metas.items() if t in self._damaged}
-
-    # --- maintenance -------------------------------------------------------------------
+        _checkpoint.checkpoint(self)
 
     def compact(
         self, timeline: Timeline | str | None = None, *, force_images: bool = False,
@@ -796,7 +555,7 @@ class Store:
         out = []
         for tl in tls:
             tl.freeze()
-            self._flush_timeline(tl)
+            flush_timeline(self, tl)
             out.append(compact_timeline(self, tl, force_images, progress))
         return out
 
@@ -852,52 +611,12 @@ class Store:
 
     # --- background work ---------------------------------------------------------------
 
-    def _start_background(self) -> None:
-        self._bg = threading.Thread(target=self._background, name=f"strata-bg:{self.path}", daemon=True)
-        self._bg.start()
+    @property
+    def background_error(self) -> BaseException | None:
+        """The last error of the background thread (None: all went well)."""
+        return self._bg.error if self._bg is not None else None
 
     def _stop_background(self) -> None:
         if self._bg is not None:
-            self._bg_stop.set()
-            self._bg_wake.set()
-            self._bg.join()
+            self._bg.stop()
             self._bg = None
-
-    def _background(self) -> None:
-        """Flush frozen layers as they appear; checkpoint when the log grows;
-        every `background_interval`, compact timelines whose layers changed
-        and GC the timelines in use; every `full_gc_interval`, GC them all.
-        Timelines nobody has used since the store opened cost nothing."""
-        cfg = self.config
-        last_maint = last_full = time.monotonic()
-        while not self._bg_stop.is_set():
-            self._bg_wake.wait(cfg.background_interval)
-            self._bg_wake.clear()
-            if self._bg_stop.is_set():
-                return
-            try:
-                for tl in self._loaded():
-                    if tl._map.frozen:
-                        self._flush_timeline(tl)
-                if self._log.segment_bytes_total() > cfg.log_checkpoint_bytes:
-                    self.checkpoint()
-                now = time.monotonic()
-                if now - last_maint >= cfg.background_interval:
-                    last_maint = now
-                    for tl in self._loaded():
-                        gen = tl._layers_gen
-                        if gen != tl._compacted_gen:
-                            compact_timeline(self, tl)
-                            tl._compacted_gen = gen
-                    if now - last_full >= cfg.full_gc_interval:
-                        last_full = now
-                        self._gc_pass(list(self._timelines), skip_small=True)
-                    else:
-                        self._gc_pass([t._tid for t in self._loaded()], skip_small=True)
-            except StoreFailedError as e:
-                self.background_error = e
-                log.error("background work stopped: %s", e)
-                return
-            except Exception as e:  # keep serving; say what went wrong
-                self.background_error = e
-                log.exception("background pass failed: %s", e)

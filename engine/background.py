@@ -1,0 +1,78 @@
+"""The store's background thread: flushes, checkpoints, compaction, GC.
+
+Frozen in-memory layers are flushed as soon as they appear; a checkpoint
+runs when the log grows past `log_checkpoint_bytes`; every
+`background_interval`, timelines whose layers changed are compacted and the
+timelines in use are garbage collected; every `full_gc_interval`, all of
+them. Timelines nobody has used since the store opened cost nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from .checkpoint import flush_timeline
+from .compaction import compact_timeline
+from .errors import StoreFailedError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger("strata.engine")
+
+
+class Background:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"strata-bg:{store.path}", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        store = self._store
+        cfg = store.config
+        last_maint = last_full = time.monotonic()
+        while not self._stop.is_set():
+            self._wake.wait(cfg.background_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                for tl in store._loaded():
+                    if tl._map.frozen:
+                        flush_timeline(store, tl)
+                if store._log.segment_bytes_total() > cfg.log_checkpoint_bytes:
+                    store.checkpoint()
+                now = time.monotonic()
+                if now - last_maint >= cfg.background_interval:
+                    last_maint = now
+                    for tl in store._loaded():
+                        gen = tl._layers_gen
+                        if gen != tl._compacted_gen:
+                            compact_timeline(store, tl)
+                            tl._compacted_gen = gen
+                    if now - last_full >= cfg.full_gc_interval:
+                        last_full = now
+                        store._gc_pass(list(store._timelines), skip_small=True)
+                    else:
+                        store._gc_pass([t._tid for t in store._loaded()], skip_small=True)
+            except StoreFailedError as e:
+                self.error = e
+                log.error("background work stopped: %s", e)
+                return
+            except Exception as e:  # keep serving; say what went wrong
+                self.error = e
+                log.exception("background pass failed: %s", e)
