@@ -1,0 +1,561 @@
+"""A POSIX-style file tree over one timeline: what a compute's data directory is.
+
+`DataDir` gives inode-level operations (lookup, create, read, write,
+truncate, rename, unlink, ...) on the tree a timeline holds (see
+`pageserver.layout`). Every operation that changes the tree is one atomic
+engine commit, so the tree as of any LSN is a state it really passed
+through: branching at any LSN gives a crash-consistent data directory.
+`fsync` makes everything committed so far durable (group commit in the
+engine's log).
+
+A `DataDir` opened at a past LSN is read-only (EROFS on every change).
+
+Thread-safe: changes are serialized by one lock; reads take none (a read
+racing a write of the same bytes sees the old or the new page, as POSIX
+allows). Errors are `OSError` with the errno a file system would give.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from engine import Timeline
+
+from .layout import (
+    BUCKETS,
+    DIRECTORY,
+    FILE,
+    MAX_FILE_SIZE,
+    MAX_INODE,
+    MAX_NAME,
+    ORPHANS_KEY,
+    PAGE,
+    ROOT,
+    SUPER_KEY,
+    SYMLINK,
+    Inode,
+    bucket_of,
+    decode_bucket,
+    decode_orphans,
+    decode_super,
+    dir_key,
+    encode_bucket,
+    encode_orphans,
+    encode_super,
+    inode_key,
+    page_key,
+)
+
+_ZERO = bytes(PAGE)
+_FREE_CHUNK = 65536  # page tombstones per commit when a big file is freed
+
+Batch = dict[int, bytes | None]
+Entry = tuple[int, int]  # (inode, kind)
+
+
+def _err(code: int, what: str = "") -> OSError:
+    return OSError(code, os_strerror(code) + (f": {what}" if what else ""))
+
+
+def os_strerror(code: int) -> str:
+    import os
+
+    return os.strerror(code)
+
+
+def _check_name(name: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise _err(errno.EINVAL, repr(name))
+    if len(name) > MAX_NAME:
+        raise _err(errno.ENAMETOOLONG, repr(name[:40]))
+
+
+class DataDir:
+    def __init__(
+        self,
+        timeline: Timeline,
+        *,
+        lsn: int | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.timeline = timeline
+        self.lsn = lsn
+        self.read_only = lsn is not None
+        self._clock = clock
+        self._mu = threading.RLock()
+        self._inodes: dict[int, Inode] = {}
+        self._dirs: dict[int, list[dict[bytes, Entry]]] = {}
+        self._open: dict[int, int] = {}  # inode -> open handles
+        raw = timeline.get(SUPER_KEY, lsn)
+        if raw is None:
+            raise _err(errno.EINVAL, f"timeline {timeline.id} holds no data directory")
+        self._next_ino = decode_super(raw)
+        raw = timeline.get(ORPHANS_KEY, lsn)
+        self._orphans: set[int] = decode_orphans(raw) if raw is not None else set()
+        if self._orphans and not self.read_only:
+            self._free_orphans()  # unlinked while open when the last user went away
+
+    # --- formatting -------------------------------------------------------------
+
+    @staticmethod
+    def format(timeline: Timeline, *, uid: int, gid: int, mode: int = 0o700,
+               clock: Callable[[], int] = time.time_ns) -> None:
+        """Put an empty tree (just the root directory) in a new timeline."""
+        if timeline.get(SUPER_KEY) is not None:
+            raise _err(errno.EEXIST, f"timeline {timeline.id} already holds a data directory")
+        now = clock()
+        root = Inode(DIRECTORY, mode & 0o7777, uid, gid, 2, 0, now, now)
+        timeline.commit({SUPER_KEY: encode_super(ROOT + 1), inode_key(ROOT): root.encode()}, durable=True)
+
+    # --- helpers ----------------------------------------------------------------
+
+    def _get(self, key: int) -> bytes | None:
+        return self.timeline.get(key, self.lsn)
+
+    def _commit(self, batch: Batch) -> None:
+        if self.read_only:
+            raise _err(errno.EROFS)
+        self.timeline.commit(batch)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise _err(errno.EROFS)
+
+    def inode(self, ino: int) -> Inode:
+        node = self._inodes.get(ino)
+        if node is None:
+            raw = self._get(inode_key(ino)) if 0 < ino <= MAX_INODE else None
+            if raw is None:
+                raise _err(errno.ENOENT, f"inode {ino}")
+            node = self._inodes[ino] = Inode.decode(raw)
+        return node
+
+    def _dir(self, ino: int) -> list[dict[bytes, Entry]]:
+        buckets = self._dirs.get(ino)
+        if buckets is None:
+            if self.inode(ino).kind != DIRECTORY:
+                raise _err(errno.ENOTDIR, f"inode {ino}")
+            buckets = [{} for _ in range(BUCKETS)]
+            first, last = dir_key(ino, 0), dir_key(ino, BUCKETS - 1)
+            for key, raw in self.timeline.scan(self.lsn, first, last):
+                buckets[key - first] = decode_bucket(raw)
+            self._dirs[ino] = buckets
+        return buckets
+
+    def _new_ino(self, batch: Batch) -> int:
+        ino = self._next_ino
+        if ino > MAX_INODE:
+            raise _err(errno.ENOSPC, "out of inode numbers")
+        batch[SUPER_KEY] = encode_super(ino + 1)
+        return ino
+
+    def _touch(self, node: Inode) -> Inode:
+        now = self._clock()
+        return Inode(node.kind, node.mode, node.uid, node.gid, node.nlink, node.size, now, now, node.target)
+
+    def _put_entry(self, batch: Batch, buckets: dict[tuple[int, int], dict[bytes, Entry]], parent: int,
+                   name: bytes, entry: Entry | None) -> None:
+        """Stage adding (or, with None, removing) a directory entry."""
+        b = bucket_of(name)
+        key = (parent, b)
+        if key not in buckets:
+            buckets[key] = dict(self._dir(parent)[b])
+        if entry is None:
+            buckets[key].pop(name, None)
+        else:
+            buckets[key][name] = entry
+        raw = encode_bucket(buckets[key])
+        if len(raw) > 60 * 1024:
+            raise _err(errno.ENOSPC, "directory bucket full")
+        batch[dir_key(parent, b)] = raw if buckets[key] else None
+
+    def _apply_entries(self, buckets: dict[tuple[int, int], dict[bytes, Entry]]) -> None:
+        for (parent, b), entries in buckets.items():
+            self._dir(parent)[b] = entries
+
+    # --- lookups ------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> int:
+        entry = self._dir(parent)[bucket_of(name)].get(name)
+        if entry is None:
+            raise _err(errno.ENOENT, name.decode(errors="replace"))
+        return entry[0]
+
+    def resolve(self, path: str) -> int:
+        """The inode of a path relative to the root ("" or "/" is the root)."""
+        ino = ROOT
+        for part in path.split("/"):
+            if part:
+                ino = self.lookup(ino, part.encode())
+        return ino
+
+    def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
+        out = [(name, e[0], e[1]) for bucket in self._dir(ino) for name, e in bucket.items()]
+        return sorted(out)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.inode(ino)
+        if node.kind != SYMLINK:
+            raise _err(errno.EINVAL, "not a symlink")
+        return node.target
+
+    # --- data -----------------------------------------------------------------------
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        node = self.inode(ino)
+        if node.kind == DIRECTORY:
+            raise _err(errno.EISDIR)
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        first, last = offset // PAGE, (end - 1) // PAGE
+        get = self.timeline.get
+        lsn = self.lsn
+        parts = []
+        for block in range(first, last + 1):
+            parts.append(get(page_key(ino, block), lsn) or _ZERO)
+        data = b"".join(parts) if len(parts) > 1 else parts[0]
+        start = offset - first * PAGE
+        return data[start : start + (end - offset)]
+
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        self._writable()
+        n = len(data)
+        if n == 0:
+            return 0
+        end = offset + n
+        if offset < 0 or end > MAX_FILE_SIZE:
+            raise _err(errno.EFBIG)
+        with self._mu:
+            node = self.inode(ino)
+            if node.kind != FILE:
+                raise _err(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
+            old_pages = (node.size + PAGE - 1) // PAGE
+            batch: Batch = {}
+            view = memoryview(data)
+            block = offset // PAGE
+            pos = 0
+            while pos < n:
+                start = (offset + pos) % PAGE
+                take = min(PAGE - start, n - pos)
+                chunk = view[pos : pos + take]
+                if take == PAGE:
+                    page = bytes(chunk)
+                else:
+                    old = self._get(page_key(ino, block)) if block < old_pages else None
+                    buf = bytearray(old or _ZERO)
+                    buf[start : start + take] = chunk
+                    page = bytes(buf)
+                if page != _ZERO:
+                    batch[page_key(ino, block)] = page
+                elif block < old_pages:
+                    batch[page_key(ino, block)] = None  # zeros are holes
+                pos += take
+                block += 1
+            new = self._touch(node)
+            new.size = max(node.size, end)
+            batch[inode_key(ino)] = new.encode()
+            self._commit(batch)
+            self._inodes[ino] = new
+        return n
+
+    def truncate(self, ino: int, size: int) -> None:
+        self._writable()
+        if size < 0 or size > MAX_FILE_SIZE:
+            raise _err(errno.EFBIG if size > 0 else errno.EINVAL)
+        with self._mu:
+            node = self.inode(ino)
+            if node.kind != FILE:
+                raise _err(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
+            batch: Batch = {}
+            if size < node.size:
+                old_pages = (node.size + PAGE - 1) // PAGE
+                keep = (size + PAGE - 1) // PAGE
+                chunks = list(range(keep, old_pages))
+                if size % PAGE:  # zero the tail of the last page that stays
+                    page = self._get(page_key(ino, size // PAGE))
+                    if page is not None:
+                        tail = page[: size % PAGE] + bytes(PAGE - size % PAGE)
+                        batch[page_key(ino, size // PAGE)] = tail if tail != _ZERO else None
+                # a huge shrink: drop pages in several commits, the size first
+                for block in chunks[:_FREE_CHUNK]:
+                    batch[page_key(ino, block)] = None
+                rest = chunks[_FREE_CHUNK:]
+            else:
+                rest = []
+            new = self._touch(node)
+            new.size = size
+            batch[inode_key(ino)] = new.encode()
+            self._commit(batch)
+            self._inodes[ino] = new
+            for i in range(0, len(rest), _FREE_CHUNK):
+                self._commit({page_key(ino, b): None for b in rest[i : i + _FREE_CHUNK]})
+
+    def fsync(self) -> None:
+        """Everything committed so far is durable when this returns."""
+        if not self.read_only:
+            self.timeline.sync()
+
+    # --- attributes ---------------------------------------------------------------------
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, mtime_ns: int | None = None) -> Inode:
+        self._writable()
+        with self._mu:
+            node = self.inode(ino)
+            new = Inode(node.kind, node.mode, node.uid, node.gid, node.nlink, node.size,
+                        node.mtime_ns, self._clock(), node.target)
+            if mode is not None:
+                new.mode = mode & 0o7777
+            if uid is not None and uid != -1 and uid != 0xFFFFFFFF:
+                new.uid = uid
+            if gid is not None and gid != -1 and gid != 0xFFFFFFFF:
+                new.gid = gid
+            if mtime_ns is not None:
+                new.mtime_ns = mtime_ns
+            self._commit({inode_key(ino): new.encode()})
+            self._inodes[ino] = new
+            return new
+
+    # --- namespace ----------------------------------------------------------------------
+
+    def _make(self, parent: int, name: bytes, kind: int, mode: int, uid: int, gid: int,
+              target: bytes = b"") -> int:
+        self._writable()
+        _check_name(name)
+        with self._mu:
+            pnode = self.inode(parent)
+            if pnode.kind != DIRECTORY:
+                raise _err(errno.ENOTDIR)
+            if name in self._dir(parent)[bucket_of(name)]:
+                raise _err(errno.EEXIST, name.decode(errors="replace"))
+            batch: Batch = {}
+            ino = self._new_ino(batch)
+            now = self._clock()
+            node = Inode(kind, mode & 0o7777, uid, gid, 2 if kind == DIRECTORY else 1,
+                         len(target) if kind == SYMLINK else 0, now, now, target)
+            batch[inode_key(ino)] = node.encode()
+            staged: dict[tuple[int, int], dict[bytes, Entry]] = {}
+            self._put_entry(batch, staged, parent, name, (ino, kind))
+            pnew = self._touch(pnode)
+            if kind == DIRECTORY:
+                pnew.nlink += 1
+            batch[inode_key(parent)] = pnew.encode()
+            self._commit(batch)
+            self._next_ino = ino + 1
+            self._inodes[ino] = node
+            self._inodes[parent] = pnew
+            self._apply_entries(staged)
+            if kind == DIRECTORY:
+                self._dirs[ino] = [{} for _ in range(BUCKETS)]
+            return ino
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> int:
+        return self._make(parent, name, FILE, mode, uid, gid)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> int:
+        return self._make(parent, name, DIRECTORY, mode, uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> int:
+        if not target or len(target) > 4096:
+            raise _err(errno.EINVAL, "symlink target")
+        return self._make(parent, name, SYMLINK, 0o777, uid, gid, target)
+
+    def _drop(self, batch: Batch, ino: int, node: Inode) -> list[int]:
+        """Stage removing the last link to `ino`. Returns blocks to free after
+        the commit (none if the file is still open: it becomes an orphan)."""
+        if self._open.get(ino):
+            self._orphans.add(ino)
+            batch[ORPHANS_KEY] = encode_orphans(self._orphans)
+            new = self._touch(node)
+            new.nlink = 0
+            batch[inode_key(ino)] = new.encode()
+            return []
+        batch[inode_key(ino)] = None
+        if node.kind != FILE:
+            return []
+        pages = (node.size + PAGE - 1) // PAGE
+        for block in range(min(pages, _FREE_CHUNK)):
+            batch[page_key(ino, block)] = None
+        return list(range(_FREE_CHUNK, pages))
+
+    def _free_later(self, ino: int, blocks: list[int]) -> None:
+        for i in range(0, len(blocks), _FREE_CHUNK):
+            self._commit({page_key(ino, b): None for b in blocks[i : i + _FREE_CHUNK]})
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._writable()
+        with self._mu:
+            ino = self.lookup(parent, name)
+            node = self.inode(ino)
+            if node.kind == DIRECTORY:
+                raise _err(errno.EISDIR, name.decode(errors="replace"))
+            batch: Batch = {}
+            staged: dict[tuple[int, int], dict[bytes, Entry]] = {}
+            self._put_entry(batch, staged, parent, name, None)
+            batch[inode_key(parent)] = self._touch(self.inode(parent)).encode()
+            later = self._drop(batch, ino, node)
+            self._commit(batch)
+            self._after_drop(ino, batch)
+            self._inodes[parent] = Inode.decode(batch[inode_key(parent)])  # type: ignore[arg-type]
+            self._apply_entries(staged)
+            self._free_later(ino, later)
+
+    def _after_drop(self, ino: int, batch: Batch) -> None:
+        raw = batch.get(inode_key(ino))
+        if raw is None:
+            self._inodes.pop(ino, None)
+            self._dirs.pop(ino, None)
+        else:
+            self._inodes[ino] = Inode.decode(raw)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._writable()
+        with self._mu:
+            ino = self.lookup(parent, name)
+            node = self.inode(ino)
+            if node.kind != DIRECTORY:
+                raise _err(errno.ENOTDIR, name.decode(errors="replace"))
+            if any(self._dir(ino)):
+                raise _err(errno.ENOTEMPTY, name.decode(errors="replace"))
+            batch: Batch = {}
+            staged: dict[tuple[int, int], dict[bytes, Entry]] = {}
+            self._put_entry(batch, staged, parent, name, None)
+            pnew = self._touch(self.inode(parent))
+            pnew.nlink -= 1
+            batch[inode_key(parent)] = pnew.encode()
+            batch[inode_key(ino)] = None
+            self._commit(batch)
+            self._inodes[parent] = pnew
+            self._inodes.pop(ino, None)
+            self._dirs.pop(ino, None)
+            self._apply_entries(staged)
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               *, noreplace: bool = False, exchange: bool = False) -> None:
+        self._writable()
+        _check_name(new_name)
+        with self._mu:
+            src = self.lookup(old_parent, old_name)
+            snode = self.inode(src)
+            if self.inode(new_parent).kind != DIRECTORY:
+                raise _err(errno.ENOTDIR)
+            if snode.kind == DIRECTORY and self._is_within(new_parent, src):
+                raise _err(errno.EINVAL, "cannot move a directory into itself")
+            dst_entry = self._dir(new_parent)[bucket_of(new_name)].get(new_name)
+            if (old_parent, old_name) == (new_parent, new_name):
+                return
+            if (
+                dst_entry is not None
+                and dst_entry[1] == DIRECTORY
+                and dst_entry[0] != src
+                and self._is_within(old_parent, dst_entry[0])
+            ):
+                raise _err(errno.ENOTEMPTY, "the target is an ancestor of the source")
+            if dst_entry is not None and noreplace:
+                raise _err(errno.EEXIST, new_name.decode(errors="replace"))
+            if dst_entry is None and exchange:
+                raise _err(errno.ENOENT, new_name.decode(errors="replace"))
+            batch: Batch = {}
+            staged: dict[tuple[int, int], dict[bytes, Entry]] = {}
+            later: list[int] = []
+            dst = dst_entry[0] if dst_entry else None
+            if exchange:
+                assert dst_entry is not None
+                self._put_entry(batch, staged, old_parent, old_name, dst_entry)
+                self._put_entry(batch, staged, new_parent, new_name, (src, snode.kind))
+                dst = None
+            else:
+                if dst is not None:
+                    dnode = self.inode(dst)
+                    if dnode.kind == DIRECTORY:
+                        if snode.kind != DIRECTORY:
+                            raise _err(errno.EISDIR, new_name.decode(errors="replace"))
+                        if any(self._dir(dst)):
+                            raise _err(errno.ENOTEMPTY, new_name.decode(errors="replace"))
+                    elif snode.kind == DIRECTORY:
+                        raise _err(errno.ENOTDIR, new_name.decode(errors="replace"))
+                self._put_entry(batch, staged, old_parent, old_name, None)
+                self._put_entry(batch, staged, new_parent, new_name, (src, snode.kind))
+            parents = {old_parent: self._touch(self.inode(old_parent))}
+            if new_parent != old_parent:
+                parents[new_parent] = self._touch(self.inode(new_parent))
+            if snode.kind == DIRECTORY and new_parent != old_parent and not exchange:
+                parents[old_parent].nlink -= 1
+                parents[new_parent].nlink += 1
+            if dst is not None:
+                dnode = self.inode(dst)
+                if dnode.kind == DIRECTORY:
+                    parents[new_parent].nlink -= 1
+                    batch[inode_key(dst)] = None
+                else:
+                    later = self._drop(batch, dst, dnode)
+            for p, pnode in parents.items():
+                batch[inode_key(p)] = pnode.encode()
+            self._commit(batch)
+            self._inodes.update(parents)
+            if dst is not None:
+                self._after_drop(dst, batch)
+            self._apply_entries(staged)
+            if dst is not None:
+                self._free_later(dst, later)
+
+    def _is_within(self, ino: int, ancestor: int) -> bool:
+        """Is directory `ino` equal to or below `ancestor`? (Walks down from
+        `ancestor`; directories are small in a data directory.)"""
+        if ino == ancestor:
+            return True
+        stack = [ancestor]
+        while stack:
+            d = stack.pop()
+            for _, child, kind in self.readdir(d):
+                if kind == DIRECTORY:
+                    if child == ino:
+                        return True
+                    stack.append(child)
+        return False
+
+    # --- open files -------------------------------------------------------------------
+
+    def opened(self, ino: int) -> None:
+        with self._mu:
+            self.inode(ino)
+            self._open[ino] = self._open.get(ino, 0) + 1
+
+    def released(self, ino: int) -> None:
+        with self._mu:
+            n = self._open.get(ino, 0) - 1
+            if n > 0:
+                self._open[ino] = n
+                return
+            self._open.pop(ino, None)
+            if ino in self._orphans and not self.read_only:
+                self._free_orphan(ino)
+
+    def _free_orphan(self, ino: int) -> None:
+        node = self.inode(ino)
+        self._orphans.discard(ino)
+        batch: Batch = {ORPHANS_KEY: encode_orphans(self._orphans) if self._orphans else None}
+        later = self._drop(batch, ino, node)
+        self._commit(batch)
+        self._inodes.pop(ino, None)
+        self._free_later(ino, later)
+
+    def _free_orphans(self) -> None:
+        with self._mu:
+            for ino in sorted(self._orphans):
+                self._free_orphan(ino)
+
+    # --- walking --------------------------------------------------------------------------
+
+    def walk(self, ino: int = ROOT, prefix: str = "") -> Iterator[tuple[str, int, Inode]]:
+        """Every (relative path, inode, attributes) below `ino`, parents first."""
+        for name, child, _ in self.readdir(ino):
+            path = prefix + name.decode("utf-8", "surrogateescape")
+            node = self.inode(child)
+            yield path, child, node
+            if node.kind == DIRECTORY:
+                yield from self.walk(child, path + "/")

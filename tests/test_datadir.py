@@ -1,0 +1,253 @@
+"""The file tree over a timeline against the real thing: a local directory.
+
+A Hypothesis state machine does the same operations on a `DataDir` and on a
+temporary directory of the local file system and compares every file's
+bytes, size and every listing; it also records the tree at LSNs and checks
+that a read-only `DataDir` at each LSN, and a branch made there, show
+exactly that tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from engine import Store
+from engine.faultfs import FaultFileSystem
+from pageserver.datadir import DataDir
+from pageserver.layout import DIRECTORY, PAGE, ROOT, SYMLINK
+
+from .conftest import SMALL
+
+NAMES = st.sampled_from(["a", "b", "c", "pg_wal", "16384", "x.tmp"])
+OFFSETS = st.one_of(st.integers(0, 3 * PAGE), st.sampled_from([PAGE - 1, PAGE, 2 * PAGE + 5, 40 * PAGE]))
+DATA = st.one_of(
+    st.binary(min_size=1, max_size=3 * PAGE),
+    st.integers(1, 2 * PAGE).map(bytes),  # zeros: holes
+)
+
+
+def snapshot_local(root: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        rel = "" if rel == "." else rel + "/"
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            out[rel + d] = ("link", os.readlink(p)) if os.path.islink(p) else "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if os.path.islink(p):
+                out[rel + f] = ("link", os.readlink(p))
+            else:
+                with open(p, "rb") as fh:
+                    out[rel + f] = fh.read()
+    return out
+
+
+def snapshot_dd(dd: DataDir) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for path, ino, node in dd.walk():
+        if node.kind == DIRECTORY:
+            out[path] = "dir"
+        elif node.kind == SYMLINK:
+            out[path] = ("link", node.target.decode())
+        else:
+            out[path] = dd.read(ino, 0, node.size + 10)
+            assert len(out[path]) == node.size  # type: ignore[arg-type]
+    return out
+
+
+class DataDirMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fs = FaultFileSystem()
+        self.store = Store.open("/s", fs=self.fs, config=SMALL, background=False)
+        self.tl = self.store.create_timeline()
+        DataDir.format(self.tl, uid=0, gid=0)
+        self.dd = DataDir(self.tl)
+        self.local = tempfile.mkdtemp(prefix="dd-model-")
+        self.points: list[tuple[int, dict[str, object]]] = []
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.store.close()
+
+    # paths that exist, by kind
+    def entries(self, kind: str) -> list[str]:
+        snap = snapshot_local(self.local)
+        if kind == "dir":
+            return [""] + sorted(p for p, v in snap.items() if v == "dir")
+        if kind == "file":
+            return sorted(p for p, v in snap.items() if isinstance(v, bytes))
+        return sorted(p for p in snap)
+
+    def both(self, local_op, dd_op) -> None:
+        """Run an operation on both; they must fail alike or succeed alike."""
+        try:
+            local_op()
+        except OSError as e:
+            with pytest.raises(OSError) as got:
+                dd_op()
+            assert got.value.errno == e.errno, (got.value, e)
+            return
+        dd_op()
+
+    def split(self, path: str) -> tuple[int, bytes]:
+        parent, _, name = path.rpartition("/")
+        return self.dd.resolve(parent), name.encode()
+
+    @rule(data=st.data(), name=NAMES)
+    def create(self, data, name) -> None:
+        d = data.draw(st.sampled_from(self.entries("dir")))
+        path = f"{d}/{name}" if d else name
+
+        def local():
+            fd = os.open(os.path.join(self.local, path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.close(fd)
+
+        self.both(local, lambda: self.dd.create(*self.split(path), 0o600, 0, 0))
+
+    @rule(data=st.data(), name=NAMES)
+    def mkdir(self, data, name) -> None:
+        d = data.draw(st.sampled_from(self.entries("dir")))
+        path = f"{d}/{name}" if d else name
+        self.both(lambda: os.mkdir(os.path.join(self.local, path), 0o700),
+                  lambda: self.dd.mkdir(*self.split(path), 0o700, 0, 0))
+
+    @rule(data=st.data(), name=NAMES)
+    def symlink(self, data, name) -> None:
+        d = data.draw(st.sampled_from(self.entries("dir")))
+        path = f"{d}/{name}" if d else name
+        self.both(lambda: os.symlink("../target", os.path.join(self.local, path)),
+                  lambda: self.dd.symlink(*self.split(path), b"../target", 0, 0))
+
+    @precondition(lambda self: self.entries("file"))
+    @rule(data=st.data(), offset=OFFSETS, payload=DATA)
+    def write(self, data, offset, payload) -> None:
+        path = data.draw(st.sampled_from(self.entries("file")))
+        with open(os.path.join(self.local, path), "r+b") as f:
+            f.seek(offset)
+            f.write(payload)
+        assert self.dd.write(self.dd.resolve(path), offset, payload) == len(payload)
+
+    @precondition(lambda self: self.entries("file"))
+    @rule(data=st.data(), size=OFFSETS)
+    def truncate(self, data, size) -> None:
+        path = data.draw(st.sampled_from(self.entries("file")))
+        os.truncate(os.path.join(self.local, path), size)
+        self.dd.truncate(self.dd.resolve(path), size)
+
+    @precondition(lambda self: self.entries("file"))
+    @rule(data=st.data(), offset=OFFSETS, size=st.integers(0, 3 * PAGE))
+    def read(self, data, offset, size) -> None:
+        path = data.draw(st.sampled_from(self.entries("file")))
+        with open(os.path.join(self.local, path), "rb") as f:
+            f.seek(offset)
+            want = f.read(size)
+        assert self.dd.read(self.dd.resolve(path), offset, size) == want
+
+    @precondition(lambda self: self.entries("any"))
+    @rule(data=st.data())
+    def unlink(self, data) -> None:
+        path = data.draw(st.sampled_from(self.entries("any")))
+        self.both(lambda: os.unlink(os.path.join(self.local, path)),
+                  lambda: self.dd.unlink(*self.split(path)))
+
+    @precondition(lambda self: self.entries("dir")[1:])
+    @rule(data=st.data())
+    def rmdir(self, data) -> None:
+        path = data.draw(st.sampled_from(self.entries("dir")[1:]))
+        self.both(lambda: os.rmdir(os.path.join(self.local, path)),
+                  lambda: self.dd.rmdir(*self.split(path)))
+
+    @precondition(lambda self: self.entries("any"))
+    @rule(data=st.data(), name=NAMES)
+    def rename(self, data, name) -> None:
+        src = data.draw(st.sampled_from(self.entries("any")))
+        d = data.draw(st.sampled_from(self.entries("dir")))
+        dst = f"{d}/{name}" if d else name
+        self.both(lambda: os.rename(os.path.join(self.local, src), os.path.join(self.local, dst)),
+                  lambda: self.dd.rename(*self.split(src), *self.split(dst)))
+
+    @precondition(lambda self: self.entries("file"))
+    @rule(data=st.data())
+    def unlink_while_open(self, data) -> None:
+        path = data.draw(st.sampled_from(self.entries("file")))
+        ino = self.dd.resolve(path)
+        self.dd.opened(ino)
+        with open(os.path.join(self.local, path), "rb") as f:
+            want = f.read()
+        os.unlink(os.path.join(self.local, path))
+        self.dd.unlink(*self.split(path))
+        assert self.dd.read(ino, 0, len(want) + 1) == want  # still readable while open
+        self.dd.released(ino)
+        with pytest.raises(OSError) as e:
+            self.dd.inode(ino)
+        assert e.value.errno == errno.ENOENT
+
+    @rule()
+    def remember(self) -> None:
+        self.points.append((self.tl.head_lsn, snapshot_local(self.local)))
+
+    @rule()
+    def remount(self) -> None:
+        self.dd = DataDir(self.tl)
+
+    @invariant()
+    def same_tree(self) -> None:
+        assert snapshot_dd(self.dd) == snapshot_local(self.local)
+
+    def teardown_check(self) -> None:
+        pass
+
+    @precondition(lambda self: self.points)
+    @rule(data=st.data())
+    def past_states(self, data) -> None:
+        lsn, snap = data.draw(st.sampled_from(self.points))
+        assert snapshot_dd(DataDir(self.tl, lsn=lsn)) == snap
+        child = self.store.branch(self.tl, at_lsn=lsn)
+        assert snapshot_dd(DataDir(child)) == snap
+        self.store.delete_timeline(child)
+
+
+DataDirMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("DATADIR_EXAMPLES", 200)), stateful_step_count=40, deadline=None
+)
+test_datadir_against_local_fs = DataDirMachine.TestCase
+
+
+def test_read_only_datadir_refuses_changes():
+    with Store.open("/s", fs=FaultFileSystem(), background=False) as store:
+        tl = store.create_timeline()
+        DataDir.format(tl, uid=0, gid=0)
+        dd = DataDir(tl)
+        ino = dd.create(ROOT, b"f", 0o600, 0, 0)
+        dd.write(ino, 0, b"hello")
+        ro = DataDir(tl, lsn=tl.head_lsn)
+        for op in (lambda: ro.write(ino, 0, b"x"), lambda: ro.create(ROOT, b"g", 0o600, 0, 0),
+                   lambda: ro.truncate(ino, 0), lambda: ro.unlink(ROOT, b"f")):
+            with pytest.raises(OSError) as e:
+                op()
+            assert e.value.errno == errno.EROFS
+        assert ro.read(ino, 0, 10) == b"hello"
+
+
+def test_zero_pages_are_holes_and_cost_nothing():
+    with Store.open("/s", fs=FaultFileSystem(), background=False) as store:
+        tl = store.create_timeline()
+        DataDir.format(tl, uid=0, gid=0)
+        dd = DataDir(tl)
+        ino = dd.create(ROOT, b"wal", 0o600, 0, 0)
+        dd.write(ino, 0, bytes(16 * 1024 * 1024))  # a preallocated WAL segment
+        assert dd.inode(ino).size == 16 * 1024 * 1024
+        assert dd.read(ino, 5 * PAGE, 3) == b"\0\0\0"
+        store.flush()
+        assert tl.usage().physical_size < 64 * 1024
