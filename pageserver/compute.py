@@ -1,0 +1,251 @@
+"""Computes: stock `postgres` processes running on attached branches.
+
+A compute owns nothing but a process: its data directory is an attachment
+of the page server's FUSE mount, its compute-local files and its Unix socket
+live in a run directory that is removed when it stops. Starting picks a free
+loopback port, starts `postgres` (as the `postgres` OS user when the server
+runs as root) in a session of its own, and waits until postmaster.pid says
+it is ready. Stopping is a fast shutdown; then the process group is gone.
+
+A compute's state file (run/computes/<id>/state.json) records its process
+group, so that a page server killed with its computes running finds and
+ends them when it starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import ComputeError
+
+log = logging.getLogger("strata.compute")
+
+READY = "ready"
+
+
+def pg_bindir() -> str:
+    env = os.environ.get("STRATA_PG_BINDIR")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+        path = out.stdout.strip()
+        if os.path.exists(os.path.join(path, "postgres")):
+            return path
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    for v in ("17", "16", "15"):
+        path = f"/usr/lib/postgresql/{v}/bin"
+        if os.path.exists(os.path.join(path, "postgres")):
+            return path
+    raise ComputeError("-", "cannot find the PostgreSQL server binaries (set STRATA_PG_BINDIR)")
+
+
+def run_as() -> tuple[str | None, int, int]:
+    """(user name to switch to or None, uid, gid) for postgres processes."""
+    if os.geteuid() != 0:
+        return None, os.getuid(), os.getgid()
+    pw = pwd.getpwnam(os.environ.get("STRATA_PG_USER", "postgres"))
+    return pw.pw_name, pw.pw_uid, pw.pw_gid
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+@dataclass
+class Compute:
+    id: str
+    timeline_id: str
+    pgdata: str  # the attachment, on the FUSE mount
+    rundir: str  # run/computes/<id>: local files, socket, log, state
+    port: int
+    password: str
+    read_only: bool
+    lsn: int | None = None  # for a read-only compute: the LSN it shows
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    start_seconds: float = 0.0
+    stopping: bool = False
+    on_exit: Callable[[Compute, int], None] | None = None
+    _watch: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def local_root(self) -> str:
+        return os.path.join(self.rundir, "local")
+
+    @property
+    def socket_dir(self) -> str:
+        return os.path.join(self.rundir, "sock")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.rundir, "postgres.log")
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def uri(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql://{user}:{self.password}@127.0.0.1:{self.port}/{dbname}"
+
+    def local_conninfo(self, dbname: str = "postgres") -> str:
+        """Connection through the private Unix socket (trusted; for the server)."""
+        return f"host={self.socket_dir} port={self.port} dbname={dbname} user=postgres"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def start(self, extra: list[str], timeout: float = 120.0) -> None:
+        user, uid, gid = run_as()
+        os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
+        os.chown(self.socket_dir, uid, gid)
+        args = [
+            os.path.join(pg_bindir(), "postgres"), "-D", self.pgdata, "-p", str(self.port),
+            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.socket_dir}",
+            "-c", "unix_socket_permissions=0700", "-c", "logging_collector=off",
+        ] + extra
+        if self.read_only:
+            args += ["-c", "default_transaction_read_only=on"]
+        t0 = time.monotonic()
+        logf = open(self.log_path, "ab")
+        try:
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True, user=user, group=gid if user else None,
+                extra_groups=[] if user else None, cwd="/",
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+            )
+        finally:
+            logf.close()
+        self.write_state()
+        self.started_at = time.time()
+        pidfile = os.path.join(self.local_root, "postmaster.pid")
+        deadline = t0 + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise ComputeError(self.id, f"postgres exited with {self.process.returncode} while starting",
+                                   self.log_tail())
+            if _pidfile_ready(pidfile):
+                break
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ComputeError(self.id, f"postgres not ready after {timeout:.0f} s", self.log_tail())
+            time.sleep(0.002)
+        self.start_seconds = time.monotonic() - t0
+        self._watch = threading.Thread(target=self._watcher, name=f"compute-{self.id}", daemon=True)
+        self._watch.start()
+
+    def _watcher(self) -> None:
+        assert self.process is not None
+        code = self.process.wait()
+        if not self.stopping:
+            log.error("compute %s (timeline %s) exited unexpectedly with %s", self.id, self.timeline_id, code)
+        if self.on_exit is not None:
+            self.on_exit(self, code)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Fast shutdown; then nothing of the compute's processes is left."""
+        self.stopping = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("compute %s did not stop in %.0f s: killing it", self.id, timeout)
+        self.kill()
+        if self._watch is not None and self._watch is not threading.current_thread():
+            self._watch.join(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group (postmaster and backends)."""
+        if self.process is None:
+            return
+        kill_group(self.process.pid)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def write_state(self) -> None:
+        state = {"id": self.id, "timeline": self.timeline_id, "pid": self.pid, "port": self.port}
+        tmp = os.path.join(self.rundir, "state.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.rename(tmp, os.path.join(self.rundir, "state.json"))
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def _pidfile_ready(path: str) -> bool:
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return False
+    return len(lines) > 7 and lines[7].strip() == READY
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a compute's process group, if it is still ours (a postgres)."""
+    try:
+        with open(f"/proc/{pgid}/cmdline", "rb") as f:
+            if b"postgres" not in f.read():
+                return  # the pid was reused by something else
+    except OSError:
+        pass  # the leader is gone; its group may not be
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        log.warning("cannot kill process group %d", pgid)
+
+
+def reap_stale(computes_dir: str) -> int:
+    """End the computes a killed page server left running. Returns how many."""
+    n = 0
+    if not os.path.isdir(computes_dir):
+        return 0
+    for cid in os.listdir(computes_dir):
+        state = os.path.join(computes_dir, cid, "state.json")
+        try:
+            with open(state) as f:
+                pid = json.load(f).get("pid")
+        except (OSError, ValueError):
+            pid = None
+        if pid:
+            kill_group(int(pid))
+            n += 1
+            log.warning("ended compute %s (process group %s) left by an earlier page server", cid, pid)
+        shutil.rmtree(os.path.join(computes_dir, cid), ignore_errors=True)
+    return n

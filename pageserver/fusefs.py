@@ -1,0 +1,579 @@
+"""The FUSE file system that serves branches as PostgreSQL data directories.
+
+One mount per page server. Its root lists *attachments*: each is a
+directory `<mount>/<name>` that serves one `DataDir` (a timeline at its head,
+or read-only at a past LSN). A compute's data directory is its attachment.
+
+Compute-local files never travel to a branch: `postmaster.pid`,
+`postmaster.opts`, the directories PostgreSQL empties or rebuilds at start
+(`pg_dynshmem`, `pg_notify`, `pg_serial`, `pg_snapshots`, `pg_stat_tmp`,
+`pg_subtrans`, `pg_replslot`), temporary files (`pgsql_tmp*`) and relcache
+init files (`pg_internal.init`). They live in the attachment's local
+directory and are passed through to it, much as `pg_basebackup` leaves them
+out of a backup.
+
+Kernel settings, from measurements of this design: the writeback cache (the
+kernel gathers writes and sends them at fsync or writeback), long attribute
+and entry timeouts (every change comes through this one mount, so the
+kernel's caches stay right), `hard_remove` (a file unlinked while open stays
+readable through its handle), and no `auto_inval_data` (which would drop the
+kernel's cached pages at every mtime change).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import mfusepy
+
+from .datadir import DataDir
+from .layout import DIRECTORY, FILE, ROOT, SYMLINK, Inode
+
+log = logging.getLogger("strata.fuse")
+
+LOCAL_TOP = frozenset({
+    "postmaster.pid", "postmaster.opts", "pg_dynshmem", "pg_notify", "pg_serial",
+    "pg_snapshots", "pg_stat_tmp", "pg_subtrans", "pg_replslot",
+})
+LOCAL_DIRS = sorted(n for n in LOCAL_TOP if n.startswith("pg_"))
+
+FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+_TYPE = {FILE: stat.S_IFREG, DIRECTORY: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}
+TIMEOUT = 3600.0
+
+
+def is_local(rel: str) -> bool:
+    """Is this path (relative to a data directory) compute-local?"""
+    parts = rel.split("/")
+    if parts[0] in LOCAL_TOP:
+        return True
+    return any(p.startswith("pgsql_tmp") for p in parts) or parts[-1] == "pg_internal.init"
+
+
+@dataclass
+class Attachment:
+    name: str
+    slot: int
+    datadir: DataDir
+    local_root: str
+    uid: int
+    gid: int
+    handles: int = 0
+    dead: bool = False
+
+
+@dataclass
+class _Handle:
+    att: Attachment
+    ino: int = 0  # a DataDir file
+    fd: int = -1  # or a local file
+
+
+@dataclass
+class _Table:
+    attachments: dict[str, Attachment] = field(default_factory=dict)
+    handles: dict[int, _Handle] = field(default_factory=dict)
+    dirs: dict[int, str] = field(default_factory=dict)  # open directory handles -> path
+    next_fh: int = 1
+    next_slot: int = 1
+
+
+class StrataFS(mfusepy.Operations):
+    """Operations of the mount (thread-safe: libfuse calls from many threads)."""
+
+    use_ns = True
+    flag_nullpath_ok = True
+    flag_nopath = True
+
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self._t = _Table()
+        self.ready = threading.Event()
+
+    # --- attachments ------------------------------------------------------------
+
+    def attach(self, name: str, datadir: DataDir, local_root: str, uid: int, gid: int) -> Attachment:
+        with self._mu:
+            if name in self._t.attachments:
+                raise FileExistsError(errno.EEXIST, f"attachment {name} exists")
+            os.makedirs(local_root, mode=0o700, exist_ok=True)
+            os.chown(local_root, uid, gid)
+            for d in LOCAL_DIRS:
+                p = os.path.join(local_root, d)
+                os.makedirs(p, mode=0o700, exist_ok=True)
+                os.chown(p, uid, gid)
+            att = Attachment(name, self._t.next_slot, datadir, local_root, uid, gid)
+            self._t.next_slot += 1
+            self._t.attachments[name] = att
+            return att
+
+    def detach(self, name: str) -> Attachment | None:
+        with self._mu:
+            att = self._t.attachments.pop(name, None)
+            if att is not None:
+                att.dead = True
+                for fh in [fh for fh, h in self._t.handles.items() if h.att is att]:
+                    h = self._t.handles.pop(fh)
+                    if h.fd >= 0:
+                        os.close(h.fd)
+            return att
+
+    def attachments(self) -> list[str]:
+        with self._mu:
+            return sorted(self._t.attachments)
+
+    # --- resolution ---------------------------------------------------------------
+
+    def _split(self, path: str) -> tuple[Attachment | None, str]:
+        parts = path.strip("/").split("/", 1)
+        if not parts[0]:
+            return None, ""
+        att = self._t.attachments.get(parts[0])
+        if att is None:
+            raise OSError(errno.ENOENT, path)
+        return att, parts[1] if len(parts) > 1 else ""
+
+    def _local(self, att: Attachment, rel: str) -> str:
+        return os.path.join(att.local_root, rel)
+
+    def _parent(self, att: Attachment, rel: str) -> tuple[int, bytes]:
+        parent, _, name = rel.rpartition("/")
+        return att.datadir.resolve(parent), name.encode("utf-8", "surrogateescape")
+
+    def _attrs(self, att: Attachment, ino: int, node: Inode) -> dict[str, Any]:
+        return {
+            "st_mode": _TYPE[node.kind] | node.mode,
+            "st_ino": (att.slot << 32) | ino,
+            "st_nlink": max(node.nlink, 1),
+            "st_uid": node.uid,
+            "st_gid": node.gid,
+            "st_size": node.size,
+            "st_blocks": (node.size + 511) // 512,
+            "st_blksize": 8192,
+            "st_mtime": node.mtime_ns,
+            "st_ctime": node.ctime_ns,
+            "st_atime": node.mtime_ns,
+        }
+
+    @staticmethod
+    def _stat_dict(st: os.stat_result) -> dict[str, Any]:
+        return {
+            "st_mode": st.st_mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink,
+            "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": st.st_size,
+            "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
+            "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns, "st_atime": st.st_atime_ns,
+        }
+
+    # --- libfuse -------------------------------------------------------------------
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None:
+            if conn.capable & FUSE_CAP_WRITEBACK_CACHE:
+                conn.want |= FUSE_CAP_WRITEBACK_CACHE
+            conn.want &= ~FUSE_CAP_AUTO_INVAL_DATA
+        if config is not None:
+            config.use_ino = 1
+            config.hard_remove = 1
+            config.attr_timeout = TIMEOUT
+            config.entry_timeout = TIMEOUT
+            config.negative_timeout = 0
+            config.kernel_cache = 0
+            config.auto_cache = 0
+            config.nullpath_ok = 1
+        self.ready.set()
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        if fh is not None and fh in self._t.handles:
+            h = self._t.handles[fh]
+            if h.fd >= 0:
+                return self._stat_dict(os.fstat(h.fd))
+            return self._attrs(h.att, h.ino, h.att.datadir.inode(h.ino))
+        att, rel = self._split(path)
+        if att is None:
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_ino": 1}
+        if is_local(rel):
+            return self._stat_dict(os.lstat(self._local(att, rel)))
+        ino = att.datadir.resolve(rel)
+        return self._attrs(att, ino, att.datadir.inode(ino))
+
+    def opendir(self, path: str) -> int:
+        self._split(path)  # ENOENT for an unknown attachment
+        with self._mu:
+            fh = self._t.next_fh
+            self._t.next_fh += 1
+            self._t.dirs[fh] = path
+            return fh
+
+    def releasedir(self, path: str | None, fh: int) -> int:
+        with self._mu:
+            self._t.dirs.pop(fh, None)
+        return 0
+
+    def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        # every entry needs a non-zero inode number: readdir(3) skips zeros
+        path = self._t.dirs.get(fh, path)
+        if path is None:
+            raise OSError(errno.EBADF, "unknown directory handle")
+        att, rel = self._split(path)
+        out = [(".", {"st_mode": stat.S_IFDIR, "st_ino": 1}, 0), ("..", {"st_mode": stat.S_IFDIR, "st_ino": 1}, 0)]
+        if att is None:
+            with self._mu:
+                atts = sorted(self._t.attachments.values(), key=lambda a: a.name)
+            return out + [(a.name, {"st_mode": stat.S_IFDIR, "st_ino": a.slot << 32 | ROOT}, 0) for a in atts]
+        if is_local(rel):
+            with os.scandir(self._local(att, rel)) as it:
+                return out + [(e.name, {"st_mode": e.stat(follow_symlinks=False).st_mode, "st_ino": e.inode()}, 0)
+                              for e in it]
+        ino = att.datadir.resolve(rel)
+        for name, child, kind in att.datadir.readdir(ino):
+            out.append((name.decode("utf-8", "surrogateescape"),
+                        {"st_mode": _TYPE[kind], "st_ino": att.slot << 32 | child}, 0))
+        local = self._local(att, rel)
+        if os.path.isdir(local):  # compute-local entries that live in this directory
+            with os.scandir(local) as it:
+                for e in it:
+                    if is_local(f"{rel}/{e.name}" if rel else e.name):
+                        out.append((e.name, {"st_mode": e.stat(follow_symlinks=False).st_mode,
+                                             "st_ino": e.inode()}, 0))
+        return out
+
+    def readlink(self, path: str) -> str:
+        att, rel = self._split(path)
+        if att is None:
+            raise OSError(errno.EINVAL, path)
+        if is_local(rel):
+            return os.readlink(self._local(att, rel))
+        return att.datadir.readlink(att.datadir.resolve(rel)).decode("utf-8", "surrogateescape")
+
+    def _new_handle(self, att: Attachment, ino: int = 0, fd: int = -1) -> int:
+        with self._mu:
+            if att.dead:
+                if fd >= 0:
+                    os.close(fd)
+                raise OSError(errno.ENOENT, "detached")
+            fh = self._t.next_fh
+            self._t.next_fh += 1
+            self._t.handles[fh] = _Handle(att, ino, fd)
+            return fh
+
+    @staticmethod
+    def _local_flags(flags: int) -> int:
+        # the kernel's writeback cache may read through any handle, and owns
+        # appending: open read-write, without O_APPEND or O_DIRECT
+        flags &= ~(os.O_APPEND | getattr(os, "O_DIRECT", 0) | os.O_ACCMODE)
+        return flags | os.O_RDWR
+
+    def open(self, path: str, flags: int) -> int:
+        att, rel = self._split(path)
+        if att is None:
+            raise OSError(errno.EISDIR, path)
+        if is_local(rel):
+            return self._new_handle(att, fd=os.open(self._local(att, rel), self._local_flags(flags)))
+        ino = att.datadir.resolve(rel)
+        if flags & os.O_TRUNC:
+            att.datadir.truncate(ino, 0)
+        att.datadir.opened(ino)
+        return self._new_handle(att, ino=ino)
+
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        att, rel = self._split(path)
+        if att is None:
+            raise OSError(errno.EACCES, path)
+        uid, gid, _ = mfusepy.fuse_get_context()
+        if is_local(rel):
+            local = self._local(att, rel)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode & 0o7777)
+            os.fchown(fd, uid, gid)
+            return self._new_handle(att, fd=fd)
+        parent, name = self._parent(att, rel)
+        ino = att.datadir.create(parent, name, mode, uid, gid)
+        att.datadir.opened(ino)
+        return self._new_handle(att, ino=ino)
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        h = self._t.handles[fh]
+        if h.fd >= 0:
+            return os.pread(h.fd, size, offset)
+        return h.att.datadir.read(h.ino, offset, size)
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        h = self._t.handles[fh]
+        if h.fd >= 0:
+            return os.pwrite(h.fd, data, offset)
+        return h.att.datadir.write(h.ino, offset, data)
+
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        if fh is not None and fh in self._t.handles:
+            h = self._t.handles[fh]
+            if h.fd >= 0:
+                os.ftruncate(h.fd, length)
+            else:
+                h.att.datadir.truncate(h.ino, length)
+            return 0
+        att, ino, local = self._target(path, None)
+        if local is not None:
+            os.truncate(local, length)
+        else:
+            att.datadir.truncate(ino, length)
+        return 0
+
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        h = self._t.handles.get(fh)
+        if h is not None and h.fd < 0:
+            h.att.datadir.fsync()
+        return 0  # compute-local files need not survive
+
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
+        path = self._t.dirs.get(fh, path)
+        if path:
+            att, rel = self._split(path)
+            if att is not None and not is_local(rel):
+                att.datadir.fsync()
+        return 0
+
+    def flush(self, path: str, fh: int) -> int:
+        return 0
+
+    def release(self, path: str, fh: int) -> int:
+        with self._mu:
+            h = self._t.handles.pop(fh, None)
+        if h is None:
+            return 0
+        if h.fd >= 0:
+            os.close(h.fd)
+        elif not h.att.dead:
+            h.att.datadir.released(h.ino)
+        return 0
+
+    def mkdir(self, path: str, mode: int) -> int:
+        att, rel = self._split(path)
+        if att is None:
+            raise OSError(errno.EACCES, path)
+        uid, gid, _ = mfusepy.fuse_get_context()
+        if is_local(rel):
+            local = self._local(att, rel)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            os.mkdir(local, mode & 0o7777)
+            os.chown(local, uid, gid)
+            return 0
+        parent, name = self._parent(att, rel)
+        att.datadir.mkdir(parent, name, mode, uid, gid)
+        return 0
+
+    def symlink(self, target: str, source: str) -> int:
+        att, rel = self._split(target)
+        if att is None:
+            raise OSError(errno.EACCES, target)
+        uid, gid, _ = mfusepy.fuse_get_context()
+        if is_local(rel):
+            os.symlink(source, self._local(att, rel))
+            os.lchown(self._local(att, rel), uid, gid)
+            return 0
+        parent, name = self._parent(att, rel)
+        att.datadir.symlink(parent, name, source.encode("utf-8", "surrogateescape"), uid, gid)
+        return 0
+
+    def unlink(self, path: str) -> int:
+        att, rel = self._split(path)
+        if att is None:
+            raise OSError(errno.EACCES, path)
+        if is_local(rel):
+            os.unlink(self._local(att, rel))
+        else:
+            att.datadir.unlink(*self._parent(att, rel))
+        return 0
+
+    def rmdir(self, path: str) -> int:
+        att, rel = self._split(path)
+        if att is None:
+            raise OSError(errno.EACCES, path)
+        if is_local(rel):
+            os.rmdir(self._local(att, rel))
+        else:
+            att.datadir.rmdir(*self._parent(att, rel))
+        return 0
+
+    def rename(self, old: str, new: str) -> int:
+        att, rel = self._split(old)
+        att2, rel2 = self._split(new)
+        if att is None or att2 is not att:
+            raise OSError(errno.EXDEV, new)
+        local, local2 = is_local(rel), is_local(rel2)
+        if local != local2:
+            raise OSError(errno.EXDEV, new)  # mv copies across: correct either way
+        if local:
+            os.rename(self._local(att, rel), self._local(att, rel2))
+        else:
+            att.datadir.rename(*self._parent(att, rel), *self._parent(att, rel2))
+        return 0
+
+    def link(self, target: str, source: str) -> int:
+        raise OSError(errno.EPERM, "hard links are not supported")
+
+    def _target(self, path: str | None, fh: int | None) -> tuple[Attachment, int, str | None]:
+        """What a setattr-style call is about: (attachment, inode, local
+        path or None), from the handle if there is one, else the path."""
+        if fh is not None and fh in self._t.handles:
+            h = self._t.handles[fh]
+            if h.fd >= 0:
+                return h.att, 0, f"/proc/self/fd/{h.fd}"
+            return h.att, h.ino, None
+        if path is None:
+            raise OSError(errno.EBADF, "no path and no handle")
+        att, rel = self._split(path)
+        if att is None:
+            raise OSError(errno.EPERM, path)
+        if is_local(rel):
+            return att, 0, self._local(att, rel)
+        return att, att.datadir.resolve(rel), None
+
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+        att, ino, local = self._target(path, fh)
+        if local is not None:
+            os.chmod(local, mode & 0o7777)
+        else:
+            att.datadir.setattr(ino, mode=mode)
+        return 0
+
+    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
+        att, ino, local = self._target(path, fh)
+        if local is not None:
+            os.chown(local, uid, gid, follow_symlinks=False)
+        else:
+            att.datadir.setattr(ino, uid=uid, gid=gid)
+        return 0
+
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None, fh: int | None = None) -> int:
+        try:
+            att, ino, local = self._target(path, fh)
+        except OSError:
+            if path in (None, "/"):
+                return 0
+            raise
+        if local is not None:
+            os.utime(local, ns=times) if times else os.utime(local)
+        else:
+            att.datadir.setattr(ino, mtime_ns=times[1] if times else att.datadir._clock())
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        st = os.statvfs(self._statfs_path)
+        return {
+            "f_bsize": st.f_bsize, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks,
+            "f_bfree": st.f_bfree, "f_bavail": st.f_bavail, "f_files": 1 << 32,
+            "f_ffree": 1 << 31, "f_favail": 1 << 31, "f_namemax": 255,
+        }
+
+    _statfs_path = "/"
+
+    def access(self, path: str, amode: int) -> int:
+        return 0  # default_permissions: the kernel checks modes
+
+
+class _FUSE(mfusepy.FUSE):
+    """mfusepy drops the file handle of setattr-style calls; with
+    `nullpath_ok` (and files unlinked while open) the handle is all there is."""
+
+    def _fh(self, fip: Any) -> int | None:
+        return fip.contents.fh if fip else None
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        return self.operations.truncate(self._path(path), length, self._fh(fip))
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
+        return self.operations.chmod(self._path(path), mode, self._fh(fip))
+
+    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
+        uid = -1 if uid == 0xFFFFFFFF else uid
+        gid = -1 if gid == 0xFFFFFFFF else gid
+        return self.operations.chown(self._path(path), uid, gid, self._fh(fip))
+
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        times = None
+        if buf:
+            times = (mfusepy.time_of_timespec(buf.contents.actime, use_ns=True),
+                     mfusepy.time_of_timespec(buf.contents.modtime, use_ns=True))
+        return self.operations.utimens(self._path(path), times, self._fh(fip))
+
+
+def _main_mount(ops: StrataFS, mountpoint: str) -> None:
+    _FUSE(
+        ops, mountpoint, foreground=True, allow_other=True, default_permissions=True,
+        fsname="strata", subtype="strata", max_threads=64,
+    )
+
+
+class Mount:
+    """The page server's one FUSE mount, served from a thread of this process."""
+
+    def __init__(self, mountpoint: str, statfs_path: str = "/") -> None:
+        self.mountpoint = mountpoint
+        self.ops = StrataFS()
+        self.ops._statfs_path = statfs_path
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        import signal
+
+        os.makedirs(self.mountpoint, exist_ok=True)
+        saved = {}
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+        def run() -> None:
+            try:
+                _main_mount(self.ops, self.mountpoint)
+            except BaseException as e:  # noqa: BLE001 - reported to start() and logged
+                self.error = e
+                log.error("FUSE loop of %s ended with %r", self.mountpoint, e)
+            finally:
+                self.ops.ready.set()
+
+        self._thread = threading.Thread(target=run, name="strata-fuse", daemon=True)
+        self._thread.start()
+        if not self.ops.ready.wait(timeout) or self.error is not None or not os.path.ismount(self.mountpoint):
+            raise RuntimeError(f"could not mount FUSE at {self.mountpoint}: {self.error!r}")
+        # libfuse installs its own SIGINT/SIGTERM/SIGHUP handlers (which would
+        # unmount on a signal): give them back to Python
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+    def stop(self) -> None:
+        unmount(self.mountpoint)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> bool:
+    """Unmount a FUSE mount (a dead one too). True if something was mounted."""
+    import subprocess
+
+    if not os.path.ismount(mountpoint) and not _listed_in_mounts(mountpoint):
+        return False
+    args = ["fusermount3", "-u", "-z", mountpoint] if lazy else ["fusermount3", "-u", mountpoint]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0 and not lazy:
+        return unmount(mountpoint, lazy=True)
+    return r.returncode == 0
+
+
+def _listed_in_mounts(mountpoint: str) -> bool:
+    real = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == real for line in f)
+    except OSError:
+        return False

@@ -1,0 +1,273 @@
+"""The page server: a store, its FUSE mount, and the computes running on it.
+
+Layout: the store lives in the page server's home directory; what the
+`postgres` processes must reach lives in a run directory outside it (the
+home may sit where the `postgres` OS user cannot go, such as /root), one per
+home, found again after a crash::
+
+    <home>/store/                 the engine store (engine.store)
+    <run>/mnt/                    the FUSE mount; <mnt>/<compute id> is a data directory
+    <run>/computes/<id>/          a compute's local files, socket, log, state
+    <run>/readonly/<id>/          local files of read-only mounts
+
+    <run> = /run/strata/<hash of the home path> (or $STRATA_RUN_DIR)
+
+Opening a page server first cleans up after one that was killed: it ends
+the computes it left (their process groups are in their state files) and
+unmounts a dead mount; their branches then serve again.
+
+`initdb` runs once per store: its result is imported as the *template*
+timeline that new databases branch from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+from engine import NotFoundError, Store, StoreConfig, Timeline
+
+from .compute import Compute, free_port, new_password, pg_bindir, reap_stale, run_as
+from .datadir import DataDir
+from .errors import BranchBusyError, ComputeError, ComputeNotFoundError
+from .fusefs import Mount, unmount
+from .importer import export_datadir, import_datadir
+
+log = logging.getLogger("strata.server")
+
+TEMPLATE_ID = "7374726174612d74656d706c61746500"  # "strata-template" in hex
+PG_CONF = """
+# --- added by strata ---
+listen_addresses = '127.0.0.1'
+password_encryption = 'scram-sha-256'
+dynamic_shared_memory_type = posix
+"""
+PG_HBA = """# strata: the Unix socket is private to the page server; TCP needs a password
+local   all   all                 trust
+host    all   all   127.0.0.1/32  scram-sha-256
+host    all   all   ::1/128       scram-sha-256
+"""
+
+
+def run_dir_for(home: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha1(os.path.abspath(home).encode()).hexdigest()[:12]
+    base = "/run/strata" if os.geteuid() == 0 else os.path.join(tempfile.gettempdir(), f"strata-{os.getuid()}")
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    os.chmod(base, 0o755)
+    return os.path.join(base, digest)
+
+
+class PageServer:
+    def __init__(self, home: str, *, config: StoreConfig | None = None, background: bool = True) -> None:
+        self.home = os.path.abspath(home)
+        self.store_path = os.path.join(self.home, "store")
+        self.run_dir = os.environ.get("STRATA_RUN_DIR") or run_dir_for(self.home)
+        self.mountpoint = os.path.join(self.run_dir, "mnt")
+        self.computes_dir = os.path.join(self.run_dir, "computes")
+        self._config = config
+        self._background = background
+        self._mu = threading.RLock()
+        self._computes: dict[str, Compute] = {}
+        self._by_timeline: dict[str, str] = {}  # timeline id -> its read-write compute
+        self._readonly: dict[str, str] = {}  # read-only mount path -> attachment
+        self.store: Store = None  # type: ignore[assignment]
+        self.mount: Mount = None  # type: ignore[assignment]
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def open(self) -> PageServer:
+        os.makedirs(self.run_dir, exist_ok=True)
+        os.chmod(self.run_dir, 0o755)
+        reaped = reap_stale(self.computes_dir)
+        if unmount(self.mountpoint):
+            log.warning("unmounted a stale mount at %s", self.mountpoint)
+        shutil.rmtree(os.path.join(self.run_dir, "readonly"), ignore_errors=True)
+        self.store = Store.open(self.store_path, config=self._config, background=self._background)
+        try:
+            self.mount = Mount(self.mountpoint, statfs_path=self.store_path)
+            self.mount.start()
+        except BaseException:
+            self.store.close()
+            raise
+        os.makedirs(self.computes_dir, exist_ok=True)
+        log.info("page server %s open (%d stale computes ended)", self.home, reaped)
+        return self
+
+    def close(self) -> None:
+        for c in list(self._computes.values()):
+            try:
+                self.stop_compute(c.id)
+            except Exception:  # noqa: BLE001 - keep closing the rest
+                log.exception("stopping compute %s", c.id)
+        if self.mount is not None:
+            self.mount.stop()
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> PageServer:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- template ---------------------------------------------------------------
+
+    def template(self) -> Timeline | None:
+        return self.store.timeline(TEMPLATE_ID) if TEMPLATE_ID in self.store else None
+
+    def ensure_template(self, progress: bool | None = None) -> Timeline:
+        """The template timeline, running `initdb` the first time only."""
+        tl = self.template()
+        if tl is not None:
+            return tl
+        user, uid, gid = run_as()
+        tmp = tempfile.mkdtemp(prefix="strata-initdb-")
+        try:
+            os.chown(tmp, uid, gid)
+            pgdata = os.path.join(tmp, "pgdata")
+            t0 = time.monotonic()
+            r = subprocess.run(
+                [os.path.join(pg_bindir(), "initdb"), "-D", pgdata, "-U", "postgres", "-E", "UTF8",
+                 "--locale=C", "--data-checksums", "--no-sync", "--auth-local=trust",
+                 "--auth-host=scram-sha-256"],
+                capture_output=True, text=True, user=user, cwd="/",
+            )
+            if r.returncode != 0:
+                raise ComputeError("initdb", f"initdb failed ({r.returncode})", r.stdout + r.stderr)
+            with open(os.path.join(pgdata, "postgresql.conf"), "a") as f:
+                f.write(PG_CONF)
+            with open(os.path.join(pgdata, "pg_hba.conf"), "w") as f:
+                f.write(PG_HBA)
+            log.info("initdb took %.2f s", time.monotonic() - t0)
+            return import_datadir(self.store, pgdata, timeline_id=TEMPLATE_ID, progress=progress)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # --- data directories ----------------------------------------------------------
+
+    def import_datadir(self, src: str, *, progress: bool | None = None) -> Timeline:
+        return import_datadir(self.store, src, progress=progress)
+
+    def export_datadir(self, timeline: Timeline | str, dest: str, *, lsn: int | None = None,
+                       progress: bool | None = None) -> int:
+        tl = self.store.timeline(timeline) if isinstance(timeline, str) else timeline
+        return export_datadir(tl, dest, lsn=lsn, progress=progress)
+
+    def mount_readonly(self, timeline: Timeline | str, lsn: int) -> str:
+        """A read-only view of a timeline as of `lsn`; returns its path."""
+        tl = self.store.timeline(timeline) if isinstance(timeline, str) else timeline
+        dd = DataDir(tl, lsn=tl._check_lsn(lsn))
+        name = f"ro-{os.urandom(6).hex()}"
+        _, uid, gid = run_as()
+        self.mount.ops.attach(name, dd, os.path.join(self.run_dir, "readonly", name), uid, gid)
+        path = os.path.join(self.mountpoint, name)
+        self._readonly[path] = name
+        return path
+
+    def unmount_readonly(self, path: str) -> None:
+        name = self._readonly.pop(path, None)
+        if name is None:
+            raise ComputeNotFoundError(path)
+        self.mount.ops.detach(name)
+        shutil.rmtree(os.path.join(self.run_dir, "readonly", name), ignore_errors=True)
+
+    # --- computes ----------------------------------------------------------------
+
+    def compute(self, compute_id: str) -> Compute:
+        c = self._computes.get(compute_id)
+        if c is None:
+            raise ComputeNotFoundError(compute_id)
+        return c
+
+    def compute_of(self, timeline: Timeline | str) -> Compute | None:
+        """The read-write compute running on a timeline, if any."""
+        tid = timeline if isinstance(timeline, str) else timeline.id
+        cid = self._by_timeline.get(tid)
+        return self._computes.get(cid) if cid else None
+
+    def computes(self) -> list[Compute]:
+        return list(self._computes.values())
+
+    def start_compute(
+        self, timeline: Timeline | str, *, password: str | None = None, lsn: int | None = None,
+        settings: dict[str, str] | None = None, timeout: float = 120.0,
+    ) -> Compute:
+        """Start postgres on a timeline (read-write at its head), or, with
+        `lsn`, a read-only compute showing the timeline as of that LSN (on a
+        throwaway branch, since recovery must write)."""
+        tid = timeline if isinstance(timeline, str) else timeline.id
+        tl = self.store.timeline(tid)  # NotFoundError for an unknown timeline
+        read_only = lsn is not None
+        with self._mu:
+            if not read_only and tid in self._by_timeline:
+                raise BranchBusyError(tid, self._by_timeline[tid])
+            if read_only:
+                tl = self.store.branch(tl, at_lsn=lsn, durable=False)
+            cid = os.urandom(6).hex()
+            rundir = os.path.join(self.computes_dir, cid)
+            os.makedirs(rundir)
+            c = Compute(
+                id=cid, timeline_id=tl.id, pgdata=os.path.join(self.mountpoint, cid), rundir=rundir,
+                port=free_port(), password=password or new_password(), read_only=read_only, lsn=lsn,
+                on_exit=self._exited,
+            )
+            _, uid, gid = run_as()
+            self.mount.ops.attach(cid, DataDir(tl), c.local_root, uid, gid)
+            self._computes[cid] = c
+            if not read_only:
+                self._by_timeline[tid] = cid
+        extra = [x for k, v in (settings or {}).items() for x in ("-c", f"{k}={v}")]
+        try:
+            c.start(extra, timeout=timeout)
+            if not read_only:
+                self._set_password(c)
+        except BaseException:
+            c.stopping = True
+            c.kill()
+            self._release(c)
+            raise
+        log.info("compute %s started on timeline %s%s on port %d in %.0f ms",
+                 cid, tl.id, f" (read-only at LSN {lsn})" if read_only else "", c.port, c.start_seconds * 1e3)
+        return c
+
+    def _set_password(self, c: Compute) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(c.local_conninfo(), autocommit=True, connect_timeout=30) as conn:
+            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(c.password)))
+
+    def stop_compute(self, compute_id: str) -> None:
+        """Fast shutdown, unmount its data directory, and make every write durable."""
+        c = self.compute(compute_id)
+        c.stop()
+        self._release(c)
+        log.info("compute %s stopped (timeline %s)", c.id, c.timeline_id)
+
+    def _exited(self, c: Compute, code: int) -> None:
+        if not c.stopping:  # died: clean up after it, so its branch can serve again
+            c.kill()
+            self._release(c)
+
+    def _release(self, c: Compute) -> None:
+        with self._mu:
+            if self._computes.pop(c.id, None) is None:
+                return
+            if self._by_timeline.get(c.timeline_id) == c.id:
+                del self._by_timeline[c.timeline_id]
+            if c.read_only:
+                try:
+                    self.store.delete_timeline(c.timeline_id)
+                except NotFoundError:
+                    pass
+        att = self.mount.ops.detach(c.id)
+        if att is not None and not att.datadir.read_only:
+            att.datadir.fsync()
+        c.cleanup()
