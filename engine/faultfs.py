@@ -99,10 +99,20 @@ class FaultFileSystem:
         return True
 
     def _torn(self, inode: _Inode) -> bytearray:
+        """What a crash leaves of a file: the synced bytes, plus some of the
+        unsynced changes. Changed 4 KiB pages within the synced length each
+        survive or not (writeback order is not write order); an unsynced
+        tail survives as a prefix, possibly garbled at its end, or with
+        holes of zeros where pages did not make it."""
         synced = inode.synced
         cur = bytes(inode.data)
-        if not cur.startswith(synced) or len(cur) == len(synced):
-            return bytearray(synced)
+        page = 4096
+        out = bytearray(synced[: len(cur)]) if len(cur) < len(synced) else bytearray(synced)
+        for start in range(0, min(len(cur), len(synced)), page):
+            if cur[start : start + page] != synced[start : start + page] and self.rng.random() < 0.5:
+                out[start : start + page] = cur[start : start + page]
+        if len(cur) <= len(synced):
+            return out
         tail = cur[len(synced):]
         keep = self.rng.randrange(len(tail) + 1)
         kept = bytearray(tail[:keep])
@@ -112,15 +122,13 @@ class FaultFileSystem:
             n = min(len(kept), self.rng.randrange(1, 64))
             kept[-n:] = bytes(self.rng.randrange(256) for _ in range(n))
         elif kept and mode < 0.6:
-            # pages written back out of order: some made it, some did not
-            page = 4096
             first = (len(synced) // page) * page
             for start in range(first, len(synced) + len(kept), page):
                 if self.rng.random() < 0.4:
                     lo = max(start, len(synced)) - len(synced)
                     hi = min(start + page, len(synced) + len(kept)) - len(synced)
                     kept[lo:hi] = bytes(hi - lo)
-        return bytearray(synced) + kept
+        return out + kept
 
     def fail(
         self,
@@ -213,6 +221,11 @@ class FaultFileSystem:
                 self._check_parent(path)
                 self._files[path] = _Inode()
             return _WriteHandle(self, path, self._files[path], self._epoch)
+
+    def open_rw(self, path: str) -> _RWHandle:
+        with self._mu:
+            path = self._norm(path)
+            return _RWHandle(self, path, self._inode(path), self._epoch)
 
     def read_file(self, path: str) -> bytes:
         with self._mu:
@@ -378,6 +391,28 @@ class _WriteHandle(_Handle):
     def tell(self) -> int:
         with self.fs._mu:
             return len(self.inode.data)
+
+    def close(self) -> None:
+        pass
+
+
+class _RWHandle(_Handle):
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        with self.fs._mu:
+            self._live()
+            self.fs._op("write")
+            buf = self.inode.data
+            end = offset + len(data)
+            if end > len(buf):
+                buf.extend(bytes(end - len(buf)))
+            buf[offset:end] = data
+            self.fs._last_written = self.inode
+
+    def sync(self) -> None:
+        with self.fs._mu:
+            self._live()
+            self.fs._op("sync")
+            self.inode.synced = bytes(self.inode.data)
 
     def close(self) -> None:
         pass

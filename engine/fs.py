@@ -49,6 +49,16 @@ class WriteFile(Protocol):
     def close(self) -> None: ...
 
 
+class RWFile(Protocol):
+    """A file written in place: `pwrite` at an offset, `sync` is fdatasync."""
+
+    path: str
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class FileLock(Protocol):
     def release(self) -> None: ...
 
@@ -59,6 +69,7 @@ class FileSystem(Protocol):
     def open_read(self, path: str) -> ReadFile: ...
     def open_write(self, path: str) -> WriteFile: ...
     def open_append(self, path: str) -> WriteFile: ...
+    def open_rw(self, path: str) -> RWFile: ...
     def read_file(self, path: str) -> bytes: ...
     def rename(self, src: str, dst: str) -> None: ...
     def remove(self, path: str) -> None: ...
@@ -215,6 +226,29 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
+class OsRWFile:
+    __slots__ = ("path", "_fd")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class OsFileLock:
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -237,6 +271,9 @@ class OsFileSystem:
 
     def open_append(self, path: str) -> WriteFile:
         return OsWriteFile(path, append=True)
+
+    def open_rw(self, path: str) -> RWFile:
+        return OsRWFile(path)
 
     def read_file(self, path: str) -> bytes:
         with open(path, "rb") as f:

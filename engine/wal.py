@@ -9,7 +9,10 @@ fsyncs (group commit: one thread syncs for everyone waiting).
 
 The log is a directory of segments named by the first LSN they may hold,
 `log/<LSN as 16 hex digits>.log`. A segment is fsynced before the next one is
-started, so only the last segment can end in a torn write.
+started, so only the last segment can end in a torn write. Records are
+written in place into space zero-filled a megabyte ahead: an fdatasync then
+flushes data blocks only, not the file's size and extents (as PostgreSQL
+zero-fills its WAL segments). Zeros after the last record end a segment.
 
 Segment file::
 
@@ -59,7 +62,7 @@ from typing import NamedTuple
 
 from .checksums import check_header, seal, sealed_ok, xxh3
 from .errors import CorruptionError, StoreFailedError
-from .fs import FileSystem, WriteFile, ensure_dir
+from .fs import FileSystem, RWFile, ensure_dir
 from .values import KNOWN_FLAGS, MAX_VALUE_SIZE, Version
 
 SEGMENT_MAGIC = b"STRATLOG"
@@ -82,6 +85,7 @@ _KNOWN_TYPES = (REC_COMMIT, REC_EDIT)
 MAX_PAYLOAD = 1 << 31
 
 NO_TIMELINE = bytes(16)
+ZERO_CHUNK = 1 << 20  # how far ahead of the records a segment is zero-filled
 
 
 
@@ -163,10 +167,11 @@ class SegmentScan:
     damaged: list[tuple[bytes, int, str]] = field(default_factory=list)  # (timeline, offset, why)
     first_record: int | None = None  # LSN of the first record (damaged ones too)
     last_record: int | None = None
+    zero_tail: bool = False  # ends in zero-filled space, as every live segment does
 
     @property
     def torn(self) -> bool:
-        return self.end < self.size
+        return self.end < self.size and not self.zero_tail
 
 
 class _Header(NamedTuple):
@@ -253,6 +258,9 @@ def scan_segment(fs: FileSystem, path: str, last: bool) -> SegmentScan:
     expect = first_lsn
     while pos < len(buf):
         h = _header_at(buf, pos)
+        if h is None and buf.count(0, pos) == len(buf) - pos:
+            scan.zero_tail = True  # the zero-filled space after the last record
+            break
         if h is not None and h.lsn != expect:
             raise CorruptionError(path, pos, "log records out of sequence", expect, h.lsn)
         if h is not None and _payload_ok(buf, pos, h):
@@ -326,7 +334,8 @@ class CommitLog:
         self._closed = False
         # first LSN of each live segment -> {timeline: highest commit LSN in it}
         self.pins: dict[int, dict[bytes, int]] = {}
-        self._file: WriteFile | None = None
+        self._file: RWFile | None = None
+        self._zeroed = 0  # the segment is zero-filled up to here
         self._segment_first = 0
         self._segment_size = 0
         ensure_dir(fs, log_dir)
@@ -365,12 +374,22 @@ class CommitLog:
             f.sync()
             f.close()
             self._fs.sync_dir(self._dir)
-            self._file = self._fs.open_append(path)
+            self._file = self._fs.open_rw(path)
         except OSError as e:
             raise self._fail(e) from e
         self._segment_first = first
         self._segment_size = SEGMENT_HEADER.size
+        self._zeroed = SEGMENT_HEADER.size
         self.pins[first] = {}
+
+    def _zero_fill(self, upto: int) -> None:
+        """Write zeros ahead of the records, a chunk at a time: an fdatasync
+        of blocks already written need not touch the file's metadata, so it
+        costs about half of one that grows the file."""
+        assert self._file is not None
+        end = max(upto, self._zeroed + ZERO_CHUNK)
+        self._file.pwrite(bytes(end - self._zeroed), self._zeroed)
+        self._zeroed = end
 
     def append(
         self, rtype: int, timeline: bytes, payload: bytes, clock_us: int
@@ -385,13 +404,15 @@ class CommitLog:
             time_us = clock_us if clock_us > self._last_time_us else self._last_time_us
             head = _pack_header(rtype, len(payload), lsn, self._synced_lsn, time_us, timeline, psum)
             assert self._file is not None
+            n = RECORD_HEADER.size + len(payload)
             try:
-                self._file.write(head + payload)
+                if self._segment_size + n > self._zeroed:
+                    self._zero_fill(self._segment_size + n)
+                self._file.pwrite(head + payload, self._segment_size)
             except OSError as e:
                 raise self._fail(e) from e
             self._last_lsn = lsn
             self._last_time_us = time_us
-            n = RECORD_HEADER.size + len(payload)
             self._written += n
             self._segment_size += n
             if rtype == REC_COMMIT:

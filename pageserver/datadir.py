@@ -2,11 +2,11 @@
 
 `DataDir` gives inode-level operations (lookup, create, read, write,
 truncate, rename, unlink, ...) on the tree a timeline holds (see
-`pageserver.layout`). Every operation that changes the tree is one atomic
-engine commit, so the tree as of any LSN is a state it really passed
-through: branching at any LSN gives a crash-consistent data directory.
-`fsync` makes everything committed so far durable (group commit in the
-engine's log).
+`pageserver.layout`). Every change to the namespace is one atomic engine
+commit; writes to a file are held as pending pages until the file is
+fsynced (then they are one commit, and durable), as a kernel's page cache
+holds them. So the tree as of any LSN is a state a crash could have left:
+branching at any LSN gives a crash-consistent data directory.
 
 A `DataDir` opened at a past LSN is read-only (EROFS on every change).
 
@@ -50,6 +50,8 @@ from .layout import (
 )
 
 _ZERO = bytes(PAGE)
+_NONE: dict[int, bytes] = {}
+PENDING_LIMIT = 64 << 20  # pending writes past this are committed (not synced)
 _FREE_CHUNK = 65536  # page tombstones per commit when a big file is freed
 
 Batch = dict[int, bytes | None]
@@ -89,6 +91,10 @@ class DataDir:
         self._inodes: dict[int, Inode] = {}
         self._dirs: dict[int, list[dict[bytes, Entry]]] = {}
         self._open: dict[int, int] = {}  # inode -> open handles
+        self._pending: dict[int, dict[int, bytes]] = {}  # inode -> block -> page, not yet committed
+        self._committed_size: dict[int, int] = {}  # of files with pending pages
+        self._pending_bytes = 0
+        self.pending_limit = PENDING_LIMIT
         raw = timeline.get(SUPER_KEY, lsn)
         if raw is None:
             raise _err(errno.EINVAL, f"timeline {timeline.id} holds no data directory")
@@ -214,14 +220,27 @@ class DataDir:
         first, last = offset // PAGE, (end - 1) // PAGE
         get = self.timeline.get
         lsn = self.lsn
+        pending = self._pending.get(ino, _NONE)
         parts = []
         for block in range(first, last + 1):
-            parts.append(get(page_key(ino, block), lsn) or _ZERO)
+            page = pending.get(block)
+            parts.append(page if page is not None else get(page_key(ino, block), lsn) or _ZERO)
         data = b"".join(parts) if len(parts) > 1 else parts[0]
         start = offset - first * PAGE
         return data[start : start + (end - offset)]
 
+    def _page(self, ino: int, block: int, committed_pages: int) -> bytes:
+        """The current content of a page (pending or committed)."""
+        page = self._pending.get(ino, _NONE).get(block)
+        if page is None:
+            page = self._get(page_key(ino, block)) if block < committed_pages else None
+        return page or _ZERO
+
     def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        """Write into the file's pending pages. They reach the timeline (in
+        one commit per file) when the file is fsynced, or sooner if pending
+        data passes PENDING_LIMIT: as the kernel's page cache does, and so
+        that an fsync of the WAL does not wait for data files' pages."""
         self._writable()
         n = len(data)
         if n == 0:
@@ -233,40 +252,76 @@ class DataDir:
             node = self.inode(ino)
             if node.kind != FILE:
                 raise _err(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
-            old_pages = (node.size + PAGE - 1) // PAGE
-            batch: Batch = {}
+            pending = self._pending.get(ino)
+            if pending is None:
+                pending = self._pending[ino] = {}
+                self._committed_size[ino] = node.size
+            pages = (node.size + PAGE - 1) // PAGE
             view = memoryview(data)
             block = offset // PAGE
             pos = 0
+            added = 0
             while pos < n:
                 start = (offset + pos) % PAGE
                 take = min(PAGE - start, n - pos)
-                chunk = view[pos : pos + take]
                 if take == PAGE:
-                    page = bytes(chunk)
+                    page = bytes(view[pos : pos + take])
                 else:
-                    old = self._get(page_key(ino, block)) if block < old_pages else None
-                    buf = bytearray(old or _ZERO)
-                    buf[start : start + take] = chunk
+                    buf = bytearray(self._page(ino, block, pages))
+                    buf[start : start + take] = view[pos : pos + take]
                     page = bytes(buf)
-                if page != _ZERO:
-                    batch[page_key(ino, block)] = page
-                elif block < old_pages:
-                    batch[page_key(ino, block)] = None  # zeros are holes
+                if block not in pending:
+                    added += PAGE
+                pending[block] = page
                 pos += take
                 block += 1
-            new = self._touch(node)
-            new.size = max(node.size, end)
-            batch[inode_key(ino)] = new.encode()
-            self._commit(batch)
+            self._pending_bytes += added
+            new = Inode(node.kind, node.mode, node.uid, node.gid, node.nlink,
+                        max(node.size, end), self._clock(), self._clock(), node.target)
             self._inodes[ino] = new
+            over = self._pending_bytes > self.pending_limit
+        if over:
+            self.commit_pending()
         return n
+
+    def commit_pending(self, ino: int | None = None) -> None:
+        """Put pending writes (of one file, or all) in the timeline."""
+        with self._mu:
+            for i in [ino] if ino is not None else list(self._pending):
+                pending = self._pending.get(i)
+                if pending:
+                    self._commit_file(i, pending)
+
+    def _commit_file(self, ino: int, pending: dict[int, bytes]) -> None:
+        """One commit of a file's pending pages and its attributes (caller
+        holds the lock)."""
+        committed = (self._committed_size.get(ino, 0) + PAGE - 1) // PAGE
+        batch: Batch = {}
+        for block, page in pending.items():
+            if page != _ZERO:
+                batch[page_key(ino, block)] = page
+            elif block < committed:
+                batch[page_key(ino, block)] = None  # zeros are holes
+        node = self.inode(ino)
+        batch[inode_key(ino)] = node.encode()
+        self._commit(batch)
+        self._pending_bytes -= len(pending) * PAGE
+        del self._pending[ino]
+        self._committed_size.pop(ino, None)
+
+    def _settle(self, ino: int) -> None:
+        """Commit a file's pending writes before a change that needs the
+        timeline to hold all of it (truncate, unlink, rename over)."""
+        pending = self._pending.get(ino)
+        if pending:
+            self._commit_file(ino, pending)
 
     def truncate(self, ino: int, size: int) -> None:
         self._writable()
         if size < 0 or size > MAX_FILE_SIZE:
             raise _err(errno.EFBIG if size > 0 else errno.EINVAL)
         with self._mu:
+            self._settle(ino)
             node = self.inode(ino)
             if node.kind != FILE:
                 raise _err(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
@@ -294,8 +349,17 @@ class DataDir:
             for i in range(0, len(rest), _FREE_CHUNK):
                 self._commit({page_key(ino, b): None for b in rest[i : i + _FREE_CHUNK]})
 
-    def fsync(self) -> None:
-        """Everything committed so far is durable when this returns."""
+    def fsync(self, ino: int | None = None) -> None:
+        """Everything written (to `ino`, or to any file) is durable when this
+        returns; so is every change to the tree before it."""
+        if self.read_only:
+            return
+        if ino is None or self._pending.get(ino):
+            self.commit_pending(ino)
+        self.timeline.sync()
+
+    def sync_tree(self) -> None:
+        """Make every change to the tree (not pending file writes) durable."""
         if not self.read_only:
             self.timeline.sync()
 
@@ -305,6 +369,7 @@ class DataDir:
                 gid: int | None = None, mtime_ns: int | None = None) -> Inode:
         self._writable()
         with self._mu:
+            self._settle(ino)
             node = self.inode(ino)
             new = Inode(node.kind, node.mode, node.uid, node.gid, node.nlink, node.size,
                         node.mtime_ns, self._clock(), node.target)
@@ -319,6 +384,18 @@ class DataDir:
             self._commit({inode_key(ino): new.encode()})
             self._inodes[ino] = new
             return new
+
+    def touch(self, ino: int, mtime_ns: int | None = None) -> None:
+        """Set a file's mtime in memory only: it is written with the file's
+        next change. (The kernel's writeback cache sends an mtime update
+        after writes; committing each would double the commits. Nothing
+        in PostgreSQL depends on a data file's mtime surviving a crash.)"""
+        self._writable()
+        with self._mu:
+            node = self.inode(ino)
+            new = Inode(node.kind, node.mode, node.uid, node.gid, node.nlink, node.size,
+                        self._clock() if mtime_ns is None else mtime_ns, node.ctime_ns, node.target)
+            self._inodes[ino] = new
 
     # --- namespace ----------------------------------------------------------------------
 
@@ -368,6 +445,7 @@ class DataDir:
         """Stage removing the last link to `ino`. Returns blocks to free after
         the commit (none if the file is still open: it becomes an orphan)."""
         if self._open.get(ino):
+            self._settle(ino)
             self._orphans.add(ino)
             batch[ORPHANS_KEY] = encode_orphans(self._orphans)
             new = self._touch(node)
@@ -377,6 +455,12 @@ class DataDir:
         batch[inode_key(ino)] = None
         if node.kind != FILE:
             return []
+        pending = self._pending.pop(ino, None)
+        if pending:
+            self._pending_bytes -= len(pending) * PAGE
+            committed = self._committed_size.pop(ino, 0)
+            node = Inode(node.kind, node.mode, node.uid, node.gid, node.nlink, committed,
+                         node.mtime_ns, node.ctime_ns)
         pages = (node.size + PAGE - 1) // PAGE
         for block in range(min(pages, _FREE_CHUNK)):
             batch[page_key(ino, block)] = None

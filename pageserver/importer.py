@@ -101,7 +101,7 @@ def import_datadir(
                             bar.update(len(chunk))
                 else:
                     log.warning("import %s: skipped %s (not a file, directory or symlink)", src, rel)
-        tl.sync()
+        dd.fsync()
     except BaseException:
         store.delete_timeline(tl)
         raise

@@ -195,11 +195,18 @@ class DataDirMachine(RuleBasedStateMachine):
 
     @rule()
     def remember(self) -> None:
+        self.dd.fsync()  # pending writes reach the timeline at fsync
         self.points.append((self.tl.head_lsn, snapshot_local(self.local)))
 
     @rule()
     def remount(self) -> None:
+        self.dd.fsync()
         self.dd = DataDir(self.tl)
+
+    @precondition(lambda self: self.entries("file"))
+    @rule(data=st.data())
+    def fsync_one(self, data) -> None:
+        self.dd.fsync(self.dd.resolve(data.draw(st.sampled_from(self.entries("file")))))
 
     @invariant()
     def same_tree(self) -> None:
@@ -231,6 +238,7 @@ def test_read_only_datadir_refuses_changes():
         dd = DataDir(tl)
         ino = dd.create(ROOT, b"f", 0o600, 0, 0)
         dd.write(ino, 0, b"hello")
+        dd.fsync(ino)
         ro = DataDir(tl, lsn=tl.head_lsn)
         for op in (lambda: ro.write(ino, 0, b"x"), lambda: ro.create(ROOT, b"g", 0o600, 0, 0),
                    lambda: ro.truncate(ino, 0), lambda: ro.unlink(ROOT, b"f")):
@@ -247,6 +255,7 @@ def test_zero_pages_are_holes_and_cost_nothing():
         dd = DataDir(tl)
         ino = dd.create(ROOT, b"wal", 0o600, 0, 0)
         dd.write(ino, 0, bytes(16 * 1024 * 1024))  # a preallocated WAL segment
+        dd.fsync(ino)
         assert dd.inode(ino).size == 16 * 1024 * 1024
         assert dd.read(ino, 5 * PAGE, 3) == b"\0\0\0"
         store.flush()
