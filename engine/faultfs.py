@@ -108,9 +108,11 @@ class FaultFileSystem:
         cur = bytes(inode.data)
         page = 4096
         out = bytearray(synced[: len(cur)]) if len(cur) < len(synced) else bytearray(synced)
-        for start in range(0, min(len(cur), len(synced)), page):
-            if cur[start : start + page] != synced[start : start + page] and self.rng.random() < 0.5:
-                out[start : start + page] = cur[start : start + page]
+        common = min(len(cur), len(synced))
+        for start in range(0, common, page):
+            end = min(start + page, common)
+            if cur[start:end] != synced[start:end] and self.rng.random() < 0.5:
+                out[start:end] = cur[start:end]
         if len(cur) <= len(synced):
             return out
         tail = cur[len(synced):]

@@ -164,12 +164,14 @@ def test_out_of_order_page_writeback_in_the_unsynced_tail_is_a_torn_tail(store_p
     s = Store.open(store_path, background=False)
     t = s.timeline(tid)
     t.commit({0: b"durable" * 100}, durable=True)
-    synced = os.path.getsize(_one_segment(store_path))
+    synced = scan_segment(OS, _one_segment(store_path), True).end
     for k in range(1, 30):
         t.commit({k: os.urandom(1000)})  # written, never synced
     s.abandon()
     seg = _one_segment(store_path)
+    end = scan_segment(OS, seg, True).end
     page = (synced // 4096 + 1) * 4096  # a page of the unsynced tail never made it
+    assert synced < page and page + 4096 < end  # later pages did
     with open(seg, "r+b") as f:
         f.seek(page)
         f.write(bytes(4096))

@@ -80,36 +80,35 @@ def _log_files(path: str) -> list[str]:
 def test_a_torn_tail_is_cut_off_and_never_applied(store_path):
     (a, b), lsns = _abandoned_store(store_path)
     seg = _log_files(store_path)[-1]
-    size = os.path.getsize(seg)
-    with open(seg, "r+b") as f:  # tear the last record in half
-        f.truncate(size - 40)
+    end = _records_end(seg)
+    with open(seg, "r+b") as f:  # tear the last record: its end never made it
+        f.seek(end - 40)
+        f.write(bytes(40))
     with Store.open(store_path, background=False) as store:
         ta, tb = store.timeline(a), store.timeline(b)
         assert [ta.get(i) for i in range(10)] == [b"a%d" % i * 50 for i in range(10)]
         assert [tb.get(i) for i in range(9)] == [b"b%d" % i * 50 for i in range(9)]
         assert tb.get(9) is None  # the torn batch is gone, whole
-        assert os.path.getsize(seg) < size - 40  # the tail was cut
-    with open(seg, "ab") as f:  # garbage after the last record
-        f.write(os.urandom(300))
+        assert os.path.getsize(seg) < end - 40  # the tail was cut
 
 
 def test_garbage_after_the_last_record_is_a_torn_tail(store_path):
     (a, b), _ = _abandoned_store(store_path)
     seg = _log_files(store_path)[-1]
-    with open(seg, "ab") as f:
-        f.write(b"\0" * 100 + os.urandom(300))
+    with open(seg, "r+b") as f:
+        f.seek(_records_end(seg) + 100)
+        f.write(os.urandom(300))
     with Store.open(store_path, background=False) as store:
         assert store.timeline(b).get(9) == b"b9" * 50
 
 
 def _record_offsets(seg: str) -> list[int]:
-    data = open(seg, "rb").read()
-    pos, out = SEGMENT_HEADER.size, []
-    while pos < len(data):
-        out.append(pos)
-        length = RECORD_HEADER.unpack_from(data, pos)[2]
-        pos += RECORD_HEADER.size + length
-    return out
+    return [r.offset for r in scan_segment(OsFileSystem(), seg, True).records]
+
+
+def _records_end(seg: str) -> int:
+    """Where the records end (a zero-filled tail follows)."""
+    return scan_segment(OsFileSystem(), seg, True).end
 
 
 def _flip(path: str, offset: int) -> None:
