@@ -6,10 +6,22 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# root runs apt-get itself; anyone else through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+PG_BIN := $(shell pg_config --bindir 2>/dev/null)
 
-.PHONY: all venv demo test bench lint clean
+.PHONY: all venv system demo test bench lint clean
 
 all: venv
+
+# System packages the page server and its tests need: FUSE 3 and PostgreSQL 15.
+system:
+	@if ! command -v fusermount3 >/dev/null || ! [ -e /usr/include/fuse3/fuse.h ] \
+	   || ! [ -x "$(PG_BIN)/postgres" ] || ! [ -x "$(PG_BIN)/pg_amcheck" ]; then \
+	  echo "installing fuse3, libfuse3-dev and PostgreSQL 15 (apt)"; \
+	  $(SUDO) apt-get update -qq && $(APT) fuse3 libfuse3-dev postgresql-15 postgresql-client-15 \
+	    postgresql-contrib; fi
 
 venv: $(STAMP)
 
@@ -26,10 +38,10 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m engine.demo
 
-test: venv lint
+test: venv system lint
 	$(BIN)/python -m pytest -q tests
 
-bench: venv
+bench: venv system
 	$(BIN)/python -m pytest -q bench --benchmark-only -p no:cacheprovider
 
 lint: venv

@@ -186,17 +186,21 @@ class Compute:
             self._watch.join(timeout=10)
 
     def kill(self) -> None:
-        """SIGKILL to the whole process group (postmaster and backends)."""
+        """SIGKILL to the postmaster and every backend."""
         if self.process is None:
             return
-        kill_group(self.process.pid)
+        kill_compute(self.process.pid, self.pgdata)
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + 10
+        while kill_compute(0, self.pgdata) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the last backend is gone
 
     def write_state(self) -> None:
-        state = {"id": self.id, "timeline": self.timeline_id, "pid": self.pid, "port": self.port}
+        state = {"id": self.id, "timeline": self.timeline_id, "pid": self.pid, "port": self.port,
+                 "pgdata": self.pgdata}
         tmp = os.path.join(self.rundir, "state.json.tmp")
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -215,20 +219,41 @@ def _pidfile_ready(path: str) -> bool:
     return len(lines) > 7 and lines[7].strip() == READY
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILL a compute's process group, if it is still ours (a postgres)."""
+def kill_compute(pid: int, pgdata: str) -> int:
+    """SIGKILL every process of a compute: the postmaster and every process
+    working in its data directory. (PostgreSQL puts each backend in a
+    process group of its own, so the postmaster's group is not enough; and
+    a backend waiting on a lock its dead peers held never notices that the
+    postmaster died.) Returns how many were signalled."""
+    victims = set()
+    if _is_postgres(pid):
+        victims.add(pid)
+    prefix = pgdata.rstrip("/")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == prefix or cwd.startswith(prefix + "/") or cwd.startswith(prefix + " "):
+            victims.add(int(entry))
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            log.warning("cannot kill process %d of compute %s", p, pgdata)
+    return len(victims)
+
+
+def _is_postgres(pid: int) -> bool:
     try:
-        with open(f"/proc/{pgid}/cmdline", "rb") as f:
-            if b"postgres" not in f.read():
-                return  # the pid was reused by something else
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"postgres" in f.read()
     except OSError:
-        pass  # the leader is gone; its group may not be
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        log.warning("cannot kill process group %d", pgid)
+        return False
 
 
 def reap_stale(computes_dir: str) -> int:
@@ -240,12 +265,12 @@ def reap_stale(computes_dir: str) -> int:
         state = os.path.join(computes_dir, cid, "state.json")
         try:
             with open(state) as f:
-                pid = json.load(f).get("pid")
+                st = json.load(f)
         except (OSError, ValueError):
-            pid = None
-        if pid:
-            kill_group(int(pid))
+            st = {}
+        if st.get("pid"):
+            killed = kill_compute(int(st["pid"]), st.get("pgdata", "/nonexistent"))
             n += 1
-            log.warning("ended compute %s (process group %s) left by an earlier page server", cid, pid)
+            log.warning("ended compute %s (%d processes) left by an earlier page server", cid, killed)
         shutil.rmtree(os.path.join(computes_dir, cid), ignore_errors=True)
     return n

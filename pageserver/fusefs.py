@@ -133,7 +133,9 @@ class StrataFS(mfusepy.Operations):
 
     # --- resolution ---------------------------------------------------------------
 
-    def _split(self, path: str) -> tuple[Attachment | None, str]:
+    def _split(self, path: str | None) -> tuple[Attachment | None, str]:
+        if path is None:
+            raise OSError(errno.EBADF, "no path and no open handle")
         parts = path.strip("/").split("/", 1)
         if not parts[0]:
             return None, ""
@@ -300,14 +302,20 @@ class StrataFS(mfusepy.Operations):
         att.datadir.opened(ino)
         return self._new_handle(att, ino=ino)
 
+    def _handle(self, fh: int) -> _Handle:
+        h = self._t.handles.get(fh)
+        if h is None:
+            raise OSError(errno.EBADF, "the file's data directory is no longer attached")
+        return h
+
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        h = self._t.handles[fh]
+        h = self._handle(fh)
         if h.fd >= 0:
             return os.pread(h.fd, size, offset)
         return h.att.datadir.read(h.ino, offset, size)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        h = self._t.handles[fh]
+        h = self._handle(fh)
         if h.fd >= 0:
             return os.pwrite(h.fd, data, offset)
         return h.att.datadir.write(h.ino, offset, data)

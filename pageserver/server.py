@@ -108,6 +108,8 @@ class PageServer:
                 log.exception("stopping compute %s", c.id)
         if self.mount is not None:
             self.mount.stop()
+            if not os.path.ismount(self.mountpoint):
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing of ours is left running
         if self.store is not None:
             self.store.close()
 
@@ -226,8 +228,7 @@ class PageServer:
         extra = [x for k, v in (settings or {}).items() for x in ("-c", f"{k}={v}")]
         try:
             c.start(extra, timeout=timeout)
-            if not read_only:
-                self._set_password(c)
+            self._set_password(c)
         except BaseException:
             c.stopping = True
             c.kill()
@@ -242,6 +243,8 @@ class PageServer:
         from psycopg import sql
 
         with psycopg.connect(c.local_conninfo(), autocommit=True, connect_timeout=30) as conn:
+            if c.read_only:  # its throwaway branch takes this one write
+                conn.execute("SET default_transaction_read_only = off")
             conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(c.password)))
 
     def stop_compute(self, compute_id: str) -> None:
@@ -262,12 +265,12 @@ class PageServer:
                 return
             if self._by_timeline.get(c.timeline_id) == c.id:
                 del self._by_timeline[c.timeline_id]
-            if c.read_only:
-                try:
-                    self.store.delete_timeline(c.timeline_id)
-                except NotFoundError:
-                    pass
         att = self.mount.ops.detach(c.id)
-        if att is not None and not att.datadir.read_only:
+        if c.read_only:
+            try:
+                self.store.delete_timeline(c.timeline_id)  # its throwaway branch
+            except NotFoundError:
+                pass
+        elif att is not None:
             att.datadir.fsync()
         c.cleanup()

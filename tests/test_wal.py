@@ -10,7 +10,7 @@ import pytest
 
 from engine import CorruptionError, Store
 from engine.fs import OsFileSystem
-from engine.wal import REC_COMMIT, RECORD_HEADER, SEGMENT_HEADER, list_segments, scan_segment
+from engine.wal import REC_COMMIT, RECORD_HEADER, list_segments, scan_segment
 
 
 class SlowSyncFS(OsFileSystem):

@@ -1,0 +1,55 @@
+"""`python -m pageserver serve`: run a page server in the foreground.
+
+    python -m pageserver serve --home DIR [--compute TIMELINE ...] [--template]
+
+Opens the page server at DIR (cleaning up after a killed one), optionally
+makes sure the template exists and starts computes, prints one JSON line per
+compute (`{"timeline", "compute", "uri", "port", "pid"}`) and a final
+`{"ready": true}`, then serves until SIGTERM or SIGINT, when it stops every
+compute, unmounts and closes the store. (The full service, with an HTTP
+API and a CLI, builds on this.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from .server import PageServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pageserver")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run a page server in the foreground")
+    s.add_argument("--home", required=True)
+    s.add_argument("--template", action="store_true", help="make sure the template timeline exists")
+    s.add_argument("--compute", action="append", default=[], metavar="TIMELINE",
+                   help="start a read-write compute on this timeline (repeatable)")
+    s.add_argument("--password", default=None, help="password for the computes (default: generated)")
+    s.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with PageServer(args.home) as ps:
+        if args.template:
+            ps.ensure_template(progress=False)
+        for tid in args.compute:
+            c = ps.start_compute(tid, password=args.password)
+            print(json.dumps({"timeline": tid, "compute": c.id, "uri": c.uri(), "port": c.port,
+                              "pid": c.pid}), flush=True)
+        print(json.dumps({"ready": True}), flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Helpers for tests that run real PostgreSQL on the page server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any
+
+import psycopg
+import pytest
+
+from pageserver.compute import Compute, pg_bindir
+
+
+def pg_available() -> str | None:
+    """Why PostgreSQL-on-FUSE tests cannot run here (None: they can)."""
+    if os.geteuid() != 0:
+        return "needs root (FUSE mounts with allow_other, postgres runs as the postgres user)"
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        return "needs /dev/fuse and fusermount3 (apt: fuse3); `make test` installs them"
+    try:
+        pg_bindir()
+    except Exception as e:  # noqa: BLE001
+        return f"needs PostgreSQL server binaries: {e}"
+    return None
+
+
+requires_pg = pytest.mark.skipif(pg_available() is not None, reason=pg_available() or "")
+
+
+def env_for(c: Compute) -> dict[str, str]:
+    return dict(
+        os.environ, PGHOST="127.0.0.1", PGPORT=str(c.port), PGUSER="postgres",
+        PGPASSWORD=c.password, PGDATABASE="postgres",
+    )
+
+
+def run_pg(tool: str, c: Compute, *args: str, check: bool = True, cwd: str | None = None,
+           timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([os.path.join(pg_bindir(), tool), *args], env=env_for(c), capture_output=True,
+                       text=True, cwd=cwd, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{tool} {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def query(c: Compute, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(c.uri(), autocommit=True, connect_timeout=30) as conn:
+        cur = conn.execute(sql, params or None)
+        return cur.fetchall() if cur.description else []
+
+
+def pgbench_invariants(c: Compute) -> tuple[int, int, int, int]:
+    """(sum of account, teller, branch balances, sum of history deltas)."""
+    (row,) = query(c, """
+        select (select sum(abalance) from pgbench_accounts),
+               (select sum(tbalance) from pgbench_tellers),
+               (select sum(bbalance) from pgbench_branches),
+               (select coalesce(sum(delta), 0) from pgbench_history)""")
+    return tuple(int(x) for x in row)  # type: ignore[return-value]
+
+
+def assert_invariants(c: Compute) -> None:
+    a, t, b, h = pgbench_invariants(c)
+    assert a == t == b == h, f"pgbench invariant broken: accounts {a}, tellers {t}, branches {b}, history {h}"
+
+
+def amcheck(c: Compute) -> None:
+    r = run_pg("pg_amcheck", c, "--heapallindexed", "--install-missing", "--database=postgres", check=False)
+    assert r.returncode == 0, f"pg_amcheck found problems:\n{r.stdout}\n{r.stderr}"
+
+
+def committed_in_log(logdir: str) -> int:
+    """Transactions pgbench logged as done (-l), failed ones left out."""
+    n = 0
+    for name in os.listdir(logdir):
+        if name.startswith("pgbench_log"):
+            with open(os.path.join(logdir, name)) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 3 and parts[2] not in ("failed", "skipped"):
+                        n += 1
+    return n
