@@ -577,6 +577,20 @@ class Mount:
         # unmount on a signal): give them back to Python
         for s, h in saved.items():
             signal.signal(s, h)
+        self._tune_writeback()
+
+    def _tune_writeback(self) -> None:
+        """The kernel caps a FUSE mount at 1% of dirty memory, strictly, and
+        throttles writers past it: postgres' dirty pages would stall in
+        balance_dirty_pages. Lift the cap (root only; best effort)."""
+        st = os.stat(self.mountpoint)
+        bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        for name, value in (("max_ratio", "50"), ("strict_limit", "0")):
+            try:
+                with open(os.path.join(bdi, name), "w") as f:
+                    f.write(value)
+            except OSError as e:
+                log.debug("cannot set %s/%s: %s", bdi, name, e)
 
     def stop(self) -> None:
         unmount(self.mountpoint)
