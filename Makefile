@@ -35,8 +35,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-demo: venv
-	$(BIN)/python -m engine.demo
+demo: venv system
+	$(BIN)/python -m pageserver.demo
 
 test: venv system lint
 	$(BIN)/python -m pytest -q tests
