@@ -73,7 +73,8 @@ def main() -> int:
         print(f"  e.g. {branches[0][1].uri()}")
         for i, (_, c) in enumerate(branches):
             with psycopg.connect(c.uri()) as conn:
-                (seen,) = conn.execute("select trim(filler) from pgbench_branches where bid = 1").fetchone()
+                row = conn.execute("select trim(filler) from pgbench_branches where bid = 1").fetchone()
+            seen = row[0] if row else None
             assert seen == f"branch {i}", seen
         print("isolation: each branch sees its own change and no other's")
         for _, c in branches:
