@@ -358,6 +358,15 @@ class _Handle:
         if self.epoch != self.fs._epoch:
             raise OSError(errno_mod.EIO, "file handle from before a crash", self.path)
 
+    def sync(self) -> None:
+        with self.fs._mu:
+            self._live()
+            self.fs._op("sync")
+            self.inode.synced = bytes(self.inode.data)
+
+    def close(self) -> None:
+        pass
+
 
 class _ReadHandle(_Handle):
     def read_at(self, offset: int, length: int) -> bytes:
@@ -372,9 +381,6 @@ class _ReadHandle(_Handle):
         with self.fs._mu:
             return len(self.inode.data)
 
-    def close(self) -> None:
-        pass
-
 
 class _WriteHandle(_Handle):
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -384,18 +390,9 @@ class _WriteHandle(_Handle):
             self.inode.data += data
             self.fs._last_written = self.inode
 
-    def sync(self) -> None:
-        with self.fs._mu:
-            self._live()
-            self.fs._op("sync")
-            self.inode.synced = bytes(self.inode.data)
-
     def tell(self) -> int:
         with self.fs._mu:
             return len(self.inode.data)
-
-    def close(self) -> None:
-        pass
 
 
 class _RWHandle(_Handle):
@@ -409,15 +406,6 @@ class _RWHandle(_Handle):
                 buf.extend(bytes(end - len(buf)))
             buf[offset:end] = data
             self.fs._last_written = self.inode
-
-    def sync(self) -> None:
-        with self.fs._mu:
-            self._live()
-            self.fs._op("sync")
-            self.inode.synced = bytes(self.inode.data)
-
-    def close(self) -> None:
-        pass
 
 
 class _Lock:

@@ -18,6 +18,7 @@ allows). Errors are `OSError` with the errno a file system would give.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,13 +60,7 @@ Entry = tuple[int, int]  # (inode, kind)
 
 
 def _err(code: int, what: str = "") -> OSError:
-    return OSError(code, os_strerror(code) + (f": {what}" if what else ""))
-
-
-def os_strerror(code: int) -> str:
-    import os
-
-    return os.strerror(code)
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
 
 def _check_name(name: bytes) -> None:

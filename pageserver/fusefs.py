@@ -391,25 +391,21 @@ class StrataFS(mfusepy.Operations):
         att.datadir.symlink(parent, name, source.encode("utf-8", "surrogateescape"), uid, gid)
         return 0
 
-    def unlink(self, path: str) -> int:
+    def _remove(self, path: str, local_op: Any, dd_op: str) -> int:
         att, rel = self._split(path)
         if att is None:
             raise OSError(errno.EACCES, path)
         if is_local(rel):
-            os.unlink(self._local(att, rel))
+            local_op(self._local(att, rel))
         else:
-            att.datadir.unlink(*self._parent(att, rel))
+            getattr(att.datadir, dd_op)(*self._parent(att, rel))
         return 0
 
+    def unlink(self, path: str) -> int:
+        return self._remove(path, os.unlink, "unlink")
+
     def rmdir(self, path: str) -> int:
-        att, rel = self._split(path)
-        if att is None:
-            raise OSError(errno.EACCES, path)
-        if is_local(rel):
-            os.rmdir(self._local(att, rel))
-        else:
-            att.datadir.rmdir(*self._parent(att, rel))
-        return 0
+        return self._remove(path, os.rmdir, "rmdir")
 
     def rename(self, old: str, new: str) -> int:
         att, rel = self._split(old)
