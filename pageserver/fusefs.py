@@ -286,14 +286,23 @@ class StrataFS(mfusepy.Operations):
         att.datadir.opened(ino)
         return self._new_handle(att, ino=ino)
 
-    def create(self, path: str, mode: int, fi: Any = None) -> int:
+    def _new_entry(self, path: str) -> tuple[Attachment, str, int, int, str | None]:
+        """For a call that makes something at `path`: (attachment, relative
+        path, caller's uid and gid, local path if compute-local, its parent
+        directory made)."""
         att, rel = self._split(path)
         if att is None:
             raise OSError(errno.EACCES, path)
         uid, gid, _ = mfusepy.fuse_get_context()
+        local = None
         if is_local(rel):
             local = self._local(att, rel)
             os.makedirs(os.path.dirname(local), exist_ok=True)
+        return att, rel, uid, gid, local
+
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        att, rel, uid, gid, local = self._new_entry(path)
+        if local is not None:
             fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode & 0o7777)
             os.fchown(fd, uid, gid)
             return self._new_handle(att, fd=fd)
@@ -364,13 +373,8 @@ class StrataFS(mfusepy.Operations):
         return 0
 
     def mkdir(self, path: str, mode: int) -> int:
-        att, rel = self._split(path)
-        if att is None:
-            raise OSError(errno.EACCES, path)
-        uid, gid, _ = mfusepy.fuse_get_context()
-        if is_local(rel):
-            local = self._local(att, rel)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
+        att, rel, uid, gid, local = self._new_entry(path)
+        if local is not None:
             os.mkdir(local, mode & 0o7777)
             os.chown(local, uid, gid)
             return 0
@@ -379,13 +383,10 @@ class StrataFS(mfusepy.Operations):
         return 0
 
     def symlink(self, target: str, source: str) -> int:
-        att, rel = self._split(target)
-        if att is None:
-            raise OSError(errno.EACCES, target)
-        uid, gid, _ = mfusepy.fuse_get_context()
-        if is_local(rel):
-            os.symlink(source, self._local(att, rel))
-            os.lchown(self._local(att, rel), uid, gid)
+        att, rel, uid, gid, local = self._new_entry(target)
+        if local is not None:
+            os.symlink(source, local)
+            os.lchown(local, uid, gid)
             return 0
         parent, name = self._parent(att, rel)
         att.datadir.symlink(parent, name, source.encode("utf-8", "surrogateescape"), uid, gid)

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine import Store
+from engine import Store, Timeline
 from engine.faultfs import FaultFileSystem
 from pageserver.datadir import DataDir
 from pageserver.layout import DIRECTORY, PAGE, ROOT, SYMLINK
@@ -231,11 +231,15 @@ DataDirMachine.TestCase.settings = settings(
 test_datadir_against_local_fs = DataDirMachine.TestCase
 
 
+def _fresh(store: Store) -> tuple[Timeline, DataDir]:
+    tl = store.create_timeline()
+    DataDir.format(tl, uid=0, gid=0)
+    return tl, DataDir(tl)
+
+
 def test_read_only_datadir_refuses_changes():
     with Store.open("/s", fs=FaultFileSystem(), background=False) as store:
-        tl = store.create_timeline()
-        DataDir.format(tl, uid=0, gid=0)
-        dd = DataDir(tl)
+        tl, dd = _fresh(store)
         ino = dd.create(ROOT, b"f", 0o600, 0, 0)
         dd.write(ino, 0, b"hello")
         dd.fsync(ino)
@@ -250,9 +254,7 @@ def test_read_only_datadir_refuses_changes():
 
 def test_zero_pages_are_holes_and_cost_nothing():
     with Store.open("/s", fs=FaultFileSystem(), background=False) as store:
-        tl = store.create_timeline()
-        DataDir.format(tl, uid=0, gid=0)
-        dd = DataDir(tl)
+        tl, dd = _fresh(store)
         ino = dd.create(ROOT, b"wal", 0o600, 0, 0)
         dd.write(ino, 0, bytes(16 * 1024 * 1024))  # a preallocated WAL segment
         dd.fsync(ino)
