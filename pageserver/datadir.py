@@ -231,11 +231,12 @@ class DataDir:
             page = self._get(page_key(ino, block)) if block < committed_pages else None
         return page or _ZERO
 
-    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+    def write(self, ino: int, offset: int, data: bytes | memoryview, *, durable: bool = False) -> int:
         """Write into the file's pending pages. They reach the timeline (in
         one commit per file) when the file is fsynced, or sooner if pending
         data passes PENDING_LIMIT: as the kernel's page cache does, and so
-        that an fsync of the WAL does not wait for data files' pages."""
+        that an fsync of the WAL does not wait for data files' pages. With
+        `durable`, the file is fsynced before this returns."""
         self._writable()
         n = len(data)
         if n == 0:
@@ -275,7 +276,9 @@ class DataDir:
                         max(node.size, end), self._clock(), self._clock(), node.target)
             self._inodes[ino] = new
             over = self._pending_bytes > self.pending_limit
-        if over:
+        if durable:
+            self.fsync(ino)
+        elif over:
             self.commit_pending()
         return n
 
@@ -311,7 +314,7 @@ class DataDir:
         if pending:
             self._commit_file(ino, pending)
 
-    def truncate(self, ino: int, size: int) -> None:
+    def truncate(self, ino: int, size: int, *, durable: bool = False) -> None:
         self._writable()
         if size < 0 or size > MAX_FILE_SIZE:
             raise _err(errno.EFBIG if size > 0 else errno.EINVAL)
@@ -343,6 +346,8 @@ class DataDir:
             self._inodes[ino] = new
             for i in range(0, len(rest), _FREE_CHUNK):
                 self._commit({page_key(ino, b): None for b in rest[i : i + _FREE_CHUNK]})
+        if durable:
+            self.timeline.sync()
 
     def fsync(self, ino: int | None = None) -> None:
         """Everything written (to `ino`, or to any file) is durable when this
@@ -361,7 +366,7 @@ class DataDir:
     # --- attributes ---------------------------------------------------------------------
 
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
-                gid: int | None = None, mtime_ns: int | None = None) -> Inode:
+                gid: int | None = None, mtime_ns: int | None = None, durable: bool = False) -> Inode:
         self._writable()
         with self._mu:
             self._settle(ino)
@@ -378,7 +383,9 @@ class DataDir:
                 new.mtime_ns = mtime_ns
             self._commit({inode_key(ino): new.encode()})
             self._inodes[ino] = new
-            return new
+        if durable:
+            self.timeline.sync()
+        return new
 
     def touch(self, ino: int, mtime_ns: int | None = None) -> None:
         """Set a file's mtime in memory only: it is written with the file's

@@ -22,6 +22,7 @@ from engine import NotFoundError
 from pageserver.compute import pg_bindir, reap_stale
 from pageserver.errors import BranchBusyError, ComputeError, DestinationNotEmptyError, NotADataDirectoryError
 from pageserver.fusefs import unmount
+from pageserver.layout import Inode, inode_key, page_key
 from pageserver.server import PageServer, run_dir_for
 
 from .pg import amcheck, assert_invariants, committed_in_log, env_for, query, requires_pg, run_pg
@@ -132,6 +133,29 @@ def test_read_only_mount_of_a_past_lsn(ps, branch):
         assert set(os.listdir(path)) == live
     finally:
         ps.unmount_readonly(path)
+
+
+def test_writes_through_the_mount_are_durable_when_answered(ps, branch):
+    """Write-through: once the kernel has sent a write, it is in the
+    timeline at an LSN the commit log has synced, so fsync needs nothing
+    from the page server (which does not implement FSYNC)."""
+    c = ps.start_compute(branch)
+    log = ps.store._log
+    dd = ps.mount.ops._t.attachments[c.id].datadir
+    rel = "base/strata-durability-probe"
+    data = os.urandom(2 * 8192)
+    fd = os.open(os.path.join(c.pgdata, rel), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.pwrite(fd, data, 8192)
+        os.fsync(fd)  # the kernel sends the dirty pages (WRITE) and answers itself
+        ino = dd.resolve(rel)
+        synced = log._synced_lsn
+        assert branch.get(page_key(ino, 1), synced) == data[:8192]
+        assert branch.get(page_key(ino, 2), synced) == data[8192:]
+        os.ftruncate(fd, 8192)
+        assert Inode.decode(branch.get(inode_key(ino), log._synced_lsn)).size == 8192
+    finally:
+        os.close(fd)
 
 
 def test_kill_9_of_the_postmaster_loses_no_committed_transaction(ps, branch, tmp_path):
