@@ -6,6 +6,13 @@
      +-- BranchBusyError          a second read-write compute on a branch
      +-- ComputeError             postgres would not start, or died
      +-- ComputeNotFoundError     (also a LookupError)
+     +-- ControlPlaneError        what the control plane refuses (HTTP status)
+          +-- UnknownObjectError       no such database or branch (404)
+          +-- ObjectExistsError        a name already taken (409)
+          +-- BadRequestError          a malformed or contradictory request (400)
+          +-- ProtectedError           a protected branch cannot be deleted or reset (409)
+          +-- ComputeLimitError        every compute slot is busy (503)
+          +-- ServiceNotRunningError   no service to talk to (client side)
 """
 
 from __future__ import annotations
@@ -51,3 +58,49 @@ class ComputeNotFoundError(PageServerError, LookupError):
     def __init__(self, compute_id: str) -> None:
         super().__init__(f"compute {compute_id!r} not found")
         self.compute_id = compute_id
+
+
+class ControlPlaneError(PageServerError):
+    status = 400
+
+
+class UnknownObjectError(ControlPlaneError, LookupError):
+    status = 404
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"no {kind} named {name!r}")
+        self.kind = kind
+        self.name = name
+
+
+class ObjectExistsError(ControlPlaneError):
+    status = 409
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"a {kind} named {name!r} already exists")
+        self.kind = kind
+        self.name = name
+
+
+class BadRequestError(ControlPlaneError, ValueError):
+    status = 400
+
+
+class ProtectedError(ControlPlaneError):
+    status = 409
+
+    def __init__(self, name: str, action: str) -> None:
+        super().__init__(f"branch {name} is protected: it cannot be {action} (unprotect it first)")
+        self.name = name
+
+
+class ComputeLimitError(ControlPlaneError):
+    status = 503
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"all {limit} compute slots are in use by branches with open connections")
+        self.limit = limit
+
+
+class ServiceNotRunningError(ControlPlaneError):
+    status = 503

@@ -1,0 +1,177 @@
+"""The HTTP API (JSON, under /v1), a thin layer over `ControlPlane`.
+
+Every route needs `Authorization: Bearer <token>` (the token the service
+generated at its first start, in `<home>/token`, mode 0600); the OpenAPI
+document is at /v1/openapi.json. Errors come back as
+`{"error": <type>, "message": <text>}` with the status their type maps to
+(in `status_of`, the one place that does it).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from engine import (
+    AlreadyExistsError,
+    HasChildrenError,
+    InvalidArgumentError,
+    LsnOutOfRangeError,
+    NotFoundError,
+    StrataError,
+)
+
+from .control import MAIN, ControlPlane
+from .errors import BranchBusyError, ControlPlaneError
+
+Duration = float | str | None
+
+
+class DatabaseCreate(BaseModel):
+    name: str | None = Field(None, description="1-63 of [a-z0-9_-]; generated when absent")
+    ttl: Duration = Field(None, description="delete after this long: seconds, or 90s, 15m, 1h, 2d")
+    idle_timeout: Duration = Field(None, description="suspend branches idle this long (default 300 s)")
+    expire_after_idle: Duration = Field(None, description="delete when unused this long")
+
+
+class BranchCreate(BaseModel):
+    name: str
+    parent: str = MAIN
+    lsn: int | None = Field(None, description="branch at this LSN of the parent (default: its head)")
+    time: str | None = Field(None, description="or as of this time (ISO 8601)")
+    ttl: Duration = None
+    idle_timeout: Duration = None
+    expire_after_idle: Duration = None
+    protected: bool = False
+
+
+class BranchUpdate(BaseModel):
+    protected: bool | None = None
+    ttl: Duration = None
+    idle_timeout: Duration = None
+    expire_after_idle: Duration = None
+
+
+class Restore(BaseModel):
+    lsn: int | None = None
+    time: str | None = None
+
+
+def status_of(e: StrataError) -> int:
+    if isinstance(e, ControlPlaneError):
+        return e.status
+    if isinstance(e, NotFoundError):
+        return 404
+    if isinstance(e, AlreadyExistsError | HasChildrenError | BranchBusyError):
+        return 409
+    if isinstance(e, InvalidArgumentError | LsnOutOfRangeError):
+        return 400
+    return 500
+
+
+def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> FastAPI:
+    app = FastAPI(title="Strata", version="1", openapi_url="/v1/openapi.json", docs_url=None,
+                  redoc_url=None, description="Branchable, scale-to-zero PostgreSQL databases.")
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorized(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
+            raise HTTPException(401, "a bearer token is required (see <home>/token)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(StrataError)
+    async def strata_error(request: Request, e: StrataError) -> JSONResponse:
+        return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=status_of(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": "HTTPError", "message": str(e.detail)}, status_code=e.status_code,
+                            headers=e.headers)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+    @v1.get("/status")
+    def status() -> dict[str, Any]:
+        return control.status()
+
+    @v1.post("/databases", status_code=201)
+    def create_database(req: DatabaseCreate) -> dict[str, Any]:
+        return control.create_database(req.name, ttl=req.ttl, idle_timeout=req.idle_timeout,
+                                       expire_after_idle=req.expire_after_idle).to_dict()
+
+    @v1.get("/databases")
+    def list_databases() -> list[dict[str, Any]]:
+        return [d.to_dict() for d in control.databases()]
+
+    @v1.get("/databases/{db}")
+    def get_database(db: str) -> dict[str, Any]:
+        return control.database(db).to_dict()
+
+    @v1.delete("/databases/{db}", status_code=204)
+    def delete_database(db: str) -> None:
+        control.delete_database(db)
+
+    @v1.post("/databases/{db}/branches", status_code=201)
+    def create_branch(db: str, req: BranchCreate) -> dict[str, Any]:
+        return control.create_branch(
+            db, req.name, parent=req.parent, lsn=req.lsn, time=req.time, ttl=req.ttl,
+            idle_timeout=req.idle_timeout, expire_after_idle=req.expire_after_idle, protected=req.protected,
+        ).to_dict()
+
+    @v1.get("/databases/{db}/branches")
+    def list_branches(db: str) -> list[dict[str, Any]]:
+        return [b.to_dict() for b in control.branches(db)]
+
+    @v1.get("/databases/{db}/branches/{name}")
+    def get_branch(db: str, name: str) -> dict[str, Any]:
+        return control.branch(db, name).to_dict()
+
+    @v1.patch("/databases/{db}/branches/{name}")
+    def update_branch(db: str, name: str, req: BranchUpdate) -> dict[str, Any]:
+        return control.update_branch(db, name, protected=req.protected, ttl=req.ttl,
+                                     idle_timeout=req.idle_timeout,
+                                     expire_after_idle=req.expire_after_idle).to_dict()
+
+    @v1.delete("/databases/{db}/branches/{name}", status_code=204)
+    def delete_branch(db: str, name: str) -> None:
+        control.delete_branch(db, name)
+
+    @v1.post("/databases/{db}/branches/{name}/reset")
+    def reset_branch(db: str, name: str) -> dict[str, Any]:
+        return control.reset_branch(db, name).to_dict()
+
+    @v1.post("/databases/{db}/branches/{name}/restore")
+    def restore_branch(db: str, name: str, req: Restore) -> dict[str, Any]:
+        branch, backup = control.restore_branch(db, name, lsn=req.lsn, time=req.time)
+        return {**branch.to_dict(), "backup": backup.to_dict()}
+
+    @v1.post("/databases/{db}/branches/{name}/detach")
+    def detach_branch(db: str, name: str) -> dict[str, Any]:
+        return control.detach_branch(db, name).to_dict()
+
+    @v1.post("/databases/{db}/branches/{name}/suspend")
+    def suspend(db: str, name: str) -> dict[str, Any]:
+        return control.suspend(db, name).to_dict()
+
+    @v1.post("/databases/{db}/branches/{name}/start")
+    def start(db: str, name: str) -> dict[str, Any]:
+        control.wake(f"{db}/{name}")
+        return control.branch(db, name, sizes=False).to_dict()
+
+    @v1.get("/databases/{db}/branches/{name}/lsn")
+    def lsn(db: str, name: str) -> dict[str, Any]:
+        return {"lsn": control.lsn(db, name)}
+
+    @v1.post("/shutdown", status_code=202)
+    def shutdown() -> dict[str, Any]:
+        if on_shutdown is not None:
+            on_shutdown()
+        return {"stopping": True}
+
+    app.include_router(v1)
+    return app

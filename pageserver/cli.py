@@ -1,0 +1,279 @@
+"""`strata`: the command line, thin over the HTTP API (through the SDK).
+
+Branches are addressed as DB/BRANCH (DB alone means DB/main). Every command
+takes --json and then prints one JSON object on stdout; errors go to stderr
+(as {"error", "message"} with --json) with exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from engine import StrataError
+
+from . import service
+from .sdk import Strata
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+
+
+def _home(ctx: click.Context) -> str:
+    return str(ctx.obj["home"])
+
+
+def _client(ctx: click.Context) -> Strata:
+    if "client" not in ctx.obj:
+        ctx.obj["client"] = Strata(_home(ctx), start=False)
+    client: Strata = ctx.obj["client"]
+    return client
+
+
+def _split(address: str) -> tuple[str, str]:
+    db, _, name = address.partition("/")
+    if not db or "/" in name:
+        raise click.BadParameter(f"{address!r}: use DB/BRANCH")
+    return db, name or "main"
+
+
+def _emit(as_json: bool, obj: Any, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, default=str))
+    else:
+        click.echo(text if text is not None else json.dumps(obj, indent=2, default=str))
+
+
+def command(group: click.Group, name: str, **kw: Any) -> Callable[[Callable[..., Any]], Any]:
+    """A subcommand with --json whose StrataErrors become a clean message."""
+    def wrap(fn: Callable[..., Any]) -> Any:
+        @wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            as_json = kwargs.get("as_json", False)
+            try:
+                return fn(*args, **kwargs)
+            except StrataError as e:
+                if as_json:
+                    click.echo(json.dumps({"error": getattr(e, "kind", type(e).__name__), "message": str(e)}),
+                               err=True)
+                else:
+                    click.echo(f"strata: {e}", err=True)
+                sys.exit(1)
+        return group.command(name, **kw)(json_option(click.pass_context(run)))
+    return wrap
+
+
+@click.group()
+@click.option("--home", envvar="STRATA_HOME", default=None,
+              help="The service's home (default: $STRATA_HOME or ./.strata).")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None) -> None:
+    """Branchable, scale-to-zero PostgreSQL."""
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = os.path.abspath(home) if home else service.default_home()
+
+
+# --- the service -------------------------------------------------------------------
+
+
+@command(cli, "up")
+@click.option("--api-port", type=int, help="First start only: the API's port (default: a free one).")
+@click.option("--proxy-port", type=int, help="First start only: the proxy's port (default: a free one).")
+@click.option("--max-computes", type=int, help="Running computes at most (default: from memory).")
+@click.option("--idle-timeout", type=float, help="Default idle timeout of branches, seconds (300).")
+def up(ctx: click.Context, as_json: bool, api_port: int | None, proxy_port: int | None,
+       max_computes: int | None, idle_timeout: float | None) -> None:
+    """Start the service in the background (if it is not running)."""
+    state = service.start(_home(ctx), api_port=api_port, proxy_port=proxy_port, max_computes=max_computes,
+                          idle_timeout=idle_timeout)
+    out = {k: state[k] for k in ("api", "proxy", "token_file", "pid", "home")}
+    _emit(as_json, out, f"Strata is up: API {out['api']}, proxy {out['proxy']} (pid {out['pid']}); "
+                        f"token in {out['token_file']}")
+
+
+@command(cli, "down")
+def down(ctx: click.Context, as_json: bool) -> None:
+    """Stop the service and every compute it runs."""
+    state = service.stop(_home(ctx))
+    out = {"stopped": state is not None, "pid": state["pid"] if state else None}
+    _emit(as_json, out, "Strata stopped." if state else "Strata was not running.")
+
+
+@command(cli, "status")
+@click.argument("address", required=False)
+def status(ctx: click.Context, as_json: bool, address: str | None) -> None:
+    """The service's status, or a database's or a branch's (DB[/BRANCH])."""
+    c = _client(ctx)
+    if address is None:
+        info = c.status()
+        _emit(as_json, info, f"{info['databases']} databases, {info['branches']} branches, "
+                             f"{len(info['running'])} running (at most {info['max_computes']})")
+        return
+    db, name = _split(address)
+    info = c.branch(f"{db}/{name}").info
+    _emit(as_json, info, f"{db}/{name}: {info['state']}, LSN {info['lsn']}, "
+                         f"{info['connections']} connections\n{info['uri']}")
+
+
+# --- databases -----------------------------------------------------------------------
+
+@cli.group()
+def db() -> None:
+    """Databases: create, list, delete."""
+
+
+@command(db, "create")
+@click.argument("name", required=False)
+@click.option("--ttl", help="Delete after this long (seconds, or 90s, 15m, 1h, 2d).")
+@click.option("--idle-timeout", help="Suspend its branches after this long without connections.")
+@click.option("--expire-after-idle", help="Delete it when unused this long.")
+def db_create(ctx: click.Context, as_json: bool, name: str | None, ttl: str | None,
+              idle_timeout: str | None, expire_after_idle: str | None) -> None:
+    """Create a database (a branch of the template: no initdb)."""
+    d = _client(ctx).create_database(name, ttl=ttl, idle_timeout=idle_timeout,
+                                     expire_after_idle=expire_after_idle)
+    _emit(as_json, {"name": d.database, "branch": "main", "uri": d.uri}, d.uri)
+
+
+@command(db, "list")
+def db_list(ctx: click.Context, as_json: bool) -> None:
+    """List databases with their last use."""
+    dbs = [d.info for d in _client(ctx).databases()]
+    lines = [f"{d['name']:24} {len(d['branches']):3} branches  last used {d['last_used']}" for d in dbs]
+    _emit(as_json, {"databases": dbs}, "\n".join(lines) or "(no databases)")
+
+
+@command(db, "delete")
+@click.argument("name")
+def db_delete(ctx: click.Context, as_json: bool, name: str) -> None:
+    """Delete a database and all its branches."""
+    _client(ctx).call("DELETE", f"/databases/{name}")
+    _emit(as_json, {"deleted": name}, f"deleted {name}")
+
+
+# --- branches --------------------------------------------------------------------------
+
+@cli.group()
+def branch() -> None:
+    """Branches: create, list, delete, reset, restore, detach."""
+
+
+@command(branch, "create")
+@click.argument("address")
+@click.option("--from", "parent", help="DB/PARENT to branch from (default: DB/main).")
+@click.option("--lsn", type=int, help="Branch at this LSN of the parent.")
+@click.option("--time", "at_time", help="Branch as of this time (ISO 8601).")
+@click.option("--ttl", help="Delete after this long.")
+@click.option("--idle-timeout", help="Suspend after this long without connections.")
+@click.option("--expire-after-idle", help="Delete when unused this long.")
+@click.option("--protected", is_flag=True, help="Refuse deletion and reset.")
+def branch_create(ctx: click.Context, as_json: bool, address: str, parent: str | None, lsn: int | None,
+                  at_time: str | None, ttl: str | None, idle_timeout: str | None,
+                  expire_after_idle: str | None, protected: bool) -> None:
+    """Create branch DB/NAME (O(1), whatever the size)."""
+    dbname, name = _split(address)
+    src = "main"
+    if parent:
+        pdb, src = _split(parent) if "/" in parent else (dbname, parent)
+        if pdb != dbname:
+            raise click.BadParameter(f"--from {parent}: a branch of another database")
+    info = _client(ctx).call("POST", f"/databases/{dbname}/branches", {
+        "name": name, "parent": src, "lsn": lsn, "time": at_time, "ttl": ttl, "idle_timeout": idle_timeout,
+        "expire_after_idle": expire_after_idle, "protected": protected})
+    _emit(as_json, {"name": f"{dbname}/{name}", "uri": info["uri"], "lsn": info["lsn"]}, info["uri"])
+
+
+@command(branch, "list")
+@click.argument("database")
+def branch_list(ctx: click.Context, as_json: bool, database: str) -> None:
+    """List a database's branches with state, size and last use."""
+    brs = _client(ctx).call("GET", f"/databases/{database}/branches")
+    lines = [f"{b['name']:24} {b['state']:9} {b['logical_size'] or 0:>12} B  "
+             f"alone {b['exclusive_size'] or 0:>10} B  last used {b['last_used']}" for b in brs]
+    _emit(as_json, {"branches": brs}, "\n".join(lines))
+
+
+def _branch_action(name: str, verb: str, method: str, doc: str) -> None:
+    @command(branch, name)
+    @click.argument("address")
+    def action(ctx: click.Context, as_json: bool, address: str) -> None:
+        dbname, br = _split(address)
+        path = f"/databases/{dbname}/branches/{br}" + (f"/{verb}" if verb else "")
+        info = _client(ctx).call(method, path)
+        _emit(as_json, info or {"deleted": f"{dbname}/{br}"}, f"{dbname}/{br}: {name} done")
+    action.__doc__ = doc
+
+
+_branch_action("delete", "", "DELETE", "Delete a branch (not main: delete the database).")
+_branch_action("reset", "reset", "POST", "Reset a branch to its parent's head.")
+_branch_action("detach", "detach", "POST", "Give a branch its own copy of what it shares with its parent.")
+
+
+@command(branch, "restore")
+@click.argument("address")
+@click.option("--lsn", type=int)
+@click.option("--time", "at_time")
+def branch_restore(ctx: click.Context, as_json: bool, address: str, lsn: int | None, at_time: str | None) -> None:
+    """Take a branch back to its state at --lsn or --time (a backup branch keeps the rest)."""
+    dbname, br = _split(address)
+    info = _client(ctx).call("POST", f"/databases/{dbname}/branches/{br}/restore", {"lsn": lsn, "time": at_time})
+    _emit(as_json, info, f"{dbname}/{br} restored; previous state kept as {dbname}/{info['backup']['name']}")
+
+
+# --- one branch ---------------------------------------------------------------------------
+
+@command(cli, "suspend")
+@click.argument("address")
+def suspend(ctx: click.Context, as_json: bool, address: str) -> None:
+    """Stop a branch's compute now (it wakes on the next connection)."""
+    dbname, br = _split(address)
+    info = _client(ctx).call("POST", f"/databases/{dbname}/branches/{br}/suspend")
+    _emit(as_json, {"name": f"{dbname}/{br}", "state": info["state"]}, f"{dbname}/{br}: {info['state']}")
+
+
+@command(cli, "uri")
+@click.argument("address")
+def uri(ctx: click.Context, as_json: bool, address: str) -> None:
+    """A branch's connection URI."""
+    dbname, br = _split(address)
+    b = _client(ctx).branch(f"{dbname}/{br}")
+    _emit(as_json, {"name": f"{dbname}/{br}", "uri": b.uri}, b.uri)
+
+
+@command(cli, "lsn")
+@click.argument("address")
+def lsn(ctx: click.Context, as_json: bool, address: str) -> None:
+    """A branch's current LSN (to branch at it later)."""
+    dbname, br = _split(address)
+    value = _client(ctx).branch(f"{dbname}/{br}").lsn()
+    _emit(as_json, {"name": f"{dbname}/{br}", "lsn": value}, str(value))
+
+
+@cli.command("psql", context_settings={"ignore_unknown_options": True})
+@click.argument("address")
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def psql(ctx: click.Context, address: str, psql_args: tuple[str, ...]) -> None:
+    """Run psql on a branch (extra arguments go to psql)."""
+    dbname, br = _split(address)
+    try:
+        target = _client(ctx).branch(f"{dbname}/{br}").uri
+    except StrataError as e:
+        click.echo(f"strata: {e}", err=True)
+        sys.exit(1)
+    exe = shutil.which("psql") or "/usr/bin/psql"
+    os.execv(exe, [exe, target, *psql_args])
+
+
+def main() -> None:
+    cli(obj={})
+
+
+if __name__ == "__main__":
+    main()

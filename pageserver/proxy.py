@@ -1,0 +1,253 @@
+"""The PostgreSQL proxy: one loopback port for every branch, waking
+suspended ones on connect.
+
+A connection starts with a startup packet (PostgreSQL protocol 3.0,
+"Message Formats"):
+
+    Int32 length | Int32 code | body
+    code 80877103  SSLRequest      -> answer 'N' (no TLS on loopback), read again
+    code 80877104  GSSENCRequest   -> answer 'N', read again
+    code 80877102  CancelRequest   body: Int32 pid, Int32 secret key
+    code 196608    StartupMessage  body: (name \\0 value \\0)* \\0
+
+The branch is named by its endpoint `DB.BRANCH`, given as
+`options=endpoint=DB.BRANCH` (libpq: `?options=endpoint%3DDB.BRANCH` in a
+URI), or, for clients that cannot pass options, as the database name
+(which then becomes `postgres`). An unknown endpoint gets an ErrorResponse
+at once. Otherwise the proxy wakes the branch (connections that arrive
+while it starts wait for the same start), sends the startup packet on to
+the compute without the endpoint, and relays bytes both ways. It reads the
+compute's BackendKeyData on the way, so that a CancelRequest, which comes
+on a new connection with only the key, reaches the compute that issued it.
+Authentication is the compute's own (SCRAM with the database's password).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any
+
+from .catalog import BranchRecord
+from .control import ControlPlane
+from .errors import ComputeLimitError, ControlPlaneError
+
+log = logging.getLogger("strata.proxy")
+
+SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST, PROTOCOL_3 = 80877103, 80877104, 80877102, 196608
+MAX_STARTUP = 10_000  # PostgreSQL's own limit on a startup packet
+_I32 = struct.Struct("!i")
+_HEAD = struct.Struct("!ii")
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def parse_params(body: bytes) -> dict[str, str]:
+    parts = body.split(b"\0")
+    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
+        raise ProtocolError("startup parameters are not NUL-terminated")
+    items = parts[:-2]
+    if len(items) % 2:
+        raise ProtocolError("a startup parameter has no value")
+    return {items[i].decode(): items[i + 1].decode() for i in range(0, len(items), 2)}
+
+
+def startup_packet(params: dict[str, str]) -> bytes:
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return _HEAD.pack(8 + len(body), PROTOCOL_3) + body
+
+
+def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:
+    fields = b"".join(t + v.encode() + b"\0" for t, v in ((b"S", severity), (b"V", severity),
+                                                         (b"C", code), (b"M", message)))
+    body = fields + b"\0"
+    return b"E" + _I32.pack(4 + len(body)) + body
+
+
+def take_endpoint(params: dict[str, str]) -> str | None:
+    """The endpoint named in `options` (removed from it), else in the
+    database name (which becomes `postgres`)."""
+    options = params.get("options", "")
+    kept, endpoint = [], None
+    for token in options.split():
+        for prefix in ("endpoint=", "--endpoint="):
+            if token.startswith(prefix):
+                endpoint = token[len(prefix):]
+                break
+        else:
+            kept.append(token)
+    if endpoint is not None:
+        if kept:
+            params["options"] = " ".join(kept)
+        else:
+            params.pop("options", None)
+        return endpoint
+    db = params.get("database", "")
+    if "." in db:
+        params["database"] = "postgres"
+        return db
+    return None
+
+
+class Proxy:
+    def __init__(self, control: ControlPlane, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.control = control
+        self.host = host
+        self.port = port
+        self._server: asyncio.base_events.Server | None = None
+        self._cancel_keys: dict[bytes, tuple[str, int]] = {}  # pid+key -> compute address
+        self._conns: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("proxy listening on %s:%d", self.host, self.port)
+        return self.host, self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for t in list(self._conns):
+                t.cancel()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            await self._session(reader, writer)
+        except (ProtocolError, UnicodeDecodeError) as e:
+            await _refuse(writer, "08P01", f"strata proxy: {e}")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._conns.discard(task)
+            writer.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            length, code = _HEAD.unpack(await reader.readexactly(8))
+            if not 8 <= length <= MAX_STARTUP:
+                raise ProtocolError(f"invalid startup packet length {length}")
+            body = await reader.readexactly(length - 8)
+            if code in (SSL_REQUEST, GSSENC_REQUEST):
+                writer.write(b"N")
+                await writer.drain()
+                continue
+            if code == CANCEL_REQUEST:
+                await self._cancel(body)
+                return
+            if code != PROTOCOL_3:
+                raise ProtocolError(f"unsupported protocol {code >> 16}.{code & 0xFFFF}")
+            break
+        params = parse_params(body)
+        endpoint = take_endpoint(params)
+        if endpoint is None:
+            await _refuse(writer, "08004", "strata proxy: say which branch: options=endpoint=DB.BRANCH "
+                          "(in a URI: ?options=endpoint%3DDB.BRANCH), or DB.BRANCH as the database name")
+            return
+        try:
+            br = self.control.resolve(endpoint)
+        except ControlPlaneError:
+            await _refuse(writer, "3D000", f'strata proxy: no branch with endpoint "{endpoint}"')
+            return
+        self.control.connection_opened(br)
+        try:
+            await self._relay(br, params, reader, writer)
+        finally:
+            self.control.connection_closed(br)
+
+    async def _relay(self, br: BranchRecord, params: dict[str, str], reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        try:
+            compute = await asyncio.to_thread(self.control.wake, br)
+        except ComputeLimitError as e:
+            await _refuse(writer, "53300", f"strata proxy: {e}")
+            return
+        except Exception as e:  # noqa: BLE001 - the client must hear why
+            log.exception("waking %s", self.control.endpoint(br))
+            await _refuse(writer, "08006", f"strata proxy: branch {self.control.endpoint(br)} could not start: "
+                          f"{str(e).splitlines()[0]}")
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", compute.port)
+        except OSError as e:
+            await _refuse(writer, "08006", f"strata proxy: compute of {self.control.endpoint(br)} is gone: {e}")
+            return
+        keys: list[bytes] = []
+        try:
+            up_writer.write(startup_packet(params))
+            await up_writer.drain()
+            down = asyncio.create_task(self._downstream(up_reader, writer, compute.port, keys))
+            up = asyncio.create_task(_pipe(reader, up_writer))
+            done, pending = await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            for k in keys:
+                self._cancel_keys.pop(k, None)
+            up_writer.close()
+
+    async def _downstream(self, up: asyncio.StreamReader, client: asyncio.StreamWriter, port: int,
+                          keys: list[bytes]) -> None:
+        """Relay the compute's messages, reading them one by one until the
+        first ReadyForQuery (to learn BackendKeyData), then as bytes."""
+        try:
+            while True:
+                head = await up.readexactly(5)
+                (n,) = _I32.unpack_from(head, 1)
+                body = await up.readexactly(n - 4)
+                if head[:1] == b"K" and len(body) == 8:
+                    keys.append(body)
+                    self._cancel_keys[body] = ("127.0.0.1", port)
+                client.write(head + body)
+                if head[:1] in (b"Z", b"E"):
+                    break
+            await client.drain()
+            await _pipe(up, client)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    async def _cancel(self, body: bytes) -> None:
+        target = self._cancel_keys.get(bytes(body[:8]))
+        if target is None:
+            return  # as PostgreSQL does: no answer either way
+        try:
+            _, w = await asyncio.open_connection(*target)
+            w.write(_HEAD.pack(16, CANCEL_REQUEST) + body[:8])
+            await w.drain()
+            w.close()
+        except OSError:
+            pass
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await src.read(65536)
+            if not data:
+                break
+            dst.write(data)
+            await dst.drain()
+    except ConnectionError:
+        pass
+    finally:
+        try:
+            dst.write_eof()
+        except (OSError, RuntimeError):
+            pass
+
+
+async def _refuse(writer: asyncio.StreamWriter, code: str, message: str) -> None:
+    try:
+        writer.write(error_response(code, message))
+        await writer.drain()
+    except ConnectionError:
+        pass

@@ -1,0 +1,313 @@
+"""The control plane, embedded: databases, branches, the proxy's wake on
+connect, scale to zero, expiry, the compute cap, and bad input (real
+PostgreSQL through the real proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+
+from engine import NotFoundError
+from pageserver.control import ControlPlane
+from pageserver.errors import (
+    BadRequestError,
+    ObjectExistsError,
+    ProtectedError,
+    UnknownObjectError,
+)
+from pageserver.proxy import Proxy
+
+from .pg import requires_pg
+
+pytestmark = requires_pg
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Running:
+    """A control plane with its proxy on an event loop in a thread."""
+
+    def __init__(self, home: str, **kw: object) -> None:
+        self.clock = Clock()
+        self.cp = ControlPlane(home, clock=self.clock, **kw).open()  # type: ignore[arg-type]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = Proxy(self.cp)
+        _, port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)
+        self.cp.proxy_port = port
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.cp.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    r = Running(str(tmp_path_factory.mktemp("control")))
+    try:
+        yield r
+    finally:
+        r.close()
+    assert not os.path.ismount(r.cp.ps.mountpoint)
+
+
+def sql(uri: str, query: str) -> list[tuple]:
+    with psycopg.connect(uri, autocommit=True, connect_timeout=60) as conn:
+        cur = conn.execute(query)
+        return cur.fetchall() if cur.description else []
+
+
+def no_connections(cp: ControlPlane, address: str) -> None:
+    """Wait until the proxy has seen the client go (it learns asynchronously)."""
+    db, name = address.split("/")
+    deadline = time.monotonic() + 10
+    while cp.branch(db, name, sizes=False).connections:
+        assert time.monotonic() < deadline, "the proxy still counts a connection"
+        time.sleep(0.01)
+
+
+def postgres_running(cp: ControlPlane, address: str) -> bool:
+    br = cp.resolve(address)
+    c = cp.ps.compute_of(br.timeline)
+    return c is not None
+
+
+def test_a_database_is_one_call_and_wakes_on_first_connection(env):
+    cp = env.cp
+    t0 = time.perf_counter()
+    db = cp.create_database("shop")
+    created = time.perf_counter() - t0
+    assert db.name == "shop" and db.branch == "main" and "endpoint%3Dshop.main" in db.uri
+    assert created < 1.0  # a branch of the template, never initdb
+    assert cp.branch("shop", "main").state == "suspended"
+    sql(db.uri, "create table items(id int primary key, name text)")
+    sql(db.uri, "insert into items values (1, 'a'), (2, 'b')")
+    assert cp.branch("shop", "main").state == "running"
+    assert sql(db.uri, "select count(*) from items") == [(2,)]
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        sql(db.uri.replace(db.uri.split(":")[2].split("@")[0], "wrong"), "select 1")
+
+
+def test_branches_diverge_and_fall_through_to_their_parent(env):
+    cp = env.cp
+    dev = cp.create_branch("shop", "dev")
+    assert dev.parent == "main" and dev.uri != cp.database("shop").uri
+    assert sql(dev.uri, "select count(*) from items") == [(2,)]
+    sql(dev.uri, "insert into items values (3, 'dev only')")
+    sql(cp.database("shop").uri, "insert into items values (4, 'main only')")
+    assert sql(dev.uri, "select id from items order by id") == [(1,), (2,), (3,)]
+    assert sql(cp.database("shop").uri, "select id from items order by id") == [(1,), (2,), (4,)]
+    # the dbname fallback (for clients without `options`)
+    plain = dev.uri.split("?")[0].rsplit("/", 1)[0] + "/shop.dev"
+    assert sql(plain, "select count(*) from items") == [(3,)]
+    cp.suspend("shop", "dev")
+    cp.delete_branch("shop", "dev")
+    with pytest.raises(UnknownObjectError):
+        cp.branch("shop", "dev")
+
+
+def test_branch_at_an_lsn_and_at_a_time(env):
+    cp = env.cp
+    uri = cp.create_database("ledger").uri
+    sql(uri, "create table t(x int)")
+    sql(uri, "insert into t values (1)")
+    lsn = cp.lsn("ledger", "main")
+    time.sleep(0.05)
+    when = time.time()
+    time.sleep(0.05)
+    sql(uri, "insert into t values (2)")
+    at_lsn = cp.create_branch("ledger", "at-lsn", lsn=lsn)
+    assert at_lsn.lsn == lsn
+    assert sql(at_lsn.uri, "select x from t order by x") == [(1,)]
+    at_time = cp.create_branch("ledger", "at-time", time=when)
+    assert sql(at_time.uri, "select x from t order by x") == [(1,)]
+    assert sql(uri, "select x from t order by x") == [(1,), (2,)]
+
+
+def test_reset_and_restore(env):
+    cp = env.cp
+    uri = cp.create_database("rr").uri
+    sql(uri, "create table t(x int)")
+    sql(uri, "insert into t values (1)")
+    feat = cp.create_branch("rr", "feature")
+    sql(feat.uri, "insert into t values (10)")
+    sql(uri, "insert into t values (2)")
+    cp.reset_branch("rr", "feature")  # now the parent's head: its own row is gone
+    assert sql(feat.uri, "select x from t order by x") == [(1,), (2,)]
+    good = cp.lsn("rr", "feature")
+    sql(feat.uri, "insert into t values (99)")
+    restored, backup = cp.restore_branch("rr", "feature", lsn=good)
+    assert backup.name.startswith("feature-backup-")
+    assert sql(feat.uri, "select x from t order by x") == [(1,), (2,)]
+    assert sql(backup.uri, "select x from t order by x") == [(1,), (2,), (99,)]
+    with pytest.raises(BadRequestError, match="made from it"):
+        cp.delete_branch("rr", backup.name)  # the restored branch hangs from it
+    cp.detach_branch("rr", "feature")
+    cp.delete_branch("rr", backup.name)
+    assert sql(feat.uri, "select x from t order by x") == [(1,), (2,)]
+
+
+def test_protected_branches_and_bad_input_change_nothing(env):
+    cp = env.cp
+    cp.create_database("guarded")
+    cp.create_branch("guarded", "prod", protected=True)
+    before = (sorted(d.name for d in cp.databases()), [b.name for b in cp.branches("guarded")])
+    with pytest.raises(ProtectedError):
+        cp.delete_branch("guarded", "prod")
+    with pytest.raises(ProtectedError):
+        cp.reset_branch("guarded", "prod")
+    with pytest.raises(ProtectedError):
+        cp.delete_database("guarded")
+    with pytest.raises(ObjectExistsError):
+        cp.create_database("guarded")
+    with pytest.raises(ObjectExistsError):
+        cp.create_branch("guarded", "prod")
+    for bad in ("", "UPPER", "has space", "a" * 64, "../x", "-lead"):
+        with pytest.raises(BadRequestError, match="invalid"):
+            cp.create_database(bad)
+    with pytest.raises(BadRequestError, match="not both"):
+        cp.create_branch("guarded", "x", lsn=1, time=time.time())
+    with pytest.raises(BadRequestError, match="cannot branch"):
+        cp.create_branch("guarded", "x", lsn=10**12)
+    with pytest.raises(BadRequestError, match="invalid ttl"):
+        cp.create_branch("guarded", "x", ttl="soon")
+    with pytest.raises(UnknownObjectError):
+        cp.create_branch("nope", "x")
+    with pytest.raises(UnknownObjectError):
+        cp.create_branch("guarded", "x", parent="nope")
+    cp.update_branch("guarded", "prod", protected=False)
+    with pytest.raises(BadRequestError, match="root branch"):
+        cp.delete_branch("guarded", "main")
+    after = (sorted(d.name for d in cp.databases()), [b.name for b in cp.branches("guarded")])
+    assert after == before
+    cp.delete_database("guarded")  # unprotected now
+
+
+def test_unknown_endpoints_get_an_error_not_a_hang(env):
+    uri = env.cp.create_database("known").uri
+    with pytest.raises(psycopg.OperationalError, match='no branch with endpoint "known.nope"'):
+        sql(uri.replace("known.main", "known.nope"), "select 1")
+    with pytest.raises(psycopg.OperationalError, match="say which branch"):
+        sql(uri.split("?")[0], "select 1")
+
+
+def test_many_connections_to_a_suspended_branch_start_it_once(env):
+    cp = env.cp
+    uri = cp.create_database("crowd").uri
+    starts = []
+    real = cp.ps.start_compute
+
+    def counting(*a, **kw):
+        starts.append(1)
+        return real(*a, **kw)
+
+    cp.ps.start_compute = counting
+    try:
+        with ThreadPoolExecutor(8) as ex:
+            assert list(ex.map(lambda _: sql(uri, "select 42"), range(8))) == [[(42,)]] * 8
+    finally:
+        cp.ps.start_compute = real
+    assert len(starts) == 1
+
+
+def test_cancel_requests_reach_the_right_compute(env):
+    uri = env.cp.create_database("cancel").uri
+    with psycopg.connect(uri) as conn:
+        threading.Timer(0.5, conn.cancel_safe).start()
+        t0 = time.perf_counter()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(30)")
+        assert time.perf_counter() - t0 < 10
+
+
+def test_idle_branches_scale_to_zero_and_expired_ones_go(env):
+    cp, clock = env.cp, env.clock
+    uri = cp.create_database("idle", idle_timeout=60).uri
+    ttl = cp.create_branch("idle", "short", ttl="10m")
+    stale = cp.create_branch("idle", "stale", expire_after_idle="1h")
+    with psycopg.connect(uri) as conn:
+        conn.execute("select 1")
+        clock.now += 120
+        cp.maintain()
+        assert postgres_running(cp, "idle/main")  # a connection is open: stays up
+        pid = cp.ps.compute_of(cp.resolve("idle").timeline).pid
+    no_connections(cp, "idle/main")
+    clock.now += 30
+    cp.maintain()
+    assert postgres_running(cp, "idle/main")  # idle, but not for 60 s yet
+    clock.now += 31
+    done = cp.maintain()
+    assert "idle.main" in done["suspended"] and not postgres_running(cp, "idle/main")
+    assert not os.path.exists(f"/proc/{pid}")  # zero processes
+    clock.now += 600
+    assert "idle/short" in cp.maintain()["expired"]
+    sql(uri, "select 1")  # a use of main, not of `stale`
+    no_connections(cp, "idle/main")
+    clock.now += 3601
+    done = cp.maintain()
+    assert "idle/stale" in done["expired"], done
+    assert [b.name for b in cp.branches("idle")] == ["main"]
+    assert stale.timeline not in cp.ps.store and ttl.timeline not in cp.ps.store
+    gone = cp.create_database("brief", ttl=5)
+    clock.now += 6
+    assert "brief" in cp.maintain()["expired"]
+    with pytest.raises(UnknownObjectError):
+        cp.database(gone.name)
+
+
+def test_at_the_compute_cap_the_least_recently_used_idle_one_yields(tmp_path):
+    r = Running(str(tmp_path), max_computes=2)
+    try:
+        cp = r.cp
+        uris = [cp.create_database(f"cap{i}").uri for i in range(3)]
+        sql(uris[0], "select 1")
+        no_connections(cp, "cap0/main")
+        r.clock.now += 1
+        sql(uris[1], "select 1")
+        no_connections(cp, "cap1/main")
+        r.clock.now += 1
+        with psycopg.connect(uris[1]):  # cap1 is busy, cap0 is idle and older
+            sql(uris[2], "select 1")
+            assert [postgres_running(cp, f"cap{i}") for i in range(3)] == [False, True, True]
+    finally:
+        r.close()
+
+
+def test_the_catalog_survives_a_restart_and_orphans_are_swept(tmp_path):
+    home = str(tmp_path)
+    r = Running(home)
+    try:
+        db = r.cp.create_database("keep")
+        r.cp.create_branch("keep", "b1", protected=True)
+        sql(db.uri, "create table t as select 7 as x")
+        orphan = r.cp.ps.store.branch(r.cp.ps.template()).id  # as if a crash came before its record
+    finally:
+        r.close()
+    r = Running(home)
+    try:
+        info = r.cp.branch("keep", "b1")
+        assert info.protected and info.state == "suspended"
+        assert r.cp.database("keep").uri.split("@")[0] == db.uri.split("@")[0]  # same password
+        assert sql(r.cp.uri("keep/main"), "select x from t") == [(7,)]
+        with pytest.raises(NotFoundError):
+            r.cp.ps.store.timeline(orphan)
+    finally:
+        r.close()
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert r.cp.ps.mountpoint not in out
