@@ -121,6 +121,11 @@ class Catalog:
             self._tl = store.create_timeline(CATALOG_ID)
         self.databases: dict[int, DatabaseRecord] = {}
         self.branches: dict[int, BranchRecord] = {}
+        # indexes, kept with the records
+        self.database_named: dict[str, DatabaseRecord] = {}
+        self.branch_named: dict[tuple[int, str], BranchRecord] = {}  # (database id, name)
+        self.branch_on: dict[str, BranchRecord] = {}  # timeline id -> its branch
+        self.branches_in: dict[int, dict[int, BranchRecord]] = {}  # database id -> its branches
         self._next_id = 1
         for key, value in self._tl.scan():
             body = decode_record(key, value)
@@ -128,11 +133,9 @@ class Catalog:
             if kind == KIND_HEADER:
                 self._next_id = int(body["next_id"])
             elif kind == KIND_DATABASE:
-                db = _from(DatabaseRecord, body)
-                self.databases[db.id] = db
+                self._add(_from(DatabaseRecord, body))
             elif kind == KIND_BRANCH:
-                br = _from(BranchRecord, body)
-                self.branches[br.id] = br
+                self._add(_from(BranchRecord, body))
 
     @property
     def timeline_id(self) -> str:
@@ -161,16 +164,36 @@ class Catalog:
             for rec in delete:
                 batch[self._key(rec)] = None
             self._tl.commit(batch, durable=True)
-            for rec in put:
-                if isinstance(rec, DatabaseRecord):
-                    self.databases[rec.id] = rec
-                else:
-                    self.branches[rec.id] = rec
             for rec in delete:
-                if isinstance(rec, DatabaseRecord):
-                    self.databases.pop(rec.id, None)
-                else:
-                    self.branches.pop(rec.id, None)
+                self._remove(rec)
+            for rec in put:
+                self._remove(rec)
+                self._add(rec)
+
+    def _add(self, rec: DatabaseRecord | BranchRecord) -> None:
+        if isinstance(rec, DatabaseRecord):
+            self.databases[rec.id] = rec
+            self.database_named[rec.name] = rec
+        else:
+            self.branches[rec.id] = rec
+            self.branch_named[(rec.database, rec.name)] = rec
+            self.branch_on[rec.timeline] = rec
+            self.branches_in.setdefault(rec.database, {})[rec.id] = rec
+
+    def _remove(self, rec: DatabaseRecord | BranchRecord) -> None:
+        if isinstance(rec, DatabaseRecord):
+            old_db = self.databases.pop(rec.id, None)
+            if old_db is not None:
+                self.database_named.pop(old_db.name, None)
+        else:
+            old = self.branches.pop(rec.id, None)
+            if old is not None:
+                self.branch_named.pop((old.database, old.name), None)
+                self.branch_on.pop(old.timeline, None)
+                siblings = self.branches_in.get(old.database, {})
+                siblings.pop(old.id, None)
+                if not siblings:
+                    self.branches_in.pop(old.database, None)
 
     @staticmethod
     def _key(rec: DatabaseRecord | BranchRecord) -> int:

@@ -237,20 +237,20 @@ class ControlPlane:
     # --- lookups -------------------------------------------------------------------
 
     def _db(self, name: str) -> DatabaseRecord:
-        for db in self.catalog.databases.values():
-            if db.name == name:
-                return db
-        raise UnknownObjectError("database", name)
+        db = self.catalog.database_named.get(name)
+        if db is None:
+            raise UnknownObjectError("database", name)
+        return db
 
     def _branch(self, db: str | DatabaseRecord, name: str) -> BranchRecord:
         rec = db if isinstance(db, DatabaseRecord) else self._db(db)
-        for b in self.catalog.branches.values():
-            if b.database == rec.id and b.name == name:
-                return b
-        raise UnknownObjectError("branch", f"{rec.name}/{name}")
+        br = self.catalog.branch_named.get((rec.id, name))
+        if br is None:
+            raise UnknownObjectError("branch", f"{rec.name}/{name}")
+        return br
 
     def _branches_of(self, db: DatabaseRecord) -> list[BranchRecord]:
-        return sorted((b for b in self.catalog.branches.values() if b.database == db.id), key=lambda b: b.id)
+        return sorted(self.catalog.branches_in.get(db.id, {}).values(), key=lambda b: b.id)
 
     def _children(self, br: BranchRecord) -> list[BranchRecord]:
         return [b for b in self.catalog.branches.values() if b.parent == br.id]
@@ -295,7 +295,7 @@ class ControlPlane:
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
         now = self._clock()
         with self._mu:
-            if any(d.name == name for d in self.catalog.databases.values()):
+            if name in self.catalog.database_named:
                 raise ObjectExistsError("database", name)
             tl = self.ps.store.branch(TEMPLATE_ID)
             db = DatabaseRecord(
@@ -382,7 +382,7 @@ class ControlPlane:
         now = self._clock()
         with self._mu:
             db = self._db(database)
-            if any(b.name == name for b in self._branches_of(db)):
+            if (db.id, name) in self.catalog.branch_named:
                 raise ObjectExistsError("branch", f"{database}/{name}")
             src = self._branch(db, parent)
             src_tl = self._timeline(src)
@@ -401,7 +401,7 @@ class ControlPlane:
             self.catalog.write(put=[br])
         log.info("branch %s/%s created from %s at LSN %d (timeline %s)",
                  database, name, parent, tl.branch_lsn, tl.id)
-        return self.branch(database, name)
+        return self.branch(database, name, sizes=False)  # sizes take a scan: ask for them later
 
     def branch(self, database: str, name: str, *, sizes: bool = True) -> BranchInfo:
         with self._mu:
@@ -482,10 +482,11 @@ class ControlPlane:
             raise ProtectedError(where, action)
         if br.name == MAIN and action == "deleted":
             raise BadRequestError(f"{where} is the database's root branch: delete the database instead")
-        kids = [b.name for b in self._children(br)]
-        kids += [b.name for b in self.catalog.branches.values()
-                 if b.id != br.id and b.name not in kids
-                 and self.ps.store.timeline(b.timeline).ancestor_id == br.timeline]
+        kids = {b.name for b in self._children(br)}
+        for tid in self.ps.store.children(br.timeline):  # e.g. a branch restored from this one
+            kid = self.catalog.branch_on.get(tid)
+            if kid is not None:
+                kids.add(kid.name)
         if kids:
             raise BadRequestError(f"branch {where} cannot be {action}: branches {sorted(kids)} were "
                                   "made from it (delete or detach them first)")
@@ -537,7 +538,7 @@ class ControlPlane:
                 stamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC).strftime("%Y%m%dt%H%M%S")
                 backup_name = f"{name}-backup-{stamp}"[:63]
                 db = self._db(database)
-                if any(b.name == backup_name for b in self._branches_of(db)):
+                if (db.id, backup_name) in self.catalog.branch_named:
                     backup_name = f"{backup_name[:55]}-{secrets.token_hex(3)}"
                 backup = BranchRecord(**{**asdict(br), "id": self.catalog.new_id(), "name": backup_name,
                                          "protected": False, "created_at": self._clock()})
@@ -661,9 +662,11 @@ class ControlPlane:
         done: dict[str, list[str]] = {"suspended": [], "expired": []}
         with self._mu:
             dbs = list(self.catalog.databases.values())
-            brs = list(self.catalog.branches.values())
+            last_use = {db.id: db.last_used for db in dbs}
+            for b in self.catalog.branches.values():
+                last_use[b.database] = max(last_use.get(b.database, 0.0), b.last_used)
         for db in dbs:
-            last = max([db.last_used] + [b.last_used for b in brs if b.database == db.id])
+            last = last_use[db.id]
             if (db.expires_at and db.expires_at <= now) or (
                     db.expire_after_idle and now - last >= db.expire_after_idle):
                 try:

@@ -1,13 +1,15 @@
-"""`make demo`: databases on branches, on the embedded default store.
+"""`make demo`: databases and branches on the embedded default store.
 
-Loads a pgbench database once (kept across runs), then does what a test
-suite or an agent does by the hour: takes branches of it (O(1)), starts a
-stock PostgreSQL on each in a fraction of a second, changes each branch,
-shows that no branch sees another's changes, stops them (nothing left
-running), and shows what the branches cost on disk.
+Starts the Strata service (`strata up`) on `$STRATA_HOME` or `.strata`
+here, loads a pgbench database once (kept across runs), then does what a
+test suite or an agent does by the hour, through the SDK: takes branches of
+it (O(1)), connects to each through the proxy (which starts a stock
+PostgreSQL on it), changes each, shows that no branch sees another's
+changes, suspends them (nothing left running), wakes one on connect, and
+shows what the branches cost on disk. Stops the service if it started it.
 
 Needs root and FUSE (as `make demo` sets up); elsewhere it runs the storage
-engine's demo instead. The store is `$STRATA_HOME` or `.strata` here.
+engine's demo instead.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import subprocess
 import sys
 import time
 
-import psycopg
-
+from . import service
 from .compute import pg_bindir
-from .server import PageServer
+from .errors import UnknownObjectError
+from .sdk import Strata
 
-BASE_ID = "5374726174614465766f4261736500aa"  # the demo's base database, kept across runs
+BASE = "demo"
 
 
 def _mib(n: float) -> str:
@@ -36,66 +38,67 @@ def main() -> int:
         from engine.demo import main as engine_demo
 
         return engine_demo([])
-    home = os.environ.get("STRATA_HOME") or os.path.join(os.getcwd(), ".strata")
+    home = service.default_home()
+    was_running = service.read_state(home) is not None
     t0 = time.perf_counter()
-    with PageServer(home) as ps:
-        print(f"page server {home}: open in {(time.perf_counter() - t0) * 1e3:.0f} ms")
-        t0 = time.perf_counter()
-        fresh = ps.template() is None
-        template = ps.ensure_template()
-        print(f"template: {'initdb + import' if fresh else 'kept from an earlier run'} "
-              f"({(time.perf_counter() - t0) * 1e3:.0f} ms)")
-        if BASE_ID in ps.store:
-            base = ps.store.timeline(BASE_ID)
-            print("base database: pgbench scale 5, loaded by an earlier run")
-        else:
-            t0 = time.perf_counter()
-            base = ps.store.branch(template, timeline_id=BASE_ID)
-            c = ps.start_compute(base)
-            subprocess.run([os.path.join(pg_bindir(), "pgbench"), "-i", "-s", "5", "-q", c.uri()],
-                           check=True, capture_output=True)
-            ps.stop_compute(c.id)
-            print(f"base database: pgbench scale 5 loaded in {time.perf_counter() - t0:.1f} s")
-
-        branch_ms, start_ms, branches = [], [], []
-        for i in range(5):
-            t0 = time.perf_counter()
-            tl = ps.store.branch(base)
-            branch_ms.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-            c = ps.start_compute(tl)
-            with psycopg.connect(c.uri(), autocommit=True) as conn:
-                conn.execute("update pgbench_branches set filler = %s where bid = 1", (f"branch {i}",))
-            start_ms.append((time.perf_counter() - t0) * 1e3)
-            branches.append((tl, c))
-        print(f"5 branches: p50 {statistics.median(branch_ms):.2f} ms to branch, "
-              f"{statistics.median(start_ms):.0f} ms to start postgres and write")
-        print(f"  e.g. {branches[0][1].uri()}")
-        for i, (_, c) in enumerate(branches):
-            with psycopg.connect(c.uri()) as conn:
-                row = conn.execute("select trim(filler) from pgbench_branches where bid = 1").fetchone()
-            seen = row[0] if row else None
-            assert seen == f"branch {i}", seen
-        print("isolation: each branch sees its own change and no other's")
-        for _, c in branches:
-            ps.stop_compute(c.id)
-        left = [p for p in os.listdir("/proc") if p.isdigit() and _is_ours(p, ps.mountpoint)]
-        print(f"scale to zero: computes stopped, {len(left)} postgres processes left")
-        ps.store.flush()
-        held = sum(tl.usage().physical_size for tl, _ in branches)
-        logical = base.logical_size()
-        print(f"space: the base is {_mib(logical)} of files; 5 branches hold {_mib(held)} between them")
-        for tl, _ in branches:
-            ps.store.delete_timeline(tl)
-    print("closed: every commit durable, mount gone")
+    state = service.start(home)
+    print(f"strata up: {home} (API {state['api']}, proxy {state['proxy']}) in "
+          f"{time.perf_counter() - t0:.1f} s{' (already running)' if was_running else ''}")
+    try:
+        with Strata(home) as strata:
+            run(strata)
+    finally:
+        if not was_running:
+            service.stop(home)
+            print("strata down: every compute stopped, every commit durable, mount gone")
     return 0
 
 
-def _is_ours(pid: str, mountpoint: str) -> bool:
+def run(strata: Strata) -> None:
     try:
-        return os.readlink(f"/proc/{pid}/cwd").startswith(mountpoint)
-    except OSError:
-        return False
+        base = strata.database(BASE)
+        print(f"base database {BASE!r}: pgbench scale 5, loaded by an earlier run")
+    except UnknownObjectError:
+        t0 = time.perf_counter()
+        base = strata.create_database(BASE)
+        subprocess.run([os.path.join(pg_bindir(), "pgbench"), "-i", "-s", "5", "-q", base.uri],
+                       check=True, capture_output=True)
+        base.suspend()
+        print(f"base database {BASE!r}: created and loaded with pgbench scale 5 in "
+              f"{time.perf_counter() - t0:.1f} s")
+    for b in base.branches():
+        if b.name.startswith("run-"):
+            b.delete()  # left by an interrupted run
+
+    create_ms, ready_ms, branches = [], [], []
+    for i in range(5):
+        t0 = time.perf_counter()
+        br = base.branch(f"run-{i}", ttl="1h")
+        create_ms.append((time.perf_counter() - t0) * 1e3)
+        br.sql("update pgbench_branches set filler = %s where bid = 1", (f"branch {i}",))
+        ready_ms.append((time.perf_counter() - t0) * 1e3)
+        branches.append(br)
+    print(f"5 branches: p50 {statistics.median(create_ms):.1f} ms to create (URI returned), "
+          f"{statistics.median(ready_ms):.0f} ms to the first write through the proxy")
+    print(f"  e.g. psql '{branches[0].uri}'")
+    for i, br in enumerate(branches):
+        seen = br.sql("select trim(filler) from pgbench_branches where bid = 1")[0][0]
+        assert seen == f"branch {i}", seen
+    print("isolation: each branch sees its own change and no other's")
+    for br in branches:
+        br.suspend()
+    print(f"scale to zero: {sum(br.state == 'suspended' for br in branches)} of 5 suspended, "
+          f"{len(strata.status()['running'])} computes running")
+    t0 = time.perf_counter()
+    total = branches[0].sql("select sum(abalance) from pgbench_accounts")[0][0]
+    print(f"wake on connect: a query on a suspended branch answered in "
+          f"{(time.perf_counter() - t0) * 1e3:.0f} ms (sum of balances {total})")
+    infos = [br.refresh() for br in branches]
+    logical = infos[0]["logical_size"]
+    alone = sum(i["exclusive_size"] for i in infos)
+    print(f"space: each branch shows {_mib(logical)} of data; the 5 hold {_mib(alone)} of their own")
+    for br in branches:
+        br.delete()
 
 
 if __name__ == "__main__":

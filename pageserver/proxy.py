@@ -110,8 +110,10 @@ class Proxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for t in list(self._conns):
+            conns = list(self._conns)
+            for t in conns:
                 t.cancel()
+            await asyncio.gather(*conns, return_exceptions=True)
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -181,16 +183,17 @@ class Proxy:
             await _refuse(writer, "08006", f"strata proxy: compute of {self.control.endpoint(br)} is gone: {e}")
             return
         keys: list[bytes] = []
+        tasks: list[asyncio.Task[None]] = []
         try:
             up_writer.write(startup_packet(params))
             await up_writer.drain()
-            down = asyncio.create_task(self._downstream(up_reader, writer, compute.port, keys))
-            up = asyncio.create_task(_pipe(reader, up_writer))
-            done, pending = await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            tasks = [asyncio.create_task(self._downstream(up_reader, writer, compute.port, keys)),
+                     asyncio.create_task(_pipe(reader, up_writer))]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for k in keys:
                 self._cancel_keys.pop(k, None)
             up_writer.close()
