@@ -271,7 +271,8 @@ class ControlPlane:
             return self._branch(address, MAIN)
 
     def endpoint(self, br: BranchRecord) -> str:
-        return f"{self.catalog.databases[br.database].name}.{br.name}"
+        db = self.catalog.databases.get(br.database)  # gone while a deleted database's branches stop
+        return f"{db.name if db else '(deleted)'}.{br.name}"
 
     def uri(self, address: str | BranchRecord) -> str:
         br = address if isinstance(address, BranchRecord) else self.resolve(address)
@@ -337,11 +338,10 @@ class ControlPlane:
             for b in branches:
                 if b.protected:
                     raise ProtectedError(f"{name}/{b.name}", "deleted with its database")
+            self.catalog.write(delete=[db, *branches])  # first: no wake can start one after this
         for b in branches:
             self._stop(b)
-        with self._mu:
-            branches = self._branches_of(db)
-            self.catalog.write(delete=[db, *branches])
+            self._forget(b)
         self._delete_timelines([b.timeline for b in branches])
         log.info("database %s deleted (%d branches)", name, len(branches))
 
@@ -468,11 +468,9 @@ class ControlPlane:
         with self._mu:
             br = self._branch(database, name)
             self._check_removable(br, "deleted")
+            self.catalog.write(delete=[br])  # first: no wake can start it after this
         self._stop(br)
-        with self._mu:
-            self._check_removable(br, "deleted")
-            self.catalog.write(delete=[br])
-            self._forget(br)
+        self._forget(br)
         self._delete_timelines([br.timeline])
         log.info("branch %s/%s deleted", database, name)
 
@@ -492,10 +490,11 @@ class ControlPlane:
                                   "made from it (delete or detach them first)")
 
     def _forget(self, br: BranchRecord) -> None:
-        self._connections.pop(br.id, None)
-        self._last_active.pop(br.id, None)
-        self._branch_mu.pop(br.id, None)
-        self._dirty_use.discard(br.id)
+        with self._mu:
+            self._connections.pop(br.id, None)
+            self._last_active.pop(br.id, None)
+            self._branch_mu.pop(br.id, None)
+            self._dirty_use.discard(br.id)
 
     def reset_branch(self, database: str, name: str) -> BranchInfo:
         """Make the branch its parent's head again (what it wrote is gone)."""
