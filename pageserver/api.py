@@ -1,8 +1,11 @@
 """The HTTP API (JSON, under /v1), a thin layer over `ControlPlane`.
 
-Every route needs `Authorization: Bearer <token>` (the token the service
-generated at its first start, in `<home>/token`, mode 0600); the OpenAPI
-document is at /v1/openapi.json. Errors come back as
+Every route needs `Authorization: Bearer <token>`: the operator token (made
+at the service's first start, in `<home>/token`, mode 0600) may do
+anything; a database's scoped token (returned once, when the database is
+created) may read that database and manage its branches, and gets 403
+everywhere else. The OpenAPI document is at /v1/openapi.json; Prometheus
+metrics at /metrics (operator token). Errors come back as
 `{"error": <type>, "message": <text>}` with the status their type maps to
 (in `status_of`, the one place that does it).
 """
@@ -13,7 +16,8 @@ import secrets
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
@@ -79,21 +83,47 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
                   redoc_url=None, description="Branchable, scale-to-zero PostgreSQL databases.")
     bearer = HTTPBearer(auto_error=False)
 
-    def authorized(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
-            raise HTTPException(401, "a bearer token is required (see <home>/token)",
-                                headers={"WWW-Authenticate": "Bearer"})
+    def principal(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:  # noqa: B008
+        """None for the operator, else the database the token is scoped to."""
+        if cred is not None:
+            if secrets.compare_digest(cred.credentials.encode(), token.encode()):
+                return None
+            scoped = control.database_for_token(cred.credentials)
+            if scoped is not None:
+                return scoped
+        raise HTTPException(401, "a valid bearer token is required (the operator's is in <home>/token)",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    def operator(who: str | None = Depends(principal)) -> None:  # noqa: B008
+        if who is not None:
+            raise HTTPException(403, f"this token is scoped to database {who!r}")
+
+    def database_access(db: str, who: str | None = Depends(principal)) -> None:  # noqa: B008
+        if who is not None and who != db:
+            raise HTTPException(403, f"this token is scoped to database {who!r}, not {db!r}")
 
     @app.exception_handler(StrataError)
     async def strata_error(request: Request, e: StrataError) -> JSONResponse:
         return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=status_of(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        what = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+                         for err in e.errors())
+        return JSONResponse({"error": "BadRequestError", "message": f"invalid request: {what}"},
+                            status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         return JSONResponse({"error": "HTTPError", "message": str(e.detail)}, status_code=e.status_code,
                             headers=e.headers)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(operator)])
+    dbr = APIRouter(prefix="/v1", dependencies=[Depends(database_access)])
+
+    @app.get("/metrics", dependencies=[Depends(operator)])
+    def metrics() -> Response:
+        return Response(control.metrics.text(), media_type="text/plain; version=0.0.4")
 
     @v1.get("/status")
     def status() -> dict[str, Any]:
@@ -101,6 +131,7 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
 
     @v1.post("/databases", status_code=201)
     def create_database(req: DatabaseCreate) -> dict[str, Any]:
+        """Returns the database with its URI and its scoped `token` (only here)."""
         return control.create_database(req.name, ttl=req.ttl, idle_timeout=req.idle_timeout,
                                        expire_after_idle=req.expire_after_idle).to_dict()
 
@@ -108,7 +139,7 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
     def list_databases() -> list[dict[str, Any]]:
         return [d.to_dict() for d in control.databases()]
 
-    @v1.get("/databases/{db}")
+    @dbr.get("/databases/{db}")
     def get_database(db: str) -> dict[str, Any]:
         return control.database(db).to_dict()
 
@@ -116,54 +147,54 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
     def delete_database(db: str) -> None:
         control.delete_database(db)
 
-    @v1.post("/databases/{db}/branches", status_code=201)
+    @dbr.post("/databases/{db}/branches", status_code=201)
     def create_branch(db: str, req: BranchCreate) -> dict[str, Any]:
         return control.create_branch(
             db, req.name, parent=req.parent, lsn=req.lsn, time=req.time, ttl=req.ttl,
             idle_timeout=req.idle_timeout, expire_after_idle=req.expire_after_idle, protected=req.protected,
         ).to_dict()
 
-    @v1.get("/databases/{db}/branches")
+    @dbr.get("/databases/{db}/branches")
     def list_branches(db: str) -> list[dict[str, Any]]:
         return [b.to_dict() for b in control.branches(db)]
 
-    @v1.get("/databases/{db}/branches/{name}")
+    @dbr.get("/databases/{db}/branches/{name}")
     def get_branch(db: str, name: str) -> dict[str, Any]:
         return control.branch(db, name).to_dict()
 
-    @v1.patch("/databases/{db}/branches/{name}")
+    @dbr.patch("/databases/{db}/branches/{name}")
     def update_branch(db: str, name: str, req: BranchUpdate) -> dict[str, Any]:
         return control.update_branch(db, name, protected=req.protected, ttl=req.ttl,
                                      idle_timeout=req.idle_timeout,
                                      expire_after_idle=req.expire_after_idle).to_dict()
 
-    @v1.delete("/databases/{db}/branches/{name}", status_code=204)
+    @dbr.delete("/databases/{db}/branches/{name}", status_code=204)
     def delete_branch(db: str, name: str) -> None:
         control.delete_branch(db, name)
 
-    @v1.post("/databases/{db}/branches/{name}/reset")
+    @dbr.post("/databases/{db}/branches/{name}/reset")
     def reset_branch(db: str, name: str) -> dict[str, Any]:
         return control.reset_branch(db, name).to_dict()
 
-    @v1.post("/databases/{db}/branches/{name}/restore")
+    @dbr.post("/databases/{db}/branches/{name}/restore")
     def restore_branch(db: str, name: str, req: Restore) -> dict[str, Any]:
         branch, backup = control.restore_branch(db, name, lsn=req.lsn, time=req.time)
         return {**branch.to_dict(), "backup": backup.to_dict()}
 
-    @v1.post("/databases/{db}/branches/{name}/detach")
+    @dbr.post("/databases/{db}/branches/{name}/detach")
     def detach_branch(db: str, name: str) -> dict[str, Any]:
         return control.detach_branch(db, name).to_dict()
 
-    @v1.post("/databases/{db}/branches/{name}/suspend")
+    @dbr.post("/databases/{db}/branches/{name}/suspend")
     def suspend(db: str, name: str) -> dict[str, Any]:
         return control.suspend(db, name).to_dict()
 
-    @v1.post("/databases/{db}/branches/{name}/start")
+    @dbr.post("/databases/{db}/branches/{name}/start")
     def start(db: str, name: str) -> dict[str, Any]:
         control.wake(f"{db}/{name}")
         return control.branch(db, name, sizes=False).to_dict()
 
-    @v1.get("/databases/{db}/branches/{name}/lsn")
+    @dbr.get("/databases/{db}/branches/{name}/lsn")
     def lsn(db: str, name: str) -> dict[str, Any]:
         return {"lsn": control.lsn(db, name)}
 
@@ -174,4 +205,5 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
         return {"stopping": True}
 
     app.include_router(v1)
+    app.include_router(dbr)
     return app

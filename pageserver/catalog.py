@@ -84,6 +84,7 @@ class DatabaseRecord:
     idle_timeout: float | None = None  # default for its branches
     expire_after_idle: float | None = None
     last_used: float = 0.0
+    token_sha256: str | None = None  # of the API token scoped to this database
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Catalog:
         self.branch_named: dict[tuple[int, str], BranchRecord] = {}  # (database id, name)
         self.branch_on: dict[str, BranchRecord] = {}  # timeline id -> its branch
         self.branches_in: dict[int, dict[int, BranchRecord]] = {}  # database id -> its branches
+        self.database_with_token: dict[str, DatabaseRecord] = {}  # sha256 of its scoped token
         self._next_id = 1
         for key, value in self._tl.scan():
             body = decode_record(key, value)
@@ -154,7 +156,10 @@ class Catalog:
         put: Sequence[DatabaseRecord | BranchRecord] = (),
         delete: Sequence[DatabaseRecord | BranchRecord] = (),
     ) -> None:
-        """Put and delete records in one durable commit."""
+        """Put and delete records in one commit, durable when this returns.
+        The sync is outside the lock, so concurrent writers share fsyncs
+        (group commit); it also makes durable every earlier record of the
+        store's log, such as the branch a new record points at."""
         with self._mu:
             batch: dict[int, bytes | None] = {
                 record_key(KIND_HEADER, 0): encode_record({"next_id": self._next_id}),
@@ -163,17 +168,20 @@ class Catalog:
                 batch[self._key(rec)] = encode_record(asdict(rec))
             for rec in delete:
                 batch[self._key(rec)] = None
-            self._tl.commit(batch, durable=True)
+            self._tl.commit(batch)
             for rec in delete:
                 self._remove(rec)
             for rec in put:
                 self._remove(rec)
                 self._add(rec)
+        self._tl.sync()
 
     def _add(self, rec: DatabaseRecord | BranchRecord) -> None:
         if isinstance(rec, DatabaseRecord):
             self.databases[rec.id] = rec
             self.database_named[rec.name] = rec
+            if rec.token_sha256:
+                self.database_with_token[rec.token_sha256] = rec
         else:
             self.branches[rec.id] = rec
             self.branch_named[(rec.database, rec.name)] = rec
@@ -185,6 +193,7 @@ class Catalog:
             old_db = self.databases.pop(rec.id, None)
             if old_db is not None:
                 self.database_named.pop(old_db.name, None)
+                self.database_with_token.pop(old_db.token_sha256 or "", None)
         else:
             old = self.branches.pop(rec.id, None)
             if old is not None:

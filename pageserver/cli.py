@@ -87,11 +87,12 @@ def cli(ctx: click.Context, home: str | None) -> None:
 @click.option("--proxy-port", type=int, help="First start only: the proxy's port (default: a free one).")
 @click.option("--max-computes", type=int, help="Running computes at most (default: from memory).")
 @click.option("--idle-timeout", type=float, help="Default idle timeout of branches, seconds (300).")
+@click.option("--warm-pool", type=int, help="Spare computes kept running for new databases (0).")
 def up(ctx: click.Context, as_json: bool, api_port: int | None, proxy_port: int | None,
-       max_computes: int | None, idle_timeout: float | None) -> None:
+       max_computes: int | None, idle_timeout: float | None, warm_pool: int | None) -> None:
     """Start the service in the background (if it is not running)."""
     state = service.start(_home(ctx), api_port=api_port, proxy_port=proxy_port, max_computes=max_computes,
-                          idle_timeout=idle_timeout)
+                          idle_timeout=idle_timeout, warm_pool=warm_pool)
     out = {k: state[k] for k in ("api", "proxy", "token_file", "pid", "home")}
     _emit(as_json, out, f"Strata is up: API {out['api']}, proxy {out['proxy']} (pid {out['pid']}); "
                         f"token in {out['token_file']}")
@@ -138,7 +139,7 @@ def db_create(ctx: click.Context, as_json: bool, name: str | None, ttl: str | No
     """Create a database (a branch of the template: no initdb)."""
     d = _client(ctx).create_database(name, ttl=ttl, idle_timeout=idle_timeout,
                                      expire_after_idle=expire_after_idle)
-    _emit(as_json, {"name": d.database, "branch": "main", "uri": d.uri}, d.uri)
+    _emit(as_json, {"name": d.database, "branch": "main", "uri": d.uri, "token": d.token}, d.uri)
 
 
 @command(db, "list")

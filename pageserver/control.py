@@ -21,15 +21,18 @@ its compute's start and stop (slow work happens outside the main lock).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import logging
 import os
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from time import monotonic
 from typing import Any
 from urllib.parse import quote
 
@@ -52,6 +55,7 @@ from .errors import (
     ProtectedError,
     UnknownObjectError,
 )
+from .metrics import Metrics
 from .server import TEMPLATE_ID, PageServer
 
 log = logging.getLogger("strata.control")
@@ -97,7 +101,16 @@ def parse_duration(value: float | int | str | None, what: str = "duration") -> f
     return seconds
 
 
-def parse_time(value: str | float | dt.datetime) -> dt.datetime:
+def parse_time(value: str | float | dt.datetime, now: float | None = None) -> dt.datetime:
+    """A moment from ISO 8601, epoch seconds or a datetime; with `now`,
+    one in the future is refused."""
+    when = _parse_time(value)
+    if now is not None and when.timestamp() > now:
+        raise BadRequestError(f"time {when.isoformat()} is in the future")
+    return when
+
+
+def _parse_time(value: str | float | dt.datetime) -> dt.datetime:
     if isinstance(value, dt.datetime):
         when = value
     elif isinstance(value, int | float):
@@ -108,6 +121,10 @@ def parse_time(value: str | float | dt.datetime) -> dt.datetime:
         except ValueError as e:
             raise BadRequestError(f"invalid time {value!r}: use ISO 8601, e.g. 2026-01-31T12:00:00Z") from e
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _iso(t: float | None) -> str | None:
@@ -151,6 +168,7 @@ class DatabaseInfo:
     expire_after_idle: float | None
     last_used: str | None
     branches: list[str]
+    token: str | None = None  # the database-scoped API token: only in the creation's answer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +183,7 @@ class ControlPlane:
         proxy_port: int = 5432,
         max_computes: int | None = None,
         default_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        warm_pool: int = 0,
         config: StoreConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -181,7 +200,20 @@ class ControlPlane:
         self._last_active: dict[int, float] = {}
         self._dirty_use: set[int] = set()
         self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
+        self._reserved: set[tuple[str, ...]] = set()
+        self.warm_pool = warm_pool
+        self._warm: list[Compute] = []  # running on fresh template branches, not yet a database's
+        self._warm_mu = threading.Lock()
+        self._pool_wake = threading.Event()
+        self._pool_thread: threading.Thread | None = None
+        self._closing = False
         self.catalog: Catalog = None  # type: ignore[assignment]
+        self.metrics = Metrics(
+            databases=lambda: len(self.catalog.databases) if self.catalog else 0,
+            branches=lambda: len(self.catalog.branches) if self.catalog else 0,
+            running=lambda: sum(1 for b in list(self.catalog.branches.values())
+                                if self.ps.compute_of(b.timeline)) if self.catalog else 0,
+        )
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -197,9 +229,20 @@ class ControlPlane:
             raise
         log.info("control plane open: %d databases, %d branches, up to %d computes",
                  len(self.catalog.databases), len(self.catalog.branches), self.max_computes)
+        if self.warm_pool > 0:
+            self._pool_thread = threading.Thread(target=self._pool_loop, name="strata-warm-pool", daemon=True)
+            self._pool_thread.start()
         return self
 
     def close(self) -> None:
+        self._closing = True
+        if self._pool_thread is not None:
+            self._pool_wake.set()
+            self._pool_thread.join()
+        with self._warm_mu:
+            warm, self._warm = self._warm, []
+        for c in warm:
+            self._discard_warm(c)
         if self.catalog is not None:
             try:
                 self._persist_use()
@@ -287,7 +330,10 @@ class ControlPlane:
         idle_timeout: float | str | None = None, expire_after_idle: float | str | None = None,
     ) -> DatabaseInfo:
         """A new database (a branch of the template: O(1), no initdb) with a
-        root branch `main`, suspended until its first connection."""
+        root branch `main`, suspended until its first connection (or served
+        at once by a compute of the warm pool). Its `token` (returned here
+        only) manages this database's branches and nothing else."""
+        t0 = monotonic()
         if name is None:
             name = f"db-{secrets.token_hex(4)}"
         check_name("database", name)
@@ -295,22 +341,45 @@ class ControlPlane:
         idle_s = parse_duration(idle_timeout, "idle timeout")
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
         now = self._clock()
-        with self._mu:
-            if name in self.catalog.database_named:
-                raise ObjectExistsError("database", name)
-            tl = self.ps.store.branch(TEMPLATE_ID)
+        with self._reserve(("database", name)):
+            with self._mu:
+                if name in self.catalog.database_named:
+                    raise ObjectExistsError("database", name)
+            token = secrets.token_urlsafe(24)
             db = DatabaseRecord(
                 id=self.catalog.new_id(), name=name, password=new_password(), created_at=now,
                 expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
-                expire_after_idle=expire_s, last_used=now,
+                expire_after_idle=expire_s, last_used=now, token_sha256=_sha256(token),
             )
+            warm = self._claim_warm(db.password)
+            tl_id = warm.timeline_id if warm else self.ps.store.branch(TEMPLATE_ID, durable=False).id
             main = BranchRecord(
-                id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl.id, created_at=now,
+                id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl_id, created_at=now,
                 expires_at=db.expires_at, idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now,
             )
-            self.catalog.write(put=[db, main])
-        log.info("database %s created (timeline %s)", name, tl.id)
-        return self.database(name)
+            self.catalog.write(put=[db, main])  # durable: the branch record too (one log)
+            if warm is not None:
+                with self._mu:
+                    self._last_active[main.id] = now
+        self.metrics.create.observe(monotonic() - t0)
+        log.info("database %s created (timeline %s%s)", name, tl_id, ", warm compute" if warm else "")
+        info = self.database(name)
+        info.token = token
+        return info
+
+    @contextlib.contextmanager
+    def _reserve(self, key: tuple[str, ...]) -> Iterator[None]:
+        """Hold a name while it is being created, without holding the lock
+        (creations of different names proceed at once and share fsyncs)."""
+        with self._mu:
+            if key in self._reserved:
+                raise ObjectExistsError(key[0], "/".join(key[1:]))
+            self._reserved.add(key)
+        try:
+            yield
+        finally:
+            with self._mu:
+                self._reserved.discard(key)
 
     def database(self, name: str) -> DatabaseInfo:
         with self._mu:
@@ -380,15 +449,17 @@ class ControlPlane:
         idle_s = parse_duration(idle_timeout, "idle timeout")
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
         now = self._clock()
-        with self._mu:
-            db = self._db(database)
-            if (db.id, name) in self.catalog.branch_named:
-                raise ObjectExistsError("branch", f"{database}/{name}")
-            src = self._branch(db, parent)
+        t0 = monotonic()
+        with self._reserve(("branch", database, name)):
+            with self._mu:
+                db = self._db(database)
+                if (db.id, name) in self.catalog.branch_named:
+                    raise ObjectExistsError("branch", f"{database}/{name}")
+                src = self._branch(db, parent)
             src_tl = self._timeline(src)
             try:
-                at = src_tl.lsn_at(parse_time(time)) if time is not None else lsn
-                tl = self.ps.store.branch(src_tl, at_lsn=at)
+                at = src_tl.lsn_at(parse_time(time, self._clock())) if time is not None else lsn
+                tl = self.ps.store.branch(src_tl, at_lsn=at, durable=False)
             except (LsnOutOfRangeError, InvalidArgumentError) as e:
                 raise BadRequestError(f"cannot branch {database}/{parent} there: {e}") from e
             br = BranchRecord(
@@ -398,7 +469,8 @@ class ControlPlane:
                 expire_after_idle=expire_s if expire_s is not None else db.expire_after_idle,
                 protected=bool(protected), last_used=now,
             )
-            self.catalog.write(put=[br])
+            self.catalog.write(put=[br])  # durable: the branch record too (one log)
+        self.metrics.branch.observe(monotonic() - t0)
         log.info("branch %s/%s created from %s at LSN %d (timeline %s)",
                  database, name, parent, tl.branch_lsn, tl.id)
         return self.branch(database, name, sizes=False)  # sizes take a scan: ask for them later
@@ -530,7 +602,7 @@ class ControlPlane:
                 br = self._branch(database, name)
                 old = self._timeline(br)
                 try:
-                    at = old.lsn_at(parse_time(time)) if time is not None else lsn
+                    at = old.lsn_at(parse_time(time, self._clock())) if time is not None else lsn
                     tl = self.ps.store.branch(old, at_lsn=at)
                 except (LsnOutOfRangeError, InvalidArgumentError) as e:
                     raise BadRequestError(f"cannot restore {database}/{name} there: {e}") from e
@@ -566,6 +638,66 @@ class ControlPlane:
         with self._mu:
             return self._timeline(self._branch(database, name)).head_lsn
 
+    def database_for_token(self, token: str) -> str | None:
+        """The database a scoped token belongs to, if any."""
+        with self._mu:
+            db = self.catalog.database_with_token.get(_sha256(token))
+            return db.name if db else None
+
+    # --- the warm pool ------------------------------------------------------------------
+
+    def _pool_loop(self) -> None:
+        while not self._closing:
+            try:
+                self.fill_pool()
+            except Exception:  # noqa: BLE001 - retry later; say why
+                log.exception("filling the warm pool")
+            self._pool_wake.wait(5.0)
+            self._pool_wake.clear()
+
+    def fill_pool(self) -> int:
+        """Start computes on fresh template branches until the pool holds
+        `warm_pool` (and the compute cap allows). Returns how many run."""
+        while not self._closing:
+            with self._warm_mu:
+                if len(self._warm) >= self.warm_pool:
+                    break
+            if self._running_count() + len(self._warm) >= self.max_computes:
+                break
+            tl = self.ps.store.branch(TEMPLATE_ID, durable=False)
+            c = self.ps.start_compute(tl)
+            with self._warm_mu:
+                self._warm.append(c)
+        return len(self._warm)
+
+    def _claim_warm(self, password: str) -> Compute | None:
+        while True:
+            with self._warm_mu:
+                if not self._warm:
+                    return None
+                c = self._warm.pop(0)
+            self._pool_wake.set()
+            if self.ps.compute_of(c.timeline_id) is not c:
+                continue  # it died in the pool
+            try:
+                self.ps.set_password(c, password)
+                return c
+            except Exception:  # noqa: BLE001 - use another or none
+                log.exception("claiming warm compute %s", c.id)
+                self._discard_warm(c)
+
+    def _discard_warm(self, c: Compute) -> None:
+        try:
+            if self.ps.compute_of(c.timeline_id) is c:
+                self.ps.stop_compute(c.id)
+            self.ps.store.delete_timeline(c.timeline_id)
+        except Exception:  # noqa: BLE001 - the sweep at next open removes what is left
+            log.exception("discarding warm compute %s", c.id)
+
+    def _running_count(self) -> int:
+        with self._mu:
+            return sum(1 for b in self.catalog.branches.values() if self.ps.compute_of(b.timeline))
+
     # --- computes --------------------------------------------------------------------
 
     def _lock_of(self, br: BranchRecord) -> threading.Lock:
@@ -587,19 +719,26 @@ class ControlPlane:
                 return c
             self._make_room(br)
             db = self.catalog.databases[br.database]
-            t0 = time.monotonic()
+            t0 = monotonic()
             c = self.ps.start_compute(br.timeline, password=db.password)
+            self.metrics.wake.observe(monotonic() - t0)
             now = self._clock()
             with self._mu:
                 self._last_active[br.id] = now
                 br.last_used = now
                 self._dirty_use.add(br.id)
             log.info("branch %s woke in %.0f ms (compute %s, port %d)",
-                     self.endpoint(br), (time.monotonic() - t0) * 1e3, c.id, c.port)
+                     self.endpoint(br), (monotonic() - t0) * 1e3, c.id, c.port)
             return c
 
     def _make_room(self, br: BranchRecord) -> None:
         while True:
+            with self._warm_mu:
+                spare = self._warm.pop() if self._warm and (
+                    self._running_count() + len(self._warm) >= self.max_computes) else None
+            if spare is not None:  # a spare compute yields before anyone's
+                self._discard_warm(spare)
+                continue
             with self._mu:
                 running = [b for b in self.catalog.branches.values()
                            if b.id != br.id and self.ps.compute_of(b.timeline)]
@@ -627,8 +766,11 @@ class ControlPlane:
         c = self.ps.compute_of(br.timeline)
         if c is None:
             return
+        t0 = monotonic()
         self.ps.stop_compute(c.id)
-        log.info("branch %s suspended (compute %s)", self.endpoint(br), c.id)
+        self.metrics.suspend.observe(monotonic() - t0)
+        log.info("branch %s suspended in %.0f ms (compute %s)", self.endpoint(br),
+                 (monotonic() - t0) * 1e3, c.id)
 
     # --- connections (the proxy) -----------------------------------------------------------
 

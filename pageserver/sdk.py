@@ -202,10 +202,12 @@ class Branch:
 
 
 class Database(Branch):
-    """A database, used as its main branch; `branch(name)` makes another."""
+    """A database, used as its main branch; `branch(name)` makes another.
+    `token` (set when this client created it) is the API token scoped to it."""
 
     def __init__(self, client: Strata, name: str, uri: str, info: dict[str, Any]) -> None:
         super().__init__(client, name, "main", uri, info)
+        self.token: str | None = info.get("token")
 
     def __repr__(self) -> str:
         return f"<Database {self.database}>"

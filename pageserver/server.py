@@ -228,7 +228,7 @@ class PageServer:
         extra = [x for k, v in (settings or {}).items() for x in ("-c", f"{k}={v}")]
         try:
             c.start(extra, timeout=timeout)
-            self._set_password(c)
+            self.set_password(c, c.password)
         except BaseException:
             c.stopping = True
             c.kill()
@@ -238,10 +238,13 @@ class PageServer:
                  cid, tl.id, f" (read-only at LSN {lsn})" if read_only else "", c.port, c.start_seconds * 1e3)
         return c
 
-    def _set_password(self, c: Compute) -> None:
+    def set_password(self, c: Compute, password: str) -> None:
+        """Set the postgres role's password on a running compute (it is
+        stored in the branch, like any row)."""
         import psycopg
         from psycopg import sql
 
+        c.password = password
         with psycopg.connect(c.local_conninfo(), autocommit=True, connect_timeout=30) as conn:
             if c.read_only:  # its throwaway branch takes this one write
                 conn.execute("SET default_transaction_read_only = off")

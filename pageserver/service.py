@@ -93,7 +93,7 @@ def read_state(home: str) -> dict[str, Any] | None:
 
 
 async def _serve(home: str, api_port: int, proxy_port: int, max_computes: int | None,
-                 idle_timeout: float | None) -> None:
+                 idle_timeout: float | None, warm_pool: int = 0) -> None:
     import uvicorn
 
     from .api import make_app
@@ -102,7 +102,7 @@ async def _serve(home: str, api_port: int, proxy_port: int, max_computes: int | 
 
     token = ensure_token(home)
     control = ControlPlane(home, proxy_port=proxy_port, max_computes=max_computes,
-                           default_idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT)
+                           default_idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT, warm_pool=warm_pool)
     await asyncio.to_thread(control.open)
     proxy = Proxy(control, HOST, proxy_port)
     server: uvicorn.Server | None = None
@@ -165,12 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--proxy-port", type=int)
     p.add_argument("--max-computes", type=int)
     p.add_argument("--idle-timeout", type=float)
+    p.add_argument("--warm-pool", type=int, default=0, help="spare computes kept running (default 0)")
     args = p.parse_args(argv)
     home = os.path.abspath(args.home)
     os.makedirs(home, mode=0o700, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_port, proxy_port = _ports(home, args.api_port, args.proxy_port)
-    asyncio.run(_serve(home, api_port, proxy_port, args.max_computes, args.idle_timeout))
+    asyncio.run(_serve(home, api_port, proxy_port, args.max_computes, args.idle_timeout, args.warm_pool))
 
 
 # --- starting and stopping it from elsewhere (CLI, SDK) ---------------------------------------
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def start(home: str | None = None, *, api_port: int | None = None, proxy_port: int | None = None,
           max_computes: int | None = None, idle_timeout: float | None = None,
-          timeout: float = 180.0) -> dict[str, Any]:
+          warm_pool: int | None = None, timeout: float = 180.0) -> dict[str, Any]:
     """Start the service for `home` in the background unless it runs;
     return its state (api, proxy, token_file, pid)."""
     home = os.path.abspath(home or default_home())
@@ -188,7 +189,8 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
     os.makedirs(home, mode=0o700, exist_ok=True)
     cmd = [sys.executable, "-m", "pageserver.service", "--home", home]
     for flag, value in (("--api-port", api_port), ("--proxy-port", proxy_port),
-                        ("--max-computes", max_computes), ("--idle-timeout", idle_timeout)):
+                        ("--max-computes", max_computes), ("--idle-timeout", idle_timeout),
+                        ("--warm-pool", warm_pool)):
         if value is not None:
             cmd += [flag, str(value)]
     logf = open(os.path.join(home, LOG), "ab")

@@ -30,11 +30,21 @@ pytestmark = requires_pg
 
 
 class Clock:
+    """Wall-clock time, which a test can move forward (`clock.now += 60`)."""
+
     def __init__(self) -> None:
-        self.now = time.time()
+        self.offset = 0.0
 
     def __call__(self) -> float:
-        return self.now
+        return time.time() + self.offset
+
+    @property
+    def now(self) -> float:
+        return self()
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.offset += value - self()
 
 
 class Running:
@@ -219,8 +229,8 @@ def test_many_connections_to_a_suspended_branch_start_it_once(env):
 
     cp.ps.start_compute = counting
     try:
-        with ThreadPoolExecutor(8) as ex:
-            assert list(ex.map(lambda _: sql(uri, "select 42"), range(8))) == [[(42,)]] * 8
+        with ThreadPoolExecutor(20) as ex:
+            assert list(ex.map(lambda _: sql(uri, "select 42"), range(20))) == [[(42,)]] * 20
     finally:
         cp.ps.start_compute = real
     assert len(starts) == 1
@@ -272,21 +282,48 @@ def test_idle_branches_scale_to_zero_and_expired_ones_go(env):
 
 
 def test_at_the_compute_cap_the_least_recently_used_idle_one_yields(tmp_path):
-    r = Running(str(tmp_path), max_computes=2)
+    r = Running(str(tmp_path), max_computes=3)
     try:
         cp = r.cp
-        uris = [cp.create_database(f"cap{i}").uri for i in range(3)]
-        sql(uris[0], "select 1")
-        no_connections(cp, "cap0/main")
-        r.clock.now += 1
-        sql(uris[1], "select 1")
-        no_connections(cp, "cap1/main")
-        r.clock.now += 1
-        with psycopg.connect(uris[1]):  # cap1 is busy, cap0 is idle and older
-            sql(uris[2], "select 1")
-            assert [postgres_running(cp, f"cap{i}") for i in range(3)] == [False, True, True]
+        uris = [cp.create_database(f"cap{i}").uri for i in range(4)]
+        for i in range(3):
+            sql(uris[i], "select 1")
+            no_connections(cp, f"cap{i}/main")
+            r.clock.now += 1
+        with psycopg.connect(uris[0]), psycopg.connect(uris[2]):  # busy: cap1 is the idle one
+            assert sql(uris[3], "select 4") == [(4,)]
+            assert [postgres_running(cp, f"cap{i}") for i in range(4)] == [True, False, True, True]
+        assert sql(uris[1], "select 2") == [(2,)]  # served too: someone idle yields again
     finally:
         r.close()
+
+
+def test_a_warm_pool_serves_a_new_database_at_once(tmp_path):
+    r = Running(str(tmp_path), warm_pool=1)
+    try:
+        cp = r.cp
+        deadline = time.monotonic() + 60
+        while len(cp._warm) < 1:
+            assert time.monotonic() < deadline, "the pool did not fill"
+            time.sleep(0.05)
+        spare = cp._warm[0]
+        db = cp.create_database("pooled")
+        assert cp.branch("pooled", "main").state == "running"  # no start needed
+        assert cp.ps.compute_of(cp.resolve("pooled").timeline) is spare
+        assert sql(db.uri, "select current_user") == [("postgres",)]  # with the database's password
+        deadline = time.monotonic() + 60
+        while len(cp._warm) < 1:  # refilled
+            assert time.monotonic() < deadline, "the pool did not refill"
+            time.sleep(0.05)
+        assert cp._warm[0] is not spare
+        other = cp.create_database("pooled2")
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            sql(other.uri.replace(other.uri.split(":")[2].split("@")[0], db.uri.split(":")[2].split("@")[0]),
+                "select 1")  # each database's password is its own
+    finally:
+        r.close()
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert r.cp.ps.mountpoint not in out  # pool computes stopped too
 
 
 def test_the_catalog_survives_a_restart_and_orphans_are_swept(tmp_path):

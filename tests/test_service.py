@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psycopg
@@ -137,3 +139,116 @@ def test_down_stops_everything(tmp_path):
     with pytest.raises(ServiceNotRunningError):
         Strata(home, start=False)
 
+
+
+def _api(state: dict, token: str | None = None) -> httpx.Client:
+    token = token or open(state["token_file"]).read().strip()
+    return httpx.Client(base_url=state["api"] + "/v1", headers={"Authorization": f"Bearer {token}"}, timeout=120)
+
+
+def test_an_idle_branch_suspends_after_its_timeout_and_wakes_intact(up):
+    home, state = up
+    client = Strata(home)
+    db = client.create_database("sleepy", idle_timeout=1)
+    db.sql("create table t as select 42 as x")
+    t0 = time.monotonic()
+    while db.state != "suspended":
+        assert time.monotonic() - t0 < 15, "not suspended 15 s after its 1 s idle timeout"
+        time.sleep(0.1)
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"/mnt/{db.info['timeline']}" not in out
+    assert not any(db.info["endpoint"] in line for line in out.splitlines())
+    assert db.sql("select x from t") == [(42,)]  # woken by the connection, data intact
+    db.delete()
+
+
+def test_forty_concurrent_creations_all_succeed(up):
+    home, _ = up
+    client = Strata(home)
+    with ThreadPoolExecutor(40) as ex:
+        dbs = list(ex.map(lambda i: client.create_database(f"many-{i}"), range(40)))
+    assert sorted(d.database for d in dbs) == sorted(f"many-{i}" for i in range(40))
+    assert len({d.uri for d in dbs}) == 40
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda d: d.delete(), dbs))
+
+
+def test_a_database_token_reaches_only_its_database(up):
+    home, state = up
+    client = Strata(home)
+    mine, theirs = client.create_database("mine"), client.create_database("theirs")
+    assert mine.token and mine.token != theirs.token
+    scoped = _api(state, mine.token)
+    assert scoped.get("/databases/mine").status_code == 200
+    r = scoped.post("/databases/mine/branches", json={"name": "work"})
+    assert r.status_code == 201, r.text
+    assert scoped.get("/databases/mine/branches/work").json()["name"] == "work"
+    for method, path in (("GET", "/databases/theirs"), ("GET", "/databases/theirs/branches"),
+                         ("POST", "/databases/theirs/branches"), ("DELETE", "/databases/theirs"),
+                         ("DELETE", "/databases/theirs/branches/main"), ("GET", "/databases"),
+                         ("POST", "/databases"), ("GET", "/status"), ("POST", "/shutdown"),
+                         ("DELETE", "/databases/mine")):
+        r = scoped.request(method, path, json={"name": "x"})
+        assert r.status_code == 403, (method, path, r.status_code, r.text)
+    assert httpx.get(state["api"] + "/metrics", headers={"Authorization": f"Bearer {mine.token}"}).status_code == 403
+    client.database("theirs")  # untouched
+    theirs.delete()
+    mine.delete()
+    assert _api(state, mine.token).get("/databases/mine").status_code == 401  # gone with it
+
+
+def test_bad_requests_get_a_clear_4xx_and_change_nothing(up):
+    home, state = up
+    api = _api(state)
+    client = Strata(home)
+    base = client.create_database("strict")
+    base.sql("create table t(x int)")
+    kid = base.branch("kid")
+    kid.create_branch("grandkid")
+    before = (api.get("/databases").json(), api.get("/databases/strict/branches").json())
+    head = kid.lsn()
+    cases = [
+        ("POST", "/databases", b"{not json", 400, "invalid request"),
+        ("POST", "/databases", {"name": "a/b"}, 400, "invalid database name"),
+        ("POST", "/databases", {"name": "x" * 64}, 400, "invalid database name"),
+        ("POST", "/databases", {"name": "strict"}, 409, "already exists"),
+        ("POST", "/databases", {"ttl": "forever"}, 400, "invalid ttl"),
+        ("GET", "/databases/nope", None, 404, "no database named 'nope'"),
+        ("GET", "/databases/strict/branches/nope", None, 404, "strict/nope"),
+        ("POST", "/databases/strict/branches", {"name": "../up"}, 400, "invalid branch name"),
+        ("POST", "/databases/strict/branches", {"name": "far", "parent": "kid", "lsn": head + 10**9}, 400,
+         "beyond the head"),
+        ("POST", "/databases/strict/branches", {"name": "early", "parent": "kid", "lsn": 1}, 400,
+         "cannot branch"),
+        ("POST", "/databases/strict/branches", {"name": "later", "time": "2999-01-01T00:00:00Z"}, 400,
+         "in the future"),
+        ("POST", "/databases/strict/branches", {"name": "when", "time": "yesterday"}, 400, "invalid time"),
+        ("DELETE", "/databases/strict/branches/kid", None, 400, "grandkid"),
+        ("DELETE", "/databases/strict/branches/main", None, 400, "root branch"),
+        ("POST", "/databases/strict/branches/kid/restore", {}, 400, "an LSN or a time"),
+    ]
+    for method, path, body, status, words in cases:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = api.request(method, path, **kw)
+        assert r.status_code == status, (method, path, body, r.status_code, r.text)
+        assert words in r.json()["message"], (method, path, r.json())
+    assert httpx.get(state["api"] + "/v1/databases").status_code == 401
+    assert (api.get("/databases").json(), api.get("/databases/strict/branches").json()) == before
+    for name in ("grandkid", "kid"):
+        client.branch(f"strict/{name}").delete()
+    base.delete()
+
+
+def test_metrics_in_prometheus_format(up):
+    home, state = up
+    db = Strata(home).create_database("metered")
+    db.sql("select 1")
+    db.suspend()
+    text = _api(state).get(state["api"] + "/metrics").text
+    for name in ("strata_databases", "strata_branches", "strata_running_computes",
+                 "strata_create_database_seconds_count", "strata_wake_seconds_count",
+                 "strata_suspend_seconds_count"):
+        assert f"\n{name}" in text or text.startswith(name), name
+    wakes = [line for line in text.splitlines() if line.startswith("strata_wake_seconds_count")]
+    assert float(wakes[0].split()[1]) >= 1
+    db.delete()

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the control plane (served at /metrics): how many
+databases, branches and running computes there are, and how long creates,
+wakes and suspends take."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, databases: Callable[[], float], branches: Callable[[], float],
+                 running: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        for name, doc, fn in (("strata_databases", "Databases in the catalog", databases),
+                              ("strata_branches", "Branches in the catalog", branches),
+                              ("strata_running_computes", "Branches with a running compute", running)):
+            Gauge(name, doc, registry=self.registry).set_function(fn)
+        self.create = Histogram("strata_create_database_seconds", "Create a database (API call to URI)",
+                                buckets=BUCKETS, registry=self.registry)
+        self.branch = Histogram("strata_create_branch_seconds", "Create a branch",
+                                buckets=BUCKETS, registry=self.registry)
+        self.wake = Histogram("strata_wake_seconds", "Start a suspended branch's compute",
+                              buckets=BUCKETS, registry=self.registry)
+        self.suspend = Histogram("strata_suspend_seconds", "Stop a branch's compute",
+                                 buckets=BUCKETS, registry=self.registry)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
