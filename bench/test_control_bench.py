@@ -1,10 +1,13 @@
 """Control plane benchmarks (issue: control plane), with baselines from the
 same run.
 
-1. provisioning: create a database (URI in hand) and run its first query
-   through the proxy (which wakes it), vs CREATE DATABASE + first query on
-   an already running local PostgreSQL
-2. opening the service's store with 10,000 suspended branches vs with one
+1. provisioning: `create database` to first query answered through the
+   proxy, without and with the warm pool, vs a fresh local cluster (initdb +
+   start + first query) and CREATE DATABASE + first query on an already
+   running local PostgreSQL (p50 and p95 over 20 runs)
+2. wake: connect to a suspended branch to first query answered
+3. suspend: an idle branch's compute stopped to zero processes
+4. opening the service's store with 10,000 suspended branches vs with one
 """
 
 from __future__ import annotations
@@ -29,25 +32,37 @@ from tests.pg import pg_available
 from .conftest import report
 
 pytestmark = pytest.mark.skipif(pg_available() is not None, reason=pg_available() or "")
-ROUNDS = 15
+ROUNDS = 20
 BRANCHES = int(os.environ.get("STRATA_BENCH_BRANCHES", 10_000))
+
+
+class Served:
+    def __init__(self, home: str, **kw: object) -> None:
+        self.cp = ControlPlane(home, **kw).open()  # type: ignore[arg-type]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = Proxy(self.cp)
+        self.cp.proxy_port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)[1]
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.cp.close()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    cp = ControlPlane(str(tmp_path_factory.mktemp("cp-bench"))).open()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    proxy = Proxy(cp)
-    cp.proxy_port = asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)[1]
+    s = Served(str(tmp_path_factory.mktemp("cp-bench")))
     try:
-        yield cp
+        yield s.cp
     finally:
-        asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        cp.close()
+        s.close()
+
+
+def p95(xs: list[float]) -> float:
+    return sorted(xs)[max(0, int(round(0.95 * len(xs))) - 1)]
 
 
 @pytest.fixture(scope="module")
@@ -70,33 +85,111 @@ def local_pg():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_provision_a_database_vs_create_database(benchmark, served, local_pg):
+def _first_query(uri: str) -> None:
+    with psycopg.connect(uri, connect_timeout=60) as conn:
+        conn.execute("select 1").fetchone()
+
+
+def _fresh_cluster() -> float:
+    """initdb + start + first query of a new local cluster; then removed."""
+    root = tempfile.mkdtemp(prefix="strata-bench-initdb-")
+    user, uid, gid = run_as()
+    os.chmod(root, 0o755)
+    os.chown(root, uid, gid)
+    pgdata, port = os.path.join(root, "pgdata"), free_port()
+    pg_ctl = os.path.join(pg_bindir(), "pg_ctl")
+    t0 = time.perf_counter()
+    try:
+        subprocess.run([os.path.join(pg_bindir(), "initdb"), "-D", pgdata, "-A", "trust", "-U", "postgres",
+                        "--no-sync"], check=True, capture_output=True, user=user, cwd="/")
+        subprocess.run([pg_ctl, "-D", pgdata, "-l", pgdata + ".log", "start", "-w", "-o",
+                        f"-p {port} -c listen_addresses='' -c unix_socket_directories={root}"],
+                       check=True, capture_output=True, user=user, cwd="/")
+        _first_query(f"host={root} port={port} user=postgres dbname=postgres")
+        return time.perf_counter() - t0
+    finally:
+        subprocess.run([pg_ctl, "-D", pgdata, "stop", "-m", "immediate"], capture_output=True, user=user, cwd="/")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_provision_a_database(benchmark, served, local_pg, tmp_path):
     cp = served
-    create, ready, baseline = [], [], []
+    cold, create_only, create_db, fresh = [], [], [], []
 
     def one_round():
         t0 = time.perf_counter()
         db = cp.create_database()
-        create.append(time.perf_counter() - t0)
-        with psycopg.connect(db.uri, connect_timeout=60) as conn:
-            conn.execute("select 1").fetchone()
-        ready.append(time.perf_counter() - t0)
+        create_only.append(time.perf_counter() - t0)
+        _first_query(db.uri)
+        cold.append(time.perf_counter() - t0)
         cp.delete_database(db.name)
         with psycopg.connect(local_pg + " dbname=postgres", autocommit=True) as conn:
             t0 = time.perf_counter()
             conn.execute("create database bench_copy")
-            with psycopg.connect(local_pg + " dbname=bench_copy") as c2:
-                c2.execute("select 1").fetchone()
-            baseline.append(time.perf_counter() - t0)
+            _first_query(local_pg + " dbname=bench_copy")
+            create_db.append(time.perf_counter() - t0)
             conn.execute("drop database bench_copy")
+        fresh.append(_fresh_cluster())
 
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=1)
-    c50, r50, b50 = (statistics.median(x) for x in (create, ready, baseline))
-    report("provisioning", "create database (URI returned), p50", c50 * 1e3, "ms", "< 100 ms", c50 < 0.1)
-    report("provisioning", "create + first query through the proxy (wakes it), p50", r50 * 1e3, "ms",
-           "< 1000 ms", r50 < 1.0)
-    report("provisioning", "CREATE DATABASE + first query on a running local cluster, p50", b50 * 1e3, "ms")
-    report("provisioning", "ours / CREATE DATABASE", r50 / b50, "x")
+    warm = _with_warm_pool(str(tmp_path / "warm"))
+    b = "provisioning: create database to first query"
+    report(b, "create call alone (URI returned), p50", statistics.median(create_only) * 1e3, "ms")
+    report(b, "ours, p50", statistics.median(cold) * 1e3, "ms", "< 300 ms", statistics.median(cold) < 0.3)
+    report(b, "ours, p95", p95(cold) * 1e3, "ms", "< 1000 ms", p95(cold) < 1.0)
+    report(b, "ours with a warm pool, p50", statistics.median(warm) * 1e3, "ms", "< 50 ms",
+           statistics.median(warm) < 0.05)
+    report(b, "ours with a warm pool, p95", p95(warm) * 1e3, "ms")
+    report(b, "fresh local cluster (initdb + start), p50", statistics.median(fresh) * 1e3, "ms")
+    report(b, "CREATE DATABASE on a running local cluster, p50", statistics.median(create_db) * 1e3, "ms")
+    report(b, "ours / fresh cluster, p50", statistics.median(cold) / statistics.median(fresh), "x")
+    report(b, "ours / CREATE DATABASE, p50", statistics.median(cold) / statistics.median(create_db), "x")
+
+
+def _with_warm_pool(home: str) -> list[float]:
+    s = Served(home, warm_pool=2)
+    times: list[float] = []
+    try:
+        for _ in range(ROUNDS):
+            deadline = time.monotonic() + 60
+            while len(s.cp._warm) < 2 and time.monotonic() < deadline:  # as between requests
+                time.sleep(0.01)
+            t0 = time.perf_counter()
+            db = s.cp.create_database()
+            _first_query(db.uri)
+            times.append(time.perf_counter() - t0)
+            s.cp.delete_database(db.name)
+    finally:
+        s.close()
+    return times
+
+
+def test_wake_and_suspend(benchmark, served):
+    cp = served
+    db = cp.create_database("wake")
+    _first_query(db.uri)
+    wake, suspend = [], []
+
+    def one_round():
+        br = cp.resolve("wake")
+        c = cp.ps.compute_of(br.timeline)
+        t0 = time.perf_counter()
+        cp.suspend("wake", "main")  # what the idle timeout does when it fires
+        while os.path.exists(f"/proc/{c.pid}"):
+            time.sleep(0.001)
+        suspend.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _first_query(db.uri)
+        wake.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=1)
+    report("wake", "connect to a suspended branch to first query, p50", statistics.median(wake) * 1e3, "ms",
+           "< 250 ms", statistics.median(wake) < 0.25)
+    report("wake", "p95", p95(wake) * 1e3, "ms")
+    report("suspend", "idle branch to zero processes, p50", statistics.median(suspend) * 1e3, "ms",
+           "< 300 ms", statistics.median(suspend) < 0.3)
+    report("suspend", "p95", p95(suspend) * 1e3, "ms")
+    cp.delete_database("wake")
 
 
 def test_open_with_10000_suspended_branches(benchmark, tmp_path):

@@ -346,12 +346,12 @@ class ControlPlane:
                 if name in self.catalog.database_named:
                     raise ObjectExistsError("database", name)
             token = secrets.token_urlsafe(24)
-            db = DatabaseRecord(
-                id=self.catalog.new_id(), name=name, password=new_password(), created_at=now,
-                expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
+            warm = self._claim_warm()
+            db = DatabaseRecord(  # a warm compute's generated password is already set: it becomes this one's
+                id=self.catalog.new_id(), name=name, password=warm.password if warm else new_password(),
+                created_at=now, expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
                 expire_after_idle=expire_s, last_used=now, token_sha256=_sha256(token),
             )
-            warm = self._claim_warm(db.password)
             tl_id = warm.timeline_id if warm else self.ps.store.branch(TEMPLATE_ID, durable=False).id
             main = BranchRecord(
                 id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl_id, created_at=now,
@@ -670,21 +670,17 @@ class ControlPlane:
                 self._warm.append(c)
         return len(self._warm)
 
-    def _claim_warm(self, password: str) -> Compute | None:
+    def _claim_warm(self) -> Compute | None:
+        """A running spare compute, taken out of the pool (which refills)."""
         while True:
             with self._warm_mu:
                 if not self._warm:
                     return None
                 c = self._warm.pop(0)
             self._pool_wake.set()
-            if self.ps.compute_of(c.timeline_id) is not c:
-                continue  # it died in the pool
-            try:
-                self.ps.set_password(c, password)
+            if self.ps.compute_of(c.timeline_id) is c:
                 return c
-            except Exception:  # noqa: BLE001 - use another or none
-                log.exception("claiming warm compute %s", c.id)
-                self._discard_warm(c)
+            # it died in the pool: try the next
 
     def _discard_warm(self, c: Compute) -> None:
         try:
