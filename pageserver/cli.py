@@ -256,6 +256,32 @@ def lsn(ctx: click.Context, as_json: bool, address: str) -> None:
     _emit(as_json, {"name": f"{dbname}/{br}", "lsn": value}, str(value))
 
 
+@command(cli, "bench")
+@click.argument("base")
+@click.option("--load", help="Shell command that loads the base if it does not exist ($DATABASE_URL).")
+@click.option("--run", "workload", required=True, help="Shell command run on each fresh branch ($DATABASE_URL).")
+@click.option("--runs", type=int, default=3, show_default=True, help="How many runs, each on its own branch.")
+@click.option("--no-checksum", is_flag=True, help="Skip checking that every run starts from identical data.")
+@click.option("--keep", is_flag=True, help="Keep the run branches (they expire after 1h).")
+def bench(ctx: click.Context, as_json: bool, base: str, load: str | None, workload: str, runs: int,
+          no_checksum: bool, keep: bool) -> None:
+    """Load BASE once, then run a workload N times, each on a fresh branch of it."""
+    from .loadonce import load_once
+
+    report = load_once(_client(ctx), base=base, load=load, workload=workload, runs=runs,
+                       checksum=not no_checksum, keep=keep, home=_home(ctx))
+    lines = [f"base {base}: " + (f"loaded in {report.load_seconds:.1f} s" if report.loaded_now
+                                 else "loaded earlier")]
+    for r in report.runs:
+        figs = ", ".join(f"{k} {v:g}" for k, v in r.figures.items())
+        lines.append(f"run {r.index}: {r.seconds:.1f} s{', ' + figs if figs else ''}"
+                     f"{'' if r.returncode == 0 else f' (exit {r.returncode})'}")
+    lines.append(f"load time saved: {report.load_seconds_saved:.1f} s; identical start: {report.identical_start}")
+    _emit(as_json, report.to_dict(), "\n".join(lines))
+    if any(r.returncode != 0 for r in report.runs):
+        sys.exit(1)
+
+
 @cli.command("psql", context_settings={"ignore_unknown_options": True})
 @click.argument("address")
 @click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -181,12 +182,23 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
           max_computes: int | None = None, idle_timeout: float | None = None,
           warm_pool: int | None = None, timeout: float = 180.0) -> dict[str, Any]:
     """Start the service for `home` in the background unless it runs;
-    return its state (api, proxy, token_file, pid)."""
+    return its state (api, proxy, token_file, pid). Safe to call from many
+    processes at once: one starts it, the others wait for it."""
     home = os.path.abspath(home or default_home())
     state = read_state(home)
     if state is not None:
         return state
     os.makedirs(home, mode=0o700, exist_ok=True)
+    with open(os.path.join(home, ".start.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = read_state(home)  # another process may have started it meanwhile
+        if state is not None:
+            return state
+        return _spawn(home, api_port, proxy_port, max_computes, idle_timeout, warm_pool, timeout)
+
+
+def _spawn(home: str, api_port: int | None, proxy_port: int | None, max_computes: int | None,
+           idle_timeout: float | None, warm_pool: int | None, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pageserver.service", "--home", home]
     for flag, value in (("--api-port", api_port), ("--proxy-port", proxy_port),
                         ("--max-computes", max_computes), ("--idle-timeout", idle_timeout),
