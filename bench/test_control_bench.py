@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import statistics
-import subprocess
-import tempfile
 import threading
 import time
 
 import psycopg
 import pytest
 
-from pageserver.compute import free_port, pg_bindir, run_as
 from pageserver.control import ControlPlane
 from pageserver.proxy import Proxy
 from tests.pg import pg_available
 
 from .conftest import report
+from .localpg import LocalPg, first_query
 
 pytestmark = pytest.mark.skipif(pg_available() is not None, reason=pg_available() or "")
 ROUNDS = 20
@@ -67,49 +64,23 @@ def p95(xs: list[float]) -> float:
 
 @pytest.fixture(scope="module")
 def local_pg():
-    root = tempfile.mkdtemp(prefix="strata-bench-cp-")
-    user, uid, gid = run_as()
-    os.chmod(root, 0o755)
-    os.chown(root, uid, gid)
-    pgdata, port = os.path.join(root, "pgdata"), free_port()
-    pg_ctl = os.path.join(pg_bindir(), "pg_ctl")
-    subprocess.run([os.path.join(pg_bindir(), "initdb"), "-D", pgdata, "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True, user=user, cwd="/")
-    subprocess.run([pg_ctl, "-D", pgdata, "-l", pgdata + ".log", "start", "-w", "-o",
-                    f"-p {port} -c listen_addresses='' -c unix_socket_directories={root}"],
-                   check=True, capture_output=True, user=user, cwd="/")
+    pg = LocalPg().start()
     try:
-        yield f"host={root} port={port} user=postgres"
+        yield pg
     finally:
-        subprocess.run([pg_ctl, "-D", pgdata, "stop", "-m", "fast"], capture_output=True, user=user, cwd="/")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _first_query(uri: str) -> None:
-    with psycopg.connect(uri, connect_timeout=60) as conn:
-        conn.execute("select 1").fetchone()
+        pg.stop()
 
 
 def _fresh_cluster() -> float:
     """initdb + start + first query of a new local cluster; then removed."""
-    root = tempfile.mkdtemp(prefix="strata-bench-initdb-")
-    user, uid, gid = run_as()
-    os.chmod(root, 0o755)
-    os.chown(root, uid, gid)
-    pgdata, port = os.path.join(root, "pgdata"), free_port()
-    pg_ctl = os.path.join(pg_bindir(), "pg_ctl")
     t0 = time.perf_counter()
+    pg = LocalPg(fsync=False)
     try:
-        subprocess.run([os.path.join(pg_bindir(), "initdb"), "-D", pgdata, "-A", "trust", "-U", "postgres",
-                        "--no-sync"], check=True, capture_output=True, user=user, cwd="/")
-        subprocess.run([pg_ctl, "-D", pgdata, "-l", pgdata + ".log", "start", "-w", "-o",
-                        f"-p {port} -c listen_addresses='' -c unix_socket_directories={root}"],
-                       check=True, capture_output=True, user=user, cwd="/")
-        _first_query(f"host={root} port={port} user=postgres dbname=postgres")
+        pg.start()
+        pg.first_query()
         return time.perf_counter() - t0
     finally:
-        subprocess.run([pg_ctl, "-D", pgdata, "stop", "-m", "immediate"], capture_output=True, user=user, cwd="/")
-        shutil.rmtree(root, ignore_errors=True)
+        pg.stop("immediate")
 
 
 def test_provision_a_database(benchmark, served, local_pg, tmp_path):
@@ -120,13 +91,13 @@ def test_provision_a_database(benchmark, served, local_pg, tmp_path):
         t0 = time.perf_counter()
         db = cp.create_database()
         create_only.append(time.perf_counter() - t0)
-        _first_query(db.uri)
+        first_query(db.uri)
         cold.append(time.perf_counter() - t0)
         cp.delete_database(db.name)
-        with psycopg.connect(local_pg + " dbname=postgres", autocommit=True) as conn:
+        with psycopg.connect(local_pg.conninfo("postgres"), autocommit=True) as conn:
             t0 = time.perf_counter()
             conn.execute("create database bench_copy")
-            _first_query(local_pg + " dbname=bench_copy")
+            local_pg.first_query("bench_copy")
             create_db.append(time.perf_counter() - t0)
             conn.execute("drop database bench_copy")
         fresh.append(_fresh_cluster())
@@ -156,7 +127,7 @@ def _with_warm_pool(home: str) -> list[float]:
                 time.sleep(0.01)
             t0 = time.perf_counter()
             db = s.cp.create_database()
-            _first_query(db.uri)
+            first_query(db.uri)
             times.append(time.perf_counter() - t0)
             s.cp.delete_database(db.name)
     finally:
@@ -167,7 +138,7 @@ def _with_warm_pool(home: str) -> list[float]:
 def test_wake_and_suspend(benchmark, served):
     cp = served
     db = cp.create_database("wake")
-    _first_query(db.uri)
+    first_query(db.uri)
     wake, suspend = [], []
 
     def one_round():
@@ -179,7 +150,7 @@ def test_wake_and_suspend(benchmark, served):
             time.sleep(0.001)
         suspend.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _first_query(db.uri)
+        first_query(db.uri)
         wake.append(time.perf_counter() - t0)
 
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=1)
