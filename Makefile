@@ -1,6 +1,7 @@
 # Strata: `make` builds .venv with the project installed editable;
 # `make demo` runs the demo on the embedded default store; `make test` runs
-# the whole suite (what CI runs). `make bench` runs the benchmarks.
+# the whole suite (what CI runs). `make bench` runs the benchmarks;
+# `make torture` the long fault-injection runs, printing their figures.
 
 PY ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 PG_BIN := $(shell pg_config --bindir 2>/dev/null)
 
-.PHONY: all venv system demo test bench lint clean
+.PHONY: all venv system demo test bench torture lint clean
 
 all: venv
 
@@ -44,8 +45,11 @@ test: venv system lint
 bench: venv system
 	$(BIN)/python -m pytest -q bench --benchmark-only -p no:cacheprovider
 
+torture: venv system
+	TORTURE=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fault_sweep.py tests/test_failpoints.py
+
 lint: venv
-	$(BIN)/ruff check engine tests bench
+	$(BIN)/ruff check engine pageserver tests bench
 	$(BIN)/mypy --no-error-summary
 
 clean:

@@ -17,6 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from . import failpoints
 from .fs import ensure_dir, write_atomically
 from .layer_file import KIND_DELTA, LayerWriter
 from .manifest import SnapshotEntry, TimelineMeta, decode_snapshot, encode_snapshot, encode_timeline
@@ -114,7 +115,9 @@ def write_snapshot(store: Store, replay_from: int) -> None:
     store._log.sync()  # the heads above are durable before the snapshot says so
     chunks = encode_snapshot(applied, last_time, replay_from, entries)
     mpath = store._manifest_path
+    failpoints.hit("manifest-before-swap")
     write_atomically(store.fs, mpath, chunks)
+    failpoints.hit("manifest-after-swap")
     with store._mu:
         store._snapshot = decode_snapshot(mpath, b"".join(chunks))
         # decoded metadata now in the snapshot can be decoded again on demand

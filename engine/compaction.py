@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import failpoints
 from .config import StoreConfig
 from .keyspace import KeyRange, count_in, partitions
 from .layer_file import KIND_DELTA, KIND_IMAGE, Entry, Layer, LayerDesc, LayerWriter
@@ -191,11 +192,13 @@ def compact_timeline(
                 result.images_written += 1
                 if progress is not None:
                     progress(len(written), total)
+            failpoints.hit("compaction-before-commit")
         except BaseException:
             store._discard_files(tl, written)
             raise
         removed = [d for g in plan.merges for d in g]
         store._replace_layers(tl, written, removed)
+        failpoints.hit("compaction-after-commit")
         result.removed = removed
         result.bytes_written = sum(d.file_size for d in written)
     result.seconds = time.monotonic() - t0

@@ -15,6 +15,11 @@ power loss the way LevelDB's fault-injection environment does:
 - a directory rename is durable at once (the engine renames directories
   only to remove them).
 
+A failed fsync behaves as Linux's does: the pages that were dirty are
+marked clean without reaching the disk, so a later fsync that succeeds
+does not write them, and a crash loses them. An engine that retries a
+failed fsync and reports success is caught.
+
 It can also fail the Nth mutating operation (or every one after it) with an
 errno such as EIO or ENOSPC, to check that the engine fails closed.
 """
@@ -34,10 +39,34 @@ MUTATING_OPS = frozenset(
 )
 
 
+PAGE = 4096
+
+
 @dataclass
 class _Inode:
     data: bytearray = field(default_factory=bytearray)
     synced: bytes = b""
+    dirty: set[int] = field(default_factory=set)  # pages written since the last fsync
+
+    def written(self, start: int, end: int) -> None:
+        if end > start:
+            self.dirty.update(range(start // PAGE, (end - 1) // PAGE + 1))
+
+    def sync(self) -> None:
+        """What an fsync makes durable: the dirty pages, and the size."""
+        n = len(self.data)
+        disk = bytearray(self.synced[:n])
+        disk.extend(bytes(n - len(disk)))
+        for p in self.dirty:
+            lo = p * PAGE
+            disk[lo : lo + PAGE] = self.data[lo : lo + PAGE]
+        self.synced = bytes(disk[:n])
+        self.dirty.clear()
+
+    def settle(self) -> None:
+        """Everything as it is now is on disk (operations durable at once)."""
+        self.synced = bytes(self.data)
+        self.dirty.clear()
 
 
 @dataclass
@@ -103,7 +132,8 @@ class FaultFileSystem:
         unsynced changes. Changed 4 KiB pages within the synced length each
         survive or not (writeback order is not write order); an unsynced
         tail survives as a prefix, possibly garbled at its end, or with
-        holes of zeros where pages did not make it."""
+        holes of zeros where pages did not make it. Only dirty pages can
+        survive: one a failed fsync marked clean never reaches the disk."""
         synced = inode.synced
         cur = bytes(inode.data)
         page = 4096
@@ -111,12 +141,20 @@ class FaultFileSystem:
         common = min(len(cur), len(synced))
         for start in range(0, common, page):
             end = min(start + page, common)
-            if cur[start:end] != synced[start:end] and self.rng.random() < 0.5:
+            if (start // page in inode.dirty and cur[start:end] != synced[start:end]
+                    and self.rng.random() < 0.5):
                 out[start:end] = cur[start:end]
         if len(cur) <= len(synced):
             return out
         tail = cur[len(synced):]
-        keep = self.rng.randrange(len(tail) + 1)
+        limit = len(tail)
+        p = len(synced) // page
+        while p * page < len(cur):
+            if p not in inode.dirty:
+                limit = max(0, p * page - len(synced))
+                break
+            p += 1
+        keep = self.rng.randrange(limit + 1)
         kept = bytearray(tail[:keep])
         mode = self.rng.random()
         if kept and mode < 0.3:
@@ -158,14 +196,14 @@ class FaultFileSystem:
             if end > len(inode.data):
                 inode.data.extend(bytes(end - len(inode.data)))
             inode.data[offset:end] = data
-            inode.synced = bytes(inode.data)
+            inode.settle()
 
     def chop(self, path: str, size: int) -> None:
         """Truncate a file durably, behind the engine's back."""
         with self._mu:
             inode = self._files[path]
             del inode.data[size:]
-            inode.synced = bytes(inode.data)
+            inode.settle()
 
     def files(self) -> dict[str, int]:
         with self._mu:
@@ -320,7 +358,7 @@ class FaultFileSystem:
             self._op("truncate")
             inode = self._inode(path)
             del inode.data[size:]
-            inode.synced = bytes(inode.data)
+            inode.settle()
 
     def sync_dir(self, path: str) -> None:
         with self._mu:
@@ -361,8 +399,12 @@ class _Handle:
     def sync(self) -> None:
         with self.fs._mu:
             self._live()
-            self.fs._op("sync")
-            self.inode.synced = bytes(self.inode.data)
+            try:
+                self.fs._op("sync")
+            except OSError:
+                self.inode.dirty.clear()  # marked clean, never written (fsyncgate)
+                raise
+            self.inode.sync()
 
     def close(self) -> None:
         pass
@@ -387,7 +429,9 @@ class _WriteHandle(_Handle):
         with self.fs._mu:
             self._live()
             self.fs._op("write")
+            start = len(self.inode.data)
             self.inode.data += data
+            self.inode.written(start, len(self.inode.data))
             self.fs._last_written = self.inode
 
     def tell(self) -> int:
@@ -403,8 +447,10 @@ class _RWHandle(_Handle):
             buf = self.inode.data
             end = offset + len(data)
             if end > len(buf):
+                self.inode.written(len(buf), offset)
                 buf.extend(bytes(end - len(buf)))
             buf[offset:end] = data
+            self.inode.written(offset, end)
             self.fs._last_written = self.inode
 
 

@@ -116,7 +116,10 @@ def remove_tree(fs: FileSystem, path: str) -> None:
 
 
 def ensure_dir(fs: FileSystem, path: str) -> None:
-    """Create `path` (and parents) durably: each new entry's parent is synced."""
+    """Create `path` (and parents) durably: each new entry's parent is
+    synced. If `path` exists, its parent is synced anyway: an earlier call
+    may have created it and then failed to sync its parent, and a crash
+    would then lose it with everything written in it since."""
     missing: list[str] = []
     p = path
     while not fs.isdir(p):
@@ -128,6 +131,8 @@ def ensure_dir(fs: FileSystem, path: str) -> None:
     for d in reversed(missing):
         fs.makedirs(d)
         fs.sync_dir(os.path.dirname(d))
+    if not missing:
+        fs.sync_dir(os.path.dirname(path))
 
 
 # --- the real file system ----------------------------------------------------

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import failpoints
 from .layer_file import LayerDesc
 
 if TYPE_CHECKING:
@@ -139,7 +140,9 @@ def gc_timeline(store: Store, tl: Timeline, now_us: int) -> GcResult:
         descs = [ly.desc for ly in tl._map.layers]
         garbage = plan_gc(descs, start_lsn=tl._meta.start_lsn, horizon=tl.horizon, branch_points=points)
         if garbage:
+            failpoints.hit("gc-before-commit")
             store._replace_layers(tl, [], garbage)
+            failpoints.hit("gc-after-commit")
             result.layers_removed = len(garbage)
             result.bytes_removed = sum(d.file_size for d in garbage)
             result.removed = [(tl.id, d) for d in garbage]

@@ -58,6 +58,7 @@ from lz4.block import LZ4BlockError
 from lz4.block import decompress as _decompress
 from pyroaring import BitMap64, FrozenBitMap64
 
+from . import failpoints
 from .checksums import check_header, seal, sealed_ok, xxh3, xxh64
 from .errors import CorruptionError
 from .fs import TMP_SUFFIX, FileSystem, ReadFile
@@ -203,6 +204,7 @@ class LayerWriter:
             for chunk in (index, bitmap, tbytes, foot):
                 self._file.write(chunk)
             size = index_off + len(index) + len(bitmap) + len(tbytes) + FOOTER.size
+            failpoints.hit("layer-before-fsync")
             self._file.sync()
             self._file.close()
             desc = LayerDesc(
@@ -218,8 +220,10 @@ class LayerWriter:
                 time_max_us=times[-1][1] if times else 0,
                 gen=self._gen,
             )
+            failpoints.hit("layer-before-rename")
             self._fs.rename(self._tmp, os.path.join(self._dir, desc.name))
             self._fs.sync_dir(self._dir)
+            failpoints.hit("layer-after-rename")
             return desc
         except BaseException:
             self.abort()

@@ -30,7 +30,9 @@ import time
 from collections.abc import Iterable
 
 from . import checkpoint as _checkpoint
+from . import failpoints
 from .background import Background
+from .check import CheckReport, check_store
 from .checkpoint import flush_timeline
 from .clock import Clock, system_clock
 from .compaction import CompactionResult, Progress, compact_timeline, write_image
@@ -318,6 +320,7 @@ class Store:
                 ptl._check_live()
                 start = ptl.head_lsn if at_lsn is None else ptl._check_lsn(at_lsn)
                 anc = ptl._tid
+            failpoints.hit("timeline-before-create")
             meta = TimelineMeta(
                 id=tid, ancestor=anc, ancestor_lsn=start if anc else 0, start_lsn=start,
                 head_lsn=start, disk_consistent_lsn=start, horizon=0, created_us=now,
@@ -329,6 +332,7 @@ class Store:
             self._link(tid, anc)
         if durable:
             self._log.sync(pos)
+            failpoints.hit("timeline-after-create")
         log.info(
             "created timeline %s%s", tl.id,
             f" from {anc.hex()} at LSN {start}" if anc else f" at LSN {start}",
@@ -361,6 +365,13 @@ class Store:
                     continue
         return sorted(out, key=lambda t: t.id)
 
+    def check(self, max_lsns: int = 16) -> CheckReport:
+        """Verify everything: checksums of every file and value, that the
+        manifest and the files agree, that every timeline reads back at its
+        retained LSNs. Returns the problems found (engine/check.py)."""
+        self._check_open()
+        return check_store(self, max_lsns)
+
     def damaged(self) -> dict[str, CorruptionError]:
         """Timelines that cannot be served, with the error that says why."""
         return {t.hex(): e for t, e in self._damaged.items()}
@@ -384,6 +395,7 @@ class Store:
             kids = self._children.get(tid)
             if kids:
                 raise HasChildrenError(tid.hex(), [k.hex() for k in kids])
+            failpoints.hit("timeline-before-delete")
             if tl is not None:
                 with tl._write_mu:
                     tl._deleted = True
@@ -392,6 +404,7 @@ class Store:
             # The drop is durable before the files go, and the directory is
             # moved aside before the id can be used again.
             self._log.sync(pos)
+            failpoints.hit("timeline-after-delete")
             tdir = os.path.join(self._timelines_dir, tid.hex())
             doomed = None
             if self.fs.isdir(tdir):

@@ -60,6 +60,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from . import failpoints
 from .checksums import check_header, seal, sealed_ok, xxh3
 from .errors import CorruptionError, StoreFailedError
 from .fs import FileSystem, RWFile, ensure_dir
@@ -406,9 +407,11 @@ class CommitLog:
             assert self._file is not None
             n = RECORD_HEADER.size + len(payload)
             try:
+                failpoints.hit("wal-before-append")
                 if self._segment_size + n > self._zeroed:
                     self._zero_fill(self._segment_size + n)
                 self._file.pwrite(head + payload, self._segment_size)
+                failpoints.hit("wal-after-append")
             except OSError as e:
                 raise self._fail(e) from e
             self._last_lsn = lsn
@@ -436,7 +439,9 @@ class CommitLog:
                 err: BaseException | None = None
                 try:
                     assert f is not None
+                    failpoints.hit("wal-before-fsync")
                     f.sync()
+                    failpoints.hit("wal-after-fsync")
                 except OSError as e:
                     err = e
                 finally:
@@ -462,6 +467,7 @@ class CommitLog:
             self._synced_cv.wait()
         assert self._file is not None
         try:
+            failpoints.hit("wal-before-rotate")
             self._file.sync()
             self._file.close()
         except OSError as e:

@@ -29,6 +29,7 @@ from engine import (
     NotFoundError,
     StrataError,
 )
+from engine.check import CheckReport
 
 from .control import MAIN, ControlPlane
 from .errors import BranchBusyError, ControlPlaneError
@@ -64,6 +65,11 @@ class BranchUpdate(BaseModel):
 class Restore(BaseModel):
     lsn: int | None = None
     time: str | None = None
+
+
+def check_report(r: CheckReport) -> dict[str, Any]:
+    return {"ok": r.ok, "timelines": r.timelines, "layers": r.layers, "values": r.values,
+            "reads": r.reads, "problems": r.problems}
 
 
 def status_of(e: StrataError) -> int:
@@ -197,6 +203,12 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
     @dbr.get("/databases/{db}/branches/{name}/lsn")
     def lsn(db: str, name: str) -> dict[str, Any]:
         return {"lsn": control.lsn(db, name)}
+
+    @v1.post("/check")
+    def check() -> dict[str, Any]:
+        """Verify the store end to end (every checksum, manifest against
+        files, every timeline readable at its retained LSNs). Slow."""
+        return check_report(control.ps.store.check())
 
     @v1.post("/shutdown", status_code=202)
     def shutdown() -> dict[str, Any]:

@@ -282,6 +282,30 @@ def bench(ctx: click.Context, as_json: bool, base: str, load: str | None, worklo
         sys.exit(1)
 
 
+@command(cli, "check")
+def check(ctx: click.Context, as_json: bool) -> None:
+    """Verify the store: checksums, manifest against files, every timeline
+    readable. Through the service if it runs, else on the store directly.
+    Exit status 1 on any problem."""
+    home = _home(ctx)
+    if service.read_state(home) is not None:
+        report = _client(ctx).call("POST", "/check")
+    else:
+        from engine import Store
+
+        from .api import check_report
+
+        with Store.open(os.path.join(home, "store"), background=False) as store:
+            report = check_report(store.check())
+    lines = [f"{report['timelines']} timelines, {report['layers']} layer files, {report['values']} values, "
+             f"{report['reads']} reads checked: " + ("no problem" if report["ok"] else
+                                                     f"{len(report['problems'])} problems")]
+    lines += [f"  {p}" for p in report["problems"]]
+    _emit(as_json, report, "\n".join(lines))
+    if not report["ok"]:
+        sys.exit(1)
+
+
 @cli.command("psql", context_settings={"ignore_unknown_options": True})
 @click.argument("address")
 @click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)

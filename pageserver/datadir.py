@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from engine import Timeline
+from engine import Timeline, failpoints
 
 from .layout import (
     BUCKETS,
@@ -277,7 +277,9 @@ class DataDir:
             self._inodes[ino] = new
             over = self._pending_bytes > self.pending_limit
         if durable:
+            failpoints.hit("fuse-before-durable-write")
             self.fsync(ino)
+            failpoints.hit("fuse-after-durable-write")
         elif over:
             self.commit_pending()
         return n

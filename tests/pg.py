@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -29,14 +31,31 @@ def pg_available() -> str | None:
 requires_pg = pytest.mark.skipif(pg_available() is not None, reason=pg_available() or "")
 
 
-def env_for(c: Compute) -> dict[str, str]:
-    return dict(
+@dataclass
+class ProxyTarget:
+    """A branch reached through the service's proxy, usable wherever these
+    helpers take a Compute (libpq tools route by $PGOPTIONS)."""
+
+    port: int
+    password: str
+    endpoint: str
+
+    def uri(self, dbname: str = "postgres") -> str:
+        return (f"postgresql://postgres:{quote(self.password, safe='')}@127.0.0.1:{self.port}/{dbname}"
+                f"?options=endpoint%3D{self.endpoint}")
+
+
+def env_for(c: Compute | ProxyTarget) -> dict[str, str]:
+    env = dict(
         os.environ, PGHOST="127.0.0.1", PGPORT=str(c.port), PGUSER="postgres",
         PGPASSWORD=c.password, PGDATABASE="postgres",
     )
+    if isinstance(c, ProxyTarget):
+        env["PGOPTIONS"] = f"endpoint={c.endpoint}"
+    return env
 
 
-def run_pg(tool: str, c: Compute, *args: str, check: bool = True, cwd: str | None = None,
+def run_pg(tool: str, c: Compute | ProxyTarget, *args: str, check: bool = True, cwd: str | None = None,
            timeout: float = 300) -> subprocess.CompletedProcess[str]:
     r = subprocess.run([os.path.join(pg_bindir(), tool), *args], env=env_for(c), capture_output=True,
                        text=True, cwd=cwd, timeout=timeout)
@@ -45,13 +64,13 @@ def run_pg(tool: str, c: Compute, *args: str, check: bool = True, cwd: str | Non
     return r
 
 
-def query(c: Compute, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+def query(c: Compute | ProxyTarget, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(c.uri(), autocommit=True, connect_timeout=30) as conn:
         cur = conn.execute(sql, params or None)
         return cur.fetchall() if cur.description else []
 
 
-def pgbench_invariants(c: Compute) -> tuple[int, int, int, int]:
+def pgbench_invariants(c: Compute | ProxyTarget) -> tuple[int, int, int, int]:
     """(sum of account, teller, branch balances, sum of history deltas)."""
     (row,) = query(c, """
         select (select sum(abalance) from pgbench_accounts),
@@ -61,12 +80,12 @@ def pgbench_invariants(c: Compute) -> tuple[int, int, int, int]:
     return tuple(int(x) for x in row)  # type: ignore[return-value]
 
 
-def assert_invariants(c: Compute) -> None:
+def assert_invariants(c: Compute | ProxyTarget) -> None:
     a, t, b, h = pgbench_invariants(c)
     assert a == t == b == h, f"pgbench invariant broken: accounts {a}, tellers {t}, branches {b}, history {h}"
 
 
-def amcheck(c: Compute) -> None:
+def amcheck(c: Compute | ProxyTarget) -> None:
     r = run_pg("pg_amcheck", c, "--heapallindexed", "--install-missing", "--database=postgres", check=False)
     assert r.returncode == 0, f"pg_amcheck found problems:\n{r.stdout}\n{r.stderr}"
 

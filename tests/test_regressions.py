@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -15,6 +16,7 @@ from engine.checksums import xxh3
 from engine.faultfs import FaultFileSystem
 from engine.fs import OsFileSystem
 from engine.manifest import OP_DROP, decode_snapshot
+from engine.testing import page, page_owner
 from engine.values import encode
 from engine.wal import REC_COMMIT, REC_EDIT, RECORD_HEADER, _pack_header, list_segments, scan_segment
 
@@ -300,3 +302,24 @@ def test_gc_of_a_parent_with_an_unreadable_child_keeps_everything(store_path):
         assert s.timeline(a.id).usage().physical_size > 0
         assert any(tid == other.id for tid, _ in r.removed)
         assert s.timeline(a.id).get(1) == b"y"
+
+
+def test_a_timeline_directory_whose_parent_sync_failed_is_synced_on_the_next_flush():
+    """Found by the fault sweep (tests/test_fault_sweep.py, EIO at the 309th
+    operation): a flush created a timeline's directory, syncing its parent
+    failed, the next flush found the directory there and wrote a layer into
+    it; a power loss then took the directory, and the layer the log listed."""
+    fs = FaultFileSystem(seed=5)
+    with Store.open("/s", background=False, fs=fs) as store:
+        tl = store.create_timeline()
+        tl.commit({1: page(tl.id, 1, 1)}, durable=True)
+        fs.fail(after=2, err=errno.EIO, ops={"sync_dir"})  # 1: the store's, for timelines/; 2: timelines/
+        with pytest.raises(OSError):
+            store.flush(tl)
+        fs.clear_faults()
+        store.flush(tl)  # the directory exists now: its entry must still be made durable
+        tid = tl.id
+    fs.crash()
+    with Store.open("/s", background=False, fs=fs) as store:
+        assert store.check().ok, store.check().problems
+        assert page_owner(store.timeline(tid).get(1)) == (tid, 1, 1)

@@ -252,3 +252,29 @@ def test_metrics_in_prometheus_format(up):
     wakes = [line for line in text.splitlines() if line.startswith("strata_wake_seconds_count")]
     assert float(wakes[0].split()[1]) >= 1
     db.delete()
+
+
+def test_strata_check_reports_a_damaged_layer_file(tmp_path):
+    home = str(tmp_path)
+    strata(home, "up")
+    try:
+        db = strata(home, "db", "create", "chk")
+        with psycopg.connect(db["uri"], autocommit=True) as conn:
+            conn.execute("create table t as select g from generate_series(1, 10000) g")
+        report = strata(home, "check")  # through the running service
+        assert report["ok"] and report["timelines"] >= 3 and report["reads"] > 0, report
+    finally:
+        strata(home, "down")
+    layers = sorted((os.path.getsize(os.path.join(d, f)), os.path.join(d, f))
+                    for d, _, fs in os.walk(os.path.join(home, "store", "timelines"))
+                    for f in fs if f.endswith(".layer"))
+    size, victim = layers[-1]
+    with open(victim, "r+b") as f:  # flip bytes in the middle of its values
+        f.seek(size // 3)
+        chunk = f.read(16)
+        f.seek(size // 3)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    r = subprocess.run([*STRATA, "--home", home, "check", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert not report["ok"] and any(victim in p for p in report["problems"]), report

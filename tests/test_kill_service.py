@@ -1,0 +1,122 @@
+"""kill -9 under load: pgbench (-c 8, per-transaction log) on two branches
+through the proxy while the whole service is killed with SIGKILL at random
+moments and restarted, and in some rounds a compute's postmaster instead.
+No transaction pgbench saw committed may be lost; pgbench's invariants and
+pg_amcheck --heapallindexed must hold. `make test` runs 3 rounds;
+`TORTURE=1` (make torture) 20, and prints the figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import psycopg
+
+from pageserver import service
+
+from .pg import (
+    ProxyTarget,
+    amcheck,
+    assert_invariants,
+    committed_in_log,
+    env_for,
+    pg_bindir,
+    query,
+    requires_pg,
+)
+
+pytestmark = requires_pg
+ROUNDS = 20 if os.environ.get("TORTURE") else 3
+STRATA = [sys.executable, "-m", "pageserver.cli"]
+
+
+def strata(home: str, *args: str) -> dict:
+    r = subprocess.run([*STRATA, "--home", home, *args, "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def first_answer(target: ProxyTarget, deadline: float = 120.0) -> float:
+    t0 = time.monotonic()
+    while True:
+        try:
+            with psycopg.connect(target.uri(), connect_timeout=30) as conn:
+                conn.execute("select 1").fetchone()
+            return time.monotonic() - t0
+        except psycopg.OperationalError:
+            if time.monotonic() - t0 > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def postmaster_of(target: ProxyTarget) -> int:
+    """The pid of the branch's postmaster (woken if need be)."""
+    first_answer(target)
+    (pid,) = query(target, "select pid from pg_stat_activity where backend_type = 'checkpointer'")[0]
+    return int(open(f"/proc/{pid}/stat").read().split(")")[1].split()[1])  # its parent
+
+
+def test_kill_9_under_load_loses_no_committed_transaction(tmp_path):
+    home = str(tmp_path / "home")
+    rng = random.Random(11)
+    try:
+        state = strata(home, "up")
+        port = int(state["proxy"].rsplit(":", 1)[1])
+        db = strata(home, "db", "create", "load")
+        password = db["uri"].split(":")[2].split("@")[0]
+        a = ProxyTarget(port, password, "load.main")
+        subprocess.run([os.path.join(pg_bindir(), "pgbench"), "-i", "-s", "2", "-q"], env=env_for(a),
+                       check=True, capture_output=True)
+        strata(home, "branch", "create", "load/other")
+        b = ProxyTarget(port, password, "load.other")
+        committed = {a.endpoint: 0, b.endpoint: 0}
+        restarts, kills = [], {"service": 0, "compute": 0}
+        for rnd in range(ROUNDS):
+            runs = []
+            for t in (a, b):
+                logdir = tmp_path / f"r{rnd}-{t.endpoint}"
+                logdir.mkdir()
+                runs.append((t, logdir, subprocess.Popen(
+                    [os.path.join(pg_bindir(), "pgbench"), "-c", "8", "-j", "2", "-T", "60", "-l", "-n"],
+                    env=env_for(t), cwd=logdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            time.sleep(rng.uniform(1.0, 3.0))
+            if rnd % 3 == 2:  # a compute dies instead of the service
+                os.kill(postmaster_of(b), signal.SIGKILL)
+                kills["compute"] += 1
+            else:
+                pid = service.read_state(home)["pid"]
+                os.kill(pid, signal.SIGKILL)
+                kills["service"] += 1
+            for _, _, p in runs:
+                p.wait(timeout=120)
+            t0 = time.monotonic()
+            strata(home, "up")
+            first_answer(a)
+            restarts.append(time.monotonic() - t0)
+            for t, logdir, _ in runs:
+                committed[t.endpoint] += committed_in_log(str(logdir))
+                (history,) = query(t, "select count(*) from pgbench_history")[0]
+                assert history >= committed[t.endpoint], (
+                    f"round {rnd}: {t.endpoint} lost {committed[t.endpoint] - history} committed transactions")
+                assert_invariants(t)
+        for t in (a, b):
+            amcheck(t)
+        print(f"kill -9 under load: {ROUNDS} rounds ({kills['service']} of the service, {kills['compute']} "
+              f"of a compute), {sum(committed.values())} transactions pgbench saw committed, 0 lost; "
+              f"restart to first answer p50 {statistics.median(restarts) * 1e3:.0f} ms, "
+              f"max {max(restarts) * 1e3:.0f} ms")
+        assert sum(committed.values()) > 0
+    finally:
+        # a killed service leaves its computes and mount behind: a start ends them, a stop ends it
+        if service.read_state(home) is None and os.path.isdir(home):
+            try:
+                service.start(home)
+            except Exception:  # noqa: BLE001 - stopping what is there matters more
+                pass
+        service.stop(home)
