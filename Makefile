@@ -46,7 +46,8 @@ bench: venv system
 	$(BIN)/python -m pytest -q bench --benchmark-only -p no:cacheprovider
 
 torture: venv system
-	TORTURE=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fault_sweep.py tests/test_failpoints.py
+	TORTURE=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fault_sweep.py tests/test_failpoints.py \
+	  tests/test_kill_service.py tests/test_gc_pressure.py
 
 lint: venv
 	$(BIN)/ruff check engine pageserver tests bench

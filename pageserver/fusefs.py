@@ -46,6 +46,8 @@ from typing import Any
 
 import mfusepy
 
+from engine import StrataError
+
 from .datadir import DataDir
 from .layout import DIRECTORY, FILE, ROOT, SYMLINK, Inode
 
@@ -510,7 +512,7 @@ class _FUSE(mfusepy.FUSE):
         if not getattr(_pinned, "on", False):
             _ensure()
             _pinned.on = True
-        return super()._wrapper(func, *args, **kwargs)
+        return super()._wrapper(_as_os_errors(func), *args, **kwargs)
 
     def _fh(self, fip: Any) -> int | None:
         return fip.contents.fh if fip else None
@@ -535,6 +537,20 @@ class _FUSE(mfusepy.FUSE):
             times = (mfusepy.time_of_timespec(buf.contents.actime, use_ns=True),
                      mfusepy.time_of_timespec(buf.contents.modtime, use_ns=True))
         return self.operations.utimens(self._path(path), times, self._fh(fip))
+
+
+def _as_os_errors(func: Any) -> Any:
+    """The engine's errors as the errno PostgreSQL will report (EIO: "could
+    not read block ..."), each logged once with what it names (the damaged
+    layer file and offset, the failed store)."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except StrataError as e:
+            log.error("FUSE %s failed: %s", func.__name__, e)
+            raise OSError(errno.EIO, str(e)) from e
+    call.__name__ = func.__name__
+    return call
 
 
 def _main_mount(ops: StrataFS, mountpoint: str) -> None:

@@ -87,10 +87,23 @@ def read_state(home: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     try:
-        os.kill(int(state["pid"]), 0)
-    except (OSError, KeyError, ValueError):
+        pid = int(state["pid"])
+    except (KeyError, ValueError, TypeError):
         return None
-    return state
+    return state if _is_service(pid) else None
+
+
+def _is_service(pid: int) -> bool:
+    """Is `pid` a live Strata service? (Not a zombie nobody reaped, not a
+    process that got the pid of a dead one.)"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"pageserver.service" in f.read()
+    except (OSError, IndexError):
+        return False
 
 
 async def _serve(home: str, api_port: int, proxy_port: int, max_computes: int | None,
@@ -233,12 +246,10 @@ def stop(home: str | None = None, *, timeout: float = 120.0) -> dict[str, Any] |
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return state
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+        if not _is_service(pid):
+            return state
         time.sleep(0.05)
     raise ServiceNotRunningError(f"the service (pid {pid}) did not stop within {timeout:.0f} s")
 

@@ -348,3 +348,34 @@ def test_the_catalog_survives_a_restart_and_orphans_are_swept(tmp_path):
         r.close()
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert r.cp.ps.mountpoint not in out
+
+
+def test_a_damaged_layer_under_a_running_branch(tmp_path, caplog):
+    """Reads of the damaged pages fail with an I/O error, the page server's
+    log names the layer file, other databases keep serving, and the check
+    reports the file."""
+    r = Running(str(tmp_path))
+    try:
+        cp = r.cp
+        victim, bystander = cp.create_database("victim"), cp.create_database("bystander")
+        for db in (victim, bystander):
+            sql(db.uri, "create table t as select g, repeat(md5(g::text), 20) as pad "
+                        "from generate_series(1, 20000) g")
+        for name in ("victim", "bystander"):
+            cp.suspend(name, "main")  # a compute's writes are durable when it stops
+        cp.ps.store.flush()
+        tdir = os.path.join(cp.ps.store_path, "timelines", cp.resolve("victim").timeline)
+        size, path = max((os.path.getsize(os.path.join(tdir, f)), os.path.join(tdir, f))
+                         for f in os.listdir(tdir) if f.endswith(".layer"))
+        with open(path, "r+b") as f:  # scribble over the middle third: many pages' values
+            f.seek(size // 3)
+            f.write(os.urandom(size // 3))
+        with caplog.at_level("ERROR", logger="strata.fuse"):
+            with pytest.raises(psycopg.Error, match="could not read block|Input/output error"):
+                sql(victim.uri, "select count(*), sum(length(pad)) from t")  # a fresh compute: cold caches
+        assert any(path in rec.getMessage() for rec in caplog.records), [r.getMessage() for r in caplog.records]
+        assert sql(bystander.uri, "select count(*) from t") == [(20000,)]  # others keep serving
+        report = cp.ps.store.check()
+        assert not report.ok and any(path in p for p in report.problems), report.problems
+    finally:
+        r.close()

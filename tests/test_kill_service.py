@@ -83,7 +83,7 @@ def test_kill_9_under_load_loses_no_committed_transaction(tmp_path):
                 logdir = tmp_path / f"r{rnd}-{t.endpoint}"
                 logdir.mkdir()
                 runs.append((t, logdir, subprocess.Popen(
-                    [os.path.join(pg_bindir(), "pgbench"), "-c", "8", "-j", "2", "-T", "60", "-l", "-n"],
+                    [os.path.join(pg_bindir(), "pgbench"), "-c", "8", "-j", "2", "-T", "10", "-l", "-n"],
                     env=env_for(t), cwd=logdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
             time.sleep(rng.uniform(1.0, 3.0))
             if rnd % 3 == 2:  # a compute dies instead of the service
