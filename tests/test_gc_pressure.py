@@ -26,6 +26,7 @@ TIGHT = Retention(period=0, lsn_distance=40)  # the smallest useful: a few dozen
 def test_every_branch_reads_back_its_branch_point_under_gc_pressure(tmp_path):
     store = Store.open(str(tmp_path / "s"), config=CFG)
     root = store.create_timeline(retention=TIGHT)
+    root_id = root.id
     history: list[tuple[int, dict[int, int]]] = []  # (LSN, key -> seq) after each commit
     mu = threading.Lock()
     stop = threading.Event()
@@ -89,6 +90,7 @@ def test_every_branch_reads_back_its_branch_point_under_gc_pressure(tmp_path):
     for attempt in range(2):  # now, and after a restart
         for tid, lsn, expect in branches:
             child = store.timeline(tid)
+            assert child.branch_lsn == lsn and child.ancestor_id == root_id
             for key in range(KEYS):
                 value = child.get(key)
                 checked += 1
