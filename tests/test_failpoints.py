@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine import failpoints
+from engine import Store, failpoints
 from engine.failpoints import REGISTERED, FailpointError
 
 from .failpoint_workload import verify
@@ -82,3 +83,20 @@ def test_failpoints_are_checked_and_cleared():
     finally:
         failpoints.disarm()
     failpoints.hit("timeline-before-create")  # off again: nothing happens
+
+
+def test_pause_holds_the_caller_until_disarmed(tmp_path):
+    store = Store.open(str(tmp_path / "s"), background=False)
+    try:
+        failpoints.arm("timeline-before-create", "pause")
+        made: list[str] = []
+        t = threading.Thread(target=lambda: made.append(store.create_timeline().id))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not made  # held at the failpoint
+        failpoints.disarm("timeline-before-create")
+        t.join(10)
+        assert made and made[0] in store.timeline_ids()
+    finally:
+        failpoints.disarm()
+        store.close()
