@@ -201,6 +201,7 @@ class ControlPlane:
         self._dirty_use: set[int] = set()
         self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
         self._reserved: set[tuple[str, ...]] = set()
+        self._starting: set[int] = set()  # branches whose compute is starting (they hold a slot)
         self.warm_pool = warm_pool
         self._warm: list[Compute] = []  # running on fresh template branches, not yet a database's
         self._warm_mu = threading.Lock()
@@ -714,9 +715,13 @@ class ControlPlane:
             if c is not None:
                 return c
             self._make_room(br)
-            db = self.catalog.databases[br.database]
-            t0 = monotonic()
-            c = self.ps.start_compute(br.timeline, password=db.password)
+            try:
+                db = self.catalog.databases[br.database]
+                t0 = monotonic()
+                c = self.ps.start_compute(br.timeline, password=db.password)
+            finally:
+                with self._mu:
+                    self._starting.discard(br.id)
             self.metrics.wake.observe(monotonic() - t0)
             now = self._clock()
             with self._mu:
@@ -738,7 +743,8 @@ class ControlPlane:
             with self._mu:
                 running = [b for b in self.catalog.branches.values()
                            if b.id != br.id and self.ps.compute_of(b.timeline)]
-                if len(running) < self.max_computes:
+                if len({b.id for b in running} | self._starting) < self.max_computes:
+                    self._starting.add(br.id)  # its slot, before anyone else counts
                     return
                 idle = [b for b in running if not self._connections.get(b.id)]
                 if not idle:

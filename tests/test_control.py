@@ -379,3 +379,38 @@ def test_a_damaged_layer_under_a_running_branch(tmp_path, caplog):
         assert not report.ok and any(path in p for p in report.problems), report.problems
     finally:
         r.close()
+
+
+def test_simultaneous_wakes_never_overshoot_the_cap(tmp_path):
+    r = Running(str(tmp_path), max_computes=2)
+    try:
+        cp = r.cp
+        uris = [cp.create_database(f"rush{i}").uri for i in range(5)]
+        seen, stop = [0], threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                seen[0] = max(seen[0], sum(1 for c in cp.ps.computes()))
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+
+        def connect(uri: str) -> str:
+            try:
+                sql(uri, "select 1")
+                return "served"
+            except psycopg.OperationalError as e:
+                assert "compute slots" in str(e), e
+                return "refused"
+
+        try:
+            with ThreadPoolExecutor(5) as ex:
+                outcomes = list(ex.map(connect, uris))
+        finally:
+            stop.set()
+            watcher.join()
+        assert seen[0] <= 2, f"{seen[0]} computes ran at once with a cap of 2"
+        assert "served" in outcomes, outcomes  # and every other client heard why it was refused
+    finally:
+        r.close()
