@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import os
-import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from time import monotonic
 from typing import Any
 from urllib.parse import quote
@@ -56,11 +54,19 @@ from .errors import (
     UnknownObjectError,
 )
 from .metrics import Metrics
+from .objects import (
+    BranchInfo,
+    DatabaseInfo,
+    check_name,
+    iso,
+    parse_duration,
+    parse_time,
+    sha256,
+)
 from .server import TEMPLATE_ID, PageServer
 
 log = logging.getLogger("strata.control")
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAIN = "main"
 DEFAULT_IDLE_TIMEOUT = 300.0
 COMPUTE_MEMORY = 256 << 20  # what one compute is budgeted (shared_buffers 128 MB and the rest)
@@ -72,106 +78,6 @@ def default_max_computes() -> int:
     except (ValueError, OSError):
         return 8
     return max(1, total // COMPUTE_MEMORY)
-
-
-def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise BadRequestError(
-            f"invalid {kind} name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def parse_duration(value: float | int | str | None, what: str = "duration") -> float | None:
-    """Seconds from 90, 90.5, "90", "90s", "15m", "1h", "2d" (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise BadRequestError(f"invalid {what}: {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
-        if not m:
-            raise BadRequestError(f"invalid {what} {value!r}: use seconds or a number with s, m, h or d")
-        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    if not seconds > 0:
-        raise BadRequestError(f"invalid {what} {value!r}: must be positive")
-    return seconds
-
-
-def parse_time(value: str | float | dt.datetime, now: float | None = None) -> dt.datetime:
-    """A moment from ISO 8601, epoch seconds or a datetime; with `now`,
-    one in the future is refused."""
-    when = _parse_time(value)
-    if now is not None and when.timestamp() > now:
-        raise BadRequestError(f"time {when.isoformat()} is in the future")
-    return when
-
-
-def _parse_time(value: str | float | dt.datetime) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        when = value
-    elif isinstance(value, int | float):
-        when = dt.datetime.fromtimestamp(value, dt.UTC)
-    else:
-        try:
-            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError as e:
-            raise BadRequestError(f"invalid time {value!r}: use ISO 8601, e.g. 2026-01-31T12:00:00Z") from e
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-
-
-def _sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _iso(t: float | None) -> str | None:
-    return None if not t else dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
-
-
-@dataclass
-class BranchInfo:
-    """What a caller sees of a branch (a snapshot)."""
-
-    database: str
-    name: str
-    endpoint: str
-    uri: str
-    state: str  # "running" | "suspended"
-    lsn: int
-    timeline: str
-    parent: str | None
-    created_at: str | None
-    expires_at: str | None
-    idle_timeout: float
-    expire_after_idle: float | None
-    protected: bool
-    last_used: str | None
-    connections: int
-    logical_size: int | None = None
-    exclusive_size: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class DatabaseInfo:
-    name: str
-    branch: str  # the root branch
-    uri: str  # of the root branch
-    created_at: str | None
-    expires_at: str | None
-    idle_timeout: float
-    expire_after_idle: float | None
-    last_used: str | None
-    branches: list[str]
-    token: str | None = None  # the database-scoped API token: only in the creation's answer
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ControlPlane:
@@ -351,7 +257,7 @@ class ControlPlane:
             db = DatabaseRecord(  # a warm compute's generated password is already set: it becomes this one's
                 id=self.catalog.new_id(), name=name, password=warm.password if warm else new_password(),
                 created_at=now, expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
-                expire_after_idle=expire_s, last_used=now, token_sha256=_sha256(token),
+                expire_after_idle=expire_s, last_used=now, token_sha256=sha256(token),
             )
             tl_id = warm.timeline_id if warm else self.ps.store.branch(TEMPLATE_ID, durable=False).id
             main = BranchRecord(
@@ -387,10 +293,10 @@ class ControlPlane:
             db = self._db(name)
             main = self._branch(db, MAIN)
             return DatabaseInfo(
-                name=db.name, branch=MAIN, uri=self.uri(main), created_at=_iso(db.created_at),
-                expires_at=_iso(db.expires_at), idle_timeout=db.idle_timeout or self.default_idle_timeout,
+                name=db.name, branch=MAIN, uri=self.uri(main), created_at=iso(db.created_at),
+                expires_at=iso(db.expires_at), idle_timeout=db.idle_timeout or self.default_idle_timeout,
                 expire_after_idle=db.expire_after_idle,
-                last_used=_iso(max([db.last_used] + [b.last_used for b in self._branches_of(db)])),
+                last_used=iso(max([db.last_used] + [b.last_used for b in self._branches_of(db)])),
                 branches=[b.name for b in self._branches_of(db)],
             )
 
@@ -496,9 +402,9 @@ class ControlPlane:
         return BranchInfo(
             database=db.name, name=br.name, endpoint=self.endpoint(br), uri=self.uri(br),
             state="running" if self.ps.compute_of(br.timeline) else "suspended", lsn=tl.head_lsn,
-            timeline=br.timeline, parent=parent.name if parent else None, created_at=_iso(br.created_at),
-            expires_at=_iso(br.expires_at), idle_timeout=self._idle_timeout(br),
-            expire_after_idle=br.expire_after_idle, protected=br.protected, last_used=_iso(br.last_used),
+            timeline=br.timeline, parent=parent.name if parent else None, created_at=iso(br.created_at),
+            expires_at=iso(br.expires_at), idle_timeout=self._idle_timeout(br),
+            expire_after_idle=br.expire_after_idle, protected=br.protected, last_used=iso(br.last_used),
             connections=self._connections.get(br.id, 0), logical_size=logical, exclusive_size=exclusive,
         )
 
@@ -642,7 +548,7 @@ class ControlPlane:
     def database_for_token(self, token: str) -> str | None:
         """The database a scoped token belongs to, if any."""
         with self._mu:
-            db = self.catalog.database_with_token.get(_sha256(token))
+            db = self.catalog.database_with_token.get(sha256(token))
             return db.name if db else None
 
     # --- the warm pool ------------------------------------------------------------------
