@@ -12,17 +12,15 @@ same run.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
-import threading
 import time
 
 import psycopg
 import pytest
 
 from pageserver.control import ControlPlane
-from pageserver.proxy import Proxy
+from pageserver.proxy import ProxyThread
 from tests.pg import pg_available
 
 from .conftest import report
@@ -34,18 +32,14 @@ BRANCHES = int(os.environ.get("STRATA_BENCH_BRANCHES", 10_000))
 
 
 class Served:
+    """A control plane with its proxy in a thread."""
+
     def __init__(self, home: str, **kw: object) -> None:
         self.cp = ControlPlane(home, **kw).open()  # type: ignore[arg-type]
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.proxy = Proxy(self.cp)
-        self.cp.proxy_port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)[1]
+        self.proxy = ProxyThread(self.cp)
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.proxy.close()
         self.cp.close()
 
 

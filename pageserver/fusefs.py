@@ -512,7 +512,11 @@ class _FUSE(mfusepy.FUSE):
         if not getattr(_pinned, "on", False):
             _ensure()
             _pinned.on = True
-        return super()._wrapper(_as_os_errors(func), *args, **kwargs)
+        translated = self.__dict__.setdefault("_translated", {})
+        call = translated.get(func)
+        if call is None:  # once per FUSE operation, not per request
+            call = translated[func] = _as_os_errors(func)
+        return super()._wrapper(call, *args, **kwargs)
 
     def _fh(self, fip: Any) -> int | None:
         return fip.contents.fh if fip else None

@@ -92,9 +92,12 @@ def table_checksum(uri: str) -> str:
         return str(row[0]) if row else ""
 
 
-def _shell(cmd: str, uri: str) -> tuple[int, str, float]:
+def run_with_url(cmd: str, uri: str, cwd: str | None = None) -> tuple[int, str, float]:
+    """Run a shell command with the database's URI in $DATABASE_URL (as
+    migration tools and pgbench take it): (exit status, output, seconds)."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, shell=True, env={**os.environ, "DATABASE_URL": uri}, capture_output=True, text=True)
+    r = subprocess.run(cmd, shell=True, env={**os.environ, "DATABASE_URL": uri}, capture_output=True, text=True,
+                       cwd=cwd)
     return r.returncode, r.stdout + r.stderr, time.perf_counter() - t0
 
 
@@ -126,7 +129,7 @@ def load_once(
         if not load:
             raise BadRequestError(f"database {base!r} does not exist and no load command was given") from None
         db = client.create_database(base)
-        code, out, load_seconds = _shell(load, db.uri)
+        code, out, load_seconds = run_with_url(load, db.uri)
         if code != 0:
             db.delete()
             raise BadRequestError(f"loading {base!r} failed: `{load}` exited with {code}:\n{out[-2000:]}")
@@ -143,7 +146,7 @@ def load_once(
         br = db.create_branch(f"run-{i}-{secrets.token_hex(3)}", ttl=ttl)
         try:
             digest = table_checksum(br.uri) if checksum else None
-            code, out, seconds = _shell(workload, br.uri)
+            code, out, seconds = run_with_url(workload, br.uri)
             figures = {k: float(m.group(1)) for k, rx in _FIGURES.items() if (m := rx.search(out))}
             done.append(Run(i, f"{base}/{br.name}", seconds, code, figures, digest, out))
             bar.set_postfix({k: v for k, v in figures.items() if k == "tps"})

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import threading
 from typing import Any
 
 from .catalog import BranchRecord
@@ -254,3 +255,23 @@ async def _refuse(writer: asyncio.StreamWriter, code: str, message: str) -> None
         await writer.drain()
     except ConnectionError:
         pass
+
+
+class ProxyThread:
+    """The proxy on an event loop of its own thread, for a ControlPlane
+    embedded in a synchronous program (the service runs it on its own loop
+    instead). Sets the control plane's advertised proxy port."""
+
+    def __init__(self, control: ControlPlane, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="strata-proxy", daemon=True)
+        self._thread.start()
+        self.proxy = Proxy(control, host, port)
+        _, control.proxy_port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(30)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+        self.loop.close()
+

@@ -29,12 +29,10 @@ tests that will take them.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import queue
 import secrets
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +44,7 @@ import pytest
 from engine import StrataError
 
 from . import service
+from .loadonce import run_with_url
 from .sdk import Branch, Database, Strata
 
 _REPORT = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -71,19 +70,6 @@ def _shared_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory)
     <controller's basetemp>/popen-gwN)."""
     base = tmp_path_factory.getbasetemp()
     return str(base.parent if _is_worker(config) else base)
-
-
-class _Lock:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        self._f = open(self.path, "a")
-        fcntl.flock(self._f, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._f, fcntl.LOCK_UN)
-        self._f.close()
 
 
 def _home(config: pytest.Config) -> str:
@@ -146,7 +132,7 @@ def strata(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             client = Strata(url=url, token=token)
             client.status()  # reachable, and the token is good
         else:
-            with _Lock(os.path.join(shared, "strata.lock")):
+            with service.file_lock(os.path.join(shared, "strata.lock")):
                 if service.read_state(home) is None:
                     service.start(home)
                     with open(os.path.join(shared, "strata-started.json"), "w") as f:
@@ -180,10 +166,9 @@ def _seed(config: pytest.Config, db: Database, seed: Callable[[psycopg.Connectio
         return sql_file
     cmd = config.getini("strata_seed_cmd")
     if cmd:
-        r = subprocess.run(cmd, shell=True, env={**os.environ, "DATABASE_URL": db.uri},
-                           capture_output=True, text=True, cwd=str(config.rootpath))
-        if r.returncode != 0:
-            raise RuntimeError(f"`{cmd}` exited with {r.returncode}:\n{(r.stdout + r.stderr)[-2000:]}")
+        code, out, _ = run_with_url(cmd, db.uri, cwd=str(config.rootpath))
+        if code != 0:
+            raise RuntimeError(f"`{cmd}` exited with {code}:\n{out[-2000:]}")
         return f"`{cmd}`"
     return "nothing (no strata_seed fixture, strata_seed_sql or strata_seed_cmd)"
 
@@ -195,7 +180,7 @@ def strata_base(request: pytest.FixtureRequest, strata: Strata, strata_seed: Any
     shared = _shared_dir(config, tmp_path_factory)
     record = os.path.join(shared, "strata-base.json")
     ttl = config.getini("strata_ttl")
-    with _Lock(os.path.join(shared, "strata.lock")):
+    with service.file_lock(os.path.join(shared, "strata.lock")):
         if os.path.exists(record):
             with open(record) as f:
                 saved = json.load(f)
@@ -292,7 +277,7 @@ def strata_db(request: pytest.FixtureRequest, _strata_prewarm: _Prewarm,
     failed = any(r.failed for r in reports.values())
     if failed and request.config.getoption("strata_keep_failed"):
         shared = _shared_dir(request.config, tmp_path_factory)
-        with _Lock(os.path.join(shared, "strata.lock")), \
+        with service.file_lock(os.path.join(shared, "strata.lock")), \
                 open(os.path.join(shared, "strata-kept.jsonl"), "a") as f:
             f.write(json.dumps({"test": request.node.nodeid, "branch": f"{br.database}/{br.name}",
                                 "uri": br.uri}) + "\n")

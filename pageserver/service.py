@@ -51,6 +51,14 @@ def _write(path: str, data: bytes, mode: int = 0o600) -> None:
     os.chmod(path, mode)
 
 
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (made if missing): across processes."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases it
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -202,8 +210,7 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
     if state is not None:
         return state
     os.makedirs(home, mode=0o700, exist_ok=True)
-    with open(os.path.join(home, ".start.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(os.path.join(home, ".start.lock")):
         state = read_state(home)  # another process may have started it meanwhile
         if state is not None:
             return state

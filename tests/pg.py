@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -101,3 +103,20 @@ def committed_in_log(logdir: str) -> int:
                     if len(parts) >= 3 and parts[2] not in ("failed", "skipped"):
                         n += 1
     return n
+
+
+STRATA = [sys.executable, "-m", "pageserver.cli"]
+
+
+def strata(home: str, *args: str, check: bool = True) -> dict[str, Any]:
+    """Run `strata ... --json` on a home: its one JSON object (the error
+    object, on stderr, when it fails and `check` is off)."""
+    r = subprocess.run([*STRATA, "--home", home, *args, "--json"], capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"strata {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    out = r.stdout if r.returncode == 0 else r.stderr
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out  # one JSON object
+    result: dict[str, Any] = json.loads(lines[0])
+    return result
+

@@ -4,7 +4,6 @@ PostgreSQL through the real proxy)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import threading
@@ -22,7 +21,7 @@ from pageserver.errors import (
     ProtectedError,
     UnknownObjectError,
 )
-from pageserver.proxy import Proxy
+from pageserver.proxy import ProxyThread
 
 from .pg import requires_pg
 
@@ -48,22 +47,15 @@ class Clock:
 
 
 class Running:
-    """A control plane with its proxy on an event loop in a thread."""
+    """A control plane on a movable clock, with its proxy in a thread."""
 
     def __init__(self, home: str, **kw: object) -> None:
         self.clock = Clock()
         self.cp = ControlPlane(home, clock=self.clock, **kw).open()  # type: ignore[arg-type]
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.proxy = Proxy(self.cp)
-        _, port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)
-        self.cp.proxy_port = port
+        self.proxy = ProxyThread(self.cp)
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.proxy.close()
         self.cp.close()
 
 

@@ -7,13 +7,11 @@ pg_amcheck --heapallindexed must hold. `make test` runs 3 rounds;
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import statistics
 import subprocess
-import sys
 import time
 
 import psycopg
@@ -29,19 +27,11 @@ from .pg import (
     pg_bindir,
     query,
     requires_pg,
+    strata,
 )
 
 pytestmark = requires_pg
 ROUNDS = 20 if os.environ.get("TORTURE") else 3
-STRATA = [sys.executable, "-m", "pageserver.cli"]
-
-
-def strata(home: str, *args: str) -> dict:
-    r = subprocess.run([*STRATA, "--home", home, *args, "--json"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
 def first_answer(target: ProxyTarget, deadline: float = 120.0) -> float:
     t0 = time.monotonic()
     while True:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,22 +18,9 @@ from pageserver.errors import ProtectedError, ServiceNotRunningError, UnknownObj
 from pageserver.sdk import Strata
 from pageserver.server import run_dir_for
 
-from .pg import requires_pg
+from .pg import STRATA, requires_pg, strata
 
 pytestmark = requires_pg
-STRATA = [sys.executable, "-m", "pageserver.cli"]
-
-
-def strata(home: str, *args: str, check: bool = True) -> dict:
-    r = subprocess.run([*STRATA, "--home", home, *args, "--json"], capture_output=True, text=True, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"strata {' '.join(args)} failed ({r.returncode}): {r.stderr}")
-    out = r.stdout if r.returncode == 0 else r.stderr
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out  # one JSON object
-    return json.loads(lines[0])
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("svc"))
