@@ -26,6 +26,7 @@ from pageserver.server import PageServer
 from tests.pg import pg_available, run_pg
 
 from .conftest import report
+from .passthrough import passthrough
 
 pytestmark = pytest.mark.skipif(pg_available() is not None, reason=pg_available() or "")
 
@@ -37,15 +38,16 @@ STARTS = 15
 class LocalCluster:
     """The same cluster on local disk, run with pg_ctl."""
 
-    def __init__(self, pgdata: str, sockdir: str) -> None:
+    def __init__(self, pgdata: str, sockdir: str, logfile: str | None = None) -> None:
         self.pgdata = pgdata
         self.sockdir = sockdir
+        self.logfile = logfile or pgdata + ".log"
         self.port = free_port()
         self.user, self.uid, self.gid = run_as()
 
     def _pg_ctl(self, *args: str) -> None:
         subprocess.run(
-            [os.path.join(pg_bindir(), "pg_ctl"), "-D", self.pgdata, "-l", self.pgdata + ".log", *args],
+            [os.path.join(pg_bindir(), "pg_ctl"), "-D", self.pgdata, "-l", self.logfile, *args],
             check=True, capture_output=True, user=self.user, cwd="/",
         )
 
@@ -138,6 +140,8 @@ def test_compute_start_vs_pg_ctl_start(benchmark, setup):
 
 
 def _tps_pair(benchmark, setup, args: list[str], name: str, target: float) -> None:
+    """TPS on a branch and on local disk, and (the ceiling for the ratio)
+    through Strata's FUSE layer with the engine taken out."""
     ps, base, local = setup
     results: dict[str, float] = {}
 
@@ -154,12 +158,22 @@ def _tps_pair(benchmark, setup, args: list[str], name: str, target: float) -> No
             results["local"] = _pgbench_tps(_env_local(local), *args)
         finally:
             local.stop()
+        with passthrough(local.pgdata, local.uid, local.gid) as pgdata:
+            through = LocalCluster(pgdata, local.sockdir, local.logfile)
+            through.start()
+            try:
+                results["passthrough"] = _pgbench_tps(_env_local(through), *args)
+            finally:
+                through.stop()
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     ratio = results["branch"] / results["local"]
     report(name, "TPS on a branch", results["branch"], "tps")
     report(name, "TPS on local disk", results["local"], "tps")
+    report(name, "TPS through the FUSE layer without the engine (bench/passthrough.py)",
+           results["passthrough"], "tps")
     report(name, "branch / local", ratio, "x", f">= {target}", ratio >= target)
+    report(name, "FUSE layer without the engine / local (the ceiling)", results["passthrough"] / results["local"], "x")
 
 
 def test_tpcb_on_a_branch_vs_local_disk(benchmark, setup):

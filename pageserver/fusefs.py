@@ -107,6 +107,7 @@ class StrataFS(mfusepy.Operations):
     use_ns = True
     flag_nullpath_ok = True
     flag_nopath = True
+    is_local = staticmethod(is_local)  # which paths are compute-local files
 
     def __init__(self) -> None:
         self._mu = threading.Lock()
@@ -216,7 +217,7 @@ class StrataFS(mfusepy.Operations):
         att, rel = self._split(path)
         if att is None:
             return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_ino": 1}
-        if is_local(rel):
+        if self.is_local(rel):
             return self._stat_dict(os.lstat(self._local(att, rel)))
         ino = att.datadir.resolve(rel)
         return self._attrs(att, ino, att.datadir.inode(ino))
@@ -245,7 +246,7 @@ class StrataFS(mfusepy.Operations):
             with self._mu:
                 atts = sorted(self._t.attachments.values(), key=lambda a: a.name)
             return out + [(a.name, {"st_mode": stat.S_IFDIR, "st_ino": a.slot << 32 | ROOT}, 0) for a in atts]
-        if is_local(rel):
+        if self.is_local(rel):
             with os.scandir(self._local(att, rel)) as it:
                 return out + [(e.name, {"st_mode": e.stat(follow_symlinks=False).st_mode, "st_ino": e.inode()}, 0)
                               for e in it]
@@ -257,7 +258,7 @@ class StrataFS(mfusepy.Operations):
         if os.path.isdir(local):  # compute-local entries that live in this directory
             with os.scandir(local) as it:
                 for e in it:
-                    if is_local(f"{rel}/{e.name}" if rel else e.name):
+                    if self.is_local(f"{rel}/{e.name}" if rel else e.name):
                         out.append((e.name, {"st_mode": e.stat(follow_symlinks=False).st_mode,
                                              "st_ino": e.inode()}, 0))
         return out
@@ -266,7 +267,7 @@ class StrataFS(mfusepy.Operations):
         att, rel = self._split(path)
         if att is None:
             raise OSError(errno.EINVAL, path)
-        if is_local(rel):
+        if self.is_local(rel):
             return os.readlink(self._local(att, rel))
         return att.datadir.readlink(att.datadir.resolve(rel)).decode("utf-8", "surrogateescape")
 
@@ -292,7 +293,7 @@ class StrataFS(mfusepy.Operations):
         att, rel = self._split(path)
         if att is None:
             raise OSError(errno.EISDIR, path)
-        if is_local(rel):
+        if self.is_local(rel):
             return self._new_handle(att, fd=os.open(self._local(att, rel), self._local_flags(flags)))
         ino = att.datadir.resolve(rel)
         if flags & os.O_TRUNC:
@@ -309,7 +310,7 @@ class StrataFS(mfusepy.Operations):
             raise OSError(errno.EACCES, path)
         uid, gid, _ = mfusepy.fuse_get_context()
         local = None
-        if is_local(rel):
+        if self.is_local(rel):
             local = self._local(att, rel)
             os.makedirs(os.path.dirname(local), exist_ok=True)
         return att, rel, uid, gid, local
@@ -362,7 +363,7 @@ class StrataFS(mfusepy.Operations):
         path = self._t.dirs.get(fh, path)
         if path:
             att, rel = self._split(path)
-            if att is not None and not is_local(rel):
+            if att is not None and not self.is_local(rel):
                 att.datadir.sync_tree()
         return 0
 
@@ -404,7 +405,7 @@ class StrataFS(mfusepy.Operations):
         att, rel = self._split(path)
         if att is None:
             raise OSError(errno.EACCES, path)
-        if is_local(rel):
+        if self.is_local(rel):
             local_op(self._local(att, rel))
         else:
             getattr(att.datadir, dd_op)(*self._parent(att, rel))
@@ -421,7 +422,7 @@ class StrataFS(mfusepy.Operations):
         att2, rel2 = self._split(new)
         if att is None or att2 is not att:
             raise OSError(errno.EXDEV, new)
-        local, local2 = is_local(rel), is_local(rel2)
+        local, local2 = self.is_local(rel), self.is_local(rel2)
         if local != local2:
             raise OSError(errno.EXDEV, new)  # mv copies across: correct either way
         if local:
@@ -446,7 +447,7 @@ class StrataFS(mfusepy.Operations):
         att, rel = self._split(path)
         if att is None:
             raise OSError(errno.EPERM, path)
-        if is_local(rel):
+        if self.is_local(rel):
             return att, 0, self._local(att, rel)
         return att, att.datadir.resolve(rel), None
 
@@ -567,9 +568,9 @@ def _main_mount(ops: StrataFS, mountpoint: str) -> None:
 class Mount:
     """The page server's one FUSE mount, served from a thread of this process."""
 
-    def __init__(self, mountpoint: str, statfs_path: str = "/") -> None:
+    def __init__(self, mountpoint: str, statfs_path: str = "/", ops: StrataFS | None = None) -> None:
         self.mountpoint = mountpoint
-        self.ops = StrataFS()
+        self.ops = ops or StrataFS()
         self.ops._statfs_path = statfs_path
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
