@@ -84,6 +84,31 @@ def encode_batch(batch: object) -> list[Version]:
 
     Raises InvalidArgumentError naming the first bad key or value; nothing is
     written unless the whole batch is valid."""
+    if type(batch) is dict and 0 < len(batch) <= MAX_BATCH:
+        # the common case (a dict of int keys and bytes values), checked cheaply;
+        # anything else takes the slow path, which names what is wrong
+        try:
+            keys = sorted(batch)
+        except TypeError:
+            keys = None
+        if keys is not None and type(keys[0]) is int and type(keys[-1]) is int \
+                and 0 <= keys[0] and keys[-1] < KEY_LIMIT:
+            out = []
+            for key in keys:
+                value = batch[key]
+                t = type(value)
+                if t is bytes and len(value) <= MAX_VALUE_SIZE and type(key) is int:
+                    out.append(encode(key, value))
+                elif value is None and type(key) is int:
+                    out.append(Version(key, FLAG_TOMBSTONE, 0, b"", _EMPTY_SUM))
+                else:
+                    break
+            else:
+                return out
+    return _encode_batch_checked(batch)
+
+
+def _encode_batch_checked(batch: object) -> list[Version]:
     if not isinstance(batch, Mapping):
         raise InvalidArgumentError(
             f"a commit takes a mapping {{key: bytes | None}}, got {type(batch).__name__}"

@@ -236,7 +236,9 @@ class DataDir:
         one commit per file) when the file is fsynced, or sooner if pending
         data passes PENDING_LIMIT: as the kernel's page cache does, and so
         that an fsync of the WAL does not wait for data files' pages. With
-        `durable`, the file is fsynced before this returns."""
+        `durable`, the file's pages are committed at once and synced before
+        this returns (the commit made under the lock, the sync outside it,
+        so concurrent durable writes share fsyncs)."""
         self._writable()
         n = len(data)
         if n == 0:
@@ -244,6 +246,8 @@ class DataDir:
         end = offset + n
         if offset < 0 or end > MAX_FILE_SIZE:
             raise _err(errno.EFBIG)
+        if durable:
+            failpoints.hit("fuse-before-durable-write")
         with self._mu:
             node = self.inode(ino)
             if node.kind != FILE:
@@ -272,13 +276,14 @@ class DataDir:
                 pos += take
                 block += 1
             self._pending_bytes += added
-            new = Inode(node.kind, node.mode, node.uid, node.gid, node.nlink,
-                        max(node.size, end), self._clock(), self._clock(), node.target)
-            self._inodes[ino] = new
+            now = self._clock()
+            self._inodes[ino] = Inode(node.kind, node.mode, node.uid, node.gid, node.nlink,
+                                      max(node.size, end), now, now, node.target)
+            if durable:
+                self._commit_file(ino, pending)
             over = self._pending_bytes > self.pending_limit
         if durable:
-            failpoints.hit("fuse-before-durable-write")
-            self.fsync(ino)
+            self.timeline.sync()
             failpoints.hit("fuse-after-durable-write")
         elif over:
             self.commit_pending()

@@ -50,3 +50,24 @@ def test_batches_are_sorted_by_key_and_accept_buffers():
     out = encode_batch({5: bytearray(b"b"), 1: memoryview(b"a"), 3: None})
     assert [v.key for v in out] == [1, 3, 5]
     assert decode(out[0].flags, out[0].raw_len, out[0].stored) == b"a"
+
+
+_any_key = st.integers(-2, 2**64 + 1) | st.booleans() | st.text(max_size=2)
+_any_value = (st.binary(max_size=200) | st.none() | st.integers(0, 3)
+              | st.binary(max_size=20).map(bytearray) | st.just(b"x" * (MAX_VALUE_SIZE + 1)))
+
+
+@given(st.dictionaries(_any_key, _any_value, max_size=6))
+def test_the_fast_path_encodes_or_refuses_exactly_as_the_checked_path(batch):
+    """encode_batch takes a shortcut for plain dicts of int keys and bytes;
+    whatever it is given, it must agree with the fully checked encoding."""
+    from engine.values import _encode_batch_checked
+
+    try:
+        expected = _encode_batch_checked(batch)
+    except InvalidArgumentError as e:
+        with pytest.raises(InvalidArgumentError) as got:
+            encode_batch(batch)
+        assert str(got.value) == str(e)
+    else:
+        assert encode_batch(batch) == expected
