@@ -7,6 +7,11 @@ same cluster on local disk, measured side by side in one run.
 3. select-only pgbench on a branch vs local disk
 4. branch a 150 MB database and start a compute on it, vs CREATE DATABASE
    ... TEMPLATE (FILE_COPY and WAL_LOG) and cp -a of the data directory
+
+pgbench reaches both clusters through their Unix sockets. 2 and 3 also run
+on the local copy through Strata's FUSE layer with the engine taken out
+(`bench/passthrough.py`): what FUSE and a Python server cost before any
+storage work, the ceiling for the branch's ratio.
 """
 
 from __future__ import annotations
