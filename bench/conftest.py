@@ -53,12 +53,24 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _whole_run(config) -> bool:
+    """Did this session run every benchmark, as `make bench` does?"""
+    if config.option.keyword or config.option.markexpr:
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    return any(os.path.abspath(str(a).split("::")[0]) == here for a in config.args)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The figures as a table; a whole run's replace bench/results/latest.md
+    (the table the README quotes), a partial run's go to partial.md."""
     if not _figures:
         return
+    whole = _whole_run(config)
+    how = "with `make bench`" if whole else "with a partial run (`pytest " + " ".join(config.invocation_params.args) + "`)"
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, with `make bench`.",
+        f"Python {platform.python_version()}, {how}.",
         "",
         "| benchmark | figure | value | target | met |",
         "|---|---|---|---|---|",
@@ -70,7 +82,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_sep("=", "strata figures")
     terminalreporter.write_line(table)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+    name = "latest" if whole else "partial"
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump([asdict(x) for x in _figures], f, indent=1)
+    terminalreporter.write_line(f"written to {os.path.join(RESULTS, name + '.md')}")
