@@ -20,8 +20,7 @@ import psycopg
 import pytest
 
 from pageserver.control import ControlPlane
-from pageserver.proxy import ProxyThread
-from tests.pg import pg_available
+from tests.pg import Running, pg_available
 
 from .conftest import report
 from .localpg import LocalPg, first_query
@@ -31,25 +30,10 @@ ROUNDS = 20
 BRANCHES = int(os.environ.get("STRATA_BENCH_BRANCHES", 10_000))
 
 
-class Served:
-    """A control plane with its proxy in a thread."""
-
-    def __init__(self, home: str, **kw: object) -> None:
-        self.cp = ControlPlane(home, **kw).open()  # type: ignore[arg-type]
-        self.proxy = ProxyThread(self.cp)
-
-    def close(self) -> None:
-        self.proxy.close()
-        self.cp.close()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    s = Served(str(tmp_path_factory.mktemp("cp-bench")))
-    try:
+    with Running(str(tmp_path_factory.mktemp("cp-bench"))) as s:
         yield s.cp
-    finally:
-        s.close()
 
 
 def p95(xs: list[float]) -> float:
@@ -112,9 +96,8 @@ def test_provision_a_database(benchmark, served, local_pg, tmp_path):
 
 
 def _with_warm_pool(home: str) -> list[float]:
-    s = Served(home, warm_pool=2)
     times: list[float] = []
-    try:
+    with Running(home, warm_pool=2) as s:
         for _ in range(ROUNDS):
             deadline = time.monotonic() + 60
             while len(s.cp._warm) < 2 and time.monotonic() < deadline:  # as between requests
@@ -124,8 +107,6 @@ def _with_warm_pool(home: str) -> list[float]:
             first_query(db.uri)
             times.append(time.perf_counter() - t0)
             s.cp.delete_database(db.name)
-    finally:
-        s.close()
     return times
 
 

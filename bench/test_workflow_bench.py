@@ -24,11 +24,10 @@ import psycopg
 import pytest
 
 from pageserver.control import ControlPlane
-from tests.pg import pg_available
+from tests.pg import Running, pg_available
 
 from .conftest import RESULTS, report
 from .localpg import LocalPg, first_query
-from .test_control_bench import Served
 
 pytestmark = pytest.mark.skipif(pg_available() is not None, reason=pg_available() or "")
 SIZES_MB = [int(x) for x in os.environ.get("STRATA_BENCH_SEED_MB", "10,100,1000").split(",")]
@@ -56,11 +55,8 @@ def _rounds(mb: int, fast: int, slow: int) -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    s = Served(str(tmp_path_factory.mktemp("wf-bench")))
-    try:
+    with Running(str(tmp_path_factory.mktemp("wf-bench"))) as s:
         yield s.cp
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

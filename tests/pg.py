@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -15,6 +16,8 @@ import psycopg
 import pytest
 
 from pageserver.compute import Compute, pg_bindir
+from pageserver.control import ControlPlane
+from pageserver.proxy import ProxyThread
 
 
 def pg_available() -> str | None:
@@ -120,3 +123,41 @@ def strata(home: str, *args: str, check: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(lines[0])
     return result
 
+
+
+class Clock:
+    """Wall-clock time, which a test can move forward (`clock.now += 60`)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    @property
+    def now(self) -> float:
+        return self()
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.offset += value - self()
+
+
+class Running:
+    """A control plane on a movable clock, with its proxy in a thread; a
+    context manager that closes both."""
+
+    def __init__(self, home: str, **kw: object) -> None:
+        self.clock = Clock()
+        self.cp = ControlPlane(home, clock=self.clock, **kw).open()  # type: ignore[arg-type]
+        self.proxy = ProxyThread(self.cp)
+
+    def close(self) -> None:
+        self.proxy.close()
+        self.cp.close()
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

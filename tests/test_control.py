@@ -21,51 +21,16 @@ from pageserver.errors import (
     ProtectedError,
     UnknownObjectError,
 )
-from pageserver.proxy import ProxyThread
 
-from .pg import requires_pg
+from .pg import Running, requires_pg
 
 pytestmark = requires_pg
 
 
-class Clock:
-    """Wall-clock time, which a test can move forward (`clock.now += 60`)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    @property
-    def now(self) -> float:
-        return self()
-
-    @now.setter
-    def now(self, value: float) -> None:
-        self.offset += value - self()
-
-
-class Running:
-    """A control plane on a movable clock, with its proxy in a thread."""
-
-    def __init__(self, home: str, **kw: object) -> None:
-        self.clock = Clock()
-        self.cp = ControlPlane(home, clock=self.clock, **kw).open()  # type: ignore[arg-type]
-        self.proxy = ProxyThread(self.cp)
-
-    def close(self) -> None:
-        self.proxy.close()
-        self.cp.close()
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    r = Running(str(tmp_path_factory.mktemp("control")))
-    try:
+    with Running(str(tmp_path_factory.mktemp("control"))) as r:
         yield r
-    finally:
-        r.close()
     assert not os.path.ismount(r.cp.ps.mountpoint)
 
 
@@ -274,8 +239,7 @@ def test_idle_branches_scale_to_zero_and_expired_ones_go(env):
 
 
 def test_at_the_compute_cap_the_least_recently_used_idle_one_yields(tmp_path):
-    r = Running(str(tmp_path), max_computes=3)
-    try:
+    with Running(str(tmp_path), max_computes=3) as r:
         cp = r.cp
         uris = [cp.create_database(f"cap{i}").uri for i in range(4)]
         for i in range(3):
@@ -286,13 +250,10 @@ def test_at_the_compute_cap_the_least_recently_used_idle_one_yields(tmp_path):
             assert sql(uris[3], "select 4") == [(4,)]
             assert [postgres_running(cp, f"cap{i}") for i in range(4)] == [True, False, True, True]
         assert sql(uris[1], "select 2") == [(2,)]  # served too: someone idle yields again
-    finally:
-        r.close()
 
 
 def test_a_warm_pool_serves_a_new_database_at_once(tmp_path):
-    r = Running(str(tmp_path), warm_pool=1)
-    try:
+    with Running(str(tmp_path), warm_pool=1) as r:
         cp = r.cp
         deadline = time.monotonic() + 60
         while len(cp._warm) < 1:
@@ -312,32 +273,24 @@ def test_a_warm_pool_serves_a_new_database_at_once(tmp_path):
         with pytest.raises(psycopg.OperationalError, match="password"):
             sql(other.uri.replace(other.uri.split(":")[2].split("@")[0], db.uri.split(":")[2].split("@")[0]),
                 "select 1")  # each database's password is its own
-    finally:
-        r.close()
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert r.cp.ps.mountpoint not in out  # pool computes stopped too
 
 
 def test_the_catalog_survives_a_restart_and_orphans_are_swept(tmp_path):
     home = str(tmp_path)
-    r = Running(home)
-    try:
+    with Running(home) as r:
         db = r.cp.create_database("keep")
         r.cp.create_branch("keep", "b1", protected=True)
         sql(db.uri, "create table t as select 7 as x")
         orphan = r.cp.ps.store.branch(r.cp.ps.template()).id  # as if a crash came before its record
-    finally:
-        r.close()
-    r = Running(home)
-    try:
+    with Running(home) as r:
         info = r.cp.branch("keep", "b1")
         assert info.protected and info.state == "suspended"
         assert r.cp.database("keep").uri.split("@")[0] == db.uri.split("@")[0]  # same password
         assert sql(r.cp.uri("keep/main"), "select x from t") == [(7,)]
         with pytest.raises(NotFoundError):
             r.cp.ps.store.timeline(orphan)
-    finally:
-        r.close()
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert r.cp.ps.mountpoint not in out
 
@@ -346,8 +299,7 @@ def test_a_damaged_layer_under_a_running_branch(tmp_path, caplog):
     """Reads of the damaged pages fail with an I/O error, the page server's
     log names the layer file, other databases keep serving, and the check
     reports the file."""
-    r = Running(str(tmp_path))
-    try:
+    with Running(str(tmp_path)) as r:
         cp = r.cp
         victim, bystander = cp.create_database("victim"), cp.create_database("bystander")
         for db in (victim, bystander):
@@ -369,13 +321,10 @@ def test_a_damaged_layer_under_a_running_branch(tmp_path, caplog):
         assert sql(bystander.uri, "select count(*) from t") == [(20000,)]  # others keep serving
         report = cp.ps.store.check()
         assert not report.ok and any(path in p for p in report.problems), report.problems
-    finally:
-        r.close()
 
 
 def test_simultaneous_wakes_never_overshoot_the_cap(tmp_path):
-    r = Running(str(tmp_path), max_computes=2)
-    try:
+    with Running(str(tmp_path), max_computes=2) as r:
         cp = r.cp
         uris = [cp.create_database(f"rush{i}").uri for i in range(5)]
         seen, stop = [0], threading.Event()
@@ -404,5 +353,3 @@ def test_simultaneous_wakes_never_overshoot_the_cap(tmp_path):
             watcher.join()
         assert seen[0] <= 2, f"{seen[0]} computes ran at once with a cap of 2"
         assert "served" in outcomes, outcomes  # and every other client heard why it was refused
-    finally:
-        r.close()
