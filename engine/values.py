@@ -83,33 +83,10 @@ def encode_batch(batch: object) -> list[Version]:
     """Validate and encode a commit batch {key: bytes | None}, sorted by key.
 
     Raises InvalidArgumentError naming the first bad key or value; nothing is
-    written unless the whole batch is valid."""
-    if type(batch) is dict and 0 < len(batch) <= MAX_BATCH:
-        # the common case (a dict of int keys and bytes values), checked cheaply;
-        # anything else takes the slow path, which names what is wrong
-        try:
-            keys = sorted(batch)
-        except TypeError:
-            keys = None
-        if keys is not None and type(keys[0]) is int and type(keys[-1]) is int \
-                and 0 <= keys[0] and keys[-1] < KEY_LIMIT:
-            out = []
-            for key in keys:
-                value = batch[key]
-                t = type(value)
-                if t is bytes and len(value) <= MAX_VALUE_SIZE and type(key) is int:
-                    out.append(encode(key, value))
-                elif value is None and type(key) is int:
-                    out.append(Version(key, FLAG_TOMBSTONE, 0, b"", _EMPTY_SUM))
-                else:
-                    break
-            else:
-                return out
-    return _encode_batch_checked(batch)
-
-
-def _encode_batch_checked(batch: object) -> list[Version]:
-    if not isinstance(batch, Mapping):
+    written unless the whole batch is valid. (The checks cost little in the
+    common case, a dict of int keys and bytes values: this is on the path of
+    every commit.)"""
+    if type(batch) is not dict and not isinstance(batch, Mapping):
         raise InvalidArgumentError(
             f"a commit takes a mapping {{key: bytes | None}}, got {type(batch).__name__}"
         )
@@ -117,20 +94,22 @@ def _encode_batch_checked(batch: object) -> list[Version]:
         raise InvalidArgumentError("a commit needs at least one key")
     if len(batch) > MAX_BATCH:
         raise InvalidArgumentError(f"a commit holds at most {MAX_BATCH} keys, got {len(batch)}")
+    ints = all(type(key) is int for key in batch)
     out = []
-    for key in sorted(batch, key=_sort_key):
-        check_key(key)
+    for key in sorted(batch) if ints else sorted(batch, key=_sort_key):
+        if not ints or not 0 <= key < KEY_LIMIT:
+            check_key(key)
         value = batch[key]
-        if value is not None:
+        if value is not None and type(value) is not bytes:
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 raise InvalidArgumentError(
                     f"value for key {key} must be bytes or None, got {type(value).__name__}"
                 )
             value = bytes(value)
-            if len(value) > MAX_VALUE_SIZE:
-                raise InvalidArgumentError(
-                    f"value for key {key} is {len(value)} bytes; the limit is {MAX_VALUE_SIZE}"
-                )
+        if value is not None and len(value) > MAX_VALUE_SIZE:
+            raise InvalidArgumentError(
+                f"value for key {key} is {len(value)} bytes; the limit is {MAX_VALUE_SIZE}"
+            )
         out.append(encode(key, value))
     return out
 
