@@ -15,12 +15,14 @@ import pytest
 
 from engine import NotFoundError
 from pageserver.control import ControlPlane
+from pageserver.datadir import DataDir
 from pageserver.errors import (
     BadRequestError,
     ObjectExistsError,
     ProtectedError,
     UnknownObjectError,
 )
+from pageserver.layout import page_key
 
 from .pg import Running, requires_pg
 
@@ -305,15 +307,25 @@ def test_a_damaged_layer_under_a_running_branch(tmp_path, caplog):
         for db in (victim, bystander):
             sql(db.uri, "create table t as select g, repeat(md5(g::text), 20) as pad "
                         "from generate_series(1, 20000) g")
+        (relpath,), = sql(victim.uri, "select pg_relation_filepath('t')")
         for name in ("victim", "bystander"):
             cp.suspend(name, "main")  # a compute's writes are durable when it stops
         cp.ps.store.flush()
-        tdir = os.path.join(cp.ps.store_path, "timelines", cp.resolve("victim").timeline)
-        size, path = max((os.path.getsize(os.path.join(tdir, f)), os.path.join(tdir, f))
-                         for f in os.listdir(tdir) if f.endswith(".layer"))
-        with open(path, "r+b") as f:  # scribble over the middle third: many pages' values
-            f.seek(size // 3)
-            f.write(os.urandom(size // 3))
+        # scribble over the stored values of t's pages (and nothing else, so
+        # that PostgreSQL still starts: damage elsewhere can stop it first)
+        tl = cp.ps.store.timeline(cp.resolve("victim").timeline)
+        ino = DataDir(tl, lsn=tl.head_lsn).resolve(relpath)  # read-only: changes nothing
+        damaged = 0
+        for block in range(64):
+            found = tl._find(page_key(ino, block), tl.head_lsn)
+            if found is None or found[0] is None:
+                continue  # a hole, or still in memory
+            layer, (_, offset, stored_len, *_rest) = found
+            with open(layer.path, "r+b") as f:
+                f.seek(offset)
+                f.write(os.urandom(stored_len))
+            path, damaged = layer.path, damaged + 1
+        assert damaged, "no page of t is in a layer file"
         with caplog.at_level("ERROR", logger="strata.fuse"):
             with pytest.raises(psycopg.Error, match="could not read block|Input/output error"):
                 sql(victim.uri, "select count(*), sum(length(pad)) from t")  # a fresh compute: cold caches
