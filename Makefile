@@ -16,12 +16,15 @@ PG_BIN := $(shell pg_config --bindir 2>/dev/null)
 
 all: venv
 
-# System packages the page server and its tests need: FUSE 3 and PostgreSQL 15.
+# System packages the page server and its tests need: FUSE 3 and PostgreSQL 15;
+# libfuse 2 as well, so that the suite shows Strata loads libfuse 3 where both
+# are installed (as on many desktops).
 system:
 	@if ! command -v fusermount3 >/dev/null || ! [ -e /usr/include/fuse3/fuse.h ] \
+	   || ! /sbin/ldconfig -p | grep -q 'libfuse\.so\.2' \
 	   || ! [ -x "$(PG_BIN)/postgres" ] || ! [ -x "$(PG_BIN)/pg_amcheck" ]; then \
-	  echo "installing fuse3, libfuse3-dev and PostgreSQL 15 (apt)"; \
-	  $(SUDO) apt-get update -qq && $(APT) fuse3 libfuse3-dev postgresql-15 postgresql-client-15 \
+	  echo "installing fuse3, libfuse3-dev, libfuse2 and PostgreSQL 15 (apt)"; \
+	  $(SUDO) apt-get update -qq && $(APT) fuse3 libfuse3-dev libfuse2 postgresql-15 postgresql-client-15 \
 	    postgresql-contrib; fi
 
 venv: $(STAMP)

@@ -18,17 +18,19 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from pageserver.fusefs import Mount, StrataFS
+from pageserver.fusefs import Mount, StrataFS, operation
 
 
 class PassthroughFS(StrataFS):
     is_local = staticmethod(lambda rel: True)
 
+    @operation
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         n = super().write(path, data, offset, fh)
         os.fdatasync(self._handle(fh).fd)
         return n
 
+    @operation
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         super().truncate(path, length, fh)
         if fh is not None:

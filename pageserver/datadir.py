@@ -10,9 +10,29 @@ branching at any LSN gives a crash-consistent data directory.
 
 A `DataDir` opened at a past LSN is read-only (EROFS on every change).
 
-Thread-safe: changes are serialized by one lock; reads take none (a read
-racing a write of the same bytes sees the old or the new page, as POSIX
-allows). Errors are `OSError` with the errno a file system would give.
+Errors are `OSError` with the errno a file system would give.
+
+Concurrency (libfuse calls in from up to 64 threads at once):
+
+    _mu (RLock)   guards every change: the timeline's commits and the caches
+                  below, which a change updates under it right after its
+                  commit, so that under _mu the caches and the timeline agree.
+    _inodes       inode -> Inode (immutable once published: a change stores a
+                  new object, never edits one in place)
+    _dirs         directory inode -> its buckets; a bucket is a dict replaced
+                  whole by a change (copy on write), never edited in place
+    _pending, _committed_size, _pending_bytes, _open, _orphans, _next_ino:
+                  only under _mu
+
+Readers (inode, lookup, readdir, read) take no lock when the cache holds
+what they need: a dict read is atomic, and what they get is immutable. A
+reader that misses fills the cache *under _mu*, re-checking it there, so
+it reads the timeline and stores the result with no change in between: a
+fill can never install a copy older than a change another thread has
+already cached (which a later commit would then write back, durably
+shrinking a file or losing a directory entry). A read racing a write of
+the same bytes sees the old or the new page, as POSIX allows. The sync of
+a durable change happens outside _mu, so concurrent ones share an fsync.
 """
 
 from __future__ import annotations
@@ -128,22 +148,28 @@ class DataDir:
     def inode(self, ino: int) -> Inode:
         node = self._inodes.get(ino)
         if node is None:
-            raw = self._get(inode_key(ino)) if 0 < ino <= MAX_INODE else None
-            if raw is None:
-                raise _err(errno.ENOENT, f"inode {ino}")
-            node = self._inodes[ino] = Inode.decode(raw)
+            with self._mu:  # fill under the lock: see the module's docstring
+                node = self._inodes.get(ino)
+                if node is None:
+                    raw = self._get(inode_key(ino)) if 0 < ino <= MAX_INODE else None
+                    if raw is None:
+                        raise _err(errno.ENOENT, f"inode {ino}")
+                    node = self._inodes[ino] = Inode.decode(raw)
         return node
 
     def _dir(self, ino: int) -> list[dict[bytes, Entry]]:
         buckets = self._dirs.get(ino)
         if buckets is None:
-            if self.inode(ino).kind != DIRECTORY:
-                raise _err(errno.ENOTDIR, f"inode {ino}")
-            buckets = [{} for _ in range(BUCKETS)]
-            first, last = dir_key(ino, 0), dir_key(ino, BUCKETS - 1)
-            for key, raw in self.timeline.scan(self.lsn, first, last):
-                buckets[key - first] = decode_bucket(raw)
-            self._dirs[ino] = buckets
+            with self._mu:  # fill under the lock: see the module's docstring
+                buckets = self._dirs.get(ino)
+                if buckets is None:
+                    if self.inode(ino).kind != DIRECTORY:
+                        raise _err(errno.ENOTDIR, f"inode {ino}")
+                    buckets = [{} for _ in range(BUCKETS)]
+                    first, last = dir_key(ino, 0), dir_key(ino, BUCKETS - 1)
+                    for key, raw in self.timeline.scan(self.lsn, first, last):
+                        buckets[key - first] = decode_bucket(raw)
+                    self._dirs[ino] = buckets
         return buckets
 
     def _new_ino(self, batch: Batch) -> int:
@@ -536,22 +562,27 @@ class DataDir:
             snode = self.inode(src)
             if self.inode(new_parent).kind != DIRECTORY:
                 raise _err(errno.ENOTDIR)
+            dst_entry = self._dir(new_parent)[bucket_of(new_name)].get(new_name)
+            # the checks in the order Linux makes them (do_renameat2)
+            if noreplace and exchange:
+                raise _err(errno.EINVAL, "RENAME_NOREPLACE and RENAME_EXCHANGE together")
+            if dst_entry is not None and noreplace:
+                raise _err(errno.EEXIST, new_name.decode(errors="replace"))
+            if dst_entry is None and exchange:
+                raise _err(errno.ENOENT, new_name.decode(errors="replace"))
             if snode.kind == DIRECTORY and self._is_within(new_parent, src):
                 raise _err(errno.EINVAL, "cannot move a directory into itself")
-            dst_entry = self._dir(new_parent)[bucket_of(new_name)].get(new_name)
-            if (old_parent, old_name) == (new_parent, new_name):
-                return
             if (
                 dst_entry is not None
                 and dst_entry[1] == DIRECTORY
                 and dst_entry[0] != src
                 and self._is_within(old_parent, dst_entry[0])
             ):
+                if exchange:  # as Linux answers renameat2(RENAME_EXCHANGE)
+                    raise _err(errno.EINVAL, "the target is an ancestor of the source")
                 raise _err(errno.ENOTEMPTY, "the target is an ancestor of the source")
-            if dst_entry is not None and noreplace:
-                raise _err(errno.EEXIST, new_name.decode(errors="replace"))
-            if dst_entry is None and exchange:
-                raise _err(errno.ENOENT, new_name.decode(errors="replace"))
+            if (old_parent, old_name) == (new_parent, new_name):
+                return
             batch: Batch = {}
             staged: dict[tuple[int, int], dict[bytes, Entry]] = {}
             later: list[int] = []
@@ -576,9 +607,11 @@ class DataDir:
             parents = {old_parent: self._touch(self.inode(old_parent))}
             if new_parent != old_parent:
                 parents[new_parent] = self._touch(self.inode(new_parent))
-            if snode.kind == DIRECTORY and new_parent != old_parent and not exchange:
-                parents[old_parent].nlink -= 1
-                parents[new_parent].nlink += 1
+            if new_parent != old_parent:  # a subdirectory's ".." moves with it
+                moved = (snode.kind == DIRECTORY) - (exchange and dst_entry is not None
+                                                     and dst_entry[1] == DIRECTORY)
+                parents[old_parent].nlink -= moved
+                parents[new_parent].nlink += moved
             if dst is not None:
                 dnode = self.inode(dst)
                 if dnode.kind == DIRECTORY:

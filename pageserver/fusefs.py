@@ -30,26 +30,56 @@ A commit of PostgreSQL's is then one round trip (WRITE), not two (WRITE,
 FSYNC); measured, that is about 10% more TPC-B. Namespace changes
 (create, rename, unlink, ...) are committed at once and become durable at
 the next durable write or at an fsync of any directory (FSYNCDIR is
-implemented), as POSIX asks of a file system.
+implemented), as POSIX asks of a file system; so is an `open` with
+O_TRUNC once it returns.
+
+Concurrency: libfuse calls the operations from up to 64 threads at once.
+
+    StrataFS._mu   guards the table (attachments by name, open file and
+                   directory handles, the counters). Held for dict updates
+                   only, never across I/O. Lookups of a handle or an
+                   attachment read the dicts without it (one atomic read).
+    Attachment.cv  guards its `inflight` count and `dead`. Each operation
+                   *enters* the attachments it resolves (by path or by
+                   handle) and leaves them when it returns (`operation`).
+                   `detach` takes the attachment out of the table, marks
+                   it dead (entering it fails from then on) and waits until
+                   nothing is in flight before it closes the compute-local
+                   files of its handles: an fd number is never closed while
+                   a read or write may still use it, so it can never be
+                   reused by a layer file and receive a compute's bytes.
+    DataDir        has its own lock (see pageserver.datadir).
+
+An operation that fails with something other than an `OSError` (an engine
+error, or a bug) answers EIO, and logs it once with the operation, the
+path and the timeline: PostgreSQL then reports an I/O error naming the
+file, never "Invalid argument".
+
+libfuse 3 is loaded explicitly (`pageserver.libfuse`), whatever else is
+installed: mfusepy on its own prefers libfuse 2 when both are there.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import mfusepy
+from typing import Any, TypeVar
 
 from engine import StrataError
 
+from . import libfuse
 from .datadir import DataDir
 from .layout import DIRECTORY, FILE, ROOT, SYMLINK, Inode
+
+libfuse.bind()  # before mfusepy is imported: it picks its library then
+import mfusepy  # noqa: E402
 
 log = logging.getLogger("strata.fuse")
 
@@ -61,8 +91,10 @@ LOCAL_DIRS = sorted(n for n in LOCAL_TOP if n.startswith("pg_"))
 
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2)
 _TYPE = {FILE: stat.S_IFREG, DIRECTORY: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}
 TIMEOUT = 3600.0
+DETACH_WARN_AFTER = 10.0  # seconds detach waits before it says what it waits for
 
 
 def is_local(rel: str) -> bool:
@@ -73,7 +105,21 @@ def is_local(rel: str) -> bool:
     return any(p.startswith("pgsql_tmp") for p in parts) or parts[-1] == "pg_internal.init"
 
 
-@dataclass
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: str, new: str, flags: int = 0) -> None:
+    """rename(2) with renameat2's flags (RENAME_NOREPLACE, RENAME_EXCHANGE)."""
+    if not flags:
+        os.rename(old, new)
+        return
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), ctypes.c_uint(flags)):
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), old, None, new)
+
+
+@dataclass(eq=False)
 class Attachment:
     name: str
     slot: int
@@ -81,8 +127,29 @@ class Attachment:
     local_root: str
     uid: int
     gid: int
-    handles: int = 0
-    dead: bool = False
+    dead: bool = False  # detached: entering fails (under cv)
+    inflight: int = 0  # operations using it now (under cv)
+    cv: threading.Condition = field(default_factory=lambda: threading.Condition(threading.Lock()), repr=False)
+
+    def enter(self) -> None:
+        """Count an operation in (it must leave: `operation` does that)."""
+        entered = _current.entered
+        if entered is None:
+            raise RuntimeError("an attachment is entered only inside a FUSE operation")
+        with self.cv:
+            if self.dead:
+                raise OSError(errno.ENOENT, f"data directory {self.name} is detached")
+            self.inflight += 1
+        entered.append(self)
+
+    def leave(self) -> None:
+        with self.cv:
+            self.inflight -= 1
+            if self.dead and not self.inflight:
+                self.cv.notify_all()
+
+    def timeline_id(self) -> str:
+        return self.datadir.timeline.id if self.datadir is not None else "-"
 
 
 @dataclass
@@ -90,6 +157,58 @@ class _Handle:
     att: Attachment
     ino: int = 0  # a DataDir file
     fd: int = -1  # or a local file
+    rel: str = ""  # its path in the data directory (for logs)
+
+
+class _Current(threading.local):
+    entered: list[Attachment] | None = None  # attachments the running operation entered
+    path: str | None = None  # what it is about, for its log line
+
+
+_current = _Current()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def operation(func: F) -> F:
+    """Make a method a FUSE operation: the attachments it enters are left
+    when it returns, however it returns, and anything but an OSError
+    becomes EIO, logged once with the operation, the path and the
+    timeline. (A call from inside another operation, such as a subclass
+    calling its base, is part of the outer one.)"""
+    name = func.__name__
+
+    @functools.wraps(func)
+    def op(self: StrataFS, *args: Any, **kwargs: Any) -> Any:
+        cur = _current
+        if cur.entered is not None:
+            return func(self, *args, **kwargs)
+        entered: list[Attachment] = []
+        cur.entered, cur.path = entered, None
+        try:
+            return func(self, *args, **kwargs)
+        except StrataError as e:  # the engine's: damage, a failed store (also a FailpointError)
+            log.error("FUSE %s %s failed: %s", name, _where(args, entered), e)
+            raise OSError(errno.EIO, str(e)) from e
+        except OSError as e:
+            if isinstance(e.errno, int) and e.errno > 0:
+                raise
+            log.error("FUSE %s %s failed: %r", name, _where(args, entered), e)
+            raise OSError(errno.EIO, str(e)) from e
+        except Exception as e:
+            log.exception("FUSE %s %s failed unexpectedly", name, _where(args, entered))
+            raise OSError(errno.EIO, f"{type(e).__name__}: {e}") from e
+        finally:
+            cur.entered = None
+            for att in entered:
+                att.leave()
+
+    return op  # type: ignore[return-value]
+
+
+def _where(args: tuple[Any, ...], entered: list[Attachment]) -> str:
+    path = _current.path or (args[0] if args and isinstance(args[0], str) else None)
+    timelines = ",".join(sorted({a.timeline_id() for a in entered})) or "-"
+    return f"path={path or '-'} timeline={timelines}"
 
 
 @dataclass
@@ -132,15 +251,23 @@ class StrataFS(mfusepy.Operations):
             return att
 
     def detach(self, name: str) -> Attachment | None:
+        """Stop serving an attachment. Returns once no operation uses it any
+        more (its compute-local files are closed then, not before)."""
         with self._mu:
             att = self._t.attachments.pop(name, None)
-            if att is not None:
-                att.dead = True
-                for fh in [fh for fh, h in self._t.handles.items() if h.att is att]:
-                    h = self._t.handles.pop(fh)
-                    if h.fd >= 0:
-                        os.close(h.fd)
-            return att
+        if att is None:
+            return None
+        with att.cv:
+            att.dead = True
+            while att.inflight:
+                if not att.cv.wait(DETACH_WARN_AFTER):
+                    log.warning("detaching %s: waiting for %d operations in flight", name, att.inflight)
+        with self._mu:
+            gone = [self._t.handles.pop(fh) for fh, h in list(self._t.handles.items()) if h.att is att]
+        for h in gone:
+            if h.fd >= 0:
+                os.close(h.fd)
+        return att
 
     def attachments(self) -> list[str]:
         with self._mu:
@@ -149,6 +276,7 @@ class StrataFS(mfusepy.Operations):
     # --- resolution ---------------------------------------------------------------
 
     def _split(self, path: str | None) -> tuple[Attachment | None, str]:
+        """(attachment, path inside it) of a mount path; enters the attachment."""
         if path is None:
             raise OSError(errno.EBADF, "no path and no open handle")
         parts = path.strip("/").split("/", 1)
@@ -157,7 +285,23 @@ class StrataFS(mfusepy.Operations):
         att = self._t.attachments.get(parts[0])
         if att is None:
             raise OSError(errno.ENOENT, path)
+        att.enter()
         return att, parts[1] if len(parts) > 1 else ""
+
+    def _handle(self, fh: int) -> _Handle:
+        """An open file's handle; enters its attachment."""
+        h = self._t.handles.get(fh)
+        if h is None:
+            raise OSError(errno.EBADF, "the file's data directory is no longer attached")
+        h.att.enter()
+        _current.path = f"/{h.att.name}/{h.rel}"
+        return h
+
+    def _handle_or_none(self, fh: int | None) -> _Handle | None:
+        """For calls that may come with a handle (setattr-style)."""
+        if fh is None or fh not in self._t.handles:
+            return None
+        return self._handle(fh)
 
     def _local(self, att: Attachment, rel: str) -> str:
         return os.path.join(att.local_root, rel)
@@ -208,9 +352,10 @@ class StrataFS(mfusepy.Operations):
             config.nullpath_ok = 1
         self.ready.set()
 
+    @operation
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        if fh is not None and fh in self._t.handles:
-            h = self._t.handles[fh]
+        h = self._handle_or_none(fh)
+        if h is not None:
             if h.fd >= 0:
                 return self._stat_dict(os.fstat(h.fd))
             return self._attrs(h.att, h.ino, h.att.datadir.inode(h.ino))
@@ -222,6 +367,7 @@ class StrataFS(mfusepy.Operations):
         ino = att.datadir.resolve(rel)
         return self._attrs(att, ino, att.datadir.inode(ino))
 
+    @operation
     def opendir(self, path: str) -> int:
         self._split(path)  # ENOENT for an unknown attachment
         with self._mu:
@@ -230,11 +376,13 @@ class StrataFS(mfusepy.Operations):
             self._t.dirs[fh] = path
             return fh
 
+    @operation
     def releasedir(self, path: str | None, fh: int) -> int:
         with self._mu:
             self._t.dirs.pop(fh, None)
         return 0
 
+    @operation
     def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
         # every entry needs a non-zero inode number: readdir(3) skips zeros
         path = self._t.dirs.get(fh, path)
@@ -263,6 +411,7 @@ class StrataFS(mfusepy.Operations):
                                              "st_ino": e.inode()}, 0))
         return out
 
+    @operation
     def readlink(self, path: str) -> str:
         att, rel = self._split(path)
         if att is None:
@@ -271,15 +420,15 @@ class StrataFS(mfusepy.Operations):
             return os.readlink(self._local(att, rel))
         return att.datadir.readlink(att.datadir.resolve(rel)).decode("utf-8", "surrogateescape")
 
-    def _new_handle(self, att: Attachment, ino: int = 0, fd: int = -1) -> int:
+    def _new_handle(self, att: Attachment, rel: str, ino: int = 0, fd: int = -1) -> int:
         with self._mu:
-            if att.dead:
+            if att.dead:  # detach waits for us, then closes what the table holds
                 if fd >= 0:
                     os.close(fd)
                 raise OSError(errno.ENOENT, "detached")
             fh = self._t.next_fh
             self._t.next_fh += 1
-            self._t.handles[fh] = _Handle(att, ino, fd)
+            self._t.handles[fh] = _Handle(att, ino, fd, rel)
             return fh
 
     @staticmethod
@@ -289,17 +438,18 @@ class StrataFS(mfusepy.Operations):
         flags &= ~(os.O_APPEND | getattr(os, "O_DIRECT", 0) | os.O_ACCMODE)
         return flags | os.O_RDWR
 
+    @operation
     def open(self, path: str, flags: int) -> int:
         att, rel = self._split(path)
         if att is None:
             raise OSError(errno.EISDIR, path)
         if self.is_local(rel):
-            return self._new_handle(att, fd=os.open(self._local(att, rel), self._local_flags(flags)))
+            return self._new_handle(att, rel, fd=os.open(self._local(att, rel), self._local_flags(flags)))
         ino = att.datadir.resolve(rel)
         if flags & os.O_TRUNC:
-            att.datadir.truncate(ino, 0)
+            att.datadir.truncate(ino, 0, durable=True)
         att.datadir.opened(ino)
-        return self._new_handle(att, ino=ino)
+        return self._new_handle(att, rel, ino=ino)
 
     def _new_entry(self, path: str) -> tuple[Attachment, str, int, int, str | None]:
         """For a call that makes something at `path`: (attachment, relative
@@ -315,38 +465,36 @@ class StrataFS(mfusepy.Operations):
             os.makedirs(os.path.dirname(local), exist_ok=True)
         return att, rel, uid, gid, local
 
+    @operation
     def create(self, path: str, mode: int, fi: Any = None) -> int:
         att, rel, uid, gid, local = self._new_entry(path)
         if local is not None:
             fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode & 0o7777)
             os.fchown(fd, uid, gid)
-            return self._new_handle(att, fd=fd)
+            return self._new_handle(att, rel, fd=fd)
         parent, name = self._parent(att, rel)
         ino = att.datadir.create(parent, name, mode, uid, gid)
         att.datadir.opened(ino)
-        return self._new_handle(att, ino=ino)
+        return self._new_handle(att, rel, ino=ino)
 
-    def _handle(self, fh: int) -> _Handle:
-        h = self._t.handles.get(fh)
-        if h is None:
-            raise OSError(errno.EBADF, "the file's data directory is no longer attached")
-        return h
-
+    @operation
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         h = self._handle(fh)
         if h.fd >= 0:
             return os.pread(h.fd, size, offset)
         return h.att.datadir.read(h.ino, offset, size)
 
+    @operation
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         h = self._handle(fh)
         if h.fd >= 0:
             return os.pwrite(h.fd, data, offset)
         return h.att.datadir.write(h.ino, offset, data, durable=True)
 
+    @operation
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        if fh is not None and fh in self._t.handles:
-            h = self._t.handles[fh]
+        h = self._handle_or_none(fh)
+        if h is not None:
             if h.fd >= 0:
                 os.ftruncate(h.fd, length)
             else:
@@ -359,6 +507,7 @@ class StrataFS(mfusepy.Operations):
             att.datadir.truncate(ino, length, durable=True)
         return 0
 
+    @operation
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
         path = self._t.dirs.get(fh, path)
         if path:
@@ -367,9 +516,11 @@ class StrataFS(mfusepy.Operations):
                 att.datadir.sync_tree()
         return 0
 
+    @operation
     def flush(self, path: str, fh: int) -> int:
         return 0
 
+    @operation
     def release(self, path: str, fh: int) -> int:
         with self._mu:
             h = self._t.handles.pop(fh, None)
@@ -381,6 +532,7 @@ class StrataFS(mfusepy.Operations):
             h.att.datadir.released(h.ino)
         return 0
 
+    @operation
     def mkdir(self, path: str, mode: int) -> int:
         att, rel, uid, gid, local = self._new_entry(path)
         if local is not None:
@@ -391,6 +543,7 @@ class StrataFS(mfusepy.Operations):
         att.datadir.mkdir(parent, name, mode, uid, gid)
         return 0
 
+    @operation
     def symlink(self, target: str, source: str) -> int:
         att, rel, uid, gid, local = self._new_entry(target)
         if local is not None:
@@ -411,13 +564,18 @@ class StrataFS(mfusepy.Operations):
             getattr(att.datadir, dd_op)(*self._parent(att, rel))
         return 0
 
+    @operation
     def unlink(self, path: str) -> int:
         return self._remove(path, os.unlink, "unlink")
 
+    @operation
     def rmdir(self, path: str) -> int:
         return self._remove(path, os.rmdir, "rmdir")
 
-    def rename(self, old: str, new: str) -> int:
+    @operation
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, f"rename flags {flags:#x}")
         att, rel = self._split(old)
         att2, rel2 = self._split(new)
         if att is None or att2 is not att:
@@ -426,19 +584,21 @@ class StrataFS(mfusepy.Operations):
         if local != local2:
             raise OSError(errno.EXDEV, new)  # mv copies across: correct either way
         if local:
-            os.rename(self._local(att, rel), self._local(att, rel2))
+            renameat2(self._local(att, rel), self._local(att, rel2), flags)
         else:
-            att.datadir.rename(*self._parent(att, rel), *self._parent(att, rel2))
+            att.datadir.rename(*self._parent(att, rel), *self._parent(att, rel2),
+                               noreplace=bool(flags & RENAME_NOREPLACE), exchange=bool(flags & RENAME_EXCHANGE))
         return 0
 
+    @operation
     def link(self, target: str, source: str) -> int:
         raise OSError(errno.EPERM, "hard links are not supported")
 
     def _target(self, path: str | None, fh: int | None) -> tuple[Attachment, int, str | None]:
         """What a setattr-style call is about: (attachment, inode, local
         path or None), from the handle if there is one, else the path."""
-        if fh is not None and fh in self._t.handles:
-            h = self._t.handles[fh]
+        h = self._handle_or_none(fh)
+        if h is not None:
             if h.fd >= 0:
                 return h.att, 0, f"/proc/self/fd/{h.fd}"
             return h.att, h.ino, None
@@ -451,6 +611,7 @@ class StrataFS(mfusepy.Operations):
             return att, 0, self._local(att, rel)
         return att, att.datadir.resolve(rel), None
 
+    @operation
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
         att, ino, local = self._target(path, fh)
         if local is not None:
@@ -459,6 +620,7 @@ class StrataFS(mfusepy.Operations):
             att.datadir.setattr(ino, mode=mode, durable=True)
         return 0
 
+    @operation
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
         att, ino, local = self._target(path, fh)
         if local is not None:
@@ -467,6 +629,7 @@ class StrataFS(mfusepy.Operations):
             att.datadir.setattr(ino, uid=uid, gid=gid, durable=True)
         return 0
 
+    @operation
     def utimens(self, path: str | None, times: tuple[int, int] | None = None, fh: int | None = None) -> int:
         try:
             att, ino, local = self._target(path, fh)
@@ -480,6 +643,7 @@ class StrataFS(mfusepy.Operations):
             att.datadir.touch(ino, times[1] if times else None)
         return 0
 
+    @operation
     def statfs(self, path: str) -> dict[str, int]:
         st = os.statvfs(self._statfs_path)
         return {
@@ -490,6 +654,7 @@ class StrataFS(mfusepy.Operations):
 
     _statfs_path = "/"
 
+    @operation
     def access(self, path: str, amode: int) -> int:
         return 0  # default_permissions: the kernel checks modes
 
@@ -503,6 +668,8 @@ class _FUSE(mfusepy.FUSE):
     """mfusepy drops the file handle of setattr-style calls; with
     `nullpath_ok` (and files unlinked while open) the handle is all there is.
 
+    It also drops renameat2's flags; they are passed on here.
+
     libfuse's worker threads are not Python's: for each callback, ctypes
     makes a Python thread state and throws it away after. The first
     callback on a worker pins one for good (one extra PyGILState_Ensure),
@@ -513,11 +680,10 @@ class _FUSE(mfusepy.FUSE):
         if not getattr(_pinned, "on", False):
             _ensure()
             _pinned.on = True
-        translated = self.__dict__.setdefault("_translated", {})
-        call = translated.get(func)
-        if call is None:  # once per FUSE operation, not per request
-            call = translated[func] = _as_os_errors(func)
-        return super()._wrapper(call, *args, **kwargs)
+        return super()._wrapper(func, *args, **kwargs)
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(self._path(old), self._path(new), flags)
 
     def _fh(self, fip: Any) -> int | None:
         return fip.contents.fh if fip else None
@@ -542,20 +708,6 @@ class _FUSE(mfusepy.FUSE):
             times = (mfusepy.time_of_timespec(buf.contents.actime, use_ns=True),
                      mfusepy.time_of_timespec(buf.contents.modtime, use_ns=True))
         return self.operations.utimens(self._path(path), times, self._fh(fip))
-
-
-def _as_os_errors(func: Any) -> Any:
-    """The engine's errors as the errno PostgreSQL will report (EIO: "could
-    not read block ..."), each logged once with what it names (the damaged
-    layer file and offset, the failed store)."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except StrataError as e:
-            log.error("FUSE %s failed: %s", func.__name__, e)
-            raise OSError(errno.EIO, str(e)) from e
-    call.__name__ = func.__name__
-    return call
 
 
 def _main_mount(ops: StrataFS, mountpoint: str) -> None:

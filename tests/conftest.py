@@ -33,6 +33,22 @@ SMALL = StoreConfig(
     retention=KEEP_ALL,
 )
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`needs(what)`: skip where the prerequisite is missing; under CI, fail."""
+    from .pg import PREREQUISITES
+
+    for mark in item.iter_markers("needs"):
+        why = PREREQUISITES[mark.args[0]]()
+        if why is not None:
+            if in_ci():
+                pytest.fail(f"CI runs every test, and this one {why}", pytrace=False)
+            pytest.skip(why)
+
+
 @pytest.fixture
 def store_path(tmp_path) -> str:
     return str(tmp_path / "store")

@@ -20,12 +20,20 @@ from pageserver.control import ControlPlane
 from pageserver.proxy import ProxyThread
 
 
-def pg_available() -> str | None:
-    """Why PostgreSQL-on-FUSE tests cannot run here (None: they can)."""
+def fuse_available() -> str | None:
+    """Why tests that mount FUSE cannot run here (None: they can)."""
     if os.geteuid() != 0:
         return "needs root (FUSE mounts with allow_other, postgres runs as the postgres user)"
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         return "needs /dev/fuse and fusermount3 (apt: fuse3); `make test` installs them"
+    return None
+
+
+def pg_available() -> str | None:
+    """Why PostgreSQL-on-FUSE tests cannot run here (None: they can)."""
+    why = fuse_available()
+    if why is not None:
+        return why
     try:
         pg_bindir()
     except Exception as e:  # noqa: BLE001
@@ -33,7 +41,12 @@ def pg_available() -> str | None:
     return None
 
 
-requires_pg = pytest.mark.skipif(pg_available() is not None, reason=pg_available() or "")
+# A test marked so is skipped where its prerequisite is missing, except
+# under CI (CI=true), where it fails with the reason: CI runs everything
+# (tests/conftest.py, pytest_runtest_setup).
+PREREQUISITES = {"pg": pg_available, "fuse": fuse_available}
+requires_pg = pytest.mark.needs("pg")
+requires_fuse = pytest.mark.needs("fuse")
 
 
 @dataclass

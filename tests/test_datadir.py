@@ -22,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from engine import Store, Timeline
 from engine.faultfs import FaultFileSystem
 from pageserver.datadir import DataDir
+from pageserver.fusefs import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from pageserver.layout import DIRECTORY, PAGE, ROOT, SYMLINK
 
 from .conftest import SMALL
@@ -176,6 +177,17 @@ class DataDirMachine(RuleBasedStateMachine):
         dst = f"{d}/{name}" if d else name
         self.both(lambda: os.rename(os.path.join(self.local, src), os.path.join(self.local, dst)),
                   lambda: self.dd.rename(*self.split(src), *self.split(dst)))
+
+    @precondition(lambda self: self.entries("any"))
+    @rule(data=st.data(), name=NAMES, flags=st.sampled_from([RENAME_NOREPLACE, RENAME_EXCHANGE]))
+    def rename_with_flags(self, data, name, flags) -> None:
+        """renameat2's flags, against Linux's own answers on the local side."""
+        src = data.draw(st.sampled_from(self.entries("any")))
+        d = data.draw(st.sampled_from(self.entries("dir")))
+        dst = f"{d}/{name}" if d else name
+        self.both(lambda: renameat2(os.path.join(self.local, src), os.path.join(self.local, dst), flags),
+                  lambda: self.dd.rename(*self.split(src), *self.split(dst),
+                                         noreplace=flags == RENAME_NOREPLACE, exchange=flags == RENAME_EXCHANGE))
 
     @precondition(lambda self: self.entries("file"))
     @rule(data=st.data())
