@@ -14,10 +14,12 @@ ends them when it starts again.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -28,29 +30,78 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import ComputeError
+from .errors import ComputeError, PostgresVersionError
 
 log = logging.getLogger("strata.compute")
 
 READY = "ready"
 
 
-def pg_bindir() -> str:
+PG_ROOT = "/usr/lib/postgresql"  # Debian's: <root>/<major>/bin (override: $STRATA_PG_ROOT)
+_found: dict[str, str] = {}  # major version -> the bin directory found for it (kept while it is there)
+
+
+@functools.lru_cache(maxsize=32)
+def _major_of(bindir: str) -> str | None:
+    """The major version of the `postgres` in `bindir` (None: not one)."""
+    exe = os.path.join(bindir, "postgres")
+    if not os.access(exe, os.X_OK):
+        return None
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\(PostgreSQL\) (\d+)", out)
+    return m.group(1) if m else None
+
+
+def _candidates() -> list[str]:
+    """Server binary directories, in order of preference for a new store:
+    $STRATA_PG_BINDIR, `pg_config --bindir`, then each installed major
+    version, newest first."""
+    out = []
     env = os.environ.get("STRATA_PG_BINDIR")
     if env:
-        return env
+        out.append(env)
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            r = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=30)
+            if r.returncode == 0 and r.stdout.strip():
+                out.append(r.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    root = os.environ.get("STRATA_PG_ROOT", PG_ROOT)
     try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
-        path = out.stdout.strip()
-        if os.path.exists(os.path.join(path, "postgres")):
-            return path
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    for v in ("17", "16", "15"):
-        path = f"/usr/lib/postgresql/{v}/bin"
-        if os.path.exists(os.path.join(path, "postgres")):
-            return path
-    raise ComputeError("-", "cannot find the PostgreSQL server binaries (set STRATA_PG_BINDIR)")
+        versions = sorted((v for v in os.listdir(root) if v.isdigit()), key=int, reverse=True)
+    except OSError:
+        versions = []
+    out += [os.path.join(root, v, "bin") for v in versions]
+    return list(dict.fromkeys(out))
+
+
+def pg_bindir(major: str | None = None) -> str:
+    """The directory of PostgreSQL's server binaries: of major version
+    `major` (a data directory's PG_VERSION: a store's branches need the
+    version that made their template), or, without it, the one a new
+    store would use. Refuses, naming the version, when it is missing."""
+    if major is not None:
+        hit = _found.get(major)
+        if hit is not None and os.access(os.path.join(hit, "postgres"), os.X_OK):
+            return hit
+    found = {d: _major_of(d) for d in _candidates()}
+    for d, v in found.items():
+        if v is not None and (major is None or v == major):
+            if major is not None:
+                _found[major] = d
+            return d
+    have = ", ".join(f"{v} ({d})" for d, v in found.items() if v) or "none"
+    if major is None:
+        raise PostgresVersionError(None, "cannot find the PostgreSQL server binaries (install postgresql-15, "
+                                   "or set STRATA_PG_BINDIR)")
+    raise PostgresVersionError(major, f"this store's data directories were made by PostgreSQL {major}, "
+                               f"whose server binaries are not installed (found: {have}): install "
+                               f"postgresql-{major}, or set STRATA_PG_BINDIR to its bin directory")
 
 
 def run_as() -> tuple[str | None, int, int]:
@@ -81,6 +132,7 @@ class Compute:
     password: str
     read_only: bool
     lsn: int | None = None  # for a read-only compute: the LSN it shows
+    bindir: str = ""  # PostgreSQL's server binaries of its data directory's version
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     start_seconds: float = 0.0
@@ -129,7 +181,7 @@ class Compute:
         os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
         os.chown(self.socket_dir, uid, gid)
         args = [
-            os.path.join(pg_bindir(), "postgres"), "-D", self.pgdata, "-p", str(self.port),
+            os.path.join(self.bindir or pg_bindir(), "postgres"), "-D", self.pgdata, "-p", str(self.port),
             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.socket_dir}",
             "-c", "unix_socket_permissions=0700", "-c", "logging_collector=off",
         ] + extra

@@ -5,6 +5,7 @@
      +-- DestinationNotEmptyError an export target that has files in it
      +-- BranchBusyError          a second read-write compute on a branch
      +-- ComputeError             postgres would not start, or died
+     |    +-- PostgresVersionError  the PostgreSQL version a data directory needs is missing
      +-- ComputeNotFoundError     (also a LookupError)
      +-- ControlPlaneError        what the control plane refuses (HTTP status)
           +-- UnknownObjectError       no such database or branch (404)
@@ -52,6 +53,12 @@ class ComputeError(PageServerError):
         super().__init__(f"compute {compute_id}: {why}{tail}")
         self.compute_id = compute_id
         self.log_tail = log_tail
+
+
+class PostgresVersionError(ComputeError):
+    def __init__(self, major: str | None, why: str) -> None:
+        PageServerError.__init__(self, why)
+        self.compute_id, self.log_tail, self.major = "-", "", major
 
 
 class ComputeNotFoundError(PageServerError, LookupError):

@@ -17,7 +17,11 @@ the computes it left (their process groups are in their state files) and
 unmounts a dead mount; their branches then serve again.
 
 `initdb` runs once per store: its result is imported as the *template*
-timeline that new databases branch from.
+timeline that new databases branch from. The template's `PG_VERSION` file
+(in the store, like every file of it) records which PostgreSQL major
+version made it; every branch inherits it, and a compute runs the server
+binaries of its data directory's version (`pg_bindir(major)`), whatever
+else is installed or preferred, or is refused with that version named.
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ local   all   all                 trust
 host    all   all   127.0.0.1/32  scram-sha-256
 host    all   all   ::1/128       scram-sha-256
 """
+
+
+def pg_version_of(dd: DataDir) -> str:
+    """The PostgreSQL major version of a data directory (its PG_VERSION)."""
+    try:
+        ino = dd.resolve("PG_VERSION")
+        return dd.read(ino, 0, 64).decode().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ComputeError("-", f"timeline {dd.timeline.id} has no readable PG_VERSION: {e}") from e
 
 
 def run_dir_for(home: str) -> str:
@@ -123,6 +136,12 @@ class PageServer:
 
     def template(self) -> Timeline | None:
         return self.store.timeline(TEMPLATE_ID) if TEMPLATE_ID in self.store else None
+
+    @property
+    def pg_version(self) -> str | None:
+        """The PostgreSQL major version that made this store's template."""
+        tl = self.template()
+        return pg_version_of(DataDir(tl)) if tl is not None else None
 
     def ensure_template(self, progress: bool | None = None) -> Timeline:
         """The template timeline, running `initdb` the first time only."""
@@ -207,21 +226,23 @@ class PageServer:
         tid = timeline if isinstance(timeline, str) else timeline.id
         tl = self.store.timeline(tid)  # NotFoundError for an unknown timeline
         read_only = lsn is not None
+        bindir = pg_bindir(pg_version_of(DataDir(tl)))  # refused here, naming the version, if it is missing
         with self._mu:
             if not read_only and tid in self._by_timeline:
                 raise BranchBusyError(tid, self._by_timeline[tid])
             if read_only:
                 tl = self.store.branch(tl, at_lsn=lsn, durable=False)
+            dd = DataDir(tl)
             cid = os.urandom(6).hex()
             rundir = os.path.join(self.computes_dir, cid)
             os.makedirs(rundir)
             c = Compute(
                 id=cid, timeline_id=tl.id, pgdata=os.path.join(self.mountpoint, cid), rundir=rundir,
                 port=free_port(), password=password or new_password(), read_only=read_only, lsn=lsn,
-                on_exit=self._exited,
+                on_exit=self._exited, bindir=bindir,
             )
             _, uid, gid = run_as()
-            self.mount.ops.attach(cid, DataDir(tl), c.local_root, uid, gid)
+            self.mount.ops.attach(cid, dd, c.local_root, uid, gid)
             self._computes[cid] = c
             if not read_only:
                 self._by_timeline[tid] = cid

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -19,8 +22,15 @@ import psycopg
 import pytest
 
 from engine import NotFoundError
+from pageserver import compute as compute_module
 from pageserver.compute import pg_bindir, reap_stale
-from pageserver.errors import BranchBusyError, ComputeError, DestinationNotEmptyError, NotADataDirectoryError
+from pageserver.errors import (
+    BranchBusyError,
+    ComputeError,
+    DestinationNotEmptyError,
+    NotADataDirectoryError,
+    PostgresVersionError,
+)
 from pageserver.fusefs import unmount
 from pageserver.layout import Inode, inode_key, page_key
 from pageserver.server import PageServer, run_dir_for
@@ -337,3 +347,35 @@ def test_concurrent_computes_on_many_branches(ps):
         ps.stop_compute(c.id)
     for tl in tls:
         ps.store.delete_timeline(tl)
+
+
+def test_computes_run_the_postgresql_version_that_made_the_template(ps, branch, tmp_path, monkeypatch, request):
+    """Regression: installing a newer PostgreSQL (which pg_config then
+    names) broke every branch of an existing store."""
+    assert ps.pg_version == "15"
+    real15 = pg_bindir("15")
+    pgroot = pathlib.Path(tempfile.mkdtemp(prefix="strata-pgroot-"))  # the postgres user must reach it
+    pgroot.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(pgroot, ignore_errors=True))
+    newer = pgroot / "17" / "bin"
+    newer.mkdir(parents=True)
+    for tool in ("postgres", "initdb"):
+        exe = newer / tool  # answers --version like PostgreSQL 17, and fails at anything else
+        exe.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "postgres (PostgreSQL) 17.2" && exit 0\nexit 1\n')
+        exe.chmod(0o755)
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "pg_config").write_text(f"#!/bin/sh\necho {newer}\n")
+    (shims / "pg_config").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    monkeypatch.setenv("STRATA_PG_ROOT", str(pgroot))
+    monkeypatch.setattr(compute_module, "_found", {})
+    assert pg_bindir() == str(newer)  # what a new store would use now
+    with pytest.raises(PostgresVersionError, match="made by PostgreSQL 15.*install postgresql-15") as e:
+        ps.start_compute(branch)  # 15 is not under this root, and pg_config names 17
+    assert e.value.major == "15" and ps.compute_of(branch) is None
+    (pgroot / "15").mkdir()  # now PostgreSQL 15 is installed too
+    os.symlink(real15, pgroot / "15" / "bin")
+    c = ps.start_compute(branch)
+    assert c.bindir == str(pgroot / "15" / "bin")
+    assert query(c, "select current_setting('server_version_num')::int / 10000") == [(15,)]
