@@ -24,7 +24,21 @@ Object ids are never reused. A record names its objects by id (a branch's
 database and parent), so renaming nothing ever rewrites more than one
 record. Timelines are created before the record that points at them and
 deleted after the record that pointed at them: a crash in between leaves an
-unreferenced timeline, which the control plane deletes when it starts.
+unreferenced timeline, which the control plane deletes (when it starts,
+and in its housekeeping).
+
+Concurrency: readers never lock and never wait. The catalog's state is an
+immutable `Snapshot` (records are frozen dataclasses, maps are HAMTs from
+`immutables`), replaced whole, with one attribute store, by each change:
+readers take `catalog.snapshot` once and work on it, however long, while
+changes go on. A change is a function of the current snapshot that checks
+what it needs and returns the records to put and delete (or raises, and
+nothing changes); `change` calls it, commits its records to the catalog
+timeline and publishes the new snapshot, all under `_mu`, so a change is
+checked, committed and published at one point. The fsync comes after, out
+of the lock (concurrent changes share it, group commit); `change` returns
+once its change is durable. Nothing in the proxy or on an event loop
+takes `_mu`.
 """
 
 from __future__ import annotations
@@ -32,9 +46,11 @@ from __future__ import annotations
 import json
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from immutables import Map
 
 from engine import CorruptionError, Store, Timeline
 from engine.checksums import xxh64
@@ -74,7 +90,7 @@ def decode_record(key: int, value: bytes) -> dict[str, Any]:
     return body
 
 
-@dataclass
+@dataclass(frozen=True)
 class DatabaseRecord:
     id: int
     name: str
@@ -87,7 +103,7 @@ class DatabaseRecord:
     token_sha256: str | None = None  # of the API token scoped to this database
 
 
-@dataclass
+@dataclass(frozen=True)
 class BranchRecord:
     id: int
     database: int
@@ -103,41 +119,106 @@ class BranchRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+Record = DatabaseRecord | BranchRecord
+
+
 def _from(cls: Any, body: dict[str, Any]) -> Any:
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in body.items() if k in names})
 
 
+_EMPTY: Map[Any, Any] = Map()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The catalog at one moment: records by id and the indexes over them.
+    Never changes; a change makes a new one."""
+
+    databases: Map[int, DatabaseRecord] = _EMPTY
+    branches: Map[int, BranchRecord] = _EMPTY
+    database_named: Map[str, DatabaseRecord] = _EMPTY
+    branch_named: Map[tuple[int, str], BranchRecord] = _EMPTY  # (database id, name)
+    branch_on: Map[str, BranchRecord] = _EMPTY  # timeline id -> its branch
+    branches_in: Map[int, Map[int, BranchRecord]] = _EMPTY  # database id -> its branches
+    database_with_token: Map[str, DatabaseRecord] = _EMPTY  # sha256 of its scoped token
+    version: int = 0  # how many changes made it
+
+    def children(self, br: BranchRecord) -> list[BranchRecord]:
+        return [b for b in self.branches_in.get(br.database, _EMPTY).values() if b.parent == br.id]
+
+    def with_changes(self, put: Sequence[Record] = (), delete: Sequence[Record] = ()) -> Snapshot:
+        dbs, brs = self.databases.mutate(), self.branches.mutate()
+        named, bnamed = self.database_named.mutate(), self.branch_named.mutate()
+        on, tokens = self.branch_on.mutate(), self.database_with_token.mutate()
+        within: dict[int, Any] = {}  # database id -> its branches, being changed
+
+        def siblings(db: int) -> Any:
+            if db not in within:
+                within[db] = self.branches_in.get(db, _EMPTY).mutate()
+            return within[db]
+
+        for rec in [*delete, *put]:  # a put replaces: out with the old record first
+            if isinstance(rec, DatabaseRecord):
+                old_db = dbs.get(rec.id)
+                if old_db is not None:
+                    del dbs[rec.id]
+                    named.pop(old_db.name, None)
+                    if old_db.token_sha256:
+                        tokens.pop(old_db.token_sha256, None)
+            else:
+                old = brs.get(rec.id)
+                if old is not None:
+                    del brs[rec.id]
+                    bnamed.pop((old.database, old.name), None)
+                    on.pop(old.timeline, None)
+                    siblings(old.database).pop(old.id, None)
+        for rec in put:
+            if isinstance(rec, DatabaseRecord):
+                dbs[rec.id] = named[rec.name] = rec
+                if rec.token_sha256:
+                    tokens[rec.token_sha256] = rec
+            else:
+                brs[rec.id] = bnamed[(rec.database, rec.name)] = on[rec.timeline] = rec
+                siblings(rec.database)[rec.id] = rec
+        bin_ = self.branches_in.mutate()
+        for db, m in within.items():
+            done = m.finish()
+            if len(done):
+                bin_[db] = done
+            else:
+                bin_.pop(db, None)
+        return Snapshot(dbs.finish(), brs.finish(), named.finish(), bnamed.finish(), on.finish(),
+                        bin_.finish(), tokens.finish(), self.version + 1)
+
+
+Change = Callable[[Snapshot], tuple[Sequence[Record], Sequence[Record]]]
+
+
 class Catalog:
-    """Databases and branches by id, loaded whole at open (a record is a
-    few hundred bytes: 10,000 branches are a few MB and load in well under
-    a second) and written through to the catalog timeline."""
+    """Databases and branches, loaded whole at open (a record is a few
+    hundred bytes: 10,000 branches are a few MB and load in well under a
+    second) and written through to the catalog timeline."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._mu = threading.Lock()
+        self._mu = threading.Lock()  # serialises changes; guards _next_id
         if CATALOG_ID in store:
             self._tl: Timeline = store.timeline(CATALOG_ID)
         else:
             self._tl = store.create_timeline(CATALOG_ID)
-        self.databases: dict[int, DatabaseRecord] = {}
-        self.branches: dict[int, BranchRecord] = {}
-        # indexes, kept with the records
-        self.database_named: dict[str, DatabaseRecord] = {}
-        self.branch_named: dict[tuple[int, str], BranchRecord] = {}  # (database id, name)
-        self.branch_on: dict[str, BranchRecord] = {}  # timeline id -> its branch
-        self.branches_in: dict[int, dict[int, BranchRecord]] = {}  # database id -> its branches
-        self.database_with_token: dict[str, DatabaseRecord] = {}  # sha256 of its scoped token
         self._next_id = 1
+        records: list[Record] = []
         for key, value in self._tl.scan():
             body = decode_record(key, value)
             kind = key >> 56
             if kind == KIND_HEADER:
                 self._next_id = int(body["next_id"])
             elif kind == KIND_DATABASE:
-                self._add(_from(DatabaseRecord, body))
+                records.append(_from(DatabaseRecord, body))
             elif kind == KIND_BRANCH:
-                self._add(_from(BranchRecord, body))
+                records.append(_from(BranchRecord, body))
+        self.snapshot: Snapshot = Snapshot().with_changes(put=records)  # readers: take it, don't lock
 
     @property
     def timeline_id(self) -> str:
@@ -145,66 +226,37 @@ class Catalog:
 
     def new_id(self) -> int:
         """An object id never handed out before (made durable with the
-        first write that uses it)."""
+        first change that uses it)."""
         with self._mu:
             oid = self._next_id
             self._next_id += 1
             return oid
 
-    def write(
-        self,
-        put: Sequence[DatabaseRecord | BranchRecord] = (),
-        delete: Sequence[DatabaseRecord | BranchRecord] = (),
-    ) -> None:
-        """Put and delete records in one commit, durable when this returns.
-        The sync is outside the lock, so concurrent writers share fsyncs
-        (group commit); it also makes durable every earlier record of the
-        store's log, such as the branch a new record points at."""
+    def change(self, fn: Change) -> Snapshot:
+        """Check, commit and publish one change at one point: `fn(current
+        snapshot)` returns (records to put, records to delete) or raises
+        (then nothing changes). Returns the new snapshot once the change
+        is durable."""
         with self._mu:
+            put, delete = fn(self.snapshot)
             batch: dict[int, bytes | None] = {
                 record_key(KIND_HEADER, 0): encode_record({"next_id": self._next_id}),
             }
-            for rec in put:
-                batch[self._key(rec)] = encode_record(asdict(rec))
             for rec in delete:
                 batch[self._key(rec)] = None
-            self._tl.commit(batch)
-            for rec in delete:
-                self._remove(rec)
             for rec in put:
-                self._remove(rec)
-                self._add(rec)
-        self._tl.sync()
+                batch[self._key(rec)] = encode_record(asdict(rec))
+            new = self.snapshot.with_changes(put, delete)
+            self._tl.commit(batch)
+            self.snapshot = new
+        self._tl.sync()  # also makes durable every earlier record of the store's log
+        return new
 
-    def _add(self, rec: DatabaseRecord | BranchRecord) -> None:
-        if isinstance(rec, DatabaseRecord):
-            self.databases[rec.id] = rec
-            self.database_named[rec.name] = rec
-            if rec.token_sha256:
-                self.database_with_token[rec.token_sha256] = rec
-        else:
-            self.branches[rec.id] = rec
-            self.branch_named[(rec.database, rec.name)] = rec
-            self.branch_on[rec.timeline] = rec
-            self.branches_in.setdefault(rec.database, {})[rec.id] = rec
-
-    def _remove(self, rec: DatabaseRecord | BranchRecord) -> None:
-        if isinstance(rec, DatabaseRecord):
-            old_db = self.databases.pop(rec.id, None)
-            if old_db is not None:
-                self.database_named.pop(old_db.name, None)
-                self.database_with_token.pop(old_db.token_sha256 or "", None)
-        else:
-            old = self.branches.pop(rec.id, None)
-            if old is not None:
-                self.branch_named.pop((old.database, old.name), None)
-                self.branch_on.pop(old.timeline, None)
-                siblings = self.branches_in.get(old.database, {})
-                siblings.pop(old.id, None)
-                if not siblings:
-                    self.branches_in.pop(old.database, None)
+    def write(self, put: Sequence[Record] = (), delete: Sequence[Record] = ()) -> Snapshot:
+        """Put and delete records unconditionally (a change that checks nothing)."""
+        return self.change(lambda _: (put, delete))
 
     @staticmethod
-    def _key(rec: DatabaseRecord | BranchRecord) -> int:
+    def _key(rec: Record) -> int:
         kind = KIND_DATABASE if isinstance(rec, DatabaseRecord) else KIND_BRANCH
         return record_key(kind, rec.id & _ID_MASK)

@@ -9,14 +9,63 @@ at its head, at an LSN or at a wall-clock time. Branches are addressed as
 Every branch is `running` (a compute serves it) or `suspended` (no process
 at all). `wake` starts a compute once however many callers ask at the same
 time; `maintain` (the service calls it every second) suspends branches
-idle for their idle timeout, deletes what has expired, and persists last
-use. At most `max_computes` run: at the cap the least recently active
-compute without connections is suspended to make room.
+idle for their idle timeout, deletes what has expired, persists last use
+and deletes timelines no record points at. At most `max_computes` run:
+at the cap a spare of the warm pool yields first, then the least recently
+active compute without connections.
 
 This class is the embeddable API; the HTTP API, the CLI, the SDK and the
-proxy are thin layers over it. It is thread-safe: one lock guards the
-catalog and the table of branches, and one lock per branch serialises
-its compute's start and stop (slow work happens outside the main lock).
+proxy are thin layers over it.
+
+Concurrency model
+-----------------
+
+    state                       guarded by        who waits for it
+    -------------------------   ---------------   ------------------------------
+    catalog.snapshot            (immutable)       nobody: readers take it whole
+    catalog changes             catalog._mu       API threads, housekeeping
+    _use (connections, last     _use_mu           the proxy's event loop: held
+      activity, last use)                         for dict updates only
+    _starting (compute slots)   _slots_mu         wakes, the pool: dict updates
+    _busy (timelines being      _busy_mu          creators, housekeeping's sweep
+      made or torn down)
+    _warm (the pool)            _warm_mu          wakes, creates, the pool
+    a branch's compute          its branch lock   wake, suspend, reset, restore,
+      (start, stop, timeline)                     detach, delete, expiry
+
+- Readers (proxy routing, status, lists, metrics, housekeeping's choices)
+  work on one immutable snapshot of the catalog (`catalog.Snapshot`): they
+  never iterate a changing dict and never wait behind an fsync.
+- A change is checked, committed and published at one point
+  (`Catalog.change`): its checks run against the catalog as it is at
+  commit time (the database still exists, the name is still free, the
+  branch is still removable), so that concurrent creates and deletes
+  leave no orphan record and no stale copy is written back. The fsync
+  follows, outside every lock.
+- No fsync, no process start or stop and no walk of the store happens
+  under a lock that the proxy's event loop waits for: the loop takes
+  only `_use_mu` (connection counts), for a few dict operations.
+- A branch lock is held across its compute's start or stop. Suspension
+  (idle or at the cap) and expiry after going unused re-check under it
+  that no connection is open or arriving (the proxy counts a connection
+  before it asks for a wake, and a wake takes the branch lock): a
+  connection that arrives after the check waits for the lock and wakes
+  the branch again, and none is killed. A victim's lock is only tried,
+  never waited for, so no two wakes can wait on each other.
+- Starting, running and warm computes are counted in one place
+  (`_in_use`: the page server's computes and the slots reserved by
+  starts), and a slot is taken, checked against the cap, before any
+  start: the cap holds with the pool on.
+- A TTL is a hard deadline: the record goes, the proxy ends the branch's
+  connections with an error saying it expired, then its compute stops.
+- Housekeeping does each record on its own: one that fails is logged
+  and retried later (with backoff); the others go on.
+- Idle timers run on a monotonic clock; expiry deadlines (TTLs, last use)
+  are wall-clock times, since they are kept in the catalog across
+  restarts.
+
+Lock order (outer first): a branch lock, catalog._mu, then the leaf locks
+(_busy_mu, _use_mu, _slots_mu, _warm_mu, the page server's).
 """
 
 from __future__ import annotations
@@ -28,9 +77,9 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
-from time import monotonic
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -43,7 +92,7 @@ from engine import (
     Timeline,
 )
 
-from .catalog import CATALOG_ID, BranchRecord, Catalog, DatabaseRecord
+from .catalog import CATALOG_ID, BranchRecord, Catalog, DatabaseRecord, Record, Snapshot
 from .compute import Compute, new_password
 from .errors import (
     BadRequestError,
@@ -70,6 +119,8 @@ log = logging.getLogger("strata.control")
 MAIN = "main"
 DEFAULT_IDLE_TIMEOUT = 300.0
 COMPUTE_MEMORY = 256 << 20  # what one compute is budgeted (shared_buffers 128 MB and the rest)
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # housekeeping's backoff for a record that fails
+_CHANGE_RETRIES = 5  # a change that raced another (its source moved) is redone this often
 
 
 def default_max_computes() -> int:
@@ -78,6 +129,23 @@ def default_max_computes() -> int:
     except (ValueError, OSError):
         return 8
     return max(1, total // COMPUTE_MEMORY)
+
+
+@dataclass
+class _Use:
+    """What the control plane knows of a branch's use (under _use_mu)."""
+
+    connections: int = 0  # open or arriving through the proxy
+    active: float = 0.0  # monotonic time of the last connect, disconnect or wake
+    used: float = 0.0  # wall-clock time of the last use (persisted as last_used)
+    dirty: bool = False  # `used` not yet in the catalog
+
+
+class _Moved(Exception):
+    """A change found its source changed since it was read: redo it."""
+
+
+SessionEnder = Callable[[list[int], str], int]
 
 
 class ControlPlane:
@@ -92,34 +160,43 @@ class ControlPlane:
         warm_pool: int = 0,
         config: StoreConfig | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.home = os.path.abspath(home)
         self.advertise_host = advertise_host
         self.proxy_port = proxy_port
         self.max_computes = max_computes or default_max_computes()
         self.default_idle_timeout = default_idle_timeout
-        self._clock = clock
+        self._clock = clock  # wall clock: deadlines kept in the catalog
+        self._mono = monotonic  # idle timers
         self.ps = PageServer(self.home, config=config)
-        self._mu = threading.RLock()
-        self._branch_mu: dict[int, threading.Lock] = {}
-        self._connections: dict[int, int] = {}
-        self._last_active: dict[int, float] = {}
-        self._dirty_use: set[int] = set()
+        self._locks_mu = threading.Lock()
+        self._branch_mu: dict[int, threading.Lock] = {}  # under _locks_mu
+        self._use_mu = threading.Lock()
+        self._use: dict[int, _Use] = {}  # branch id -> its use (under _use_mu)
+        self._slots_mu = threading.Lock()
+        self._starting: set[str] = set()  # timelines whose compute is starting (under _slots_mu)
+        self._wanting = 0  # wakes waiting for room at the cap (under _slots_mu)
+        self._busy_mu = threading.Lock()
+        self._busy: dict[str, int] = {}  # timelines being made or torn down -> holders (under _busy_mu)
+        self._making = 0  # timelines being made, not yet held (under _busy_mu)
+        self._reserved: set[tuple[str, ...]] = set()  # names being created (under _busy_mu)
+        self._sizes_mu = threading.Lock()
         self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
-        self._reserved: set[tuple[str, ...]] = set()
-        self._starting: set[int] = set()  # branches whose compute is starting (they hold a slot)
+        self._failing: dict[tuple[str, int | str], tuple[float, float]] = {}  # housekeeping: retry at, delay
         self.warm_pool = warm_pool
-        self._warm: list[Compute] = []  # running on fresh template branches, not yet a database's
         self._warm_mu = threading.Lock()
+        self._warm: list[Compute] = []  # running on fresh template branches (under _warm_mu)
+        self._warm_starting = 0  # (under _warm_mu)
         self._pool_wake = threading.Event()
         self._pool_thread: threading.Thread | None = None
         self._closing = False
+        self.session_enders: list[SessionEnder] = []  # the proxies: end a branch's connections
         self.catalog: Catalog = None  # type: ignore[assignment]
         self.metrics = Metrics(
-            databases=lambda: len(self.catalog.databases) if self.catalog else 0,
-            branches=lambda: len(self.catalog.branches) if self.catalog else 0,
-            running=lambda: sum(1 for b in list(self.catalog.branches.values())
-                                if self.ps.compute_of(b.timeline)) if self.catalog else 0,
+            databases=lambda: len(self.catalog.snapshot.databases) if self.catalog else 0,
+            branches=lambda: len(self.catalog.snapshot.branches) if self.catalog else 0,
+            running=lambda: len(self._running()) if self.catalog else 0,
         )
 
     # --- lifecycle ---------------------------------------------------------------
@@ -130,12 +207,13 @@ class ControlPlane:
         try:
             self.ps.ensure_template()
             self.catalog = Catalog(self.ps.store)
-            self._sweep_orphans()
+            self.sweep()
         except BaseException:
             self.ps.close()
             raise
-        log.info("control plane open: %d databases, %d branches, up to %d computes",
-                 len(self.catalog.databases), len(self.catalog.branches), self.max_computes)
+        snap = self.catalog.snapshot
+        log.info("control plane open: %d databases, %d branches, up to %d computes, PostgreSQL %s",
+                 len(snap.databases), len(snap.branches), self.max_computes, self.ps.pg_version)
         if self.warm_pool > 0:
             self._pool_thread = threading.Thread(target=self._pool_loop, name="strata-warm-pool", daemon=True)
             self._pool_thread.start()
@@ -163,74 +241,165 @@ class ControlPlane:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _sweep_orphans(self) -> None:
-        """Delete timelines no record points at (a crash between creating a
-        timeline and its record, or between a record's deletion and its
-        timeline's), children first."""
+    # --- timelines no record points at ----------------------------------------------
+
+    @contextlib.contextmanager
+    def _holding(self, tids: Sequence[str]) -> Iterator[None]:
+        """Keep the sweep off timelines while they are made or torn down."""
+        with self._busy_mu:
+            for t in tids:
+                self._busy[t] = self._busy.get(t, 0) + 1
+        try:
+            yield
+        finally:
+            with self._busy_mu:
+                for t in tids:
+                    n = self._busy.get(t, 0) - 1
+                    if n > 0:
+                        self._busy[t] = n
+                    else:
+                        self._busy.pop(t, None)
+
+    def _new_timeline(self, make: Callable[[], Timeline]) -> Timeline:
+        """Make a timeline and hold it (the caller releases it with
+        `_release`, once a record points at it or it is gone). While it
+        is being made the sweep waits for a later round: it cannot tell
+        a timeline just made from one left behind."""
+        with self._busy_mu:
+            self._making += 1
+        try:
+            tl = make()
+        except BaseException:
+            with self._busy_mu:
+                self._making -= 1
+            raise
+        with self._busy_mu:
+            self._busy[tl.id] = self._busy.get(tl.id, 0) + 1
+            self._making -= 1
+        return tl
+
+    def _release(self, tid: str) -> None:
+        with self._busy_mu:
+            n = self._busy.get(tid, 0) - 1
+            if n > 0:
+                self._busy[tid] = n
+            else:
+                self._busy.pop(tid, None)
+
+    def sweep(self) -> list[str]:
+        """Delete the timelines no record points at (a crash, or a failure,
+        between making a timeline and its record, or between a record's
+        deletion and its timeline's), children first. Returns their ids."""
         store = self.ps.store
-        keep = {TEMPLATE_ID, CATALOG_ID} | {b.timeline for b in self.catalog.branches.values()}
-        orphans = [t for t in store.timeline_ids() if t not in keep]
-        progress = True
-        while orphans and progress:
+        with self._busy_mu:
+            if self._making:
+                return []  # one is being made: next round
+            ids = store.timeline_ids()
+            keep = {TEMPLATE_ID, CATALOG_ID, *self._busy, *self.catalog.snapshot.branch_on,
+                    *self.ps.compute_timelines()}
+            with self._warm_mu:
+                keep |= {c.timeline_id for c in self._warm}
+            orphans = [t for t in ids if t not in keep]
+            for t in orphans:
+                self._busy[t] = self._busy.get(t, 0) + 1
+        try:
+            return self._delete_timelines(orphans, quiet=True)
+        finally:
+            for t in orphans:
+                self._release(t)
+
+    def _delete_timelines(self, tids: list[str], quiet: bool = False) -> list[str]:
+        """Delete timelines, children before parents (their records are
+        gone). One with a child outside the set is left for the sweep."""
+        pending, done = list(tids), []
+        while pending:
             progress = False
-            for tid in list(orphans):
+            for tid in list(pending):
                 try:
-                    store.delete_timeline(tid)
+                    self.ps.store.delete_timeline(tid)
+                    done.append(tid)
                 except HasChildrenError:
                     continue
                 except NotFoundError:
                     pass
-                orphans.remove(tid)
+                pending.remove(tid)
                 progress = True
+            if not progress:
+                if not quiet:
+                    log.info("timelines %s still have children; the sweep deletes them later", pending)
+                break
+        for tid in done:
+            if quiet:
                 log.info("deleted unreferenced timeline %s", tid)
+        return done
 
-    # --- lookups -------------------------------------------------------------------
+    # --- lookups (on a snapshot: no lock) ---------------------------------------------
 
-    def _db(self, name: str) -> DatabaseRecord:
-        db = self.catalog.database_named.get(name)
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.catalog.snapshot
+
+    @staticmethod
+    def _db(snap: Snapshot, name: str) -> DatabaseRecord:
+        db = snap.database_named.get(name)
         if db is None:
             raise UnknownObjectError("database", name)
         return db
 
-    def _branch(self, db: str | DatabaseRecord, name: str) -> BranchRecord:
-        rec = db if isinstance(db, DatabaseRecord) else self._db(db)
-        br = self.catalog.branch_named.get((rec.id, name))
+    @staticmethod
+    def _branch(snap: Snapshot, db: str | DatabaseRecord, name: str) -> BranchRecord:
+        rec = db if isinstance(db, DatabaseRecord) else ControlPlane._db(snap, db)
+        br = snap.branch_named.get((rec.id, name))
         if br is None:
             raise UnknownObjectError("branch", f"{rec.name}/{name}")
         return br
 
-    def _branches_of(self, db: DatabaseRecord) -> list[BranchRecord]:
-        return sorted(self.catalog.branches_in.get(db.id, {}).values(), key=lambda b: b.id)
-
-    def _children(self, br: BranchRecord) -> list[BranchRecord]:
-        return [b for b in self.catalog.branches.values() if b.parent == br.id]
+    @staticmethod
+    def _branches_of(snap: Snapshot, db: DatabaseRecord) -> list[BranchRecord]:
+        return sorted(snap.branches_in.get(db.id, {}).values(), key=lambda b: b.id)
 
     def _timeline(self, br: BranchRecord) -> Timeline:
         return self.ps.store.timeline(br.timeline)
 
     def resolve(self, address: str) -> BranchRecord:
-        """`DB/BRANCH`, `DB.BRANCH` (an endpoint) or `DB` (its main branch)."""
+        """`DB/BRANCH`, `DB.BRANCH` (an endpoint) or `DB` (its main branch).
+        Lock-free: the proxy calls it on its event loop."""
         if not isinstance(address, str) or not address:
             raise BadRequestError(f"invalid branch address {address!r}: use DB/BRANCH")
+        snap = self.catalog.snapshot
         for sep in ("/", "."):
             if sep in address:
                 db, name = address.split(sep, 1)
-                with self._mu:
-                    return self._branch(db, name)
-        with self._mu:
-            return self._branch(address, MAIN)
+                return self._branch(snap, db, name)
+        return self._branch(snap, address, MAIN)
 
     def endpoint(self, br: BranchRecord) -> str:
-        db = self.catalog.databases.get(br.database)  # gone while a deleted database's branches stop
+        db = self.catalog.snapshot.databases.get(br.database)  # gone while a deleted database's branches stop
         return f"{db.name if db else '(deleted)'}.{br.name}"
 
     def uri(self, address: str | BranchRecord) -> str:
         br = address if isinstance(address, BranchRecord) else self.resolve(address)
-        db = self.catalog.databases[br.database]
+        db = self.catalog.snapshot.databases.get(br.database)
+        if db is None:
+            raise UnknownObjectError("database", f"#{br.database}")
         return (f"postgresql://postgres:{quote(db.password, safe='')}@{self.advertise_host}:{self.proxy_port}"
                 f"/postgres?options=endpoint%3D{quote(self.endpoint(br), safe='')}")
 
     # --- databases ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reserve(self, key: tuple[str, ...]) -> Iterator[None]:
+        """Hold a name while it is being created, so that two creations of
+        one name do not both do the work (the commit decides, though)."""
+        with self._busy_mu:
+            if key in self._reserved:
+                raise ObjectExistsError(key[0], "/".join(key[1:]))
+            self._reserved.add(key)
+        try:
+            yield
+        finally:
+            with self._busy_mu:
+                self._reserved.discard(key)
 
     def create_database(
         self, name: str | None = None, *, ttl: float | str | None = None,
@@ -240,7 +409,7 @@ class ControlPlane:
         root branch `main`, suspended until its first connection (or served
         at once by a compute of the warm pool). Its `token` (returned here
         only) manages this database's branches and nothing else."""
-        t0 = monotonic()
+        t0 = time.monotonic()
         if name is None:
             name = f"db-{secrets.token_hex(4)}"
         check_name("database", name)
@@ -249,95 +418,108 @@ class ControlPlane:
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
         now = self._clock()
         with self._reserve(("database", name)):
-            with self._mu:
-                if name in self.catalog.database_named:
-                    raise ObjectExistsError("database", name)
+            if name in self.catalog.snapshot.database_named:
+                raise ObjectExistsError("database", name)
             token = secrets.token_urlsafe(24)
-            warm = self._claim_warm()
-            db = DatabaseRecord(  # a warm compute's generated password is already set: it becomes this one's
-                id=self.catalog.new_id(), name=name, password=warm.password if warm else new_password(),
-                created_at=now, expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
-                expire_after_idle=expire_s, last_used=now, token_sha256=sha256(token),
-            )
-            tl_id = warm.timeline_id if warm else self.ps.store.branch(TEMPLATE_ID, durable=False).id
-            main = BranchRecord(
-                id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl_id, created_at=now,
-                expires_at=db.expires_at, idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now,
-            )
-            self.catalog.write(put=[db, main])  # durable: the branch record too (one log)
+            warm = self._claim_warm()  # held for us (see _claim_warm)
+            tl_id = warm.timeline_id if warm else self._new_timeline(
+                lambda: self.ps.store.branch(TEMPLATE_ID, durable=False)).id
+            try:
+                db = DatabaseRecord(  # a warm compute's generated password is already set: it becomes this one's
+                    id=self.catalog.new_id(), name=name, password=warm.password if warm else new_password(),
+                    created_at=now, expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
+                    expire_after_idle=expire_s, last_used=now, token_sha256=sha256(token),
+                )
+                main = BranchRecord(
+                    id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl_id, created_at=now,
+                    expires_at=db.expires_at, idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now,
+                )
+
+                def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+                    if name in snap.database_named:
+                        raise ObjectExistsError("database", name)
+                    return [db, main], []
+
+                self.catalog.change(check)
+            except BaseException:
+                if warm is not None:
+                    self._discard_warm(warm)
+                else:
+                    self._delete_timelines([tl_id])
+                raise
+            finally:
+                self._release(tl_id)
             if warm is not None:
-                with self._mu:
-                    self._last_active[main.id] = now
-        self.metrics.create.observe(monotonic() - t0)
+                self._touch(main.id, now)
+        self.metrics.create.observe(time.monotonic() - t0)
         log.info("database %s created (timeline %s%s)", name, tl_id, ", warm compute" if warm else "")
         info = self.database(name)
         info.token = token
         return info
 
-    @contextlib.contextmanager
-    def _reserve(self, key: tuple[str, ...]) -> Iterator[None]:
-        """Hold a name while it is being created, without holding the lock
-        (creations of different names proceed at once and share fsyncs)."""
-        with self._mu:
-            if key in self._reserved:
-                raise ObjectExistsError(key[0], "/".join(key[1:]))
-            self._reserved.add(key)
-        try:
-            yield
-        finally:
-            with self._mu:
-                self._reserved.discard(key)
-
     def database(self, name: str) -> DatabaseInfo:
-        with self._mu:
-            db = self._db(name)
-            main = self._branch(db, MAIN)
-            return DatabaseInfo(
-                name=db.name, branch=MAIN, uri=self.uri(main), created_at=iso(db.created_at),
-                expires_at=iso(db.expires_at), idle_timeout=db.idle_timeout or self.default_idle_timeout,
-                expire_after_idle=db.expire_after_idle,
-                last_used=iso(max([db.last_used] + [b.last_used for b in self._branches_of(db)])),
-                branches=[b.name for b in self._branches_of(db)],
-            )
+        snap = self.catalog.snapshot
+        db = self._db(snap, name)
+        main = self._branch(snap, db, MAIN)
+        branches = self._branches_of(snap, db)
+        return DatabaseInfo(
+            name=db.name, branch=MAIN, uri=self.uri(main), created_at=iso(db.created_at),
+            expires_at=iso(db.expires_at), idle_timeout=db.idle_timeout or self.default_idle_timeout,
+            expire_after_idle=db.expire_after_idle,
+            last_used=iso(max([db.last_used] + [self._last_used(b) for b in branches])),
+            branches=[b.name for b in branches],
+        )
 
     def databases(self) -> list[DatabaseInfo]:
-        with self._mu:
-            names = sorted(d.name for d in self.catalog.databases.values())
-        return [self.database(n) for n in names]
+        snap = self.catalog.snapshot
+        out = []
+        for name in sorted(snap.database_named):
+            with contextlib.suppress(UnknownObjectError):  # deleted meanwhile
+                out.append(self.database(name))
+        return out
 
     def delete_database(self, name: str) -> None:
         """Stop its computes and delete it with every branch (space comes
         back with GC). Refused while any of its branches is protected."""
-        with self._mu:
-            db = self._db(name)
-            branches = self._branches_of(db)
+        self._delete_database(name, why="was deleted")
+
+    def _delete_database(self, name: str, *, why: str, unless_used_since: float | None = None,
+                         expected_id: int | None = None) -> bool:
+        """Delete a database (checked at commit time: the branches deleted
+        are those it has then). With `unless_used_since`, only if none of
+        its branches has a connection or was used since that wall time.
+        Returns whether it was deleted."""
+        gone: list[BranchRecord] = []
+
+        def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            db = self._db(snap, name)
+            if expected_id is not None and db.id != expected_id:
+                raise UnknownObjectError("database", name)  # another database took the name meanwhile
+            branches = self._branches_of(snap, db)
             for b in branches:
                 if b.protected:
                     raise ProtectedError(f"{name}/{b.name}", "deleted with its database")
-            self.catalog.write(delete=[db, *branches])  # first: no wake can start one after this
-        for b in branches:
-            self._stop(b)
-            self._forget(b)
-        self._delete_timelines([b.timeline for b in branches])
-        log.info("database %s deleted (%d branches)", name, len(branches))
+            if unless_used_since is not None and any(self._in_use_since(b, unless_used_since) for b in branches):
+                raise _Moved()
+            with self._busy_mu:
+                for b in branches:
+                    self._busy[b.timeline] = self._busy.get(b.timeline, 0) + 1
+            gone[:] = branches
+            return [], [db, *branches]  # first: no wake can start one after this
 
-    def _delete_timelines(self, tids: list[str]) -> None:
-        """Delete timelines, children before parents (their records are gone)."""
-        pending = list(tids)
-        while pending:
-            progress = False
-            for tid in list(pending):
-                try:
-                    self.ps.store.delete_timeline(tid)
-                except HasChildrenError:
-                    continue
-                except NotFoundError:
-                    pass
-                pending.remove(tid)
-                progress = True
-            if not progress:  # a child outside this set: the sweep at next open gets them
-                log.warning("timelines %s still have children; left for later", pending)
-                return
+        if not self._commit_removal(check, gone):
+            return False
+        try:
+            self._end_sessions(gone, f"database {name} {why}")
+            for b in gone:
+                self._stop(b)
+                self._forget(b)
+            self._delete_timelines([b.timeline for b in gone])
+        finally:
+            for b in gone:
+                self._release(b.timeline)
+        log.info("database %s %s (%d branches)", name, why, len(gone))
+        return True
 
     # --- branches ----------------------------------------------------------------------
 
@@ -355,68 +537,107 @@ class ControlPlane:
         ttl_s = parse_duration(ttl, "ttl")
         idle_s = parse_duration(idle_timeout, "idle timeout")
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
+        when = parse_time(time, self._clock()) if time is not None else None
         now = self._clock()
-        t0 = monotonic()
+        t0 = _monotonic()
         with self._reserve(("branch", database, name)):
-            with self._mu:
-                db = self._db(database)
-                if (db.id, name) in self.catalog.branch_named:
+            for _ in range(_CHANGE_RETRIES):
+                snap = self.catalog.snapshot
+                db = self._db(snap, database)
+                if (db.id, name) in snap.branch_named:
                     raise ObjectExistsError("branch", f"{database}/{name}")
-                src = self._branch(db, parent)
-            src_tl = self._timeline(src)
-            try:
-                at = src_tl.lsn_at(parse_time(time, self._clock())) if time is not None else lsn
-                tl = self.ps.store.branch(src_tl, at_lsn=at, durable=False)
-            except (LsnOutOfRangeError, InvalidArgumentError) as e:
-                raise BadRequestError(f"cannot branch {database}/{parent} there: {e}") from e
-            br = BranchRecord(
-                id=self.catalog.new_id(), database=db.id, name=name, timeline=tl.id, created_at=now,
-                parent=src.id, expires_at=now + ttl_s if ttl_s else None,
-                idle_timeout=idle_s if idle_s is not None else db.idle_timeout,
-                expire_after_idle=expire_s if expire_s is not None else db.expire_after_idle,
-                protected=bool(protected), last_used=now,
-            )
-            self.catalog.write(put=[br])  # durable: the branch record too (one log)
-        self.metrics.branch.observe(monotonic() - t0)
+                src = self._branch(snap, db, parent)
+                try:
+                    src_tl = self._timeline(src)
+                    at = src_tl.lsn_at(when) if when is not None else lsn
+                    tl = self._new_timeline(partial(self.ps.store.branch, src_tl, at_lsn=at, durable=False))
+                except (LsnOutOfRangeError, InvalidArgumentError) as e:
+                    raise BadRequestError(f"cannot branch {database}/{parent} there: {e}") from e
+                except NotFoundError:
+                    continue  # the parent was reset or restored meanwhile: its timeline is gone
+                br = BranchRecord(
+                    id=self.catalog.new_id(), database=db.id, name=name, timeline=tl.id, created_at=now,
+                    parent=src.id, expires_at=now + ttl_s if ttl_s else None,
+                    idle_timeout=idle_s if idle_s is not None else db.idle_timeout,
+                    expire_after_idle=expire_s if expire_s is not None else db.expire_after_idle,
+                    protected=bool(protected), last_used=now,
+                )
+
+                def check(snap: Snapshot, db: DatabaseRecord = db, src: BranchRecord = src,
+                          br: BranchRecord = br) -> tuple[Sequence[Record], Sequence[Record]]:
+                    if snap.databases.get(db.id) is None:
+                        raise UnknownObjectError("database", database)  # deleted meanwhile
+                    now_src = snap.branches.get(src.id)
+                    if now_src is None:
+                        raise UnknownObjectError("branch", f"{database}/{parent}")
+                    if now_src.timeline != src.timeline:
+                        raise _Moved()  # reset or restored meanwhile: branch from what it is now
+                    if (db.id, name) in snap.branch_named:
+                        raise ObjectExistsError("branch", f"{database}/{name}")
+                    return [br], []
+
+                try:
+                    self.catalog.change(check)
+                except _Moved:
+                    self._delete_timelines([tl.id])
+                    continue
+                except BaseException:
+                    self._delete_timelines([tl.id])
+                    raise
+                finally:
+                    self._release(tl.id)
+                break
+            else:
+                raise BadRequestError(f"{database}/{parent} kept changing while {name} was branched from it; "
+                                      "try again")
+        self.metrics.branch.observe(_monotonic() - t0)
         log.info("branch %s/%s created from %s at LSN %d (timeline %s)",
                  database, name, parent, tl.branch_lsn, tl.id)
         return self.branch(database, name, sizes=False)  # sizes take a scan: ask for them later
 
     def branch(self, database: str, name: str, *, sizes: bool = True) -> BranchInfo:
-        with self._mu:
-            br = self._branch(database, name)
-        return self._info(br, sizes=sizes)
+        snap = self.catalog.snapshot
+        return self._info(snap, self._branch(snap, database, name), sizes=sizes)
 
     def branches(self, database: str, *, sizes: bool = True) -> list[BranchInfo]:
-        with self._mu:
-            brs = self._branches_of(self._db(database))
-        return [self._info(b, sizes=sizes) for b in brs]
+        snap = self.catalog.snapshot
+        out = []
+        for b in self._branches_of(snap, self._db(snap, database)):
+            with contextlib.suppress(NotFoundError):  # its timeline went with a reset meanwhile
+                out.append(self._info(snap, b, sizes=sizes))
+        return out
 
-    def _info(self, br: BranchRecord, *, sizes: bool) -> BranchInfo:
+    def _info(self, snap: Snapshot, br: BranchRecord, *, sizes: bool) -> BranchInfo:
         tl = self._timeline(br)
-        db = self.catalog.databases[br.database]
-        parent = self.catalog.branches.get(br.parent) if br.parent else None
+        db = snap.databases[br.database]
+        parent = snap.branches.get(br.parent) if br.parent else None
         logical = exclusive = None
         if sizes:
             logical, exclusive = self._size(tl)
+        with self._use_mu:
+            use = self._use.get(br.id)
+            connections = use.connections if use else 0
         return BranchInfo(
-            database=db.name, name=br.name, endpoint=self.endpoint(br), uri=self.uri(br),
+            database=db.name, name=br.name, endpoint=f"{db.name}.{br.name}", uri=self.uri(br),
             state="running" if self.ps.compute_of(br.timeline) else "suspended", lsn=tl.head_lsn,
             timeline=br.timeline, parent=parent.name if parent else None, created_at=iso(br.created_at),
             expires_at=iso(br.expires_at), idle_timeout=self._idle_timeout(br),
-            expire_after_idle=br.expire_after_idle, protected=br.protected, last_used=iso(br.last_used),
-            connections=self._connections.get(br.id, 0), logical_size=logical, exclusive_size=exclusive,
+            expire_after_idle=br.expire_after_idle, protected=br.protected, last_used=iso(self._last_used(br)),
+            connections=connections, logical_size=logical, exclusive_size=exclusive,
         )
 
     def _size(self, tl: Timeline) -> tuple[int, int]:
         """(logical size, bytes it alone holds), cached per head LSN."""
         key = (tl.id, tl.head_lsn)
-        hit = self._sizes.get(key)
+        with self._sizes_mu:
+            hit = self._sizes.get(key)
         if hit is None:
             u = tl.usage()
-            hit = self._sizes[key] = (u.logical_size, u.exclusive_size + u.inmemory_size)
-            if len(self._sizes) > 4096:
-                self._sizes.pop(next(iter(self._sizes)))
+            hit = (u.logical_size, u.exclusive_size + u.inmemory_size)
+            with self._sizes_mu:
+                self._sizes[key] = hit
+                if len(self._sizes) > 4096:
+                    self._sizes.pop(next(iter(self._sizes)))
         return hit
 
     def _idle_timeout(self, br: BranchRecord) -> float:
@@ -429,39 +650,81 @@ class ControlPlane:
         ttl_s = parse_duration(ttl, "ttl")
         idle_s = parse_duration(idle_timeout, "idle timeout")
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
-        with self._mu:
-            br = self._branch(database, name)
-            new = BranchRecord(**asdict(br))
+        now = self._clock()
+
+        def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            br = self._branch(snap, database, name)
+            new = br
             if protected is not None:
-                new.protected = bool(protected)
+                new = replace(new, protected=bool(protected))
             if ttl_s is not None:
-                new.expires_at = self._clock() + ttl_s
+                new = replace(new, expires_at=now + ttl_s)
             if idle_s is not None:
-                new.idle_timeout = idle_s
+                new = replace(new, idle_timeout=idle_s)
             if expire_s is not None:
-                new.expire_after_idle = expire_s
-            self.catalog.write(put=[new])
+                new = replace(new, expire_after_idle=expire_s)
+            return [new], []
+
+        self.catalog.change(change)
         return self.branch(database, name)
 
     def delete_branch(self, database: str, name: str) -> None:
-        with self._mu:
-            br = self._branch(database, name)
-            self._check_removable(br, "deleted")
-            self.catalog.write(delete=[br])  # first: no wake can start it after this
-        self._stop(br)
-        self._forget(br)
-        self._delete_timelines([br.timeline])
-        log.info("branch %s/%s deleted", database, name)
+        self._delete_branch(database, name, why="was deleted")
 
-    def _check_removable(self, br: BranchRecord, action: str) -> None:
-        where = f"{self.catalog.databases[br.database].name}/{br.name}"
+    def _delete_branch(self, database: str, name: str, *, why: str, unless_used_since: float | None = None,
+                       expected_id: int | None = None) -> bool:
+        gone: list[BranchRecord] = []
+
+        def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            br = self._branch(snap, database, name)
+            if expected_id is not None and br.id != expected_id:
+                raise UnknownObjectError("branch", f"{database}/{name}")
+            self._check_removable(snap, br, "deleted")
+            if unless_used_since is not None and self._in_use_since(br, unless_used_since):
+                raise _Moved()
+            with self._busy_mu:
+                self._busy[br.timeline] = self._busy.get(br.timeline, 0) + 1
+            gone.append(br)
+            return [], [br]  # first: no wake can start it after this
+
+        if not self._commit_removal(check, gone):
+            return False
+        (br,) = gone
+        try:
+            self._end_sessions(gone, f"branch {database}/{name} {why}")
+            self._stop(br)
+            self._forget(br)
+            self._delete_timelines([br.timeline])
+        finally:
+            self._release(br.timeline)
+        log.info("branch %s/%s %s", database, name, why)
+        return True
+
+    def _commit_removal(self, check: Callable[[Snapshot], tuple[Sequence[Record], Sequence[Record]]],
+                        gone: list[BranchRecord]) -> bool:
+        """Commit a removal whose check holds the timelines of what it
+        removes (in `gone`); if the commit fails they are released. False
+        if the check found it should not happen after all."""
+        try:
+            self.catalog.change(check)
+        except BaseException as e:
+            for b in gone:
+                self._release(b.timeline)
+            if isinstance(e, _Moved):
+                return False
+            raise
+        return True
+
+    def _check_removable(self, snap: Snapshot, br: BranchRecord, action: str) -> None:
+        db = snap.databases.get(br.database)
+        where = f"{db.name if db else '?'}/{br.name}"
         if br.protected:
             raise ProtectedError(where, action)
         if br.name == MAIN and action == "deleted":
             raise BadRequestError(f"{where} is the database's root branch: delete the database instead")
-        kids = {b.name for b in self._children(br)}
+        kids = {b.name for b in snap.children(br)}
         for tid in self.ps.store.children(br.timeline):  # e.g. a branch restored from this one
-            kid = self.catalog.branch_on.get(tid)
+            kid = snap.branch_on.get(tid)
             if kid is not None:
                 kids.add(kid.name)
         if kids:
@@ -469,27 +732,58 @@ class ControlPlane:
                                   "made from it (delete or detach them first)")
 
     def _forget(self, br: BranchRecord) -> None:
-        with self._mu:
-            self._connections.pop(br.id, None)
-            self._last_active.pop(br.id, None)
+        with self._use_mu:
+            self._use.pop(br.id, None)
+        with self._locks_mu:
             self._branch_mu.pop(br.id, None)
-            self._dirty_use.discard(br.id)
 
     def reset_branch(self, database: str, name: str) -> BranchInfo:
         """Make the branch its parent's head again (what it wrote is gone)."""
-        with self._mu:
-            br = self._branch(database, name)
-            if br.parent is None:
-                raise BadRequestError(f"{database}/{name} has no parent to reset to")
-            self._check_removable(br, "reset")
+        snap = self.catalog.snapshot
+        br = self._branch(snap, database, name)
+        if br.parent is None:
+            raise BadRequestError(f"{database}/{name} has no parent to reset to")
+        self._check_removable(snap, br, "reset")
+        old: list[str] = []
         with self._lock_of(br):
             self._stop_locked(br)
-            with self._mu:
-                parent = self.catalog.branches[br.parent]  # type: ignore[index]
-                tl = self.ps.store.branch(parent.timeline)
-                new = BranchRecord(**{**asdict(br), "timeline": tl.id})
-                self.catalog.write(put=[new])
-        self._delete_timelines([br.timeline])
+            for _ in range(_CHANGE_RETRIES):
+                parent = self.catalog.snapshot.branches.get(br.parent)
+                if parent is None:
+                    raise UnknownObjectError("branch", f"{database}/(parent of {name})")
+                try:
+                    tl = self._new_timeline(partial(self.ps.store.branch, parent.timeline))
+                except NotFoundError:
+                    continue  # the parent's timeline changed meanwhile
+
+                def check(snap: Snapshot, parent: BranchRecord = parent,
+                          tl: Timeline = tl) -> tuple[Sequence[Record], Sequence[Record]]:
+                    current = self._branch(snap, database, name)
+                    if current.id != br.id:
+                        raise UnknownObjectError("branch", f"{database}/{name}")
+                    self._check_removable(snap, current, "reset")
+                    now_parent = snap.branches.get(current.parent) if current.parent else None
+                    if now_parent is None:
+                        raise BadRequestError(f"{database}/{name} has no parent to reset to")
+                    if now_parent.timeline != parent.timeline:
+                        raise _Moved()
+                    old[:] = [current.timeline]
+                    return [replace(current, timeline=tl.id)], []  # the record as it is now, not a stale copy
+
+                try:
+                    self.catalog.change(check)
+                except _Moved:
+                    self._delete_timelines([tl.id])
+                    continue
+                except BaseException:
+                    self._delete_timelines([tl.id])
+                    raise
+                finally:
+                    self._release(tl.id)
+                break
+            else:
+                raise BadRequestError(f"the parent of {database}/{name} kept changing; try again")
+        self._delete_timelines(old)
         log.info("branch %s/%s reset to the head of %s (timeline %s)", database, name, parent.name, tl.id)
         return self.branch(database, name)
 
@@ -501,55 +795,103 @@ class ControlPlane:
         Returns (the branch, the backup)."""
         if (lsn is None) == (time is None):
             raise BadRequestError("restore needs an LSN or a time (one of them)")
-        with self._mu:
-            br = self._branch(database, name)
+        when = parse_time(time, self._clock()) if time is not None else None
+        br = self.resolve(f"{database}/{name}")
+        names: list[str] = []
         with self._lock_of(br):
             self._stop_locked(br)
-            with self._mu:
-                br = self._branch(database, name)
-                old = self._timeline(br)
-                try:
-                    at = old.lsn_at(parse_time(time, self._clock())) if time is not None else lsn
-                    tl = self.ps.store.branch(old, at_lsn=at)
-                except (LsnOutOfRangeError, InvalidArgumentError) as e:
-                    raise BadRequestError(f"cannot restore {database}/{name} there: {e}") from e
-                stamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC).strftime("%Y%m%dt%H%M%S")
+            br = self._branch(self.catalog.snapshot, database, name)
+            old = self._timeline(br)  # the branch lock keeps its timeline (reset and restore take it)
+            try:
+                at = old.lsn_at(when) if when is not None else lsn
+                tl = self._new_timeline(lambda: self.ps.store.branch(old, at_lsn=at))
+            except (LsnOutOfRangeError, InvalidArgumentError) as e:
+                raise BadRequestError(f"cannot restore {database}/{name} there: {e}") from e
+            stamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC).strftime("%Y%m%dt%H%M%S")
+            backup_id = self.catalog.new_id()
+
+            def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+                current = self._branch(snap, database, name)
+                if current.id != br.id or current.timeline != br.timeline:
+                    raise UnknownObjectError("branch", f"{database}/{name}")
                 backup_name = f"{name}-backup-{stamp}"[:63]
-                db = self._db(database)
-                if (db.id, backup_name) in self.catalog.branch_named:
+                if (current.database, backup_name) in snap.branch_named:
                     backup_name = f"{backup_name[:55]}-{secrets.token_hex(3)}"
-                backup = BranchRecord(**{**asdict(br), "id": self.catalog.new_id(), "name": backup_name,
-                                         "protected": False, "created_at": self._clock()})
-                moved = [BranchRecord(**{**asdict(c), "parent": backup.id}) for c in self._children(br)]
-                restored = BranchRecord(**{**asdict(br), "timeline": tl.id})
-                self.catalog.write(put=[backup, restored, *moved])
+                backup = replace(current, id=backup_id, name=backup_name, protected=False,
+                                 created_at=self._clock())
+                moved = [replace(c, parent=backup.id) for c in snap.children(current)]
+                names[:] = [backup_name]
+                return [backup, replace(current, timeline=tl.id), *moved], []
+
+            try:
+                self.catalog.change(check)
+            except BaseException:
+                self._delete_timelines([tl.id])
+                raise
+            finally:
+                self._release(tl.id)
         log.info("branch %s/%s restored to LSN %d; its previous state is branch %s",
-                 database, name, tl.branch_lsn, backup_name)
-        return self.branch(database, name), self.branch(database, backup_name)
+                 database, name, tl.branch_lsn, names[0])
+        return self.branch(database, name), self.branch(database, names[0])
 
     def detach_branch(self, database: str, name: str) -> BranchInfo:
         """Give the branch its own copy of what it shares with its parent, so
-        that the parent can be deleted. Takes time in proportion to the data."""
-        with self._mu:
-            br = self._branch(database, name)
-        tl = self._timeline(br)
-        if tl.ancestor_id is not None:
-            self.ps.store.detach(tl)
-        with self._mu:
-            br = self._branch(database, name)
-            self.catalog.write(put=[BranchRecord(**{**asdict(br), "parent": None})])
+        that the parent can be deleted. Takes time in proportion to the data
+        (its compute, if it runs, keeps serving meanwhile)."""
+        br = self.resolve(f"{database}/{name}")
+        with self._lock_of(br):  # its timeline stays the same meanwhile
+            br = self._branch(self.catalog.snapshot, database, name)
+            tl = self._timeline(br)
+            if tl.ancestor_id is not None:
+                self.ps.store.detach(tl)
+
+            def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+                current = self._branch(snap, database, name)
+                if current.id != br.id:
+                    raise UnknownObjectError("branch", f"{database}/{name}")
+                return [replace(current, parent=None)], []
+
+            self.catalog.change(change)
         log.info("branch %s/%s detached", database, name)
         return self.branch(database, name)
 
     def lsn(self, database: str, name: str) -> int:
-        with self._mu:
-            return self._timeline(self._branch(database, name)).head_lsn
+        return self._timeline(self._branch(self.catalog.snapshot, database, name)).head_lsn
 
     def database_for_token(self, token: str) -> str | None:
         """The database a scoped token belongs to, if any."""
-        with self._mu:
-            db = self.catalog.database_with_token.get(sha256(token))
-            return db.name if db else None
+        db = self.catalog.snapshot.database_with_token.get(sha256(token))
+        return db.name if db else None
+
+    # --- compute slots ------------------------------------------------------------------
+
+    def _in_use(self) -> set[str]:
+        """Every compute that holds a slot: running ones (the warm pool's
+        and read-only ones included) and starting ones (under _slots_mu)."""
+        return self.ps.compute_timelines() | self._starting
+
+    def _take_slot(self, tid: str, *, spare: bool = False) -> bool:
+        """Reserve a compute slot for `tid` if one is free (checked and
+        taken at once). The caller frees it with `_free_slot` once its
+        compute is registered with the page server, or failed. A `spare`
+        (the pool's) never takes one while a wake waits for room."""
+        with self._slots_mu:
+            if spare and self._wanting:
+                return False
+            in_use = self._in_use()
+            if tid not in in_use and len(in_use) >= self.max_computes:
+                return False
+            self._starting.add(tid)
+            return True
+
+    def _free_slot(self, tid: str) -> None:
+        with self._slots_mu:
+            self._starting.discard(tid)
+
+    def _running(self) -> list[BranchRecord]:
+        """The catalog's branches that have a compute now."""
+        on = self.catalog.snapshot.branch_on
+        return [b for t in self.ps.compute_timelines() if (b := on.get(t)) is not None]
 
     # --- the warm pool ------------------------------------------------------------------
 
@@ -564,199 +906,322 @@ class ControlPlane:
 
     def fill_pool(self) -> int:
         """Start computes on fresh template branches until the pool holds
-        `warm_pool` (and the compute cap allows). Returns how many run."""
+        `warm_pool` (and the compute cap allows). Returns how many are warm."""
         while not self._closing:
             with self._warm_mu:
-                if len(self._warm) >= self.warm_pool:
+                if len(self._warm) + self._warm_starting >= self.warm_pool:
                     break
-            if self._running_count() + len(self._warm) >= self.max_computes:
-                break
-            tl = self.ps.store.branch(TEMPLATE_ID, durable=False)
-            c = self.ps.start_compute(tl)
-            with self._warm_mu:
-                self._warm.append(c)
-        return len(self._warm)
+                self._warm_starting += 1
+            try:
+                tl = self._new_timeline(lambda: self.ps.store.branch(TEMPLATE_ID, durable=False))
+                try:
+                    if not self._take_slot(tl.id, spare=True):
+                        self._delete_timelines([tl.id])
+                        break
+                    try:
+                        c = self.ps.start_compute(tl)
+                    except BaseException:
+                        self._delete_timelines([tl.id])
+                        raise
+                    finally:
+                        self._free_slot(tl.id)
+                    with self._warm_mu:
+                        self._warm.append(c)
+                finally:
+                    self._release(tl.id)
+            finally:
+                with self._warm_mu:
+                    self._warm_starting -= 1
+        with self._warm_mu:
+            return len(self._warm)
 
     def _claim_warm(self) -> Compute | None:
-        """A running spare compute, taken out of the pool (which refills)."""
+        """A running spare compute, taken out of the pool (which refills),
+        with its timeline held for the caller (who releases it)."""
         while True:
-            with self._warm_mu:
+            with self._busy_mu, self._warm_mu:  # out of the pool and held at once: the sweep sees one
                 if not self._warm:
                     return None
                 c = self._warm.pop(0)
+                self._busy[c.timeline_id] = self._busy.get(c.timeline_id, 0) + 1
             self._pool_wake.set()
             if self.ps.compute_of(c.timeline_id) is c:
                 return c
-            # it died in the pool: try the next
+            self._discard_warm(c)  # it died in the pool: try the next
+            self._release(c.timeline_id)
 
     def _discard_warm(self, c: Compute) -> None:
         try:
             if self.ps.compute_of(c.timeline_id) is c:
                 self.ps.stop_compute(c.id)
             self.ps.store.delete_timeline(c.timeline_id)
-        except Exception:  # noqa: BLE001 - the sweep at next open removes what is left
+        except NotFoundError:
+            pass
+        except Exception:  # noqa: BLE001 - the sweep removes what is left
             log.exception("discarding warm compute %s", c.id)
-
-    def _running_count(self) -> int:
-        with self._mu:
-            return sum(1 for b in self.catalog.branches.values() if self.ps.compute_of(b.timeline))
 
     # --- computes --------------------------------------------------------------------
 
-    def _lock_of(self, br: BranchRecord) -> threading.Lock:
-        with self._mu:
-            return self._branch_mu.setdefault(br.id, threading.Lock())
+    def _lock_of(self, br: BranchRecord | int) -> threading.Lock:
+        bid = br if isinstance(br, int) else br.id
+        with self._locks_mu:
+            lock = self._branch_mu.get(bid)
+            if lock is None:
+                lock = self._branch_mu[bid] = threading.Lock()
+            return lock
 
     def wake(self, address: str | BranchRecord) -> Compute:
         """The branch's running compute, started if it is suspended (once,
         however many callers ask at the same time)."""
         br = address if isinstance(address, BranchRecord) else self.resolve(address)
         with self._lock_of(br):
-            with self._mu:
-                current = self.catalog.branches.get(br.id)
-                if current is None:
-                    raise UnknownObjectError("branch", br.name)
-                br = current  # reset and restore replace the record
+            snap = self.catalog.snapshot
+            current = snap.branches.get(br.id)
+            db = snap.databases.get(br.database)
+            if current is None or db is None:
+                raise UnknownObjectError("branch", self.endpoint(br))
+            br = current  # reset and restore replace the record
             c = self.ps.compute_of(br.timeline)
             if c is not None:
                 return c
-            self._make_room(br)
+            t0 = time.monotonic()
+            self._make_room(br)  # takes its slot
             try:
-                db = self.catalog.databases[br.database]
-                t0 = monotonic()
                 c = self.ps.start_compute(br.timeline, password=db.password)
             finally:
-                with self._mu:
-                    self._starting.discard(br.id)
-            self.metrics.wake.observe(monotonic() - t0)
-            now = self._clock()
-            with self._mu:
-                self._last_active[br.id] = now
-                br.last_used = now
-                self._dirty_use.add(br.id)
+                self._free_slot(br.timeline)
+            self.metrics.wake.observe(time.monotonic() - t0)
+            self._touch(br.id)
             log.info("branch %s woke in %.0f ms (compute %s, port %d)",
-                     self.endpoint(br), (monotonic() - t0) * 1e3, c.id, c.port)
+                     self.endpoint(br), (time.monotonic() - t0) * 1e3, c.id, c.port)
             return c
 
     def _make_room(self, br: BranchRecord) -> None:
+        """Take a compute slot for `br` (its branch lock held), making room
+        at the cap: a spare pool compute yields first, then the least
+        recently active compute without connections."""
+        if self._take_slot(br.timeline):
+            return
+        with self._slots_mu:
+            self._wanting += 1
+        try:
+            self._make_room_at_cap(br)
+        finally:
+            with self._slots_mu:
+                self._wanting -= 1
+
+    def _make_room_at_cap(self, br: BranchRecord) -> None:
+        tried: set[int] = set()
         while True:
+            if self._take_slot(br.timeline):
+                return
             with self._warm_mu:
-                spare = self._warm.pop() if self._warm and (
-                    self._running_count() + len(self._warm) >= self.max_computes) else None
+                spare = self._warm.pop() if self._warm else None
             if spare is not None:  # a spare compute yields before anyone's
                 self._discard_warm(spare)
                 continue
-            with self._mu:
-                running = [b for b in self.catalog.branches.values()
-                           if b.id != br.id and self.ps.compute_of(b.timeline)]
-                if len({b.id for b in running} | self._starting) < self.max_computes:
-                    self._starting.add(br.id)  # its slot, before anyone else counts
-                    return
-                idle = [b for b in running if not self._connections.get(b.id)]
-                if not idle:
-                    raise ComputeLimitError(self.max_computes)
-                victim = min(idle, key=lambda b: self._last_active.get(b.id, 0.0))
-            log.info("compute limit %d reached: suspending %s, the least recently active",
-                     self.max_computes, self.endpoint(victim))
-            self._stop(victim)
+            with self._use_mu:
+                idle = [(self._use[b.id].active if b.id in self._use else 0.0, b.id, b) for b in self._running()
+                        if b.id != br.id and b.id not in tried
+                        and not (b.id in self._use and self._use[b.id].connections)]
+            if not idle:
+                raise ComputeLimitError(self.max_computes)
+            _, _, victim = min(idle)
+            tried.add(victim.id)
+            if self._suspend_if_idle(victim, blocking=False):
+                log.info("compute limit %d reached: suspended %s, the least recently active",
+                         self.max_computes, self.endpoint(victim))
+
+    def _suspend_if_idle(self, br: BranchRecord, *, idle_for: float | None = None, blocking: bool = True) -> bool:
+        """Stop the branch's compute if, checked under its branch lock, no
+        connection is open or arriving (and, with `idle_for`, it has been
+        idle that long). Returns whether it stopped it."""
+        lock = self._lock_of(br)
+        if not lock.acquire(blocking):
+            return False  # someone is starting or stopping it: not a victim now
+        try:
+            with self._use_mu:
+                use = self._use.get(br.id)
+                if use is not None and use.connections:
+                    return False
+                if idle_for is not None and self._mono() - (use.active if use else 0.0) < idle_for:
+                    return False
+            current = self.catalog.snapshot.branches.get(br.id, br)
+            return self._stop_locked(current)
+        finally:
+            lock.release()
 
     def suspend(self, database: str, name: str) -> BranchInfo:
-        with self._mu:
-            br = self._branch(database, name)
-        self._stop(br)
+        """Stop the branch's compute now, connections or not."""
+        self._stop(self._branch(self.catalog.snapshot, database, name))
         return self.branch(database, name, sizes=False)
 
     def _stop(self, br: BranchRecord) -> None:
         with self._lock_of(br):
             self._stop_locked(br)
 
-    def _stop_locked(self, br: BranchRecord) -> None:
+    def _stop_locked(self, br: BranchRecord) -> bool:
         c = self.ps.compute_of(br.timeline)
         if c is None:
-            return
-        t0 = monotonic()
+            return False
+        t0 = time.monotonic()
         self.ps.stop_compute(c.id)
-        self.metrics.suspend.observe(monotonic() - t0)
+        self.metrics.suspend.observe(time.monotonic() - t0)
         log.info("branch %s suspended in %.0f ms (compute %s)", self.endpoint(br),
-                 (monotonic() - t0) * 1e3, c.id)
+                 (time.monotonic() - t0) * 1e3, c.id)
+        return True
 
-    # --- connections (the proxy) -----------------------------------------------------------
+    def _end_sessions(self, branches: Sequence[BranchRecord], why: str) -> None:
+        """Have the proxies end these branches' connections, saying why."""
+        ids = [b.id for b in branches]
+        for end in list(self.session_enders):
+            try:
+                end(ids, why)
+            except Exception:  # noqa: BLE001 - stopping the compute ends them anyway
+                log.exception("ending the connections of %s", ", ".join(self.endpoint(b) for b in branches))
+
+    # --- use (the proxy: called on its event loop, never blocks) ---------------------------
+
+    def _touch(self, bid: int, used: float | None = None) -> None:
+        with self._use_mu:
+            use = self._use.setdefault(bid, _Use())
+            use.active, use.used, use.dirty = self._mono(), self._clock() if used is None else used, True
 
     def connection_opened(self, br: BranchRecord) -> None:
-        now = self._clock()
-        with self._mu:
-            self._connections[br.id] = self._connections.get(br.id, 0) + 1
-            self._last_active[br.id] = now
-            br.last_used = now
-            self._dirty_use.add(br.id)
+        mono, wall = self._mono(), self._clock()
+        with self._use_mu:
+            use = self._use.setdefault(br.id, _Use())
+            use.connections += 1
+            use.active, use.used, use.dirty = mono, wall, True
 
     def connection_closed(self, br: BranchRecord) -> None:
-        now = self._clock()
-        with self._mu:
-            n = self._connections.get(br.id, 0) - 1
-            if n > 0:
-                self._connections[br.id] = n
-            else:
-                self._connections.pop(br.id, None)
-            self._last_active[br.id] = now
-            br.last_used = now
-            self._dirty_use.add(br.id)
+        mono, wall = self._mono(), self._clock()
+        with self._use_mu:
+            use = self._use.get(br.id)
+            if use is None:  # the branch went meanwhile
+                return
+            use.connections = max(0, use.connections - 1)
+            use.active, use.used, use.dirty = mono, wall, True
+
+    def _last_used(self, br: BranchRecord) -> float:
+        with self._use_mu:
+            use = self._use.get(br.id)
+            return max(br.last_used, use.used if use else 0.0)
+
+    def _in_use_since(self, br: BranchRecord, since: float) -> bool:
+        """Has the branch a connection, or a use after `since` (wall time)?"""
+        with self._use_mu:
+            use = self._use.get(br.id)
+            if use is not None and use.connections:
+                return True
+        return self._last_used(br) > since
 
     # --- housekeeping ------------------------------------------------------------------------
 
     def maintain(self) -> dict[str, list[str]]:
-        """Suspend idle branches, delete expired ones, persist last use.
+        """Suspend idle branches, delete expired ones, persist last use,
+        sweep unreferenced timelines. Each record is done on its own: one
+        that fails is logged and retried later, and the rest go on.
         Returns what it did (names), for logs and tests."""
         now = self._clock()
         done: dict[str, list[str]] = {"suspended": [], "expired": []}
-        with self._mu:
-            dbs = list(self.catalog.databases.values())
-            last_use = {db.id: db.last_used for db in dbs}
-            for b in self.catalog.branches.values():
-                last_use[b.database] = max(last_use.get(b.database, 0.0), b.last_used)
-        for db in dbs:
-            last = last_use[db.id]
-            if (db.expires_at and db.expires_at <= now) or (
-                    db.expire_after_idle and now - last >= db.expire_after_idle):
-                try:
-                    self.delete_database(db.name)
-                    done["expired"].append(db.name)
-                except ControlPlaneError as e:
-                    log.warning("database %s expired but was kept: %s", db.name, e)
-        with self._mu:
-            brs = list(self.catalog.branches.values())
-        for br in brs:
-            if br.id not in self.catalog.branches or br.name == MAIN:
+        snap = self.catalog.snapshot
+        for db in snap.databases.values():
+            if db.expires_at and db.expires_at <= now:
+                self._attempt(("database", db.id), partial(
+                    self._delete_database, db.name, why=f"expired (its TTL ended at {iso(db.expires_at)})",
+                    expected_id=db.id), done["expired"], db.name)
+            elif db.expire_after_idle:
+                last = max([db.last_used] + [self._last_used(b) for b in self._branches_of(snap, db)])
+                if now - last >= db.expire_after_idle:
+                    self._attempt(("database", db.id), partial(
+                        self._delete_database, db.name, why="expired (unused)", expected_id=db.id,
+                        unless_used_since=now - db.expire_after_idle), done["expired"], db.name)
+        snap = self.catalog.snapshot
+        for br in snap.branches.values():
+            owner = snap.databases.get(br.database)
+            if br.name == MAIN or owner is None:
                 continue
-            if (br.expires_at and br.expires_at <= now) or (
-                    br.expire_after_idle and now - br.last_used >= br.expire_after_idle):
-                db = self.catalog.databases[br.database]
-                try:
-                    self.delete_branch(db.name, br.name)
-                    done["expired"].append(f"{db.name}/{br.name}")
-                except ControlPlaneError as e:
-                    log.debug("branch %s/%s expired but was kept: %s", db.name, br.name, e)
-        for br in list(self.catalog.branches.values()):
-            if self._connections.get(br.id) or not self.ps.compute_of(br.timeline):
-                continue
-            if now - self._last_active.get(br.id, 0.0) >= self._idle_timeout(br):
-                self._stop(br)
-                done["suspended"].append(self.endpoint(br))
-        self._persist_use()
+            name = f"{owner.name}/{br.name}"
+            if br.expires_at and br.expires_at <= now:
+                self._attempt(("branch", br.id), partial(
+                    self._delete_branch, owner.name, br.name, why=f"expired (its TTL ended at {iso(br.expires_at)})",
+                    expected_id=br.id), done["expired"], name)
+            elif br.expire_after_idle and now - self._last_used(br) >= br.expire_after_idle:
+                self._attempt(("branch", br.id), partial(
+                    self._delete_branch, owner.name, br.name, why="expired (unused)", expected_id=br.id,
+                    unless_used_since=now - br.expire_after_idle), done["expired"], name)
+        mono = self._mono()
+        for br in self._running():
+            timeout = self._idle_timeout(br)
+            with self._use_mu:
+                use = self._use.get(br.id)
+                idle = not (use and use.connections) and mono - (use.active if use else 0.0) >= timeout
+            if idle:
+                self._attempt(("suspend", br.id), partial(self._suspend_if_idle, br, idle_for=timeout),
+                              done["suspended"], self.endpoint(br))
+        self._attempt(("persist", 0), self._persist_use, [], "")
+        self._attempt(("sweep", 0), self.sweep, [], "")
         return done
 
+    def _attempt(self, key: tuple[str, int | str], fn: Callable[[], Any], did: list[str], name: str) -> None:
+        """Run one record's housekeeping; a failure is logged and retried
+        after a delay that doubles up to RETRY_MAX."""
+        mono = self._mono()
+        failing = self._failing.get(key)
+        if failing is not None and mono < failing[0]:
+            return
+        try:
+            result = fn()
+        except UnknownObjectError:  # gone meanwhile: nothing left to do
+            self._failing.pop(key, None)
+            return
+        except ControlPlaneError as e:  # refused (protected, has children): say so, try again later
+            delay = min(RETRY_MAX, failing[1] * 2) if failing else RETRY_FIRST
+            self._failing[key] = (mono + delay, delay)
+            (log.warning if failing is None else log.debug)("%s %s was kept: %s", key[0], name or key[1], e)
+            return
+        except Exception:  # noqa: BLE001 - one record never stops the others
+            delay = min(RETRY_MAX, failing[1] * 2) if failing else RETRY_FIRST
+            self._failing[key] = (mono + delay, delay)
+            log.exception("housekeeping of %s %s failed; retrying in %.0f s", key[0], name or key[1], delay)
+            return
+        self._failing.pop(key, None)
+        if result and name:
+            did.append(name)
+
     def _persist_use(self) -> None:
-        with self._mu:
-            dirty = [self.catalog.branches[i] for i in self._dirty_use if i in self.catalog.branches]
-            self._dirty_use.clear()
-            if dirty:
-                self.catalog.write(put=dirty)
+        branches = self.catalog.snapshot.branches
+        with self._use_mu:
+            for bid in [b for b, u in self._use.items() if b not in branches and not u.connections]:
+                del self._use[bid]  # a branch deleted meanwhile
+            dirty = {bid: u.used for bid, u in self._use.items() if u.dirty}
+            for bid in dirty:
+                self._use[bid].dirty = False
+        if not dirty:
+            return
+
+        def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            return [replace(b, last_used=max(b.last_used, dirty[b.id])) for bid in dirty
+                    if (b := snap.branches.get(bid)) is not None], []
+
+        try:
+            self.catalog.change(change)
+        except BaseException:
+            with self._use_mu:  # try again next time
+                for bid in dirty:
+                    if bid in self._use:
+                        self._use[bid].dirty = True
+            raise
 
     def status(self) -> dict[str, Any]:
-        with self._mu:
-            running = [self.endpoint(b) for b in self.catalog.branches.values() if self.ps.compute_of(b.timeline)]
-            return {
-                "databases": len(self.catalog.databases), "branches": len(self.catalog.branches),
-                "running": sorted(running), "max_computes": self.max_computes,
-                "home": self.home, "store_bytes": self.ps.store.disk_usage(),
-            }
+        snap = self.catalog.snapshot
+        return {
+            "databases": len(snap.databases), "branches": len(snap.branches),
+            "running": sorted(self.endpoint(b) for b in self._running()), "max_computes": self.max_computes,
+            "home": self.home, "store_bytes": self.ps.store.disk_usage(),
+        }
+
+
+def _monotonic() -> float:
+    return time.monotonic()

@@ -20,11 +20,22 @@ the compute without the endpoint, and relays bytes both ways. It reads the
 compute's BackendKeyData on the way, so that a CancelRequest, which comes
 on a new connection with only the key, reaches the compute that issued it.
 Authentication is the compute's own (SCRAM with the database's password).
+
+Nothing here blocks the event loop: routing reads the control plane's
+immutable catalog snapshot, connection counts take one short lock, and a
+wake runs in a thread. The control plane ends a branch's connections
+(its TTL ran out, it was deleted) with `end_sessions`, from any thread
+but the loop's: each session stops relaying the client's bytes, lets the
+query in flight finish (or cancels it after a moment), and, when the
+stream is between messages (the compute's last bytes were a
+ReadyForQuery), sends the client a FATAL ErrorResponse with the reason
+before it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import threading
@@ -93,22 +104,101 @@ def take_endpoint(params: dict[str, str]) -> str | None:
     return None
 
 
+ENDING_GRACE = 1.0  # seconds a query in flight may finish before an ending session cancels it
+ENDING_LIMIT = 5.0  # ... and before it is closed without a message
+
+
+def ends_between_messages(data: bytes) -> bool:
+    """Do these relayed bytes end with a ReadyForQuery ('Z', length 5, a
+    status byte), so that the next byte starts a message?"""
+    return len(data) >= 6 and data[-6] == 0x5A and data[-5:-1] == b"\0\0\0\x05"
+
+
+class _Session:
+    """A client relayed to a compute (only the event loop touches it)."""
+
+    def __init__(self, branch_id: int, writer: asyncio.StreamWriter) -> None:
+        self.branch_id = branch_id
+        self.writer = writer
+        self.tasks: list[asyncio.Task[None]] = []  # [compute -> client, client -> compute]
+        self.between = True  # the client's stream is between two messages
+        self.idle = asyncio.Event()  # set when it is, with nothing asked of the compute
+        self.key: bytes | None = None  # BackendKeyData, to cancel its query
+        self.port = 0
+        self.ending: str | None = None
+
+
 class Proxy:
     def __init__(self, control: ControlPlane, host: str = "127.0.0.1", port: int = 0) -> None:
         self.control = control
         self.host = host
         self.port = port
         self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._cancel_keys: dict[bytes, tuple[str, int]] = {}  # pid+key -> compute address
         self._conns: set[asyncio.Task[Any]] = set()
+        self._sessions: dict[int, set[_Session]] = {}  # branch id -> its relayed sessions
+        control.session_enders.append(self.end_sessions)
 
     async def start(self) -> tuple[str, int]:
+        self._loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("proxy listening on %s:%d", self.host, self.port)
         return self.host, self.port
 
+    def end_sessions(self, branch_ids: list[int], why: str, timeout: float = ENDING_LIMIT + 5) -> int:
+        """End the connections of these branches, telling each client
+        `why`. Called from a thread other than the loop's; returns how
+        many it ended."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return 0
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("end_sessions would wait for its own event loop: call it from another thread")
+        fut = asyncio.run_coroutine_threadsafe(self._end_all(branch_ids, why), loop)
+        return fut.result(timeout)
+
+    async def _end_all(self, branch_ids: list[int], why: str) -> int:
+        sessions = [s for b in branch_ids for s in self._sessions.get(b, ())]
+        await asyncio.gather(*(self._end(s, why) for s in sessions), return_exceptions=True)
+        return len(sessions)
+
+    async def _end(self, s: _Session, why: str) -> None:
+        if s.ending is not None:
+            return
+        s.ending = why
+        down, up = (s.tasks + [None, None])[:2]
+        if up is not None:
+            up.cancel()  # no new query from the client
+        if not s.idle.is_set():
+            try:
+                await asyncio.wait_for(s.idle.wait(), ENDING_GRACE)
+            except TimeoutError:
+                if s.key is not None:
+                    await self._cancel(s.key)  # then the compute answers, and is between messages again
+                try:
+                    await asyncio.wait_for(s.idle.wait(), ENDING_LIMIT - ENDING_GRACE)
+                except TimeoutError:
+                    pass
+        if down is not None:
+            down.cancel()
+        try:  # in one step with the cancel: the relay writes nothing in between
+            if s.between:
+                s.writer.write(error_response("57P01", f"strata proxy: {why}; this connection is closed"))
+                await s.writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            s.writer.close()
+
     async def stop(self) -> None:
+        if self.end_sessions in self.control.session_enders:
+            self.control.session_enders.remove(self.end_sessions)
         if self._server is not None:
             self._server.close()
             conns = list(self._conns)
@@ -183,41 +273,81 @@ class Proxy:
         except OSError as e:
             await _refuse(writer, "08006", f"strata proxy: compute of {self.control.endpoint(br)} is gone: {e}")
             return
-        keys: list[bytes] = []
-        tasks: list[asyncio.Task[None]] = []
+        s = _Session(br.id, writer)
+        s.port = compute.port
+        self._sessions.setdefault(br.id, set()).add(s)
         try:
             up_writer.write(startup_packet(params))
             await up_writer.drain()
-            tasks = [asyncio.create_task(self._downstream(up_reader, writer, compute.port, keys)),
-                     asyncio.create_task(_pipe(reader, up_writer))]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            s.tasks = [asyncio.create_task(self._downstream(up_reader, s)),
+                       asyncio.create_task(self._upstream(reader, up_writer, s))]
+            await asyncio.wait(s.tasks, return_when=asyncio.FIRST_COMPLETED)
+            if s.ending is not None:  # let _end finish what it says to the client
+                await asyncio.gather(*s.tasks, return_exceptions=True)
+                await _closed(writer)
         finally:
-            for t in tasks:
+            for t in s.tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for k in keys:
-                self._cancel_keys.pop(k, None)
+            await asyncio.gather(*s.tasks, return_exceptions=True)
+            if s.key is not None:
+                self._cancel_keys.pop(s.key, None)
+            mine = self._sessions.get(br.id)
+            if mine is not None:
+                mine.discard(s)
+                if not mine:
+                    del self._sessions[br.id]
             up_writer.close()
 
-    async def _downstream(self, up: asyncio.StreamReader, client: asyncio.StreamWriter, port: int,
-                          keys: list[bytes]) -> None:
+    async def _downstream(self, up: asyncio.StreamReader, s: _Session) -> None:
         """Relay the compute's messages, reading them one by one until the
-        first ReadyForQuery (to learn BackendKeyData), then as bytes."""
+        first ReadyForQuery (to learn BackendKeyData), then as bytes,
+        noting whether the client's stream is between messages."""
+        client = s.writer
         try:
             while True:
                 head = await up.readexactly(5)
                 (n,) = _I32.unpack_from(head, 1)
                 body = await up.readexactly(n - 4)
                 if head[:1] == b"K" and len(body) == 8:
-                    keys.append(body)
-                    self._cancel_keys[body] = ("127.0.0.1", port)
+                    s.key = body
+                    self._cancel_keys[body] = ("127.0.0.1", s.port)
                 client.write(head + body)
                 if head[:1] in (b"Z", b"E"):
                     break
+            s.idle.set()
             await client.drain()
-            await _pipe(up, client)
+            while True:
+                data = await up.read(65536)
+                if not data:
+                    break
+                client.write(data)
+                s.between = ends_between_messages(data)
+                if s.between:
+                    s.idle.set()
+                await client.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        finally:
+            if s.ending is None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    client.write_eof()
+
+    async def _upstream(self, client: asyncio.StreamReader, up: asyncio.StreamWriter, s: _Session) -> None:
+        """Relay the client's bytes; anything it sends asks something of the
+        compute (until its next ReadyForQuery)."""
+        try:
+            while True:
+                data = await client.read(65536)
+                if not data:
+                    break
+                s.idle.clear()
+                up.write(data)
+                await up.drain()
+        except ConnectionError:
+            pass
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                up.write_eof()
 
     async def _cancel(self, body: bytes) -> None:
         target = self._cancel_keys.get(bytes(body[:8]))
@@ -232,21 +362,11 @@ class Proxy:
             pass
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            data = await src.read(65536)
-            if not data:
-                break
-            dst.write(data)
-            await dst.drain()
-    except ConnectionError:
-        pass
-    finally:
-        try:
-            dst.write_eof()
-        except (OSError, RuntimeError):
-            pass
+async def _closed(writer: asyncio.StreamWriter, timeout: float = ENDING_LIMIT + 2) -> None:
+    """Wait until `_end` has closed this writer (it writes the reason first)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not writer.is_closing() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
 
 
 async def _refuse(writer: asyncio.StreamWriter, code: str, message: str) -> None:

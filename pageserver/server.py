@@ -214,7 +214,14 @@ class PageServer:
         return self._computes.get(cid) if cid else None
 
     def computes(self) -> list[Compute]:
-        return list(self._computes.values())
+        with self._mu:
+            return list(self._computes.values())
+
+    def compute_timelines(self) -> set[str]:
+        """The timelines computes run on now (read-only ones' throwaway
+        branches included): one per process."""
+        with self._mu:
+            return {c.timeline_id for c in self._computes.values()}
 
     def start_compute(
         self, timeline: Timeline | str, *, password: str | None = None, lsn: int | None = None,

@@ -163,7 +163,7 @@ async def _serve(home: str, api_port: int, proxy_port: int, max_computes: int | 
                 await asyncio.sleep(0.02)
             state = {"api": f"http://{HOST}:{api_port}", "proxy": f"{HOST}:{proxy_port}",
                      "token_file": os.path.join(home, TOKEN), "pid": os.getpid(), "home": home}
-            _write(os.path.join(home, STATE), json.dumps(state).encode(), 0o644)
+            await asyncio.to_thread(_write, os.path.join(home, STATE), json.dumps(state).encode(), 0o644)
             log.info("serving: API %s, proxy %s", state["api"], state["proxy"])
 
         tasks = [asyncio.create_task(housekeeping()), asyncio.create_task(announce())]

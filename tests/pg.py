@@ -139,13 +139,17 @@ def strata(home: str, *args: str, check: bool = True) -> dict[str, Any]:
 
 
 class Clock:
-    """Wall-clock time, which a test can move forward (`clock.now += 60`)."""
+    """Wall-clock time, which a test can move forward (`clock.now += 60`);
+    `clock.monotonic` moves with it."""
 
     def __init__(self) -> None:
         self.offset = 0.0
 
     def __call__(self) -> float:
         return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
 
     @property
     def now(self) -> float:
@@ -162,7 +166,7 @@ class Running:
 
     def __init__(self, home: str, **kw: object) -> None:
         self.clock = Clock()
-        self.cp = ControlPlane(home, clock=self.clock, **kw).open()  # type: ignore[arg-type]
+        self.cp = ControlPlane(home, clock=self.clock, monotonic=self.clock.monotonic, **kw).open()  # type: ignore[arg-type]
         self.proxy = ProxyThread(self.cp)
 
     def close(self) -> None:
