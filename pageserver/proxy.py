@@ -43,7 +43,7 @@ from typing import Any
 
 from .catalog import BranchRecord
 from .control import ControlPlane
-from .errors import ComputeLimitError, ControlPlaneError
+from .errors import ComputeLimitError, ControlPlaneError, UnknownObjectError
 
 log = logging.getLogger("strata.proxy")
 
@@ -252,26 +252,29 @@ class Proxy:
             return
         self.control.connection_opened(br)
         try:
-            await self._relay(br, params, reader, writer)
+            await self._relay(br, endpoint, params, reader, writer)
         finally:
             self.control.connection_closed(br)
 
-    async def _relay(self, br: BranchRecord, params: dict[str, str], reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+    async def _relay(self, br: BranchRecord, endpoint: str, params: dict[str, str],
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             compute = await asyncio.to_thread(self.control.wake, br)
         except ComputeLimitError as e:
             await _refuse(writer, "53300", f"strata proxy: {e}")
             return
+        except UnknownObjectError:  # deleted while the client connected
+            await _refuse(writer, "3D000", f'strata proxy: no branch with endpoint "{endpoint}" (it was deleted)')
+            return
         except Exception as e:  # noqa: BLE001 - the client must hear why
-            log.exception("waking %s", self.control.endpoint(br))
-            await _refuse(writer, "08006", f"strata proxy: branch {self.control.endpoint(br)} could not start: "
+            log.exception("waking %s", endpoint)
+            await _refuse(writer, "08006", f"strata proxy: branch {endpoint} could not start: "
                           f"{str(e).splitlines()[0]}")
             return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", compute.port)
         except OSError as e:
-            await _refuse(writer, "08006", f"strata proxy: compute of {self.control.endpoint(br)} is gone: {e}")
+            await _refuse(writer, "08006", f"strata proxy: compute of {endpoint} is gone: {e}")
             return
         s = _Session(br.id, writer)
         s.port = compute.port

@@ -32,9 +32,9 @@ def _id_is(bid: int):
     return lambda br, *a, **kw: (br if isinstance(br, int) else br.id) == bid
 
 
-def postmasters(cp: ControlPlane) -> int:
-    """Postmaster processes serving this page server's mount (from /proc)."""
-    mnt = cp.ps.mountpoint + "/"
+def postmasters(mountpoint: str) -> int:
+    """Postmaster processes serving data directories on this mount (from /proc)."""
+    mnt = mountpoint.rstrip("/") + "/"
     pids = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -66,7 +66,7 @@ class CapWatch:
             c = self._real(*a, **kw)
             with self._mu:
                 self.seen = max(self.seen, len(self.cp.ps.computes()))
-                self.seen_proc = max(self.seen_proc, postmasters(self.cp))
+                self.seen_proc = max(self.seen_proc, postmasters(self.cp.ps.mountpoint))
             return c
 
         self.cp.ps.start_compute = start  # type: ignore[method-assign]
