@@ -1,6 +1,6 @@
 """Prometheus metrics of the control plane (served at /metrics): how many
-databases, branches and running computes there are, and how long creates,
-wakes and suspends take."""
+databases, branches and running computes there are, how long creates,
+wakes and suspends take, and how late the service's event loop runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -27,6 +28,9 @@ class Metrics:
                               buckets=BUCKETS, registry=self.registry)
         self.suspend = Histogram("strata_suspend_seconds", "Stop a branch's compute",
                                  buckets=BUCKETS, registry=self.registry)
+        self.loop_lag = Histogram("strata_event_loop_lag_seconds",
+                                  "How late the service's event loop (proxy and API) ran a 10 ms timer",
+                                  buckets=LAG_BUCKETS, registry=self.registry)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
