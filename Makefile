@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 PG_BIN := $(shell pg_config --bindir 2>/dev/null)
 
-.PHONY: all venv system demo test bench torture lint clean
+.PHONY: all venv system demo test test-shuffled bench torture lint clean
 
 all: venv
 
@@ -45,12 +45,17 @@ demo: venv system
 test: venv system lint
 	$(BIN)/python -m pytest -q tests
 
+# the suite in a random order (modules shuffled, and tests within each): no test may
+# depend on another having run first
+test-shuffled: venv system
+	$(BIN)/python -m pytest -q tests --random-order
+
 bench: venv system
 	$(BIN)/python -m pytest -q bench --benchmark-only -p no:cacheprovider
 
 torture: venv system
 	TORTURE=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fault_sweep.py tests/test_failpoints.py \
-	  tests/test_kill_service.py tests/test_gc_pressure.py
+	  tests/test_kill_service.py tests/test_gc_pressure.py tests/test_datadir_races.py tests/test_control_stress.py
 
 lint: venv
 	$(BIN)/ruff check engine pageserver tests bench

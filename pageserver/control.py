@@ -310,18 +310,31 @@ class ControlPlane:
 
     def _delete_timelines(self, tids: list[str], quiet: bool = False) -> list[str]:
         """Delete timelines, children before parents (their records are
-        gone). One with a child outside the set is left for the sweep."""
+        gone). One with a child outside the set, or whose deletion fails
+        (logged, then retried by the sweep with back-off), is left; the
+        others go on."""
         pending, done = list(tids), []
         while pending:
             progress = False
             for tid in list(pending):
+                key = ("timeline", tid)
+                failing = self._failing.get(key)
+                if failing is not None and self._mono() < failing[0]:
+                    pending.remove(tid)  # in back-off: a later sweep
+                    continue
                 try:
                     self.ps.store.delete_timeline(tid)
-                    done.append(tid)
                 except HasChildrenError:
                     continue
                 except NotFoundError:
                     pass
+                except Exception:  # noqa: BLE001 - the others go on; the sweep retries this one
+                    delay = min(RETRY_MAX, failing[1] * 2) if failing else RETRY_FIRST
+                    self._failing[key] = (self._mono() + delay, delay)
+                    log.exception("deleting timeline %s failed; the sweep retries it in %.0f s", tid, delay)
+                else:
+                    done.append(tid)
+                    self._failing.pop(key, None)
                 pending.remove(tid)
                 progress = True
             if not progress:

@@ -284,3 +284,53 @@ def test_a_ttl_is_a_hard_deadline_and_says_so(env):
             conn.execute("select 2")
     with pytest.raises(UnknownObjectError):
         cp.branch("deadline", "brief")
+
+
+def test_one_failing_record_never_stops_housekeeping_for_the_others(env, caplog, monkeypatch):
+    """Regression: one record housekeeping could not handle (an orphan
+    branch's KeyError) raised out of maintain every second, and idle
+    suspension and expiry stopped for the whole service."""
+    cp, clock = env.cp, env.clock
+    cp.create_database("hk")
+    bad = cp.create_branch("hk", "bad", ttl=30).timeline
+    cp.create_branch("hk", "good", ttl=30)
+    uri = cp.create_database("hk-idle", idle_timeout=60).uri
+    sql(uri, "select 1")
+    no_connections(cp, "hk-idle/main")
+    real_delete = cp.ps.store.delete_timeline
+    tries = []
+
+    def failing(tid, *a, **kw):  # one timeline cannot be deleted, however often it is tried
+        tid = tid if isinstance(tid, str) else tid.id
+        if tid == bad:
+            tries.append(tid)
+            raise RuntimeError("a bug in one record's housekeeping")
+        return real_delete(tid, *a, **kw)
+
+    monkeypatch.setattr(cp.ps.store, "delete_timeline", failing)
+    clock.now += 120  # both branches past their TTL, hk-idle past its idle timeout
+    with caplog.at_level(logging.ERROR, logger="strata.control"):
+        done = cp.maintain()
+    assert "hk/good" in done["expired"] and "hk-idle.main" in done["suspended"], done
+    assert tries and any(bad in r.getMessage() for r in caplog.records), "the failure was not logged"
+    n = len(tries)
+    cp.maintain()  # within its back-off: not tried again at once
+    assert len(tries) == n
+    monkeypatch.setattr(cp.ps.store, "delete_timeline", real_delete)
+    clock.now += 120  # after its back-off, and fixed: the sweep deletes it
+    cp.maintain()
+    assert bad not in cp.ps.store
+
+
+def test_idle_timers_ignore_a_jump_of_the_wall_clock(env, monkeypatch):
+    """Regression: idle suspension measured idleness on the wall clock, so
+    a clock step (NTP, a VM resumed) suspended branches that were in use a
+    moment ago."""
+    cp = env.cp
+    uri = cp.create_database("ntp", idle_timeout=60).uri
+    sql(uri, "select 1")
+    no_connections(cp, "ntp/main")
+    wall = cp._clock
+    monkeypatch.setattr(cp, "_clock", lambda: wall() + 3600)  # the wall clock steps an hour ahead
+    assert "ntp.main" not in cp.maintain()["suspended"]
+    assert cp.branch("ntp", "main", sizes=False).state == "running"
