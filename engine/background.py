@@ -9,14 +9,16 @@ them. Timelines nobody has used since the store opened cost nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .checkpoint import flush_timeline
 from .compaction import compact_timeline
-from .errors import StoreFailedError
+from .errors import NotFoundError, StoreFailedError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -53,7 +55,8 @@ class Background:
             try:
                 for tl in store._loaded():
                     if tl._map.frozen:
-                        flush_timeline(store, tl)
+                        with _unless_deleted():
+                            flush_timeline(store, tl)
                 if store._log.segment_bytes_total() > cfg.log_checkpoint_bytes:
                     store.checkpoint()
                 now = time.monotonic()
@@ -62,8 +65,9 @@ class Background:
                     for tl in store._loaded():
                         gen = tl._layers_gen
                         if gen != tl._compacted_gen:
-                            compact_timeline(store, tl)
-                            tl._compacted_gen = gen
+                            with _unless_deleted():
+                                compact_timeline(store, tl)
+                                tl._compacted_gen = gen
                     if now - last_full >= cfg.full_gc_interval:
                         last_full = now
                         store._gc_pass(list(store._timelines), skip_small=True)
@@ -76,3 +80,14 @@ class Background:
             except Exception as e:  # keep serving; say what went wrong
                 self.error = e
                 log.exception("background pass failed: %s", e)
+
+
+@contextlib.contextmanager
+def _unless_deleted() -> Iterator[None]:
+    """A timeline deleted while the pass works on it is skipped: the pass
+    goes on with the others (it used to end the whole pass, logged as a
+    failure)."""
+    try:
+        yield
+    except NotFoundError:
+        pass

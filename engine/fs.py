@@ -339,13 +339,21 @@ class OsFileSystem:
 
 
 def walk_files(fs: FileSystem, root: str) -> Iterator[tuple[str, int]]:
-    """Yield (path, size) of every file below `root`."""
+    """Yield (path, size) of every file below `root`. Files and directories
+    removed while it walks (a timeline being deleted) are left out."""
     if not fs.isdir(root):
         return
-    for name in sorted(fs.listdir(root)):
+    try:
+        names = sorted(fs.listdir(root))
+    except FileNotFoundError:
+        return
+    for name in names:
         p = os.path.join(root, name)
         if fs.isdir(p):
             yield from walk_files(fs, p)
         else:
-            yield p, fs.file_size(p)
+            try:
+                yield p, fs.file_size(p)
+            except FileNotFoundError:
+                continue
 

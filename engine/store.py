@@ -591,7 +591,10 @@ class Store:
                 continue  # gone meanwhile, or out of service
             if skip_small and len(tl._map.layers) < 2:
                 continue  # nothing to delete; its horizon moves when there is
-            total.add(gc_timeline(self, tl, now))
+            try:
+                total.add(gc_timeline(self, tl, now))
+            except NotFoundError:
+                continue  # deleted while it ran
         return total
 
     def _usage(self, tl: Timeline, lsn: int | None) -> TimelineUsage:

@@ -39,14 +39,24 @@ READY = "ready"
 
 PG_ROOT = "/usr/lib/postgresql"  # Debian's: <root>/<major>/bin (override: $STRATA_PG_ROOT)
 _found: dict[str, str] = {}  # major version -> the bin directory found for it (kept while it is there)
+_warned: set[str] = set()
 
 
-@functools.lru_cache(maxsize=32)
 def _major_of(bindir: str) -> str | None:
-    """The major version of the `postgres` in `bindir` (None: not one)."""
+    """The major version of the `postgres` in `bindir` (None: not one);
+    asked once per binary (a symlink switched to another is asked again)."""
     exe = os.path.join(bindir, "postgres")
+    try:
+        st = os.stat(exe)
+    except OSError:
+        return None
     if not os.access(exe, os.X_OK):
         return None
+    return _ask_version(os.path.realpath(exe), st.st_ino, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _ask_version(exe: str, ino: int, mtime_ns: int) -> str | None:
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -87,9 +97,14 @@ def pg_bindir(major: str | None = None) -> str:
     store would use. Refuses, naming the version, when it is missing."""
     if major is not None:
         hit = _found.get(major)
-        if hit is not None and os.access(os.path.join(hit, "postgres"), os.X_OK):
+        if hit is not None and _major_of(hit) == major:  # (a stat: it may have been switched)
             return hit
     found = {d: _major_of(d) for d in _candidates()}
+    env = os.environ.get("STRATA_PG_BINDIR")
+    if env and major is not None and found.get(env) not in (None, major) and major not in _warned:
+        _warned.add(major)  # not silently: say once that it is not used for this store
+        log.warning("STRATA_PG_BINDIR is PostgreSQL %s, but this store's data directories need %s: "
+                    "looking for that elsewhere", found.get(env), major)
     for d, v in found.items():
         if v is not None and (major is None or v == major):
             if major is not None:

@@ -28,7 +28,8 @@ Concurrency model
       activity, last use)                         for dict updates only
     _starting (compute slots)   _slots_mu         wakes, the pool: dict updates
     _busy (timelines being      _busy_mu          creators, housekeeping's sweep
-      made or torn down)
+      made or torn down: held
+      from before they exist)
     _warm (the pool)            _warm_mu          wakes, creates, the pool
     a branch's compute          its branch lock   wake, suspend, reset, restore,
       (start, stop, timeline)                     detach, delete, expiry
@@ -97,6 +98,7 @@ from .compute import Compute, new_password
 from .errors import (
     BadRequestError,
     ComputeLimitError,
+    ComputeNotFoundError,
     ControlPlaneError,
     ObjectExistsError,
     ProtectedError,
@@ -121,6 +123,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 COMPUTE_MEMORY = 256 << 20  # what one compute is budgeted (shared_buffers 128 MB and the rest)
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # housekeeping's backoff for a record that fails
 _CHANGE_RETRIES = 5  # a change that raced another (its source moved) is redone this often
+SPARE_WAIT = 60.0  # at the cap, a wake waits this long at most for a starting spare, to take its slot
 
 
 def default_max_computes() -> int:
@@ -179,7 +182,6 @@ class ControlPlane:
         self._wanting = 0  # wakes waiting for room at the cap (under _slots_mu)
         self._busy_mu = threading.Lock()
         self._busy: dict[str, int] = {}  # timelines being made or torn down -> holders (under _busy_mu)
-        self._making = 0  # timelines being made, not yet held (under _busy_mu)
         self._reserved: set[tuple[str, ...]] = set()  # names being created (under _busy_mu)
         self._sizes_mu = threading.Lock()
         self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
@@ -224,10 +226,11 @@ class ControlPlane:
         if self._pool_thread is not None:
             self._pool_wake.set()
             self._pool_thread.join()
-        with self._warm_mu:
-            warm, self._warm = self._warm, []
-        for c in warm:
-            self._discard_warm(c)
+        while (spare := self._take_spare()) is not None:
+            try:
+                self._discard_warm(spare)
+            finally:
+                self._release(spare.timeline_id)
         if self.catalog is not None:
             try:
                 self._persist_use()
@@ -260,23 +263,19 @@ class ControlPlane:
                     else:
                         self._busy.pop(t, None)
 
-    def _new_timeline(self, make: Callable[[], Timeline]) -> Timeline:
-        """Make a timeline and hold it (the caller releases it with
-        `_release`, once a record points at it or it is gone). While it
-        is being made the sweep waits for a later round: it cannot tell
-        a timeline just made from one left behind."""
+    def _new_timeline(self, parent: Timeline | str, *, at_lsn: int | None = None, durable: bool = True) -> Timeline:
+        """Branch a timeline, held (in _busy) from before it exists, so that
+        the sweep can never take it for one left behind; the caller
+        releases it with `_release` once a record points at it or it is
+        gone."""
+        tid = os.urandom(16).hex()
         with self._busy_mu:
-            self._making += 1
+            self._busy[tid] = self._busy.get(tid, 0) + 1
         try:
-            tl = make()
+            return self.ps.store.branch(parent, at_lsn=at_lsn, timeline_id=tid, durable=durable)
         except BaseException:
-            with self._busy_mu:
-                self._making -= 1
+            self._release(tid)
             raise
-        with self._busy_mu:
-            self._busy[tl.id] = self._busy.get(tl.id, 0) + 1
-            self._making -= 1
-        return tl
 
     def _release(self, tid: str) -> None:
         with self._busy_mu:
@@ -292,20 +291,29 @@ class ControlPlane:
         deletion and its timeline's), children first. Returns their ids."""
         store = self.ps.store
         with self._busy_mu:
-            if self._making:
-                return []  # one is being made: next round
             ids = store.timeline_ids()
-            keep = {TEMPLATE_ID, CATALOG_ID, *self._busy, *self.catalog.snapshot.branch_on,
-                    *self.ps.compute_timelines()}
+            computes = self.ps.computes()
+            referenced = {TEMPLATE_ID, CATALOG_ID, *self._busy, *self.catalog.snapshot.branch_on}
             with self._warm_mu:
-                keep |= {c.timeline_id for c in self._warm}
+                referenced |= {c.timeline_id for c in self._warm}
+            # a compute whose record is gone and whose stop failed: stopped here
+            strays = [c for c in computes if not c.read_only and c.timeline_id not in referenced]
+            keep = referenced | {c.timeline_id for c in computes}
             orphans = [t for t in ids if t not in keep]
-            for t in orphans:
+            held = orphans + [c.timeline_id for c in strays]
+            for t in held:
                 self._busy[t] = self._busy.get(t, 0) + 1
         try:
+            for c in strays:
+                log.warning("stopping compute %s: no branch record points at its timeline %s", c.id, c.timeline_id)
+                try:
+                    self.ps.stop_compute(c.id)
+                    orphans.append(c.timeline_id)
+                except ComputeNotFoundError:
+                    orphans.append(c.timeline_id)
             return self._delete_timelines(orphans, quiet=True)
         finally:
-            for t in orphans:
+            for t in held:
                 self._release(t)
 
     def _delete_timelines(self, tids: list[str], quiet: bool = False) -> list[str]:
@@ -435,8 +443,7 @@ class ControlPlane:
                 raise ObjectExistsError("database", name)
             token = secrets.token_urlsafe(24)
             warm = self._claim_warm()  # held for us (see _claim_warm)
-            tl_id = warm.timeline_id if warm else self._new_timeline(
-                lambda: self.ps.store.branch(TEMPLATE_ID, durable=False)).id
+            tl_id = warm.timeline_id if warm else self._new_timeline(TEMPLATE_ID, durable=False).id
             try:
                 db = DatabaseRecord(  # a warm compute's generated password is already set: it becomes this one's
                     id=self.catalog.new_id(), name=name, password=warm.password if warm else new_password(),
@@ -524,9 +531,7 @@ class ControlPlane:
             return False
         try:
             self._end_sessions(gone, f"database {name} {why}")
-            for b in gone:
-                self._stop(b)
-                self._forget(b)
+            self._stop_all(gone)
             self._delete_timelines([b.timeline for b in gone])
         finally:
             for b in gone:
@@ -563,7 +568,7 @@ class ControlPlane:
                 try:
                     src_tl = self._timeline(src)
                     at = src_tl.lsn_at(when) if when is not None else lsn
-                    tl = self._new_timeline(partial(self.ps.store.branch, src_tl, at_lsn=at, durable=False))
+                    tl = self._new_timeline(src_tl, at_lsn=at, durable=False)
                 except (LsnOutOfRangeError, InvalidArgumentError) as e:
                     raise BadRequestError(f"cannot branch {database}/{parent} there: {e}") from e
                 except NotFoundError:
@@ -609,8 +614,20 @@ class ControlPlane:
         return self.branch(database, name, sizes=False)  # sizes take a scan: ask for them later
 
     def branch(self, database: str, name: str, *, sizes: bool = True) -> BranchInfo:
-        snap = self.catalog.snapshot
-        return self._info(snap, self._branch(snap, database, name), sizes=sizes)
+        return self._reading(database, name, lambda snap, br: self._info(snap, br, sizes=sizes))
+
+    def _reading(self, database: str, name: str, read: Callable[[Snapshot, BranchRecord], Any]) -> Any:
+        """Read a branch through its timeline, on a snapshot: if a reset or
+        restore replaced (and deleted) the timeline meanwhile, read again
+        on a newer snapshot; if the branch went, UnknownObjectError."""
+        for _ in range(_CHANGE_RETRIES):
+            snap = self.catalog.snapshot
+            br = self._branch(snap, database, name)
+            try:
+                return read(snap, br)
+            except NotFoundError:
+                continue
+        raise UnknownObjectError("branch", f"{database}/{name}")
 
     def branches(self, database: str, *, sizes: bool = True) -> list[BranchInfo]:
         snap = self.catalog.snapshot
@@ -705,8 +722,7 @@ class ControlPlane:
         (br,) = gone
         try:
             self._end_sessions(gone, f"branch {database}/{name} {why}")
-            self._stop(br)
-            self._forget(br)
+            self._stop_all(gone)
             self._delete_timelines([br.timeline])
         finally:
             self._release(br.timeline)
@@ -744,6 +760,18 @@ class ControlPlane:
             raise BadRequestError(f"branch {where} cannot be {action}: branches {sorted(kids)} were "
                                   "made from it (delete or detach them first)")
 
+    def _stop_all(self, gone: Sequence[BranchRecord]) -> None:
+        """Stop the computes of branches whose records are gone, each on its
+        own: one that fails is logged (the sweep stops it later) and the
+        others still stop."""
+        for b in gone:
+            try:
+                self._stop(b)
+            except Exception:  # noqa: BLE001 - the others must stop too
+                log.exception("stopping the compute of deleted branch %s (timeline %s); the sweep retries",
+                              b.name, b.timeline)
+            self._forget(b)
+
     def _forget(self, br: BranchRecord) -> None:
         with self._use_mu:
             self._use.pop(br.id, None)
@@ -759,13 +787,14 @@ class ControlPlane:
         self._check_removable(snap, br, "reset")
         old: list[str] = []
         with self._lock_of(br):
-            self._stop_locked(br)
+            br = self._current(br, database, name)  # another reset may have replaced its timeline
+            self._stop_locked(br, why=f"branch {database}/{name} was reset")
             for _ in range(_CHANGE_RETRIES):
-                parent = self.catalog.snapshot.branches.get(br.parent)
+                parent = self.catalog.snapshot.branches.get(br.parent) if br.parent is not None else None
                 if parent is None:
                     raise UnknownObjectError("branch", f"{database}/(parent of {name})")
                 try:
-                    tl = self._new_timeline(partial(self.ps.store.branch, parent.timeline))
+                    tl = self._new_timeline(parent.timeline)
                 except NotFoundError:
                     continue  # the parent's timeline changed meanwhile
 
@@ -812,16 +841,15 @@ class ControlPlane:
         br = self.resolve(f"{database}/{name}")
         names: list[str] = []
         with self._lock_of(br):
-            self._stop_locked(br)
-            br = self._branch(self.catalog.snapshot, database, name)
+            br = self._current(br, database, name)  # another reset may have replaced its timeline
+            self._stop_locked(br, why=f"branch {database}/{name} was restored")
             old = self._timeline(br)  # the branch lock keeps its timeline (reset and restore take it)
             try:
                 at = old.lsn_at(when) if when is not None else lsn
-                tl = self._new_timeline(lambda: self.ps.store.branch(old, at_lsn=at))
+                tl = self._new_timeline(old, at_lsn=at)
             except (LsnOutOfRangeError, InvalidArgumentError) as e:
                 raise BadRequestError(f"cannot restore {database}/{name} there: {e}") from e
             stamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC).strftime("%Y%m%dt%H%M%S")
-            backup_id = self.catalog.new_id()
 
             def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
                 current = self._branch(snap, database, name)
@@ -837,6 +865,7 @@ class ControlPlane:
                 return [backup, replace(current, timeline=tl.id), *moved], []
 
             try:
+                backup_id = self.catalog.new_id()
                 self.catalog.change(check)
             except BaseException:
                 self._delete_timelines([tl.id])
@@ -852,24 +881,33 @@ class ControlPlane:
         that the parent can be deleted. Takes time in proportion to the data
         (its compute, if it runs, keeps serving meanwhile)."""
         br = self.resolve(f"{database}/{name}")
-        with self._lock_of(br):  # its timeline stays the same meanwhile
-            br = self._branch(self.catalog.snapshot, database, name)
+        # Not under the branch lock: the copy takes time in proportion to the data, and wakes
+        # (new connections) wait for that lock. A reset or restore meanwhile replaces the
+        # timeline: then the commit is refused, and the caller may try again.
+        try:
             tl = self._timeline(br)
             if tl.ancestor_id is not None:
                 self.ps.store.detach(tl)
+        except NotFoundError as e:  # deleted, or reset or restored, meanwhile
+            raise UnknownObjectError("branch", f"{database}/{name}") from e
+        except InvalidArgumentError:
+            pass  # a detach at the same time did it: done
 
-            def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
-                current = self._branch(snap, database, name)
-                if current.id != br.id:
-                    raise UnknownObjectError("branch", f"{database}/{name}")
-                return [replace(current, parent=None)], []
+        def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            current = self._branch(snap, database, name)
+            if current.id != br.id:
+                raise UnknownObjectError("branch", f"{database}/{name}")
+            if current.timeline != br.timeline:
+                raise BadRequestError(f"{database}/{name} was reset or restored while it was detached; "
+                                      "detach it again")
+            return [replace(current, parent=None)], []
 
-            self.catalog.change(change)
+        self.catalog.change(change)
         log.info("branch %s/%s detached", database, name)
         return self.branch(database, name)
 
     def lsn(self, database: str, name: str) -> int:
-        return self._timeline(self._branch(self.catalog.snapshot, database, name)).head_lsn
+        return int(self._reading(database, name, lambda _, br: self._timeline(br).head_lsn))
 
     def database_for_token(self, token: str) -> str | None:
         """The database a scoped token belongs to, if any."""
@@ -926,7 +964,7 @@ class ControlPlane:
                     break
                 self._warm_starting += 1
             try:
-                tl = self._new_timeline(lambda: self.ps.store.branch(TEMPLATE_ID, durable=False))
+                tl = self._new_timeline(TEMPLATE_ID, durable=False)
                 try:
                     if not self._take_slot(tl.id, spare=True):
                         self._delete_timelines([tl.id])
@@ -962,6 +1000,17 @@ class ControlPlane:
                 return c
             self._discard_warm(c)  # it died in the pool: try the next
             self._release(c.timeline_id)
+
+    def _take_spare(self) -> Compute | None:
+        """A spare out of the pool, held (in _busy) for the caller to
+        discard and release: the sweep must not take its timeline while it
+        stops."""
+        with self._busy_mu, self._warm_mu:
+            if not self._warm:
+                return None
+            c = self._warm.pop()
+            self._busy[c.timeline_id] = self._busy.get(c.timeline_id, 0) + 1
+            return c
 
     def _discard_warm(self, c: Compute) -> None:
         try:
@@ -1025,19 +1074,27 @@ class ControlPlane:
 
     def _make_room_at_cap(self, br: BranchRecord) -> None:
         tried: set[int] = set()
+        give_up = time.monotonic() + SPARE_WAIT
         while True:
             if self._take_slot(br.timeline):
                 return
-            with self._warm_mu:
-                spare = self._warm.pop() if self._warm else None
+            spare = self._take_spare()
             if spare is not None:  # a spare compute yields before anyone's
-                self._discard_warm(spare)
+                try:
+                    self._discard_warm(spare)
+                finally:
+                    self._release(spare.timeline_id)
                 continue
+            running = [b for b in self._running() if b.id != br.id and b.id not in tried]
             with self._use_mu:
-                idle = [(self._use[b.id].active if b.id in self._use else 0.0, b.id, b) for b in self._running()
-                        if b.id != br.id and b.id not in tried
-                        and not (b.id in self._use and self._use[b.id].connections)]
+                idle = [(self._use[b.id].active if b.id in self._use else 0.0, b.id, b) for b in running
+                        if not (b.id in self._use and self._use[b.id].connections)]
             if not idle:
+                with self._warm_mu:
+                    spare_coming = self._warm_starting > 0
+                if spare_coming and time.monotonic() < give_up:  # it will yield once it is up
+                    time.sleep(0.05)
+                    continue
                 raise ComputeLimitError(self.max_computes)
             _, _, victim = min(idle)
             tried.add(victim.id)
@@ -1065,20 +1122,38 @@ class ControlPlane:
             lock.release()
 
     def suspend(self, database: str, name: str) -> BranchInfo:
-        """Stop the branch's compute now, connections or not."""
-        self._stop(self._branch(self.catalog.snapshot, database, name))
+        """Stop the branch's compute now, connections or not (the proxy
+        tells them so)."""
+        br = self._branch(self.catalog.snapshot, database, name)
+        with self._lock_of(br):
+            self._stop_locked(self._current(br, database, name), why=f"branch {database}/{name} was suspended")
         return self.branch(database, name, sizes=False)
 
-    def _stop(self, br: BranchRecord) -> None:
-        with self._lock_of(br):
-            self._stop_locked(br)
+    def _current(self, br: BranchRecord, database: str, name: str) -> BranchRecord:
+        """The branch's record as it is now (its branch lock held)."""
+        current = self.catalog.snapshot.branches.get(br.id)
+        if current is None:
+            raise UnknownObjectError("branch", f"{database}/{name}")
+        return current
 
-    def _stop_locked(self, br: BranchRecord) -> bool:
+    def _stop(self, br: BranchRecord, why: str | None = None) -> None:
+        with self._lock_of(br):
+            self._stop_locked(br, why=why)
+
+    def _stop_locked(self, br: BranchRecord, why: str | None = None) -> bool:
+        """Stop the compute on the branch's timeline. With `why`, the proxy
+        first ends its connections saying so (suspension for idleness or at
+        the cap gives none: it stops only computes without connections)."""
         c = self.ps.compute_of(br.timeline)
         if c is None:
             return False
+        if why is not None:
+            self._end_sessions([br], why)
         t0 = time.monotonic()
-        self.ps.stop_compute(c.id)
+        try:
+            self.ps.stop_compute(c.id)
+        except ComputeNotFoundError:
+            return False  # it exited meanwhile, and the page server cleaned up after it
         self.metrics.suspend.observe(time.monotonic() - t0)
         log.info("branch %s suspended in %.0f ms (compute %s)", self.endpoint(br),
                  (time.monotonic() - t0) * 1e3, c.id)
@@ -1208,6 +1283,11 @@ class ControlPlane:
         with self._use_mu:
             for bid in [b for b, u in self._use.items() if b not in branches and not u.connections]:
                 del self._use[bid]  # a branch deleted meanwhile
+        with self._locks_mu:  # locks made for branches deleted meanwhile (by a wake of a stale snapshot)
+            for bid, lock in [(b, lk) for b, lk in self._branch_mu.items() if b not in branches]:
+                if lock.acquire(blocking=False):
+                    del self._branch_mu[bid]
+                    lock.release()
             dirty = {bid: u.used for bid, u in self._use.items() if u.dirty}
             for bid in dirty:
                 self._use[bid].dirty = False

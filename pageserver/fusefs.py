@@ -8,7 +8,8 @@ Compute-local files never travel to a branch: `postmaster.pid`,
 `postmaster.opts`, the directories PostgreSQL empties or rebuilds at start
 (`pg_dynshmem`, `pg_notify`, `pg_serial`, `pg_snapshots`, `pg_stat_tmp`,
 `pg_subtrans`, `pg_replslot`), temporary files (`pgsql_tmp*`) and relcache
-init files (`pg_internal.init`). They live in the attachment's local
+init files (`pg_internal.init`, and the `pg_internal.init.<pid>` each is
+written as before its rename). They live in the attachment's local
 directory and are passed through to it, much as `pg_basebackup` leaves them
 out of a backup.
 
@@ -102,7 +103,10 @@ def is_local(rel: str) -> bool:
     parts = rel.split("/")
     if parts[0] in LOCAL_TOP:
         return True
-    return any(p.startswith("pgsql_tmp") for p in parts) or parts[-1] == "pg_internal.init"
+    # relcache init files are written as pg_internal.init.<pid> and renamed into place:
+    # both names must be on the same side, or the rename fails (EXDEV) and every backend
+    # rebuilds its relation cache
+    return any(p.startswith("pgsql_tmp") for p in parts) or parts[-1].startswith("pg_internal.init")
 
 
 _AT_FDCWD = -100
@@ -522,6 +526,13 @@ class StrataFS(mfusepy.Operations):
 
     @operation
     def release(self, path: str, fh: int) -> int:
+        h = self._t.handles.get(fh)
+        if h is None:
+            return 0
+        try:
+            h.att.enter()  # detach waits for this too (freeing an orphan commits)
+        except OSError:
+            return 0  # detached: detach closes what the table holds
         with self._mu:
             h = self._t.handles.pop(fh, None)
         if h is None:

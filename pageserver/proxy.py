@@ -27,14 +27,16 @@ wake runs in a thread. The control plane ends a branch's connections
 (its TTL ran out, it was deleted) with `end_sessions`, from any thread
 but the loop's: each session stops relaying the client's bytes, lets the
 query in flight finish (or cancels it after a moment), and, when the
-stream is between messages (the compute's last bytes were a
-ReadyForQuery), sends the client a FATAL ErrorResponse with the reason
-before it closes.
+stream is between messages (the proxy follows the compute's message
+boundaries as it relays them), sends the client a FATAL ErrorResponse with
+the reason before it closes. A client still waiting for its wake hears the
+reason at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import struct
@@ -105,27 +107,90 @@ def take_endpoint(params: dict[str, str]) -> str | None:
 
 
 ENDING_GRACE = 1.0  # seconds a query in flight may finish before an ending session cancels it
-ENDING_LIMIT = 5.0  # ... and before it is closed without a message
+ENDING_LIMIT = 3.0  # ... and before it is closed without a message
+WAKE_THREADS = 64  # wakes wait in threads of their own (for a start, or behind a branch lock)
+_Z = ord("Z")
 
 
-def ends_between_messages(data: bytes) -> bool:
-    """Do these relayed bytes end with a ReadyForQuery ('Z', length 5, a
-    status byte), so that the next byte starts a message?"""
-    return len(data) >= 6 and data[-6] == 0x5A and data[-5:-1] == b"\0\0\0\x05"
+class Framer:
+    """Follows the message boundaries of a relayed stream of backend
+    messages (Byte1 type, Int32 length counting itself, body), chunk by
+    chunk, so that the proxy knows when it may insert a message of its own."""
+
+    __slots__ = ("left", "head", "last", "broken")
+
+    def __init__(self) -> None:
+        self.left = 0  # bytes of the current message still to come
+        self.head = b""  # the start of a header split across chunks
+        self.last = 0  # the type of the message begun last
+        self.broken = False  # a length no backend sends: never between again
+
+    def feed(self, data: bytes) -> None:
+        n, pos = len(data), 0
+        if self.left:
+            if self.left >= n:
+                self.left -= n
+                return
+            pos, self.left = self.left, 0
+        if self.head:
+            take = 5 - len(self.head)
+            h = self.head + bytes(data[pos : pos + take])
+            if len(h) < 5:
+                self.head = h
+                return
+            self.head = b""
+            pos = self._begin(h, 0, pos + take, n)
+        while pos < n:
+            if n - pos < 5:
+                self.head = bytes(data[pos:])
+                return
+            pos = self._begin(data, pos, pos + 5, n)
+
+    def _begin(self, header: bytes, at: int, body: int, n: int) -> int:
+        """A message whose header is header[at:at+5] and whose body starts
+        at offset `body` of a chunk of n bytes: where the next one starts
+        (n, with `left` set, if it goes on in a later chunk)."""
+        self.last = header[at]
+        length = int.from_bytes(header[at + 1 : at + 5], "big")
+        if length < 4:
+            self.broken = True
+            return n
+        end = body + length - 4
+        if end > n:
+            self.left = end - n
+            return n
+        return end
+
+    @property
+    def between(self) -> bool:
+        return not self.left and not self.head and not self.broken
+
+    @property
+    def ready(self) -> bool:
+        """Between messages, the last a ReadyForQuery: the compute waits for the client."""
+        return self.between and self.last == _Z
 
 
 class _Session:
-    """A client relayed to a compute (only the event loop touches it)."""
+    """A client of a branch, from the moment it named its branch (only the
+    event loop touches it)."""
 
-    def __init__(self, branch_id: int, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, branch_id: int, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter) -> None:
         self.branch_id = branch_id
+        self.reader = reader  # the client's (read only by the relay, then by the last word)
         self.writer = writer
-        self.tasks: list[asyncio.Task[None]] = []  # [compute -> client, client -> compute]
-        self.between = True  # the client's stream is between two messages
-        self.idle = asyncio.Event()  # set when it is, with nothing asked of the compute
+        self.tasks: list[asyncio.Task[None]] = []  # once relaying: [compute -> client, client -> compute]
+        self.framer = Framer()
+        self.idle = asyncio.Event()  # set when the compute waits for the client
         self.key: bytes | None = None  # BackendKeyData, to cancel its query
         self.port = 0
         self.ending: str | None = None
+        self.started = False  # the compute's first ReadyForQuery relayed (authentication done)
+        self.farewell: asyncio.Task[None] | None = None  # telling the client why, after the compute is gone
+
+    @property
+    def between(self) -> bool:
+        return self.framer.between
 
 
 class Proxy:
@@ -137,7 +202,8 @@ class Proxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cancel_keys: dict[bytes, tuple[str, int]] = {}  # pid+key -> compute address
         self._conns: set[asyncio.Task[Any]] = set()
-        self._sessions: dict[int, set[_Session]] = {}  # branch id -> its relayed sessions
+        self._sessions: dict[int, set[_Session]] = {}  # branch id -> its sessions
+        self._wakes = concurrent.futures.ThreadPoolExecutor(WAKE_THREADS, thread_name_prefix="strata-wake")
         control.session_enders.append(self.end_sessions)
 
     async def start(self) -> tuple[str, int]:
@@ -172,33 +238,27 @@ class Proxy:
         if s.ending is not None:
             return
         s.ending = why
-        down, up = (s.tasks + [None, None])[:2]
-        if up is not None:
-            up.cancel()  # no new query from the client
-        if not s.idle.is_set():
-            try:
-                await asyncio.wait_for(s.idle.wait(), ENDING_GRACE)
-            except TimeoutError:
-                if s.key is not None:
-                    await self._cancel(s.key)  # then the compute answers, and is between messages again
-                try:
-                    await asyncio.wait_for(s.idle.wait(), ENDING_LIMIT - ENDING_GRACE)
-                except TimeoutError:
-                    pass
-        if down is not None:
-            down.cancel()
-        try:  # in one step with the cancel: the relay writes nothing in between
-            if s.between:
-                s.writer.write(error_response("57P01", f"strata proxy: {why}; this connection is closed"))
-                await s.writer.drain()
-        except (ConnectionError, RuntimeError):
-            pass
-        finally:
-            s.writer.close()
+        message = error_response("57P01", f"strata proxy: {why}; this connection is closed")
+        if not s.tasks:  # not relaying yet (waking, connecting): nothing of the compute's sent
+            await _last_word(s, message)
+            return
+        down, up = s.tasks
+        up.cancel()  # no new query from the client
+        await asyncio.gather(up, return_exceptions=True)  # (the last word reads the client after it)
+        if s.started and not s.idle.is_set():  # a query in flight: let it finish, or cancel it
+            if not await _quiet(s, down, ENDING_GRACE) and s.key is not None:
+                await self._cancel(s.key)  # then the compute answers, and is between messages again
+                await _quiet(s, down, ENDING_LIMIT - ENDING_GRACE)
+        down.cancel()  # the compute is out of it from here: it may stop
+        if s.between:  # then the client is told, when it next asks (see _last_word)
+            s.farewell = asyncio.create_task(_last_word(s, message, answer=s.started and s.idle.is_set()))
+        else:
+            s.farewell = asyncio.create_task(_last_word(s, None))
 
     async def stop(self) -> None:
         if self.end_sessions in self.control.session_enders:
             self.control.session_enders.remove(self.end_sessions)
+        self._wakes.shutdown(wait=False, cancel_futures=True)
         if self._server is not None:
             self._server.close()
             conns = list(self._conns)
@@ -250,16 +310,26 @@ class Proxy:
         except ControlPlaneError:
             await _refuse(writer, "3D000", f'strata proxy: no branch with endpoint "{endpoint}"')
             return
+        s = _Session(br.id, reader, writer)
+        self._sessions.setdefault(br.id, set()).add(s)  # from here on, a stop with a reason reaches it
         self.control.connection_opened(br)
         try:
-            await self._relay(br, endpoint, params, reader, writer)
+            await self._relay(s, br, endpoint, params, reader)
+            if s.ending is not None:
+                await _closed(writer)  # the last word takes its time: the caller must not close under it
         finally:
             self.control.connection_closed(br)
+            mine = self._sessions.get(br.id)
+            if mine is not None:
+                mine.discard(s)
+                if not mine:
+                    del self._sessions[br.id]
 
-    async def _relay(self, br: BranchRecord, endpoint: str, params: dict[str, str],
-                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _relay(self, s: _Session, br: BranchRecord, endpoint: str, params: dict[str, str],
+                     reader: asyncio.StreamReader) -> None:
+        writer = s.writer
         try:
-            compute = await asyncio.to_thread(self.control.wake, br)
+            compute = await asyncio.get_running_loop().run_in_executor(self._wakes, self.control.wake, br)
         except ComputeLimitError as e:
             await _refuse(writer, "53300", f"strata proxy: {e}")
             return
@@ -267,45 +337,44 @@ class Proxy:
             await _refuse(writer, "3D000", f'strata proxy: no branch with endpoint "{endpoint}" (it was deleted)')
             return
         except Exception as e:  # noqa: BLE001 - the client must hear why
-            log.exception("waking %s", endpoint)
-            await _refuse(writer, "08006", f"strata proxy: branch {endpoint} could not start: "
-                          f"{str(e).splitlines()[0]}")
+            if s.ending is None:
+                log.exception("waking %s", endpoint)
+                await _refuse(writer, "08006", f"strata proxy: branch {endpoint} could not start: "
+                              f"{str(e).splitlines()[0]}")
             return
+        if s.ending is not None:
+            return  # told the client why already
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", compute.port)
         except OSError as e:
-            await _refuse(writer, "08006", f"strata proxy: compute of {endpoint} is gone: {e}")
+            if s.ending is None:
+                await _refuse(writer, "08006", f"strata proxy: compute of {endpoint} is gone: {e}")
             return
-        s = _Session(br.id, writer)
         s.port = compute.port
-        self._sessions.setdefault(br.id, set()).add(s)
         try:
             up_writer.write(startup_packet(params))
             await up_writer.drain()
+            if s.ending is not None:
+                return
             s.tasks = [asyncio.create_task(self._downstream(up_reader, s)),
                        asyncio.create_task(self._upstream(reader, up_writer, s))]
             await asyncio.wait(s.tasks, return_when=asyncio.FIRST_COMPLETED)
             if s.ending is not None:  # let _end finish what it says to the client
                 await asyncio.gather(*s.tasks, return_exceptions=True)
-                await _closed(writer)
         finally:
             for t in s.tasks:
                 t.cancel()
             await asyncio.gather(*s.tasks, return_exceptions=True)
             if s.key is not None:
                 self._cancel_keys.pop(s.key, None)
-            mine = self._sessions.get(br.id)
-            if mine is not None:
-                mine.discard(s)
-                if not mine:
-                    del self._sessions[br.id]
             up_writer.close()
 
     async def _downstream(self, up: asyncio.StreamReader, s: _Session) -> None:
         """Relay the compute's messages, reading them one by one until the
         first ReadyForQuery (to learn BackendKeyData), then as bytes,
-        noting whether the client's stream is between messages."""
+        following their boundaries (`Framer`)."""
         client = s.writer
+        framer = s.framer
         try:
             while True:
                 head = await up.readexactly(5)
@@ -317,15 +386,18 @@ class Proxy:
                 client.write(head + body)
                 if head[:1] in (b"Z", b"E"):
                     break
-            s.idle.set()
+            framer.last = head[0]
+            s.started = True
+            if framer.ready:
+                s.idle.set()
             await client.drain()
             while True:
                 data = await up.read(65536)
                 if not data:
                     break
                 client.write(data)
-                s.between = ends_between_messages(data)
-                if s.between:
+                framer.feed(data)
+                if framer.ready:
                     s.idle.set()
                 await client.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -365,7 +437,53 @@ class Proxy:
             pass
 
 
-async def _closed(writer: asyncio.StreamWriter, timeout: float = ENDING_LIMIT + 2) -> None:
+async def _quiet(s: _Session, down: asyncio.Task[None], timeout: float) -> bool:
+    """Wait until the compute waits for the client, or is gone from the
+    session (its side closed); False if neither came within `timeout`."""
+    idle = asyncio.ensure_future(s.idle.wait())
+    try:
+        done, _ = await asyncio.wait({idle, down}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        idle.cancel()
+    return bool(done)
+
+
+FAREWELL_WAIT = 30.0  # seconds an ended idle client has to ask something, before it is told anyway
+_PENDING = 0.02  # how long to take in what a client has already sent, before the close
+
+
+async def _last_word(s: _Session, message: bytes | None, *, answer: bool = False) -> None:
+    """Say `message` (if any) and close, so that the client hears it.
+
+    With `answer` (the client is idle: it asked nothing), the message waits
+    for the client's next message and answers it: libpq takes an error that
+    comes unasked, in the same read as the answer before it, for a closed
+    connection, and loses it. Whatever else the client sent is taken in
+    first: unread bytes would make the kernel answer our close with a
+    reset, which loses the message too. Then the close follows the message
+    at once, as PostgreSQL's own FATAL errors do (libpq waits for it)."""
+    w, r = s.writer, s.reader
+    try:
+        if r is not None:
+            if answer and message is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FAREWELL_WAIT):
+                        await r.read(65536)  # its next query (or its close)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_PENDING):
+                    while await r.read(65536):
+                        pass
+        if message is not None:
+            w.write(message)
+        await w.drain()
+    except (ConnectionError, RuntimeError, OSError):
+        pass
+    finally:
+        w.close()
+
+
+async def _closed(writer: asyncio.StreamWriter,
+                  timeout: float = ENDING_LIMIT + FAREWELL_WAIT + 2) -> None:
     """Wait until `_end` has closed this writer (it writes the reason first)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not writer.is_closing() and asyncio.get_running_loop().time() < deadline:

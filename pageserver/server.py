@@ -58,13 +58,16 @@ host    all   all   ::1/128       scram-sha-256
 """
 
 
-def pg_version_of(dd: DataDir) -> str:
-    """The PostgreSQL major version of a data directory (its PG_VERSION)."""
+def pg_version_of(tl: Timeline) -> str:
+    """The PostgreSQL major version of a timeline's data directory (its
+    PG_VERSION), read through a read-only view: a writable DataDir would
+    free the orphans of a compute that may be running on it."""
     try:
+        dd = DataDir(tl, lsn=tl.head_lsn)
         ino = dd.resolve("PG_VERSION")
         return dd.read(ino, 0, 64).decode().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ComputeError("-", f"timeline {dd.timeline.id} has no readable PG_VERSION: {e}") from e
+        raise ComputeError("-", f"timeline {tl.id} has no readable PG_VERSION: {e}") from e
 
 
 def run_dir_for(home: str) -> str:
@@ -141,7 +144,7 @@ class PageServer:
     def pg_version(self) -> str | None:
         """The PostgreSQL major version that made this store's template."""
         tl = self.template()
-        return pg_version_of(DataDir(tl)) if tl is not None else None
+        return pg_version_of(tl) if tl is not None else None
 
     def ensure_template(self, progress: bool | None = None) -> Timeline:
         """The template timeline, running `initdb` the first time only."""
@@ -233,7 +236,7 @@ class PageServer:
         tid = timeline if isinstance(timeline, str) else timeline.id
         tl = self.store.timeline(tid)  # NotFoundError for an unknown timeline
         read_only = lsn is not None
-        bindir = pg_bindir(pg_version_of(DataDir(tl)))  # refused here, naming the version, if it is missing
+        bindir = pg_bindir(pg_version_of(tl))  # refused here, naming the version, if it is missing
         with self._mu:
             if not read_only and tid in self._by_timeline:
                 raise BranchBusyError(tid, self._by_timeline[tid])

@@ -75,20 +75,23 @@ def test_a_database_is_one_call_and_wakes_on_first_connection(env):
 
 def test_branches_diverge_and_fall_through_to_their_parent(env):
     cp = env.cp
-    dev = cp.create_branch("shop", "dev")
-    assert dev.parent == "main" and dev.uri != cp.database("shop").uri
+    main = cp.create_database("fork").uri
+    sql(main, "create table items(id int primary key, name text)")
+    sql(main, "insert into items values (1, 'a'), (2, 'b')")
+    dev = cp.create_branch("fork", "dev")
+    assert dev.parent == "main" and dev.uri != cp.database("fork").uri
     assert sql(dev.uri, "select count(*) from items") == [(2,)]
     sql(dev.uri, "insert into items values (3, 'dev only')")
-    sql(cp.database("shop").uri, "insert into items values (4, 'main only')")
+    sql(main, "insert into items values (4, 'main only')")
     assert sql(dev.uri, "select id from items order by id") == [(1,), (2,), (3,)]
-    assert sql(cp.database("shop").uri, "select id from items order by id") == [(1,), (2,), (4,)]
+    assert sql(main, "select id from items order by id") == [(1,), (2,), (4,)]
     # the dbname fallback (for clients without `options`)
-    plain = dev.uri.split("?")[0].rsplit("/", 1)[0] + "/shop.dev"
+    plain = dev.uri.split("?")[0].rsplit("/", 1)[0] + "/fork.dev"
     assert sql(plain, "select count(*) from items") == [(3,)]
-    cp.suspend("shop", "dev")
-    cp.delete_branch("shop", "dev")
+    cp.suspend("fork", "dev")
+    cp.delete_branch("fork", "dev")
     with pytest.raises(UnknownObjectError):
-        cp.branch("shop", "dev")
+        cp.branch("fork", "dev")
 
 
 def test_branch_at_an_lsn_and_at_a_time(env):

@@ -379,3 +379,14 @@ def test_computes_run_the_postgresql_version_that_made_the_template(ps, branch, 
     c = ps.start_compute(branch)
     assert c.bindir == str(pgroot / "15" / "bin")
     assert query(c, "select current_setting('server_version_num')::int / 10000") == [(15,)]
+
+
+def test_relcache_init_files_are_written_compute_locally(ps, branch):
+    """Regression: PostgreSQL writes pg_internal.init.<pid> and renames it to
+    pg_internal.init; only the second name was compute-local, so the rename
+    failed (EXDEV) and every backend rebuilt its relation cache."""
+    c = ps.start_compute(branch)
+    query(c, "select count(*) from pg_class")
+    query(c, "select 1")  # a second backend: it finds the file its predecessor wrote
+    assert os.path.exists(os.path.join(c.local_root, "global", "pg_internal.init"))
+    assert "Invalid cross-device link" not in c.log_tail(200)
