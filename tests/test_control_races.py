@@ -334,3 +334,68 @@ def test_idle_timers_ignore_a_jump_of_the_wall_clock(env, monkeypatch):
     monkeypatch.setattr(cp, "_clock", lambda: wall() + 3600)  # the wall clock steps an hour ahead
     assert "ntp.main" not in cp.maintain()["suspended"]
     assert cp.branch("ntp", "main", sizes=False).state == "running"
+
+
+def test_a_reset_waiting_for_the_lock_stops_the_timeline_the_branch_has_then(env):
+    """Regression (review): reset read the record, waited for the branch
+    lock while another reset and a wake ran, then stopped the timeline it
+    had read (no compute on it) and deleted the one a compute was running
+    on: the compute served I/O errors and held its slot for good."""
+    cp = env.cp
+    cp.create_database("rr")
+    cp.create_branch("rr", "dev")
+    br = cp.resolve("rr/dev")
+    with Pause(cp, "_lock_of", thread="second", before=True, when=_id_is(br.id)) as locking:
+        second, out = run(lambda: cp.reset_branch("rr", "dev"), "second")
+        locking.reached()  # it has read the record
+        cp.reset_branch("rr", "dev")  # the first reset
+        running = cp.wake("rr/dev").timeline_id  # and a client: a compute on the new timeline
+    second.join(60)
+    assert "error" not in out, out
+    assert cp.ps.compute_of(running) is None, "a compute runs on a timeline that was deleted"
+    assert running not in cp.ps.store
+    assert cp.branch("rr", "dev", sizes=False).state == "suspended"
+    assert sql(cp.uri("rr/dev"), "select 1") == [(1,)]  # and it wakes again, on its own timeline
+
+
+def test_a_restore_waiting_for_the_lock_stops_the_branchs_compute_not_the_backups(env):
+    """Regression (review): restore stopped the timeline it had read, so a
+    compute woken meanwhile went on serving the branch's clients from the
+    timeline that became the backup branch's."""
+    cp = env.cp
+    cp.create_database("rs")
+    cp.create_branch("rs", "dev")
+    br = cp.resolve("rs/dev")
+    with Pause(cp, "_lock_of", thread="restorer", before=True, when=_id_is(br.id)) as locking:
+        restorer, out = run(lambda: cp.restore_branch("rs", "dev", lsn=cp.lsn("rs", "dev")), "restorer")
+        locking.reached()
+        cp.reset_branch("rs", "dev")
+        running = cp.wake("rs/dev").timeline_id
+    restorer.join(60)
+    assert "error" not in out, out
+    owner = cp.catalog.snapshot.branch_on.get(running)
+    assert cp.ps.compute_of(running) is None, f"a compute of dev's clients serves branch {owner and owner.name}"
+
+
+def test_a_detach_does_not_hold_up_connections(env):
+    """Regression (review): detach held the branch lock across the copy,
+    so new connections to the branch waited for all of it, and enough of
+    them took every thread the proxy wakes branches in: connections to
+    every other branch waited too."""
+    cp = env.cp
+    cp.create_database("dt")
+    other = cp.create_database("dt-other").uri
+    sql(other, "select 1")
+    kid = cp.create_branch("dt", "kid")
+    sql(kid.uri, "select 1")
+    no_connections(cp, "dt/kid")
+    with Pause(cp.ps.store, "detach", thread="detacher", before=True) as copying:
+        detacher, _ = run(lambda: cp.detach_branch("dt", "kid"), "detacher")
+        copying.reached()  # the copy under way
+        waiting = [run(lambda: sql(kid.uri, "select 1"), f"kid-{i}") for i in range(8)]
+        for t, out in waiting:
+            assert finished(t, 10) and out.get("result") == [(1,)], out
+        t, out = run(lambda: sql(other, "select 7"), "other")
+        assert finished(t, 10) and out.get("result") == [(7,)], out
+    detacher.join(60)
+    assert cp.branch("dt", "kid", sizes=False).parent is None

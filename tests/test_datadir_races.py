@@ -283,3 +283,20 @@ def test_readers_and_writers_on_cold_datadirs_match_a_local_directory():
         sys.setswitchinterval(old_interval)
         for d in cleanup:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_reading_the_postgresql_version_leaves_a_running_computes_files_alone(tl):
+    """Regression (review): starting a compute read PG_VERSION through a
+    writable DataDir, whose opening frees the files unlinked while open:
+    a compute already running on the timeline lost one it still read."""
+    from pageserver.server import pg_version_of
+
+    live = DataDir(tl)  # the attachment of a compute that runs
+    version = live.create(ROOT, b"PG_VERSION", 0o600, 0, 0)
+    live.write(version, 0, b"15\n", durable=True)
+    ino = live.create(ROOT, b"16384", 0o600, 0, 0)
+    live.write(ino, 0, b"x" * PAGE, durable=True)
+    live.opened(ino)
+    live.unlink(ROOT, b"16384")  # unlinked while open: still readable through its handle
+    assert pg_version_of(tl) == "15"  # what a start (read-only, or refused as busy) does first
+    assert live.read(ino, 0, 4) == b"xxxx"
