@@ -93,7 +93,7 @@ from engine import (
     Timeline,
 )
 
-from .catalog import CATALOG_ID, BranchRecord, Catalog, DatabaseRecord, Record, Snapshot
+from .catalog import CATALOG_ID, BranchRecord, Catalog, Change, DatabaseRecord, Record, Snapshot
 from .compute import Compute, new_password
 from .errors import (
     BadRequestError,
@@ -276,6 +276,24 @@ class ControlPlane:
         except BaseException:
             self._release(tid)
             raise
+
+    def _commit_pointing_at(self, tl: Timeline, check: Change) -> bool:
+        """Commit a change whose records point at `tl`, a timeline made for
+        it (held since `_new_timeline`). True once committed; False if the
+        check found that its source moved meanwhile (the timeline is
+        deleted: the caller starts again); any other failure deletes the
+        timeline and is raised. The hold is released either way."""
+        try:
+            self.catalog.change(check)
+            return True
+        except _Moved:
+            self._delete_timelines([tl.id])
+            return False
+        except BaseException:
+            self._delete_timelines([tl.id])
+            raise
+        finally:
+            self._release(tl.id)
 
     def _release(self, tid: str) -> None:
         with self._busy_mu:
@@ -594,17 +612,8 @@ class ControlPlane:
                         raise ObjectExistsError("branch", f"{database}/{name}")
                     return [br], []
 
-                try:
-                    self.catalog.change(check)
-                except _Moved:
-                    self._delete_timelines([tl.id])
-                    continue
-                except BaseException:
-                    self._delete_timelines([tl.id])
-                    raise
-                finally:
-                    self._release(tl.id)
-                break
+                if self._commit_pointing_at(tl, check):
+                    break
             else:
                 raise BadRequestError(f"{database}/{parent} kept changing while {name} was branched from it; "
                                       "try again")
@@ -729,8 +738,7 @@ class ControlPlane:
         log.info("branch %s/%s %s", database, name, why)
         return True
 
-    def _commit_removal(self, check: Callable[[Snapshot], tuple[Sequence[Record], Sequence[Record]]],
-                        gone: list[BranchRecord]) -> bool:
+    def _commit_removal(self, check: Change, gone: list[BranchRecord]) -> bool:
         """Commit a removal whose check holds the timelines of what it
         removes (in `gone`); if the commit fails they are released. False
         if the check found it should not happen after all."""
@@ -812,17 +820,8 @@ class ControlPlane:
                     old[:] = [current.timeline]
                     return [replace(current, timeline=tl.id)], []  # the record as it is now, not a stale copy
 
-                try:
-                    self.catalog.change(check)
-                except _Moved:
-                    self._delete_timelines([tl.id])
-                    continue
-                except BaseException:
-                    self._delete_timelines([tl.id])
-                    raise
-                finally:
-                    self._release(tl.id)
-                break
+                if self._commit_pointing_at(tl, check):
+                    break
             else:
                 raise BadRequestError(f"the parent of {database}/{name} kept changing; try again")
         self._delete_timelines(old)
@@ -850,6 +849,7 @@ class ControlPlane:
             except (LsnOutOfRangeError, InvalidArgumentError) as e:
                 raise BadRequestError(f"cannot restore {database}/{name} there: {e}") from e
             stamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC).strftime("%Y%m%dt%H%M%S")
+            backup_id = self.catalog.new_id()
 
             def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
                 current = self._branch(snap, database, name)
@@ -864,14 +864,7 @@ class ControlPlane:
                 names[:] = [backup_name]
                 return [backup, replace(current, timeline=tl.id), *moved], []
 
-            try:
-                backup_id = self.catalog.new_id()
-                self.catalog.change(check)
-            except BaseException:
-                self._delete_timelines([tl.id])
-                raise
-            finally:
-                self._release(tl.id)
+            self._commit_pointing_at(tl, check)
         log.info("branch %s/%s restored to LSN %d; its previous state is branch %s",
                  database, name, tl.branch_lsn, names[0])
         return self.branch(database, name), self.branch(database, names[0])
