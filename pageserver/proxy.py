@@ -187,6 +187,7 @@ class _Session:
         self.ending: str | None = None
         self.started = False  # the compute's first ReadyForQuery relayed (authentication done)
         self.farewell: asyncio.Task[None] | None = None  # telling the client why, after the compute is gone
+        self.said = asyncio.Event()  # the last word said, and the client's side closed
 
     @property
     def between(self) -> bool:
@@ -315,8 +316,10 @@ class Proxy:
         self.control.connection_opened(br)
         try:
             await self._relay(s, br, endpoint, params, reader)
-            if s.ending is not None:
-                await _closed(writer)  # the last word takes its time: the caller must not close under it
+            if s.ending is not None:  # the last word takes its time: the caller must not close under it
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ENDING_LIMIT + FAREWELL_WAIT + 2):
+                        await s.said.wait()
         finally:
             self.control.connection_closed(br)
             mine = self._sessions.get(br.id)
@@ -480,14 +483,7 @@ async def _last_word(s: _Session, message: bytes | None, *, answer: bool = False
         pass
     finally:
         w.close()
-
-
-async def _closed(writer: asyncio.StreamWriter,
-                  timeout: float = ENDING_LIMIT + FAREWELL_WAIT + 2) -> None:
-    """Wait until `_end` has closed this writer (it writes the reason first)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not writer.is_closing() and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
+        s.said.set()
 
 
 async def _refuse(writer: asyncio.StreamWriter, code: str, message: str) -> None:
