@@ -119,7 +119,7 @@ def _is_service(pid: int) -> bool:
 
 
 LAG_INTERVAL = 0.01  # how often the loop-lag monitor wakes
-API_THREADS = 16
+API_THREADS = 8
 
 
 async def _serve(home: str, api_port: int, proxy_port: int, max_computes: int | None,
@@ -170,7 +170,7 @@ async def serve(control: ControlPlane, token: str, api_port: int, proxy_port: in
 
         loop = asyncio.get_running_loop()
         # the API's routes run in this many threads (anyio's default is 40): more only
-        # contend for the GIL with the loop (measured: README, reliability)
+        # contend for the GIL with the loop (measured 40, 16, 8: README, reliability)
         anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
