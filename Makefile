@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: venv system
-	$(BIN)/python -m pageserver.demo
+	$(BIN)/python -m pageserver.clients.demo
 
 test: venv system lint
 	$(BIN)/python -m pytest -q tests
@@ -60,6 +60,7 @@ torture: venv system
 lint: venv
 	$(BIN)/ruff check engine pageserver tests bench
 	$(BIN)/mypy --no-error-summary
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .strata .pytest_cache .benchmarks .hypothesis

@@ -9,7 +9,7 @@ import tempfile
 
 import psycopg
 
-from pageserver.compute import free_port, pg_bindir, run_as
+from pageserver.compute.postgres import free_port, pg_bindir, run_as
 
 
 class LocalPg:

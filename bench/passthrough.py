@@ -18,7 +18,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from pageserver.fusefs import Mount, StrataFS, operation
+from pageserver.fuse.filesystem import Mount, StrataFS, operation
 
 
 class PassthroughFS(StrataFS):

@@ -19,7 +19,7 @@ import time
 import psycopg
 import pytest
 
-from pageserver.control import ControlPlane
+from pageserver.control.plane import ControlPlane
 from tests.pg import Running, pg_available
 
 from .conftest import report

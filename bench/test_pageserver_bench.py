@@ -26,8 +26,8 @@ import time
 import psycopg
 import pytest
 
-from pageserver.compute import Compute, free_port, pg_bindir, run_as
-from pageserver.server import PageServer
+from pageserver.compute.node import Node
+from pageserver.compute.postgres import Compute, free_port, pg_bindir, run_as
 from tests.pg import pg_available, run_pg
 
 from .conftest import report
@@ -79,7 +79,7 @@ class LocalCluster:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("ps-bench"))
-    ps = PageServer(home).open()
+    ps = Node(home).open()
     local_root = tempfile.mkdtemp(prefix="strata-bench-local-")
     try:
         base = ps.store.branch(ps.ensure_template(progress=False))

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, settings
 
 from engine import ManualClock, Store, StoreConfig
 from engine.config import KEEP_ALL
-from engine.faultfs import FaultFileSystem
 from engine.testing import page, page_owner  # noqa: F401  (re-exported for tests)
+from engine.testing.faultfs import FaultFileSystem
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from engine import Retention, Store, StoreConfig, StrataError, failpoints
 from engine.fs import FileSystem
 from engine.testing import page, page_owner
-from pageserver.datadir import DataDir
+from pageserver.pgdata.datadir import DataDir
 
 CFG = StoreConfig(
     inmemory_layer_bytes=16 * 1024, log_segment_bytes=24 * 1024, log_checkpoint_bytes=1 << 30,

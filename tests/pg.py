@@ -15,9 +15,9 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from pageserver.compute import Compute, pg_bindir
-from pageserver.control import ControlPlane
-from pageserver.proxy import ProxyThread
+from pageserver.compute.postgres import Compute, pg_bindir
+from pageserver.control.plane import ControlPlane
+from pageserver.proxy.server import ProxyThread
 
 
 def fuse_available() -> str | None:
@@ -121,7 +121,7 @@ def committed_in_log(logdir: str) -> int:
     return n
 
 
-STRATA = [sys.executable, "-m", "pageserver.cli"]
+STRATA = [sys.executable, "-m", "pageserver.clients.cli"]
 
 
 def strata(home: str, *args: str, check: bool = True) -> dict[str, Any]:

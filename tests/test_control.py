@@ -14,15 +14,15 @@ import psycopg
 import pytest
 
 from engine import NotFoundError
-from pageserver.control import ControlPlane
-from pageserver.datadir import DataDir
+from pageserver.control.plane import ControlPlane
 from pageserver.errors import (
     BadRequestError,
     ObjectExistsError,
     ProtectedError,
     UnknownObjectError,
 )
-from pageserver.layout import page_key
+from pageserver.pgdata.datadir import DataDir
+from pageserver.pgdata.layout import page_key
 
 from .pg import Running, requires_pg
 

@@ -12,7 +12,7 @@ import threading
 import psycopg
 import pytest
 
-from pageserver.control import ControlPlane
+from pageserver.control.plane import ControlPlane
 from pageserver.errors import UnknownObjectError
 
 from .interleave import Pause, finished, run

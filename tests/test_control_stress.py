@@ -26,8 +26,9 @@ from typing import Any
 import psycopg
 
 from engine import Store
-from pageserver import service
-from pageserver.catalog import CATALOG_ID, Catalog, Snapshot
+from pageserver.clients.sdk import ApiError, Strata
+from pageserver.compute.node import TEMPLATE_ID, pg_version_of, run_dir_for
+from pageserver.control.catalog import CATALOG_ID, Catalog, Snapshot
 from pageserver.errors import (
     BadRequestError,
     ComputeLimitError,
@@ -35,8 +36,7 @@ from pageserver.errors import (
     ProtectedError,
     UnknownObjectError,
 )
-from pageserver.sdk import ApiError, Strata
-from pageserver.server import TEMPLATE_ID, pg_version_of, run_dir_for
+from pageserver.service import daemon as service
 
 from .pg import Running, requires_pg, strata
 from .test_control_races import CapWatch, postmasters

@@ -20,10 +20,10 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from engine import Store, Timeline
-from engine.faultfs import FaultFileSystem
-from pageserver.datadir import DataDir
-from pageserver.fusefs import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from pageserver.layout import DIRECTORY, PAGE, ROOT, SYMLINK
+from engine.testing.faultfs import FaultFileSystem
+from pageserver.fuse.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from pageserver.pgdata.datadir import DataDir
+from pageserver.pgdata.layout import DIRECTORY, PAGE, ROOT, SYMLINK
 
 from .conftest import SMALL
 

@@ -20,9 +20,9 @@ import threading
 import pytest
 
 from engine import Store, StoreConfig
-from engine.faultfs import FaultFileSystem
-from pageserver.datadir import DataDir
-from pageserver.layout import DIRECTORY, PAGE, ROOT, Inode, bucket_of, inode_key
+from engine.testing.faultfs import FaultFileSystem
+from pageserver.pgdata.datadir import DataDir
+from pageserver.pgdata.layout import DIRECTORY, PAGE, ROOT, Inode, bucket_of, inode_key
 
 from .interleave import Pause, finished, run
 from .test_datadir import snapshot_dd, snapshot_local
@@ -289,7 +289,7 @@ def test_reading_the_postgresql_version_leaves_a_running_computes_files_alone(tl
     """Regression (review): starting a compute read PG_VERSION through a
     writable DataDir, whose opening frees the files unlinked while open:
     a compute already running on the timeline lost one it still read."""
-    from pageserver.server import pg_version_of
+    from pageserver.compute.node import pg_version_of
 
     live = DataDir(tl)  # the attachment of a compute that runs
     version = live.create(ROOT, b"PG_VERSION", 0o600, 0, 0)

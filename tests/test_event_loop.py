@@ -17,8 +17,8 @@ import threading
 import httpx
 import psycopg
 
-from pageserver import service
-from pageserver.control import ControlPlane
+from pageserver.control.plane import ControlPlane
+from pageserver.service import daemon as service
 
 from .pg import requires_pg
 

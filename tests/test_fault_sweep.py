@@ -16,7 +16,7 @@ import os
 import pytest
 
 from engine.errors import CorruptionError
-from engine.faultfs import FaultFileSystem
+from engine.testing.faultfs import FaultFileSystem
 
 from .failpoint_workload import main as workload
 from .failpoint_workload import verify

@@ -4,8 +4,8 @@ import errno
 
 import pytest
 
-from engine.faultfs import FaultFileSystem
 from engine.fs import write_atomically
+from engine.testing.faultfs import FaultFileSystem
 
 
 def test_unsynced_data_is_lost_synced_data_survives():

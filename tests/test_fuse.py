@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import pytest
 
 from engine import Store, Timeline
-from pageserver.datadir import DataDir
-from pageserver.fusefs import RENAME_EXCHANGE, RENAME_NOREPLACE, Mount, StrataFS, renameat2
-from pageserver.layout import ROOT, Inode, inode_key
+from pageserver.fuse.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE, Mount, StrataFS, renameat2
+from pageserver.pgdata.datadir import DataDir
+from pageserver.pgdata.layout import ROOT, Inode, inode_key
 
 from .conftest import in_ci
 from .interleave import Pause, finished, run

@@ -17,7 +17,7 @@ import time
 
 import psycopg
 
-from pageserver import service
+from pageserver.service import daemon as service
 
 from .pg import (
     ProxyTarget,

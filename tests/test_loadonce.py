@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from pageserver import service
+from pageserver.clients.loadonce import load_once, table_checksum
+from pageserver.clients.sdk import Strata
 from pageserver.errors import BadRequestError
-from pageserver.loadonce import load_once, table_checksum
-from pageserver.sdk import Strata
+from pageserver.service import daemon as service
 
 from .pg import requires_pg
 
@@ -41,7 +41,7 @@ def test_every_run_starts_from_identical_data(tmp_path):
         client.branch(kept.runs[0].branch).delete()
         assert [b.name for b in client.database("tpcb").branches()] == ["main"]
 
-        out = subprocess.run([sys.executable, "-m", "pageserver.cli", "--home", home, "bench", "tpcb",
+        out = subprocess.run([sys.executable, "-m", "pageserver.clients.cli", "--home", home, "bench", "tpcb",
                               "--run", WORK, "--runs", "2", "--json"], capture_output=True, text=True, check=True)
         report = json.loads(out.stdout)
         assert report["identical_start"] is True and len(report["runs"]) == 2

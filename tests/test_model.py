@@ -25,7 +25,7 @@ from engine import (
     Retention,
     Store,
 )
-from engine.faultfs import FaultFileSystem
+from engine.testing.faultfs import FaultFileSystem
 
 from .conftest import SMALL
 

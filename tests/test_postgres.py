@@ -22,8 +22,9 @@ import psycopg
 import pytest
 
 from engine import NotFoundError
-from pageserver import compute as compute_module
-from pageserver.compute import pg_bindir, reap_stale
+from pageserver.compute import postgres as compute_module
+from pageserver.compute.node import Node, run_dir_for
+from pageserver.compute.postgres import pg_bindir, reap_stale
 from pageserver.errors import (
     BranchBusyError,
     ComputeError,
@@ -31,9 +32,8 @@ from pageserver.errors import (
     NotADataDirectoryError,
     PostgresVersionError,
 )
-from pageserver.fusefs import unmount
-from pageserver.layout import Inode, inode_key, page_key
-from pageserver.server import PageServer, run_dir_for
+from pageserver.fuse.filesystem import unmount
+from pageserver.pgdata.layout import Inode, inode_key, page_key
 
 from .pg import amcheck, assert_invariants, committed_in_log, env_for, query, requires_pg, run_pg
 
@@ -43,7 +43,7 @@ pytestmark = requires_pg
 @pytest.fixture(scope="module")
 def ps(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("pageserver"))
-    server = PageServer(home).open()
+    server = Node(home).open()
     try:
         server.ensure_template(progress=False)
         yield server
@@ -196,7 +196,7 @@ def test_kill_9_of_the_page_server_loses_no_committed_transaction(tmp_path):
     os.makedirs(home)
     logs = tmp_path / "bench"
     logs.mkdir()
-    with PageServer(home) as ps:
+    with Node(home) as ps:
         tl = ps.store.branch(ps.ensure_template(progress=False))
         c = ps.start_compute(tl, password="secret-pw")
         run_pg("pgbench", c, "-i", "-s", "5", "-q")
@@ -219,7 +219,7 @@ def test_kill_9_of_the_page_server_loses_no_committed_transaction(tmp_path):
             server["process"].kill()
     acked = committed_in_log(str(logs))
     assert acked > 100
-    with PageServer(home) as ps:  # cleans up the orphans and the dead mount
+    with Node(home) as ps:  # cleans up the orphans and the dead mount
         c = ps.start_compute(tl.id)
         (history,) = query(c, "select count(*) from pgbench_history")[0]
         assert history >= acked, f"{acked - history} committed transactions lost"
@@ -230,7 +230,7 @@ def test_kill_9_of_the_page_server_loses_no_committed_transaction(tmp_path):
 
 def _serve(home: str, tid: str) -> dict:
     p = subprocess.Popen(
-        [sys.executable, "-m", "pageserver", "serve", "--home", home, "--compute", tid,
+        [sys.executable, "-m", "pageserver.compute", "serve", "--home", home, "--compute", tid,
          "--password", "secret-pw", "--log-level", "WARNING"],
         stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
     )
@@ -303,7 +303,7 @@ def test_a_stale_mount_and_orphaned_computes_are_cleaned_up(tmp_path):
     is cleaned up by the next one, and the branch serves again."""
     home = str(tmp_path / "home2")
     os.makedirs(home)
-    with PageServer(home) as ps:
+    with Node(home) as ps:
         tl = ps.store.branch(ps.ensure_template(progress=False))
     server = _serve(home, tl.id)
     pid = server["pid"]
@@ -311,7 +311,7 @@ def test_a_stale_mount_and_orphaned_computes_are_cleaned_up(tmp_path):
     server["process"].wait()
     run = run_dir_for(home)
     assert os.path.exists(f"/proc/{pid}")  # the postmaster outlived its server
-    with PageServer(home) as ps:
+    with Node(home) as ps:
         deadline = time.time() + 10
         while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
             time.sleep(0.05)

@@ -10,7 +10,7 @@ import struct
 import hypothesis.strategies as st
 from hypothesis import given
 
-from pageserver.proxy import Framer
+from pageserver.proxy.protocol import Framer
 
 # message types a backend sends; bodies chosen to look like headers too
 # (a DataRow holding 'Z' 00 00 00 05 fooled a check of the last bytes)

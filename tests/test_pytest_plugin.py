@@ -13,8 +13,8 @@ import sys
 import psycopg
 import pytest
 
-from pageserver import service
-from pageserver.sdk import Strata
+from pageserver.clients.sdk import Strata
+from pageserver.service import daemon as service
 
 from .pg import requires_pg
 
@@ -94,4 +94,4 @@ def test_the_plugin_is_registered():
     from importlib.metadata import entry_points
 
     names = {ep.name: ep.value for ep in entry_points(group="pytest11")}
-    assert names.get("strata") == "pageserver.pytest_plugin"
+    assert names.get("strata") == "pageserver.clients.pytest_plugin"

@@ -13,10 +13,10 @@ import pytest
 import engine.timeline as timeline_module
 from engine import KEEP_ALL, CorruptionError, Retention, Store, StoreConfig
 from engine.checksums import xxh3
-from engine.faultfs import FaultFileSystem
 from engine.fs import OsFileSystem
 from engine.manifest import OP_DROP, decode_snapshot
 from engine.testing import page, page_owner
+from engine.testing.faultfs import FaultFileSystem
 from engine.values import encode
 from engine.wal import REC_COMMIT, REC_EDIT, RECORD_HEADER, _pack_header, list_segments, scan_segment
 

@@ -13,10 +13,10 @@ import httpx
 import psycopg
 import pytest
 
-from pageserver import service
+from pageserver.clients.sdk import Strata
+from pageserver.compute.node import run_dir_for
 from pageserver.errors import ProtectedError, ServiceNotRunningError, UnknownObjectError
-from pageserver.sdk import Strata
-from pageserver.server import run_dir_for
+from pageserver.service import daemon as service
 
 from .pg import STRATA, requires_pg, strata
 

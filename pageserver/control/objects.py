@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import BadRequestError
+from pageserver.errors import BadRequestError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 

@@ -30,9 +30,8 @@ from engine import (
     StrataError,
 )
 from engine.check import CheckReport
-
-from .control import MAIN, ControlPlane
-from .errors import BranchBusyError, ControlPlaneError
+from pageserver.control.plane import MAIN, ControlPlane
+from pageserver.errors import BranchBusyError, ControlPlaneError
 
 Duration = float | str | None
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import ComputeError, PostgresVersionError
+from pageserver.errors import ComputeError, PostgresVersionError
 
 log = logging.getLogger("strata.compute")
 

@@ -42,10 +42,9 @@ import psycopg
 import pytest
 
 from engine import StrataError
-
-from . import service
-from .loadonce import run_with_url
-from .sdk import Branch, Database, Strata
+from pageserver.clients.loadonce import run_with_url
+from pageserver.clients.sdk import Branch, Database, Strata
+from pageserver.service import daemon as service
 
 _REPORT = pytest.StashKey[dict[str, pytest.TestReport]]()
 

@@ -1,8 +1,8 @@
-"""`python -m pageserver serve`: run a page server in the foreground.
+"""`python -m pageserver.compute serve`: run a node in the foreground.
 
-    python -m pageserver serve --home DIR [--compute TIMELINE ...] [--template]
+    python -m pageserver.compute serve --home DIR [--compute TIMELINE ...] [--template]
 
-Opens the page server at DIR (cleaning up after a killed one), optionally
+Opens the node at DIR (cleaning up after a killed one), optionally
 makes sure the template exists and starts computes, prints one JSON line per
 compute (`{"timeline", "compute", "uri", "port", "pid"}`) and a final
 `{"ready": true}`, then serves until SIGTERM or SIGINT, when it stops every
@@ -19,13 +19,13 @@ import signal
 import sys
 import threading
 
-from .server import PageServer
+from pageserver.compute.node import Node
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pageserver")
+    ap = argparse.ArgumentParser(prog="python -m pageserver.compute")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="run a page server in the foreground")
+    s = sub.add_parser("serve", help="run a node in the foreground")
     s.add_argument("--home", required=True)
     s.add_argument("--template", action="store_true", help="make sure the template timeline exists")
     s.add_argument("--compute", action="append", default=[], metavar="TIMELINE",
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with PageServer(args.home) as ps:
+    with Node(args.home) as ps:
         if args.template:
             ps.ensure_template(progress=False)
         for tid in args.compute:

@@ -39,136 +39,33 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import struct
 import threading
 from typing import Any
 
-from .catalog import BranchRecord
-from .control import ControlPlane
-from .errors import ComputeLimitError, ControlPlaneError, UnknownObjectError
+from pageserver.control.catalog import BranchRecord
+from pageserver.control.plane import ControlPlane
+from pageserver.errors import ComputeLimitError, ControlPlaneError, UnknownObjectError
+from pageserver.proxy.protocol import (
+    CANCEL_REQUEST,
+    GSSENC_REQUEST,
+    I32,
+    MAX_STARTUP,
+    PROTOCOL_3,
+    SSL_REQUEST,
+    STARTUP_HEAD,
+    Framer,
+    ProtocolError,
+    error_response,
+    parse_params,
+    startup_packet,
+    take_endpoint,
+)
 
 log = logging.getLogger("strata.proxy")
-
-SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST, PROTOCOL_3 = 80877103, 80877104, 80877102, 196608
-MAX_STARTUP = 10_000  # PostgreSQL's own limit on a startup packet
-_I32 = struct.Struct("!i")
-_HEAD = struct.Struct("!ii")
-
-
-class ProtocolError(Exception):
-    pass
-
-
-def parse_params(body: bytes) -> dict[str, str]:
-    parts = body.split(b"\0")
-    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
-        raise ProtocolError("startup parameters are not NUL-terminated")
-    items = parts[:-2]
-    if len(items) % 2:
-        raise ProtocolError("a startup parameter has no value")
-    return {items[i].decode(): items[i + 1].decode() for i in range(0, len(items), 2)}
-
-
-def startup_packet(params: dict[str, str]) -> bytes:
-    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
-    return _HEAD.pack(8 + len(body), PROTOCOL_3) + body
-
-
-def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:
-    fields = b"".join(t + v.encode() + b"\0" for t, v in ((b"S", severity), (b"V", severity),
-                                                         (b"C", code), (b"M", message)))
-    body = fields + b"\0"
-    return b"E" + _I32.pack(4 + len(body)) + body
-
-
-def take_endpoint(params: dict[str, str]) -> str | None:
-    """The endpoint named in `options` (removed from it), else in the
-    database name (which becomes `postgres`)."""
-    options = params.get("options", "")
-    kept, endpoint = [], None
-    for token in options.split():
-        for prefix in ("endpoint=", "--endpoint="):
-            if token.startswith(prefix):
-                endpoint = token[len(prefix):]
-                break
-        else:
-            kept.append(token)
-    if endpoint is not None:
-        if kept:
-            params["options"] = " ".join(kept)
-        else:
-            params.pop("options", None)
-        return endpoint
-    db = params.get("database", "")
-    if "." in db:
-        params["database"] = "postgres"
-        return db
-    return None
-
 
 ENDING_GRACE = 1.0  # seconds a query in flight may finish before an ending session cancels it
 ENDING_LIMIT = 3.0  # ... and before it is closed without a message
 WAKE_THREADS = 64  # wakes wait in threads of their own (for a start, or behind a branch lock)
-_Z = ord("Z")
-
-
-class Framer:
-    """Follows the message boundaries of a relayed stream of backend
-    messages (Byte1 type, Int32 length counting itself, body), chunk by
-    chunk, so that the proxy knows when it may insert a message of its own."""
-
-    __slots__ = ("left", "head", "last", "broken")
-
-    def __init__(self) -> None:
-        self.left = 0  # bytes of the current message still to come
-        self.head = b""  # the start of a header split across chunks
-        self.last = 0  # the type of the message begun last
-        self.broken = False  # a length no backend sends: never between again
-
-    def feed(self, data: bytes) -> None:
-        n, pos = len(data), 0
-        if self.left:
-            if self.left >= n:
-                self.left -= n
-                return
-            pos, self.left = self.left, 0
-        if self.head:
-            take = 5 - len(self.head)
-            h = self.head + bytes(data[pos : pos + take])
-            if len(h) < 5:
-                self.head = h
-                return
-            self.head = b""
-            pos = self._begin(h, 0, pos + take, n)
-        while pos < n:
-            if n - pos < 5:
-                self.head = bytes(data[pos:])
-                return
-            pos = self._begin(data, pos, pos + 5, n)
-
-    def _begin(self, header: bytes, at: int, body: int, n: int) -> int:
-        """A message whose header is header[at:at+5] and whose body starts
-        at offset `body` of a chunk of n bytes: where the next one starts
-        (n, with `left` set, if it goes on in a later chunk)."""
-        self.last = header[at]
-        length = int.from_bytes(header[at + 1 : at + 5], "big")
-        if length < 4:
-            self.broken = True
-            return n
-        end = body + length - 4
-        if end > n:
-            self.left = end - n
-            return n
-        return end
-
-    @property
-    def between(self) -> bool:
-        return not self.left and not self.head and not self.broken
-
-    @property
-    def ready(self) -> bool:
-        """Between messages, the last a ReadyForQuery: the compute waits for the client."""
-        return self.between and self.last == _Z
 
 
 class _Session:
@@ -286,7 +183,7 @@ class Proxy:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            length, code = _HEAD.unpack(await reader.readexactly(8))
+            length, code = STARTUP_HEAD.unpack(await reader.readexactly(8))
             if not 8 <= length <= MAX_STARTUP:
                 raise ProtocolError(f"invalid startup packet length {length}")
             body = await reader.readexactly(length - 8)
@@ -381,7 +278,7 @@ class Proxy:
         try:
             while True:
                 head = await up.readexactly(5)
-                (n,) = _I32.unpack_from(head, 1)
+                (n,) = I32.unpack_from(head, 1)
                 body = await up.readexactly(n - 4)
                 if head[:1] == b"K" and len(body) == 8:
                     s.key = body
@@ -433,7 +330,7 @@ class Proxy:
             return  # as PostgreSQL does: no answer either way
         try:
             _, w = await asyncio.open_connection(*target)
-            w.write(_HEAD.pack(16, CANCEL_REQUEST) + body[:8])
+            w.write(STARTUP_HEAD.pack(16, CANCEL_REQUEST) + body[:8])
             await w.drain()
             w.close()
         except OSError:

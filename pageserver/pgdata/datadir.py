@@ -44,8 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from engine import Timeline, failpoints
-
-from .layout import (
+from pageserver.pgdata.layout import (
     BUCKETS,
     DIRECTORY,
     FILE,

@@ -20,10 +20,10 @@ import subprocess
 import sys
 import time
 
-from . import service
-from .compute import pg_bindir
-from .errors import UnknownObjectError
-from .sdk import Strata
+from pageserver.clients.sdk import Strata
+from pageserver.compute.postgres import pg_bindir
+from pageserver.errors import UnknownObjectError
+from pageserver.service import daemon as service
 
 BASE = "demo"
 

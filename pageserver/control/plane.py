@@ -92,20 +92,19 @@ from engine import (
     StoreConfig,
     Timeline,
 )
-
-from .catalog import CATALOG_ID, BranchRecord, Catalog, Change, DatabaseRecord, Record, Snapshot
-from .compute import Compute, new_password
-from .errors import (
-    BadRequestError,
-    ComputeLimitError,
-    ComputeNotFoundError,
-    ControlPlaneError,
-    ObjectExistsError,
-    ProtectedError,
-    UnknownObjectError,
+from pageserver.compute.node import TEMPLATE_ID, Node
+from pageserver.compute.postgres import Compute, new_password
+from pageserver.control.catalog import (
+    CATALOG_ID,
+    BranchRecord,
+    Catalog,
+    Change,
+    DatabaseRecord,
+    Record,
+    Snapshot,
 )
-from .metrics import Metrics
-from .objects import (
+from pageserver.control.metrics import Metrics
+from pageserver.control.objects import (
     BranchInfo,
     DatabaseInfo,
     check_name,
@@ -114,7 +113,15 @@ from .objects import (
     parse_time,
     sha256,
 )
-from .server import TEMPLATE_ID, PageServer
+from pageserver.errors import (
+    BadRequestError,
+    ComputeLimitError,
+    ComputeNotFoundError,
+    ControlPlaneError,
+    ObjectExistsError,
+    ProtectedError,
+    UnknownObjectError,
+)
 
 log = logging.getLogger("strata.control")
 
@@ -172,7 +179,7 @@ class ControlPlane:
         self.default_idle_timeout = default_idle_timeout
         self._clock = clock  # wall clock: deadlines kept in the catalog
         self._mono = monotonic  # idle timers
-        self.ps = PageServer(self.home, config=config)
+        self.ps = Node(self.home, config=config)
         self._locks_mu = threading.Lock()
         self._branch_mu: dict[int, threading.Lock] = {}  # under _locks_mu
         self._use_mu = threading.Lock()

@@ -34,11 +34,10 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine.fs import OsFileSystem, write_atomically
-
-from .errors import ServiceNotRunningError
+from pageserver.errors import ServiceNotRunningError
 
 if TYPE_CHECKING:
-    from .control import ControlPlane
+    from pageserver.control.plane import ControlPlane
 
 log = logging.getLogger("strata.service")
 
@@ -124,7 +123,7 @@ API_THREADS = 8
 
 async def _serve(home: str, api_port: int, proxy_port: int, max_computes: int | None,
                  idle_timeout: float | None, warm_pool: int = 0) -> None:
-    from .control import DEFAULT_IDLE_TIMEOUT, ControlPlane
+    from pageserver.control.plane import DEFAULT_IDLE_TIMEOUT, ControlPlane
 
     token = ensure_token(home)
     control = ControlPlane(home, proxy_port=proxy_port, max_computes=max_computes,
@@ -151,8 +150,8 @@ async def serve(control: ControlPlane, token: str, api_port: int, proxy_port: in
     import anyio.to_thread
     import uvicorn
 
-    from .api import make_app
-    from .proxy import Proxy
+    from pageserver.frontend.api import make_app
+    from pageserver.proxy.server import Proxy
 
     proxy = Proxy(control, HOST, proxy_port)
     server: uvicorn.Server | None = None

@@ -32,7 +32,7 @@ import random
 import threading
 from dataclasses import dataclass, field
 
-from .errors import StoreLockedError
+from ..errors import StoreLockedError
 
 MUTATING_OPS = frozenset(
     {"write", "sync", "rename", "remove", "makedirs", "rmdir", "truncate", "sync_dir", "create"}

@@ -74,21 +74,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from engine import StrataError
-
-from . import libfuse
-from .datadir import DataDir
-from .layout import DIRECTORY, FILE, ROOT, SYMLINK, Inode
+from pageserver.fuse import libfuse
+from pageserver.pgdata.datadir import DataDir
+from pageserver.pgdata.layout import DIRECTORY, FILE, ROOT, SYMLINK, Inode
+from pageserver.pgdata.policy import LOCAL_DIRS, is_local
 
 libfuse.bind()  # before mfusepy is imported: it picks its library then
 import mfusepy  # noqa: E402
 
 log = logging.getLogger("strata.fuse")
-
-LOCAL_TOP = frozenset({
-    "postmaster.pid", "postmaster.opts", "pg_dynshmem", "pg_notify", "pg_serial",
-    "pg_snapshots", "pg_stat_tmp", "pg_subtrans", "pg_replslot",
-})
-LOCAL_DIRS = sorted(n for n in LOCAL_TOP if n.startswith("pg_"))
 
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
@@ -96,17 +90,6 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2)
 _TYPE = {FILE: stat.S_IFREG, DIRECTORY: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}
 TIMEOUT = 3600.0
 DETACH_WARN_AFTER = 10.0  # seconds detach waits before it says what it waits for
-
-
-def is_local(rel: str) -> bool:
-    """Is this path (relative to a data directory) compute-local?"""
-    parts = rel.split("/")
-    if parts[0] in LOCAL_TOP:
-        return True
-    # relcache init files are written as pg_internal.init.<pid> and renamed into place:
-    # both names must be on the same side, or the rename fails (EXDEV) and every backend
-    # rebuilds its relation cache
-    return any(p.startswith("pgsql_tmp") for p in parts) or parts[-1].startswith("pg_internal.init")
 
 
 _AT_FDCWD = -100

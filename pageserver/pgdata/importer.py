@@ -22,11 +22,10 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from engine import Store, Timeline
-
-from .datadir import DataDir
-from .errors import DestinationNotEmptyError, NotADataDirectoryError
-from .fusefs import LOCAL_DIRS, is_local
-from .layout import DIRECTORY, PAGE, ROOT, SYMLINK
+from pageserver.errors import DestinationNotEmptyError, NotADataDirectoryError
+from pageserver.pgdata.datadir import DataDir
+from pageserver.pgdata.layout import DIRECTORY, PAGE, ROOT, SYMLINK
+from pageserver.pgdata.policy import LOCAL_DIRS, is_local
 
 log = logging.getLogger("strata.import")
 

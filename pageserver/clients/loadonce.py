@@ -1,7 +1,7 @@
 """Load once, branch per run: identical starting data for every run of a
 benchmark without reloading it.
 
-    from pageserver.loadonce import load_once
+    from pageserver.clients.loadonce import load_once
     report = load_once(Strata(), base="tpcb", load="pgbench -i -s 50 $DATABASE_URL",
                        workload="pgbench -T 60 -c 4 $DATABASE_URL", runs=5)
 
@@ -31,8 +31,8 @@ import psycopg
 from psycopg import sql
 from tqdm import tqdm
 
-from .errors import BadRequestError, UnknownObjectError
-from .sdk import Database, Strata
+from pageserver.clients.sdk import Database, Strata
+from pageserver.errors import BadRequestError, UnknownObjectError
 
 _FIGURES = {
     "tps": re.compile(r"^tps = ([0-9.]+)", re.M),

@@ -18,9 +18,8 @@ from typing import Any
 import click
 
 from engine import StrataError
-
-from . import service
-from .sdk import Strata
+from pageserver.clients.sdk import Strata
+from pageserver.service import daemon as service
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 
@@ -266,7 +265,7 @@ def lsn(ctx: click.Context, as_json: bool, address: str) -> None:
 def bench(ctx: click.Context, as_json: bool, base: str, load: str | None, workload: str, runs: int,
           no_checksum: bool, keep: bool) -> None:
     """Load BASE once, then run a workload N times, each on a fresh branch of it."""
-    from .loadonce import load_once
+    from pageserver.clients.loadonce import load_once
 
     report = load_once(_client(ctx), base=base, load=load, workload=workload, runs=runs,
                        checksum=not no_checksum, keep=keep, home=_home(ctx))
@@ -292,8 +291,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
         report = _client(ctx).call("POST", "/check")
     else:
         from engine import Store
-
-        from .api import check_report
+        from pageserver.frontend.api import check_report
 
         with Store.open(os.path.join(home, "store"), background=False) as store:
             report = check_report(store.check())

@@ -35,27 +35,16 @@ import threading
 import time
 
 from engine import NotFoundError, Store, StoreConfig, Timeline
-
-from .compute import Compute, free_port, new_password, pg_bindir, reap_stale, run_as
-from .datadir import DataDir
-from .errors import BranchBusyError, ComputeError, ComputeNotFoundError
-from .fusefs import Mount, unmount
-from .importer import export_datadir, import_datadir
+from pageserver.compute.postgres import Compute, free_port, new_password, pg_bindir, reap_stale, run_as
+from pageserver.errors import BranchBusyError, ComputeError, ComputeNotFoundError
+from pageserver.fuse.filesystem import Mount, unmount
+from pageserver.pgdata.datadir import DataDir
+from pageserver.pgdata.importer import export_datadir, import_datadir
+from pageserver.pgdata.policy import PG_CONF, PG_HBA
 
 log = logging.getLogger("strata.server")
 
 TEMPLATE_ID = "7374726174612d74656d706c61746500"  # "strata-template" in hex
-PG_CONF = """
-# --- added by strata ---
-listen_addresses = '127.0.0.1'
-password_encryption = 'scram-sha-256'
-dynamic_shared_memory_type = posix
-"""
-PG_HBA = """# strata: the Unix socket is private to the page server; TCP needs a password
-local   all   all                 trust
-host    all   all   127.0.0.1/32  scram-sha-256
-host    all   all   ::1/128       scram-sha-256
-"""
 
 
 def pg_version_of(tl: Timeline) -> str:
@@ -80,7 +69,7 @@ def run_dir_for(home: str) -> str:
     return os.path.join(base, digest)
 
 
-class PageServer:
+class Node:
     def __init__(self, home: str, *, config: StoreConfig | None = None, background: bool = True) -> None:
         self.home = os.path.abspath(home)
         self.store_path = os.path.join(self.home, "store")
@@ -98,7 +87,7 @@ class PageServer:
 
     # --- lifecycle --------------------------------------------------------------
 
-    def open(self) -> PageServer:
+    def open(self) -> Node:
         os.makedirs(self.run_dir, exist_ok=True)
         os.chmod(self.run_dir, 0o755)
         reaped = reap_stale(self.computes_dir)
@@ -129,7 +118,7 @@ class PageServer:
         if self.store is not None:
             self.store.close()
 
-    def __enter__(self) -> PageServer:
+    def __enter__(self) -> Node:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:

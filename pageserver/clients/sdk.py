@@ -1,0 +1,222 @@
+"""Python SDK over the HTTP API.
+
+    from pageserver.clients.sdk import Strata
+    db = Strata().create_database(ttl="1h")
+    db.sql("select 1")
+    db.delete()
+
+`Strata()` finds the service from `url`/`token`, or `$STRATA_URL` and
+`$STRATA_TOKEN`, or the home directory (`home`, `$STRATA_HOME`, or
+`./.strata`), and starts one there if none runs (`start=False` to refuse).
+Errors come back as the typed errors of `pageserver.errors` (and the
+engine's), named by the service.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import psycopg
+
+import engine.errors as engine_errors
+from pageserver import errors as ps_errors
+from pageserver.errors import ControlPlaneError, ServiceNotRunningError
+from pageserver.service import daemon as service
+
+
+def _error_class(name: str) -> type[Exception]:
+    for mod in (ps_errors, engine_errors):
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            return cls
+    return ControlPlaneError
+
+
+class ApiError(ControlPlaneError):
+    """An error the service reported, with its HTTP status and type name.
+    It is also an instance of the typed error it names (UnknownObjectError,
+    ProtectedError, ...), so callers branch on the same types as in-process."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        Exception.__init__(self, message)
+        self.status = status
+        self.kind = kind
+
+
+_typed: dict[str, type[ApiError]] = {}
+
+
+def _raise(r: httpx.Response) -> None:
+    try:
+        body = r.json()
+        kind, message = body.get("error", "HTTPError"), body.get("message", r.text)
+    except ValueError:
+        kind, message = "HTTPError", r.text
+    cls = _error_class(kind)
+    typed: type[ApiError] = ApiError
+    if not issubclass(ApiError, cls):
+        typed = _typed.get(kind) or _typed.setdefault(kind, type(kind, (ApiError, cls), {}))
+    raise typed(r.status_code, kind, message)
+
+
+class Strata:
+    def __init__(self, home: str | None = None, *, url: str | None = None, token: str | None = None,
+                 start: bool = True, timeout: float = 120.0) -> None:
+        import os
+
+        url = url or os.environ.get("STRATA_URL")
+        token = token or os.environ.get("STRATA_TOKEN")
+        if url is None or token is None:
+            home = os.path.abspath(home or service.default_home())
+            state = service.read_state(home)
+            if state is None:
+                if not start:
+                    raise ServiceNotRunningError(f"no Strata service runs for {home} (run `strata up`)")
+                state = service.start(home)
+            url = url or state["api"]
+            if token is None:
+                with open(state["token_file"]) as f:
+                    token = f.read().strip()
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url + "/v1", timeout=timeout,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Strata:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            r = self._http.request(method, path, json=body)
+        except httpx.TransportError as e:
+            raise ServiceNotRunningError(f"cannot reach the Strata service at {self.url}: {e}") from e
+        if r.status_code >= 400:
+            _raise(r)
+        return None if r.status_code == 204 else r.json()
+
+    # --- databases -------------------------------------------------------------
+
+    def create_database(self, name: str | None = None, *, ttl: float | str | None = None,
+                        idle_timeout: float | str | None = None,
+                        expire_after_idle: float | str | None = None) -> Database:
+        info = self.call("POST", "/databases", {"name": name, "ttl": ttl, "idle_timeout": idle_timeout,
+                                                "expire_after_idle": expire_after_idle})
+        return Database(self, info["name"], info["uri"], info)
+
+    def database(self, name: str) -> Database:
+        info = self.call("GET", f"/databases/{name}")
+        return Database(self, info["name"], info["uri"], info)
+
+    def databases(self) -> list[Database]:
+        return [Database(self, d["name"], d["uri"], d) for d in self.call("GET", "/databases")]
+
+    def branch(self, address: str) -> Branch:
+        """A branch by `DB/BRANCH` (or `DB` for its main branch)."""
+        db, _, name = address.partition("/")
+        info = self.call("GET", f"/databases/{db}/branches/{name or 'main'}")
+        return Branch(self, db, info["name"], info["uri"], info)
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", "/status")
+        return result
+
+
+class Branch:
+    """A branch: connect to it, query it, branch it, suspend, reset,
+    restore or delete it."""
+
+    def __init__(self, client: Strata, database: str, name: str, uri: str, info: dict[str, Any]) -> None:
+        self.client = client
+        self.database = database
+        self.name = name
+        self.uri = uri
+        self.info = info
+
+    @property
+    def _path(self) -> str:
+        return f"/databases/{self.database}/branches/{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<Branch {self.database}/{self.name}>"
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.uri, **kwargs)
+
+    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """Run one statement (autocommit); its rows, or [] if it returns none."""
+        with psycopg.connect(self.uri, autocommit=True) as conn:
+            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    def refresh(self) -> dict[str, Any]:
+        self.info = self.client.call("GET", self._path)
+        return self.info
+
+    @property
+    def state(self) -> str:
+        return str(self.refresh()["state"])
+
+    def lsn(self) -> int:
+        return int(self.client.call("GET", self._path + "/lsn")["lsn"])
+
+    def create_branch(self, name: str, *, lsn: int | None = None, time: str | None = None,
+                      ttl: float | str | None = None, idle_timeout: float | str | None = None,
+                      expire_after_idle: float | str | None = None, protected: bool = False) -> Branch:
+        info = self.client.call("POST", f"/databases/{self.database}/branches", {
+            "name": name, "parent": self.name, "lsn": lsn, "time": time, "ttl": ttl,
+            "idle_timeout": idle_timeout, "expire_after_idle": expire_after_idle, "protected": protected})
+        return Branch(self.client, self.database, info["name"], info["uri"], info)
+
+    def suspend(self) -> None:
+        self.info = self.client.call("POST", self._path + "/suspend")
+
+    def start(self) -> None:
+        self.info = self.client.call("POST", self._path + "/start")
+
+    def reset(self) -> None:
+        self.info = self.client.call("POST", self._path + "/reset")
+
+    def restore(self, *, lsn: int | None = None, time: str | None = None) -> Branch:
+        """Back to this branch's state at `lsn` or `time`; returns the backup
+        branch holding what it was before."""
+        info = self.client.call("POST", self._path + "/restore", {"lsn": lsn, "time": time})
+        backup = info.pop("backup")
+        self.info = info
+        return Branch(self.client, self.database, backup["name"], backup["uri"], backup)
+
+    def detach(self) -> None:
+        self.info = self.client.call("POST", self._path + "/detach")
+
+    def update(self, **changes: Any) -> None:
+        self.info = self.client.call("PATCH", self._path, changes)
+
+    def delete(self) -> None:
+        self.client.call("DELETE", self._path)
+
+
+class Database(Branch):
+    """A database, used as its main branch; `branch(name)` makes another.
+    `token` (set when this client created it) is the API token scoped to it."""
+
+    def __init__(self, client: Strata, name: str, uri: str, info: dict[str, Any]) -> None:
+        super().__init__(client, name, "main", uri, info)
+        self.token: str | None = info.get("token")
+
+    def __repr__(self) -> str:
+        return f"<Database {self.database}>"
+
+    def branch(self, name: str, **kwargs: Any) -> Branch:
+        return self.create_branch(name, **kwargs)
+
+    def branches(self) -> list[Branch]:
+        return [Branch(self.client, self.database, b["name"], b["uri"], b)
+                for b in self.client.call("GET", f"/databases/{self.database}/branches")]
+
+    def delete(self) -> None:
+        self.client.call("DELETE", f"/databases/{self.database}")

@@ -1,0 +1,43 @@
+"""PostgreSQL's side of a data directory kept in a timeline: which files
+stay with the compute, and the settings Strata adds to every cluster.
+
+Compute-local files never travel to a branch: `postmaster.pid`,
+`postmaster.opts`, the directories PostgreSQL empties at every start
+(`pg_dynshmem`, `pg_notify`, `pg_serial`, `pg_snapshots`, `pg_stat_tmp`,
+`pg_subtrans`, `pg_replslot`), temporary files (`pgsql_tmp*`) and the
+relation cache's init files (`pg_internal.init*`). The FUSE adapter keeps
+them in the attachment's local directory, the importer leaves them out,
+and the exporter makes the empty directories PostgreSQL expects.
+"""
+
+from __future__ import annotations
+
+LOCAL_TOP = frozenset({
+    "postmaster.pid", "postmaster.opts", "pg_dynshmem", "pg_notify", "pg_serial",
+    "pg_snapshots", "pg_stat_tmp", "pg_subtrans", "pg_replslot",
+})
+LOCAL_DIRS = sorted(n for n in LOCAL_TOP if n.startswith("pg_"))
+
+
+def is_local(rel: str) -> bool:
+    """Is this path (relative to a data directory) compute-local?"""
+    parts = rel.split("/")
+    if parts[0] in LOCAL_TOP:
+        return True
+    # relcache init files are written as pg_internal.init.<pid> and renamed into place:
+    # both names must be on the same side, or the rename fails (EXDEV) and every backend
+    # rebuilds its relation cache
+    return any(p.startswith("pgsql_tmp") for p in parts) or parts[-1].startswith("pg_internal.init")
+
+
+PG_CONF = """
+# --- added by strata ---
+listen_addresses = '127.0.0.1'
+password_encryption = 'scram-sha-256'
+dynamic_shared_memory_type = posix
+"""
+PG_HBA = """# strata: the Unix socket is private to the page server; TCP needs a password
+local   all   all                 trust
+host    all   all   127.0.0.1/32  scram-sha-256
+host    all   all   ::1/128       scram-sha-256
+"""

@@ -1,0 +1,137 @@
+"""The PostgreSQL wire protocol, as far as the proxy reads it: pure
+functions over bytes, with no I/O (property-tested without a server).
+
+A connection starts with a startup packet (PostgreSQL protocol 3.0,
+"Message Formats"):
+
+    Int32 length | Int32 code | body
+    code 80877103  SSLRequest      -> answer 'N' (no TLS on loopback), read again
+    code 80877104  GSSENCRequest   -> answer 'N', read again
+    code 80877102  CancelRequest   body: Int32 pid, Int32 secret key
+    code 196608    StartupMessage  body: (name \\0 value \\0)* \\0
+
+After it, every message is Byte1 type | Int32 length (counting itself) |
+body; `Framer` follows their boundaries in a relayed stream.
+"""
+
+from __future__ import annotations
+
+import struct
+
+SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST, PROTOCOL_3 = 80877103, 80877104, 80877102, 196608
+MAX_STARTUP = 10_000  # PostgreSQL's own limit on a startup packet
+I32 = struct.Struct("!i")
+STARTUP_HEAD = struct.Struct("!ii")
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def parse_params(body: bytes) -> dict[str, str]:
+    parts = body.split(b"\0")
+    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
+        raise ProtocolError("startup parameters are not NUL-terminated")
+    items = parts[:-2]
+    if len(items) % 2:
+        raise ProtocolError("a startup parameter has no value")
+    return {items[i].decode(): items[i + 1].decode() for i in range(0, len(items), 2)}
+
+
+def startup_packet(params: dict[str, str]) -> bytes:
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return STARTUP_HEAD.pack(8 + len(body), PROTOCOL_3) + body
+
+
+def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:
+    fields = b"".join(t + v.encode() + b"\0" for t, v in ((b"S", severity), (b"V", severity),
+                                                         (b"C", code), (b"M", message)))
+    body = fields + b"\0"
+    return b"E" + I32.pack(4 + len(body)) + body
+
+
+def take_endpoint(params: dict[str, str]) -> str | None:
+    """The endpoint named in `options` (removed from it), else in the
+    database name (which becomes `postgres`)."""
+    options = params.get("options", "")
+    kept, endpoint = [], None
+    for token in options.split():
+        for prefix in ("endpoint=", "--endpoint="):
+            if token.startswith(prefix):
+                endpoint = token[len(prefix):]
+                break
+        else:
+            kept.append(token)
+    if endpoint is not None:
+        if kept:
+            params["options"] = " ".join(kept)
+        else:
+            params.pop("options", None)
+        return endpoint
+    db = params.get("database", "")
+    if "." in db:
+        params["database"] = "postgres"
+        return db
+    return None
+
+
+_Z = ord("Z")
+
+
+class Framer:
+    """Follows the message boundaries of a relayed stream of backend
+    messages (Byte1 type, Int32 length counting itself, body), chunk by
+    chunk, so that the proxy knows when it may insert a message of its own."""
+
+    __slots__ = ("left", "head", "last", "broken")
+
+    def __init__(self) -> None:
+        self.left = 0  # bytes of the current message still to come
+        self.head = b""  # the start of a header split across chunks
+        self.last = 0  # the type of the message begun last
+        self.broken = False  # a length no backend sends: never between again
+
+    def feed(self, data: bytes) -> None:
+        n, pos = len(data), 0
+        if self.left:
+            if self.left >= n:
+                self.left -= n
+                return
+            pos, self.left = self.left, 0
+        if self.head:
+            take = 5 - len(self.head)
+            h = self.head + bytes(data[pos : pos + take])
+            if len(h) < 5:
+                self.head = h
+                return
+            self.head = b""
+            pos = self._begin(h, 0, pos + take, n)
+        while pos < n:
+            if n - pos < 5:
+                self.head = bytes(data[pos:])
+                return
+            pos = self._begin(data, pos, pos + 5, n)
+
+    def _begin(self, header: bytes, at: int, body: int, n: int) -> int:
+        """A message whose header is header[at:at+5] and whose body starts
+        at offset `body` of a chunk of n bytes: where the next one starts
+        (n, with `left` set, if it goes on in a later chunk)."""
+        self.last = header[at]
+        length = int.from_bytes(header[at + 1 : at + 5], "big")
+        if length < 4:
+            self.broken = True
+            return n
+        end = body + length - 4
+        if end > n:
+            self.left = end - n
+            return n
+        return end
+
+    @property
+    def between(self) -> bool:
+        return not self.left and not self.head and not self.broken
+
+    @property
+    def ready(self) -> bool:
+        """Between messages, the last a ReadyForQuery: the compute waits for the client."""
+        return self.between and self.last == _Z
