@@ -1,4 +1,6 @@
-"""The service's event loop (the proxy and the HTTP API share it) stays
+"""The front end's event loop (the proxy and the HTTP API share it), here
+over a control plane in the same process (the harder case: the service
+runs the control plane in the page server process), stays
 responsive while 40 databases are created at once and their catalog
 writes fsync, clients connect through the proxy, and status, metrics and
 housekeeping run: nothing on the loop waits for a lock held across an
@@ -18,6 +20,7 @@ import httpx
 import psycopg
 
 from pageserver.control.plane import ControlPlane
+from pageserver.frontend import serve as frontend
 from pageserver.service import daemon as service
 
 from .pg import requires_pg
@@ -78,7 +81,7 @@ def test_event_loop_lag_while_40_databases_are_created(tmp_path):
         box["loop"] = loop
         started.set()
 
-    runner = threading.Thread(target=lambda: asyncio.run(service.serve(
+    runner = threading.Thread(target=lambda: asyncio.run(frontend.serve(
         cp, token, api_port, proxy_port, signals=False, started=on_start)), daemon=True)
     runner.start()
     api = httpx.Client(base_url=f"http://{service.HOST}:{api_port}/v1",

@@ -180,11 +180,11 @@ def test_libfuse_3_is_loaded_even_with_libfuse_2_installed():
         if in_ci():
             pytest.fail(msg)
         pytest.skip(msg)
-    code = "import pageserver.fusefs, mfusepy; print(mfusepy._libfuse_path, mfusepy.fuse_version_major)"
+    code = "import pageserver.fuse.filesystem, mfusepy; print(mfusepy._libfuse_path, mfusepy.fuse_version_major)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if k != "FUSE_LIBRARY_PATH"}).stdout
     path, major = out.split()
     assert "fuse3" in path and major == "3", out
     assert "FUSE_LIBRARY_PATH" not in subprocess.run(  # the choice does not leak to child processes
-        [sys.executable, "-c", "import os, pageserver.fusefs; print(sorted(os.environ))"],
+        [sys.executable, "-c", "import os, pageserver.fuse.filesystem; print(sorted(os.environ))"],
         capture_output=True, text=True, check=True).stdout

@@ -1,6 +1,8 @@
 """kill -9 under load: pgbench (-c 8, per-transaction log) on two branches
-through the proxy while the whole service is killed with SIGKILL at random
-moments and restarted, and in some rounds a compute's postmaster instead.
+through the proxy while, at random moments, one process is killed with
+SIGKILL, in turn: the whole service (its supervisor: the page server and
+the front end then stop), the page server process alone, the front-end
+process alone (the supervisor restarts either), and a compute's postmaster.
 No transaction pgbench saw committed may be lost; pgbench's invariants and
 pg_amcheck --heapallindexed must hold. `make test` runs 3 rounds;
 `TORTURE=1` (make torture) 20, and prints the figures. Losses are
@@ -32,7 +34,8 @@ from .pg import (
 )
 
 pytestmark = requires_pg
-ROUNDS = 20 if os.environ.get("TORTURE") else 3
+ROUNDS = 20 if os.environ.get("TORTURE") else 4
+VICTIMS = ("service", "pageserver", "frontend", "compute")
 def first_answer(target: ProxyTarget, deadline: float = 120.0) -> float:
     t0 = time.monotonic()
     while True:
@@ -73,7 +76,7 @@ def test_kill_9_under_load_loses_no_committed_transaction(tmp_path):
         strata(home, "branch", "create", "load/other")
         b = ProxyTarget(port, password, "load.other")
         committed = {a.endpoint: 0, b.endpoint: 0}
-        restarts, kills, losses = [], {"service": 0, "compute": 0}, []
+        restarts, kills, losses = [], dict.fromkeys(VICTIMS, 0), []
         for rnd in range(ROUNDS):
             # what each branch holds before the round: a round's losses are counted against
             # its own commits (rows committed but never acknowledged in an earlier round
@@ -87,13 +90,14 @@ def test_kill_9_under_load_loses_no_committed_transaction(tmp_path):
                     [os.path.join(pg_bindir(), "pgbench"), "-c", "8", "-j", "2", "-T", "10", "-l", "-n"],
                     env=env_for(t), cwd=logdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
             time.sleep(rng.uniform(1.0, 3.0))
-            if rnd % 3 == 2:  # a compute dies instead of the service
+            victim = VICTIMS[rnd % len(VICTIMS)]
+            if victim == "compute":
                 os.kill(postmaster_of(b), signal.SIGKILL)
-                kills["compute"] += 1
+            elif victim == "service":
+                os.kill(service.read_state(home)["pid"], signal.SIGKILL)
             else:
-                pid = service.read_state(home)["pid"]
-                os.kill(pid, signal.SIGKILL)
-                kills["service"] += 1
+                os.kill(service.read_state(home)["processes"][victim]["pid"], signal.SIGKILL)
+            kills[victim] += 1
             for _, _, p in runs:
                 p.wait(timeout=120)
             t0 = time.monotonic()
@@ -110,8 +114,7 @@ def test_kill_9_under_load_loses_no_committed_transaction(tmp_path):
             assert lost == 0, f"round {rnd}: {lost} acknowledged transactions lost (losses by round: {losses})"
         for t in (a, b):
             amcheck(t)
-        print(f"kill -9 under load: {ROUNDS} rounds ({kills['service']} of the service, {kills['compute']} "
-              f"of a compute), {sum(committed.values())} transactions pgbench saw committed, lost by round "
+        print(f"kill -9 under load: {ROUNDS} rounds (killed: {kills}), {sum(committed.values())} transactions pgbench saw committed, lost by round "
               f"{losses}; "
               f"restart to first answer p50 {statistics.median(restarts) * 1e3:.0f} ms, "
               f"max {max(restarts) * 1e3:.0f} ms")

@@ -19,6 +19,7 @@ import click
 
 from engine import StrataError
 from pageserver.clients.sdk import Strata
+from pageserver.errors import ServiceNotRunningError
 from pageserver.service import daemon as service
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -111,9 +112,21 @@ def status(ctx: click.Context, as_json: bool, address: str | None) -> None:
     """The service's status, or a database's or a branch's (DB[/BRANCH])."""
     c = _client(ctx)
     if address is None:
-        info = c.status()
-        _emit(as_json, info, f"{info['databases']} databases, {info['branches']} branches, "
-                             f"{len(info['running'])} running (at most {info['max_computes']})")
+        state = service.read_state(ctx.obj["home"]) or {}
+        processes = state.get("processes", {})
+        lines = []
+        for role, p in processes.items():
+            fate = f", {p['restarts']} restarts, last {p['last_exit']}" if p.get("restarts") else ""
+            lines.append(f"{role}: pid {p['pid']} as {p['user']}, {'running' if p['running'] else 'down'}{fate}")
+        try:
+            info = c.status()
+        except ServiceNotRunningError as e:  # the page server is down (restarting, or gone)
+            info = {"error": str(e)}
+            text = f"page server not answering: {e}"
+        else:
+            text = (f"{info['databases']} databases, {info['branches']} branches, "
+                    f"{len(info['running'])} running (at most {info['max_computes']})")
+        _emit(as_json, {**info, "processes": processes}, "\n".join([text, *lines]))
         return
     db, name = _split(address)
     info = c.branch(f"{db}/{name}").info
@@ -291,7 +304,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
         report = _client(ctx).call("POST", "/check")
     else:
         from engine import Store
-        from pageserver.frontend.api import check_report
+        from pageserver.control.objects import check_report
 
         with Store.open(os.path.join(home, "store"), background=False) as store:
             report = check_report(store.check())

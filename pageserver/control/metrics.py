@@ -1,6 +1,6 @@
 """Prometheus metrics of the control plane (served at /metrics): how many
 databases, branches and running computes there are, how long creates,
-wakes and suspends take, and how late the service's event loop runs."""
+wakes and suspends take (the front end adds how late its event loop runs)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ class Metrics:
                               buckets=BUCKETS, registry=self.registry)
         self.suspend = Histogram("strata_suspend_seconds", "Stop a branch's compute",
                                  buckets=BUCKETS, registry=self.registry)
-        self.loop_lag = Histogram("strata_event_loop_lag_seconds",
-                                  "How late the service's event loop (proxy and API) ran a 10 ms timer",
-                                  buckets=LAG_BUCKETS, registry=self.registry)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

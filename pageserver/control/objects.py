@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from engine.check import CheckReport
 from pageserver.errors import BadRequestError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -113,3 +114,9 @@ class DatabaseInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_report(r: CheckReport) -> dict[str, Any]:
+    """A store check's report as JSON."""
+    return {"ok": r.ok, "timelines": r.timelines, "layers": r.layers, "values": r.values,
+            "reads": r.reads, "problems": r.problems}

@@ -108,6 +108,7 @@ from pageserver.control.objects import (
     BranchInfo,
     DatabaseInfo,
     check_name,
+    check_report,
     iso,
     parse_duration,
     parse_time,
@@ -1058,6 +1059,16 @@ class ControlPlane:
                      self.endpoint(br), (time.monotonic() - t0) * 1e3, c.id, c.port)
             return c
 
+    def route(self, address: str | BranchRecord) -> tuple[str, int]:
+        """Where the proxy connects for this branch (woken first): the
+        compute's host and port."""
+        return "127.0.0.1", self.wake(address).port
+
+    def start(self, database: str, name: str) -> BranchInfo:
+        """Wake the branch; its snapshot once it runs."""
+        self.wake(f"{database}/{name}")
+        return self.branch(database, name, sizes=False)
+
     def _make_room(self, br: BranchRecord) -> None:
         """Take a compute slot for `br` (its branch lock held), making room
         at the cap: a spare pool compute yields first, then the least
@@ -1306,6 +1317,13 @@ class ControlPlane:
                     if bid in self._use:
                         self._use[bid].dirty = True
             raise
+
+    def metrics_text(self) -> str:
+        return self.metrics.text().decode()
+
+    def check(self) -> dict[str, Any]:
+        """Verify the store end to end (slow): what `strata check` reports."""
+        return check_report(self.ps.store.check())
 
     def status(self) -> dict[str, Any]:
         snap = self.catalog.snapshot

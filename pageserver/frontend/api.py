@@ -1,4 +1,5 @@
-"""The HTTP API (JSON, under /v1), a thin layer over `ControlPlane`.
+"""The HTTP API (JSON, under /v1), a thin layer over the control plane
+(`ControlPlane` in this process, or `RemoteControl` to the page server's).
 
 Every route needs `Authorization: Bearer <token>`: the operator token (made
 at the service's first start, in `<home>/token`, mode 0600) may do
@@ -13,6 +14,7 @@ metrics at /metrics (operator token). Errors come back as
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -29,8 +31,8 @@ from engine import (
     NotFoundError,
     StrataError,
 )
-from engine.check import CheckReport
 from pageserver.control.plane import MAIN, ControlPlane
+from pageserver.control.rpc import RemoteControl
 from pageserver.errors import BranchBusyError, ControlPlaneError
 
 Duration = float | str | None
@@ -66,11 +68,6 @@ class Restore(BaseModel):
     time: str | None = None
 
 
-def check_report(r: CheckReport) -> dict[str, Any]:
-    return {"ok": r.ok, "timelines": r.timelines, "layers": r.layers, "values": r.values,
-            "reads": r.reads, "problems": r.problems}
-
-
 def status_of(e: StrataError) -> int:
     if isinstance(e, ControlPlaneError):
         return e.status
@@ -83,7 +80,8 @@ def status_of(e: StrataError) -> int:
     return 500
 
 
-def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> FastAPI:
+def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: Any = None,
+             extra_metrics: Callable[[], str] | None = None) -> FastAPI:
     app = FastAPI(title="Strata", version="1", openapi_url="/v1/openapi.json", docs_url=None,
                   redoc_url=None, description="Branchable, scale-to-zero PostgreSQL databases.")
     bearer = HTTPBearer(auto_error=False)
@@ -128,7 +126,8 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
 
     @app.get("/metrics", dependencies=[Depends(operator)])
     def metrics() -> Response:
-        return Response(control.metrics.text(), media_type="text/plain; version=0.0.4")
+        text = control.metrics_text() + (extra_metrics() if extra_metrics else "")
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @v1.get("/status")
     def status() -> dict[str, Any]:
@@ -196,8 +195,7 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
 
     @dbr.post("/databases/{db}/branches/{name}/start")
     def start(db: str, name: str) -> dict[str, Any]:
-        control.wake(f"{db}/{name}")
-        return control.branch(db, name, sizes=False).to_dict()
+        return control.start(db, name).to_dict()
 
     @dbr.get("/databases/{db}/branches/{name}/lsn")
     def lsn(db: str, name: str) -> dict[str, Any]:
@@ -207,7 +205,7 @@ def make_app(control: ControlPlane, token: str, *, on_shutdown: Any = None) -> F
     def check() -> dict[str, Any]:
         """Verify the store end to end (every checksum, manifest against
         files, every timeline readable at its retained LSNs). Slow."""
-        return check_report(control.ps.store.check())
+        return control.check()
 
     @v1.post("/shutdown", status_code=202)
     def shutdown() -> dict[str, Any]:

@@ -44,7 +44,8 @@ from typing import Any
 
 from pageserver.control.catalog import BranchRecord
 from pageserver.control.plane import ControlPlane
-from pageserver.errors import ComputeLimitError, ControlPlaneError, UnknownObjectError
+from pageserver.control.rpc import RemoteControl
+from pageserver.errors import ComputeLimitError, ControlPlaneError, ServiceNotRunningError, UnknownObjectError
 from pageserver.proxy.protocol import (
     CANCEL_REQUEST,
     GSSENC_REQUEST,
@@ -80,7 +81,7 @@ class _Session:
         self.framer = Framer()
         self.idle = asyncio.Event()  # set when the compute waits for the client
         self.key: bytes | None = None  # BackendKeyData, to cancel its query
-        self.port = 0
+        self.address: tuple[str, int] = ("", 0)
         self.ending: str | None = None
         self.started = False  # the compute's first ReadyForQuery relayed (authentication done)
         self.farewell: asyncio.Task[None] | None = None  # telling the client why, after the compute is gone
@@ -92,7 +93,7 @@ class _Session:
 
 
 class Proxy:
-    def __init__(self, control: ControlPlane, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, control: ControlPlane | RemoteControl, host: str = "127.0.0.1", port: int = 0) -> None:
         self.control = control
         self.host = host
         self.port = port
@@ -156,7 +157,6 @@ class Proxy:
     async def stop(self) -> None:
         if self.end_sessions in self.control.session_enders:
             self.control.session_enders.remove(self.end_sessions)
-        self._wakes.shutdown(wait=False, cancel_futures=True)
         if self._server is not None:
             self._server.close()
             conns = list(self._conns)
@@ -164,6 +164,7 @@ class Proxy:
                 t.cancel()
             await asyncio.gather(*conns, return_exceptions=True)
             await self._server.wait_closed()
+        self._wakes.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -203,14 +204,22 @@ class Proxy:
             await _refuse(writer, "08004", "strata proxy: say which branch: options=endpoint=DB.BRANCH "
                           "(in a URI: ?options=endpoint%3DDB.BRANCH), or DB.BRANCH as the database name")
             return
+        loop = asyncio.get_running_loop()
         try:
-            br = self.control.resolve(endpoint)
+            br = await loop.run_in_executor(self._wakes, self.control.resolve, endpoint)
+        except ServiceNotRunningError as e:
+            await _refuse(writer, "08006", f"strata proxy: {e}")
+            return
         except ControlPlaneError:
             await _refuse(writer, "3D000", f'strata proxy: no branch with endpoint "{endpoint}"')
             return
         s = _Session(br.id, reader, writer)
         self._sessions.setdefault(br.id, set()).add(s)  # from here on, a stop with a reason reaches it
-        self.control.connection_opened(br)
+        try:
+            await loop.run_in_executor(self._wakes, self.control.connection_opened, br)
+        except BaseException:
+            self._forget_session(s)
+            raise
         try:
             await self._relay(s, br, endpoint, params, reader)
             if s.ending is not None:  # the last word takes its time: the caller must not close under it
@@ -218,18 +227,24 @@ class Proxy:
                     async with asyncio.timeout(ENDING_LIMIT + FAREWELL_WAIT + 2):
                         await s.said.wait()
         finally:
-            self.control.connection_closed(br)
-            mine = self._sessions.get(br.id)
-            if mine is not None:
-                mine.discard(s)
-                if not mine:
-                    del self._sessions[br.id]
+            self._forget_session(s)
+            try:
+                await loop.run_in_executor(self._wakes, self.control.connection_closed, br)
+            except ServiceNotRunningError:
+                pass  # the page server went: it forgets this front end's connections itself
+
+    def _forget_session(self, s: _Session) -> None:
+        mine = self._sessions.get(s.branch_id)
+        if mine is not None:
+            mine.discard(s)
+            if not mine:
+                del self._sessions[s.branch_id]
 
     async def _relay(self, s: _Session, br: BranchRecord, endpoint: str, params: dict[str, str],
                      reader: asyncio.StreamReader) -> None:
         writer = s.writer
         try:
-            compute = await asyncio.get_running_loop().run_in_executor(self._wakes, self.control.wake, br)
+            host, port = await asyncio.get_running_loop().run_in_executor(self._wakes, self.control.route, br)
         except ComputeLimitError as e:
             await _refuse(writer, "53300", f"strata proxy: {e}")
             return
@@ -245,12 +260,12 @@ class Proxy:
         if s.ending is not None:
             return  # told the client why already
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", compute.port)
+            up_reader, up_writer = await asyncio.open_connection(host, port)
         except OSError as e:
             if s.ending is None:
                 await _refuse(writer, "08006", f"strata proxy: compute of {endpoint} is gone: {e}")
             return
-        s.port = compute.port
+        s.address = (host, port)
         try:
             up_writer.write(startup_packet(params))
             await up_writer.drain()
@@ -282,7 +297,7 @@ class Proxy:
                 body = await up.readexactly(n - 4)
                 if head[:1] == b"K" and len(body) == 8:
                     s.key = body
-                    self._cancel_keys[body] = ("127.0.0.1", s.port)
+                    self._cancel_keys[body] = s.address
                 client.write(head + body)
                 if head[:1] in (b"Z", b"E"):
                     break
@@ -300,7 +315,7 @@ class Proxy:
                 if framer.ready:
                     s.idle.set()
                 await client.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, RuntimeError):  # (RuntimeError: uvloop, closed)
             pass
         finally:
             if s.ending is None:
@@ -318,7 +333,7 @@ class Proxy:
                 s.idle.clear()
                 up.write(data)
                 await up.drain()
-        except ConnectionError:
+        except (ConnectionError, RuntimeError):
             pass
         finally:
             with contextlib.suppress(OSError, RuntimeError):
@@ -387,7 +402,7 @@ async def _refuse(writer: asyncio.StreamWriter, code: str, message: str) -> None
     try:
         writer.write(error_response(code, message))
         await writer.drain()
-    except ConnectionError:
+    except (ConnectionError, RuntimeError):  # uvloop: RuntimeError on a transport the client closed
         pass
 
 

@@ -1,12 +1,14 @@
-"""The Strata service: HTTP API, PostgreSQL proxy, compute supervisor and
-the store's background work, in one process over one home directory.
+"""The Strata service over one home directory: a supervisor running the
+page server process (store, FUSE, computes, control plane) and the
+front-end process (HTTP API, PostgreSQL proxy; unprivileged), see
+`pageserver.service.supervisor`.
 
     <home>/store/          the engine's store (catalog and every branch)
     <home>/token           the API's bearer token (0600), made at first start
     <home>/ports.json      the API and proxy ports, chosen at first start and
                            kept, so that URIs handed out stay valid
-    <home>/service.json    where the running service listens (written once
-                           it serves, removed when it stops)
+    <home>/service.json    where the running service listens and its processes
+                           (written once it serves, removed when it stops)
     <home>/service.log     its log
 
 `strata up` runs `python -m pageserver.service --home H` in a session of
@@ -17,10 +19,8 @@ Files are written with write-temp, fsync, rename, fsync-directory.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import fcntl
-import gc
 import json
 import logging
 import os
@@ -29,15 +29,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine.fs import OsFileSystem, write_atomically
 from pageserver.errors import ServiceNotRunningError
+from pageserver.service.supervisor import FRONTEND_USER, Supervisor, frontend_identity
 
 if TYPE_CHECKING:
-    from pageserver.control.plane import ControlPlane
+    pass
 
 log = logging.getLogger("strata.service")
 
@@ -117,110 +119,6 @@ def _is_service(pid: int) -> bool:
         return False
 
 
-LAG_INTERVAL = 0.01  # how often the loop-lag monitor wakes
-API_THREADS = 8
-
-
-async def _serve(home: str, api_port: int, proxy_port: int, max_computes: int | None,
-                 idle_timeout: float | None, warm_pool: int = 0) -> None:
-    from pageserver.control.plane import DEFAULT_IDLE_TIMEOUT, ControlPlane
-
-    token = ensure_token(home)
-    control = ControlPlane(home, proxy_port=proxy_port, max_computes=max_computes,
-                           default_idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT, warm_pool=warm_pool)
-    await asyncio.to_thread(control.open)
-    try:
-        await serve(control, token, api_port, proxy_port, home=home)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(home, STATE))
-        await asyncio.to_thread(control.close)
-        log.info("stopped")
-
-
-async def serve(control: ControlPlane, token: str, api_port: int, proxy_port: int, *, home: str | None = None,
-                signals: bool = True, started: Callable[[asyncio.AbstractEventLoop], None] | None = None) -> None:
-    """Serve an open control plane on this event loop until shut down
-    (SIGTERM, SIGINT or POST /v1/shutdown): the proxy, the HTTP API,
-    housekeeping every second, and a monitor of the loop's own lag (the
-    `strata_event_loop_lag_seconds` histogram). Nothing that blocks runs
-    on the loop: the API's routes run in its thread pool, housekeeping
-    in a thread, and the proxy only reads snapshots. With `home`, writes
-    service.json once it serves; `started` is called then."""
-    import anyio.to_thread
-    import uvicorn
-
-    from pageserver.frontend.api import make_app
-    from pageserver.proxy.server import Proxy
-
-    proxy = Proxy(control, HOST, proxy_port)
-    server: uvicorn.Server | None = None
-    try:
-        await proxy.start()
-
-        def stop() -> None:
-            if server is not None:
-                server.should_exit = True
-
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                yield  # ours are below: uvicorn's would re-raise SIGTERM before the cleanup
-
-        loop = asyncio.get_running_loop()
-        # the API's routes run in this many threads (anyio's default is 40): more only
-        # contend for the GIL with the loop (measured 40, 16, 8: README, reliability)
-        anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
-        if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop)
-        app = make_app(control, token, on_shutdown=stop)
-        server = Server(uvicorn.Config(app, host=HOST, port=api_port, log_level="warning",
-                                       lifespan="off", access_log=False))
-
-        async def housekeeping() -> None:
-            while True:
-                await asyncio.sleep(1.0)
-                try:
-                    done = await asyncio.to_thread(control.maintain)
-                    for what, names in done.items():
-                        if names:
-                            log.info("%s: %s", what, ", ".join(names))
-                except Exception:  # noqa: BLE001 - keep serving; say what went wrong
-                    log.exception("housekeeping")
-
-        async def lag_monitor() -> None:
-            while True:
-                t0 = loop.time()
-                await asyncio.sleep(LAG_INTERVAL)
-                control.metrics.loop_lag.observe(max(0.0, loop.time() - t0 - LAG_INTERVAL))
-
-        async def announce() -> None:
-            while not server.started:
-                await asyncio.sleep(0.02)
-            if home is not None:
-                state = {"api": f"http://{HOST}:{api_port}", "proxy": f"{HOST}:{proxy_port}",
-                         "token_file": os.path.join(home, TOKEN), "pid": os.getpid(), "home": home}
-                await asyncio.to_thread(_write, os.path.join(home, STATE), json.dumps(state).encode(), 0o644)
-                log.info("serving: API %s, proxy %s", state["api"], state["proxy"])
-            # What start-up made (modules, the API's schemas, the catalog) lives as long as the
-            # process: out of the collector's way, so that a full collection, which stops every
-            # thread, scans only what came after (measured: 77 ms -> see README, reliability)
-            gc.freeze()
-            if started is not None:
-                started(loop)
-
-        tasks = [asyncio.create_task(housekeeping()), asyncio.create_task(announce()),
-                 asyncio.create_task(lag_monitor())]
-        try:
-            await server.serve()
-        finally:
-            for t in tasks:
-                t.cancel()
-    finally:
-        await proxy.stop()
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pageserver.service", description=__doc__.splitlines()[0])
     p.add_argument("--home", default=default_home())
@@ -229,12 +127,74 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-computes", type=int)
     p.add_argument("--idle-timeout", type=float)
     p.add_argument("--warm-pool", type=int, default=0, help="spare computes kept running (default 0)")
+    p.add_argument("--frontend-user", help=f"who the front end runs as when started as root "
+                                           f"(default ${{STRATA_FRONTEND_USER}} or {FRONTEND_USER!r})")
     args = p.parse_args(argv)
     home = os.path.abspath(args.home)
     os.makedirs(home, mode=0o700, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s supervisor %(name)s %(levelname)s %(message)s")
     api_port, proxy_port = _ports(home, args.api_port, args.proxy_port)
-    asyncio.run(_serve(home, api_port, proxy_port, args.max_computes, args.idle_timeout, args.warm_pool))
+    token = ensure_token(home)
+    fe_user = frontend_identity(args.frontend_user)
+    sock = _control_socket(home, fe_user[2])
+    options: list[str] = []
+    for flag, value in (("--max-computes", args.max_computes), ("--idle-timeout", args.idle_timeout),
+                        ("--warm-pool", args.warm_pool)):
+        if value is not None:
+            options += [flag, str(value)]
+    ps_cmd = [sys.executable, "-m", "pageserver.control", "--home", home, "--socket", sock,
+              "--proxy-port", str(proxy_port), "--trust-uid", str(fe_user[1]), "--socket-group", str(fe_user[2]),
+              *options]
+    fe_cmd = [sys.executable, "-m", "pageserver.frontend", "--control-socket", sock,
+              "--api-port", str(api_port), "--proxy-port", str(proxy_port), "--host", HOST]
+    serving = threading.Event()
+
+    def on_state(processes: dict[str, Any]) -> None:
+        if serving.is_set():
+            _write_state(home, api_port, proxy_port, processes)
+
+    sup = Supervisor(pageserver_cmd=ps_cmd, frontend_cmd=fe_cmd, frontend_user=fe_user, token=token,
+                     log_file=sys.stderr, on_state=on_state)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sup.stop("asked to stop"))
+    try:
+        try:
+            sup.start()
+        except Exception:
+            log.exception("the service could not start")
+            sup.stop("could not start")
+            sup.run()
+            sys.exit(1)
+        serving.set()
+        sup.publish()
+        log.info("serving: API http://%s:%d, proxy %s:%d (front end as %s)", HOST, api_port, HOST, proxy_port,
+                 fe_user[0])
+        sup.run()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(home, STATE))
+    if sup.why_down not in ("asked to stop", "shutdown asked through the API"):
+        sys.exit(1)
+
+
+def _control_socket(home: str, group: int) -> str:
+    """The page server's RPC socket, in a directory of the run directory
+    that only the service's user and the front end's group can enter."""
+    from pageserver.compute.node import run_dir_for
+
+    d = run_dir_for(home) + ".rpc"
+    os.makedirs(d, mode=0o750, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(d, 0, group)
+    os.chmod(d, 0o750)
+    return os.path.join(d, "control.sock")
+
+
+def _write_state(home: str, api_port: int, proxy_port: int, processes: dict[str, Any]) -> None:
+    state = {"api": f"http://{HOST}:{api_port}", "proxy": f"{HOST}:{proxy_port}",
+             "token_file": os.path.join(home, TOKEN), "pid": os.getpid(), "home": home, "processes": processes}
+    _write(os.path.join(home, STATE), json.dumps(state).encode(), 0o644)
 
 
 # --- starting and stopping it from elsewhere (CLI, SDK) ---------------------------------------

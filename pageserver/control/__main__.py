@@ -1,0 +1,111 @@
+"""`python -m pageserver.control`: the page server process.
+
+    python -m pageserver.control --home H --socket S --proxy-port P
+        [--trust-uid UID] [--socket-group GID] [--max-computes N]
+        [--idle-timeout SECONDS] [--warm-pool N]
+
+Holds the store, the FUSE mount, the computes and the control plane (the
+catalog is a timeline of the same store, and its locks span compute starts
+and stops, so they live together), runs housekeeping every second, and
+serves the control plane to the front ends on the Unix socket S
+(`pageserver.control.rpc`). Prints `{"ready": true, "pid": PID}` on stdout
+once it serves. SIGTERM or SIGINT stops it: every compute stops, the mount
+goes, the store closes. The service's supervisor runs it (as root where
+FUSE needs it) and restarts it if it dies; a restart is the recovery after
+a crash that the engine and the node already do at every open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from engine import StoreLockedError
+from pageserver.control.plane import DEFAULT_IDLE_TIMEOUT, ControlPlane
+from pageserver.control.rpc import RpcServer
+
+log = logging.getLogger("strata.pageserver")
+
+HOUSEKEEPING_INTERVAL = 1.0
+
+
+def housekeeping(control: ControlPlane, stop: threading.Event) -> None:
+    while not stop.wait(HOUSEKEEPING_INTERVAL):
+        try:
+            for what, names in control.maintain().items():
+                if names:
+                    log.info("%s: %s", what, ", ".join(names))
+        except Exception:  # noqa: BLE001 - keep serving; say what went wrong
+            log.exception("housekeeping")
+
+
+LOCK_WAIT = 120.0  # seconds a start waits for a stopping page server to let go of the store
+
+
+def open_waiting(control: ControlPlane) -> None:
+    """Open, waiting while the store is locked: the page server of a
+    supervisor that was killed stops on its own (SIGTERM from the kernel)
+    and holds the store until its computes are down."""
+    deadline, said = time.monotonic() + LOCK_WAIT, False
+    while True:
+        try:
+            control.open()
+            return
+        except StoreLockedError:
+            if time.monotonic() > deadline:
+                raise
+            if not said:
+                log.info("the store is locked (a page server still stopping?): waiting")
+                said = True
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pageserver.control", description=__doc__.splitlines()[0])
+    p.add_argument("--home", required=True)
+    p.add_argument("--socket", required=True, help="the control plane's Unix socket, for the front ends")
+    p.add_argument("--proxy-port", type=int, required=True, help="the proxy's port, for the URIs handed out")
+    p.add_argument("--trust-uid", type=int, action="append", default=[], help="a front end's uid (repeatable)")
+    p.add_argument("--socket-group", type=int, help="the group the socket is given (the front end's)")
+    p.add_argument("--max-computes", type=int)
+    p.add_argument("--idle-timeout", type=float)
+    p.add_argument("--warm-pool", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s pageserver %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    control = ControlPlane(os.path.abspath(args.home), proxy_port=args.proxy_port, max_computes=args.max_computes,
+                           default_idle_timeout=args.idle_timeout or DEFAULT_IDLE_TIMEOUT,
+                           warm_pool=args.warm_pool)
+    open_waiting(control)
+    try:
+        rpc = RpcServer(control, args.socket, trusted_uids=set(args.trust_uid), group=args.socket_group)
+        rpc.start()
+        keeper = threading.Thread(target=housekeeping, args=(control, stop), name="strata-housekeeping",
+                                  daemon=True)
+        keeper.start()
+        gc.freeze()  # what start-up made lives as long as the process (see README, reliability)
+        print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
+        log.info("serving the control plane on %s", args.socket)
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping")
+        rpc.close()
+        keeper.join(30)
+    finally:
+        control.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""`python -m pageserver.frontend`: the front-end process.
+
+    python -m pageserver.frontend --control-socket S --api-port A --proxy-port P [--host H]
+
+Serves the HTTP API and the PostgreSQL proxy on one event loop (uvloop),
+over the page server's control plane on the Unix socket S. It holds no
+state: a restart loses only the connections it was relaying. The
+operator's token comes on stdin (one line), so that the front end, which
+runs as an unprivileged user when the service is started as root, never
+needs to read the service's home. Started as root with STRATA_FRONTEND_UID and
+STRATA_FRONTEND_GID set, it binds its ports, imports what it needs, and
+drops to that user before it says it is ready. Prints
+`{"ready": true, "pid": PID, "uid": UID}` on stdout once it serves; exits with status 75 (SHUTDOWN_REQUESTED) after
+`POST /v1/shutdown`, so that the supervisor stops the whole service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from pageserver.control.rpc import RemoteControl
+from pageserver.frontend.serve import HOST, serve
+
+SHUTDOWN_REQUESTED = 75
+log = logging.getLogger("strata.frontend")
+
+
+async def _warm_up(host: str, port: int) -> None:
+    """Ask the API what a client would, so that whatever it imports on
+    first use is imported while the code can still be read."""
+    for path in ("/v1/openapi.json", "/v1/status", "/metrics"):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+
+_PR_SET_PDEATHSIG = 1
+PORT_WAIT = 60.0  # seconds to wait for a port a stopping front end still holds
+
+
+def wait_for_ports(host: str, ports: list[int]) -> None:
+    """Wait until every port can be bound: after its supervisor was killed,
+    the old front end stops on its own, and lets go of its ports once its
+    sessions have ended."""
+    deadline, said = time.monotonic() + PORT_WAIT, False
+    for port in ports:
+        while True:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                    break
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                        raise
+            if not said:
+                log.info("port %d is still in use (a front end still stopping?): waiting", port)
+                said = True
+            time.sleep(0.1)
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become `uid`:`gid` for good (every thread: glibc applies set*id to all)."""
+    parent = os.getppid()
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.geteuid() == 0 or os.getuid() == 0:
+        raise RuntimeError("the front end is still root after dropping its privileges")
+    # the kernel clears the parent-death signal when credentials change: arm it again, and
+    # stop at once if the supervisor died in between
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+    log.info("front end runs as uid %d, gid %d", uid, gid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pageserver.frontend", description=__doc__.splitlines()[0])
+    p.add_argument("--control-socket", required=True)
+    p.add_argument("--api-port", type=int, required=True)
+    p.add_argument("--proxy-port", type=int, required=True)
+    p.add_argument("--host", default=HOST)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s frontend %(name)s %(levelname)s %(message)s")
+    token = sys.stdin.readline().strip()
+    if not token:
+        print("python -m pageserver.frontend: the operator token must come on stdin", file=sys.stderr)
+        return 2
+    wait_for_ports(args.host, [args.api_port, args.proxy_port])
+    control = RemoteControl(args.control_socket)
+    control.subscribe()
+    asked: list[bool] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def started(loop: asyncio.AbstractEventLoop) -> None:
+        async def ready() -> None:
+            if os.geteuid() == 0 and os.environ.get("STRATA_FRONTEND_UID"):
+                await _warm_up(args.host, args.api_port)
+                drop_privileges(int(os.environ["STRATA_FRONTEND_UID"]), int(os.environ["STRATA_FRONTEND_GID"]))
+            print(json.dumps({"ready": True, "pid": os.getpid(), "uid": os.getuid()}), flush=True)
+
+        tasks.append(loop.create_task(ready()))  # held: the loop keeps only a weak reference
+
+    import uvloop
+
+    try:
+        uvloop.run(serve(control, token, args.api_port, args.proxy_port, host=args.host, started=started,
+                     on_shutdown=lambda: asked.append(True)))
+    finally:
+        control.close()
+    return SHUTDOWN_REQUESTED if asked else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
