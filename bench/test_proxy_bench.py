@@ -101,7 +101,8 @@ def service_and_local(tmp_path_factory):
                        env=env_socket(local.root, local.port), check=True, capture_output=True)
         with psycopg.connect(uri) as conn:
             conn.execute("checkpoint")
-        socks = glob.glob(os.path.join(run_dir_for(home), "computes", "*", "sock", ".s.PGSQL.*"))
+        socks = [s for s in glob.glob(os.path.join(run_dir_for(home), "computes", "*", "sock", ".s.PGSQL.*"))
+                 if not s.endswith(".lock")]
         assert len(socks) == 1, socks
         sockdir, port = os.path.dirname(socks[0]), int(socks[0].rsplit(".", 1)[1])
         yield home, uri, (sockdir, port), local

@@ -29,17 +29,26 @@ in `CALLS` can be called. The protocol is local to one machine and one
 version of Strata: `version` guards against a front end and a page server
 of different checkouts.
 
-Each front-end process has a client id. The connections it opened through
-the proxy are counted per client; when its subscribed connection closes
-(the front end stopped or died) the page server closes what it still had
-open, so that a dead front end leaves no branch held awake.
+Each front-end process has a client id and one subscription. Its proxy
+connections are counted on the subscription itself (connection_opened and
+connection_closed frames, answered, in order), never on a call connection:
+a count can then only belong to a subscription that is there, and when the
+subscription ends (the front end stopped or died) the page server closes
+exactly what it counted, so that a dead front end holds no branch awake.
+The front end keeps its own counts too, and announces them in the hello
+of every new subscription (after a page server restart, or a reconnect),
+under the same lock that orders the counts it sends: none is lost or
+counted twice.
 
 Concurrency: the server runs a thread per connection (calls on one
 connection are serial; a client opens more for concurrency). `_mu` guards
-`_opened`, `_subscribers` and `_live`; a subscriber's `send_mu` orders the frames
-written to it and `pending` holds the pushes waiting for their replies.
-A client keeps idle connections in a list under its `_mu` and takes one
-per call, so calls from many threads run at once.
+`_subscribers` and `_live`; a subscription's counts are touched only by
+its own thread; its `send_mu` orders the frames written to it, and
+`pending` holds the pushes waiting for their replies. A client keeps idle
+connections in a list under its `_mu` and takes one per call, so calls
+from many threads run at once; `_acct_mu` guards its counts, `_sub` and
+`_pending`, and is taken before `_sub_send_mu`, which orders what it
+writes to the subscription.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -80,9 +90,12 @@ CALLS = frozenset({
     "create_database", "database", "databases", "delete_database",
     "create_branch", "branch", "branches", "update_branch", "delete_branch",
     "reset_branch", "restore_branch", "detach_branch", "suspend", "start", "lsn",
-    "database_for_token", "resolve", "route", "status", "metrics_text", "check",
-    "connection_opened", "connection_closed", "uri", "endpoint",
-})
+    "database_for_token", "resolve", "route", "status", "metrics_text", "check", "uri", "endpoint",
+})  # (connection_opened and connection_closed go on the subscription: see RpcServer._subscribed)
+SLOW_CALLS = frozenset({"route", "start", "create_database", "create_branch", "check", "delete_database",
+                        "delete_branch", "reset_branch", "restore_branch", "detach_branch", "suspend"})
+CALL_TIMEOUT, SLOW_CALL_TIMEOUT = 60.0, 900.0  # seconds before a call is given up (the page server hangs)
+SUBSCRIBE_WAIT = 10.0  # seconds a connection count waits for the subscription (after a page server restart)
 
 _TYPES: dict[str, type] = {t.__name__: t for t in (BranchInfo, DatabaseInfo, BranchRecord)}
 
@@ -198,6 +211,9 @@ class _Subscriber:
         self.send_mu = threading.Lock()
         self.pending: dict[int, Future[Any]] = {}
         self.ids = itertools.count(1)
+        # only its own thread touches these: the connections counted through it
+        self.opened: Counter[int] = Counter()
+        self.records: dict[int, BranchRecord] = {}
 
 
 class RpcServer:
@@ -210,9 +226,8 @@ class RpcServer:
         self.path = path
         self.trusted = set(trusted_uids) | {0, os.geteuid()}
         self._mu = threading.Lock()
-        self._opened: dict[str, Counter[int]] = {}  # client -> branch id -> connections it opened
-        self._records: dict[int, BranchRecord] = {}  # branch id -> a record to close them with
-        self._subscribers: dict[str, _Subscriber] = {}
+        self._subscribers: dict[str, list[_Subscriber]] = {}  # client -> its subscriptions (one, but
+        # for a moment while a reconnect replaces an old one)
         self._live: set[socket.socket] = set()  # every connection being served (closed by close())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -272,7 +287,7 @@ class RpcServer:
             client = hello["hello"]
             send(sock, {"id": 0, "ok": {"version": VERSION, "pid": os.getpid()}})
             if hello.get("subscribe"):
-                self._subscribed(client, sock)
+                self._subscribed(client, sock, hello)
             else:
                 self._calls(client, sock)
         except (OSError, RpcProtocolError) as e:
@@ -302,65 +317,83 @@ class RpcServer:
             send(sock, reply)
 
     def _call(self, client: str, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        if name == "connection_opened":
-            br = args[0]
-            self.target.connection_opened(br)
-            with self._mu:
-                self._opened.setdefault(client, Counter())[br.id] += 1
-                self._records[br.id] = br
-            return None
-        if name == "connection_closed":
-            br = args[0]
-            with self._mu:
-                mine = self._opened.get(client)
-                if mine is None or mine[br.id] <= 0:
-                    return None  # closed already (the client's channel went and came back)
-                mine[br.id] -= 1
-            self.target.connection_closed(br)
-            return None
         return getattr(self.target, name)(*args, **kwargs)
 
-    def _subscribed(self, client: str, sock: socket.socket) -> None:
+    def _subscribed(self, client: str, sock: socket.socket, hello: dict[str, Any]) -> None:
+        """A front end's subscription: the page server's pushes go out on
+        it, and the front end's connection counts come in on it, in order.
+        The hello brings the counts the front end has open (after a
+        reconnect, or a page server restart); when the subscription ends,
+        whatever it still counts is closed."""
         sub = _Subscriber(client, sock)
+        for n, record in (decode(hello.get("open")) or {}).values():
+            if isinstance(record, BranchRecord):
+                for _ in range(int(n)):
+                    self._opened_by(sub, record)
         with self._mu:
-            old = self._subscribers.get(client)
-            self._subscribers[client] = sub
-        if old is not None:
-            with contextlib.suppress(OSError):
-                old.sock.shutdown(socket.SHUT_RDWR)
+            self._subscribers.setdefault(client, []).append(sub)
         try:
             while True:
-                reply = recv(sock)
-                if reply is None:
+                frame = recv(sock)
+                if frame is None:
                     return
-                fut = sub.pending.pop(int(reply.get("id", -1)), None)
+                name = frame.get("call")
+                if name in ("connection_opened", "connection_closed"):
+                    args = decode(frame.get("args") or [])
+                    br = args[0] if args and isinstance(args[0], BranchRecord) else None
+                    if br is None:
+                        raise RpcProtocolError(f"{name} needs a branch record")
+                    if name == "connection_opened":
+                        self._opened_by(sub, br)
+                    elif sub.opened[br.id] > 0:
+                        sub.opened[br.id] -= 1
+                        if not sub.opened[br.id]:
+                            del sub.opened[br.id]
+                            sub.records.pop(br.id, None)
+                        self.target.connection_closed(br)
+                    with sub.send_mu:
+                        send(sock, {"id": frame.get("id"), "ok": None})
+                    continue
+                try:
+                    fut = sub.pending.pop(int(frame.get("id", -1)), None)
+                except (TypeError, ValueError):
+                    raise RpcProtocolError(f"a reply with id {frame.get('id')!r}") from None
                 if fut is not None:
-                    if "error" in reply:
-                        fut.set_exception(ps_errors.PageServerError(str(reply["error"].get("message"))))
+                    if "error" in frame:
+                        fut.set_exception(ps_errors.PageServerError(str(frame["error"].get("message"))))
                     else:
-                        fut.set_result(reply.get("ok"))
+                        fut.set_result(frame.get("ok"))
         finally:
             for fut in list(sub.pending.values()):
                 fut.set_result(0)
             with self._mu:
-                if self._subscribers.get(client) is sub:
-                    del self._subscribers[client]
-                    self._forget(client)
+                subs = self._subscribers.get(client, [])
+                if sub in subs:
+                    subs.remove(sub)
+                if not subs:
+                    self._subscribers.pop(client, None)
+            self._forget(sub)
 
-    def _forget(self, client: str) -> None:
-        """The front end `client` is gone: close what it had open (under _mu)."""
-        mine = self._opened.pop(client, None) or Counter()
-        for bid, n in mine.items():
-            br = self._records.get(bid)
-            for _ in range(n if br is not None else 0):
-                self.target.connection_closed(br)
-        if mine and sum(mine.values()):
-            log.info("front end %s went with %d connections open: closed them", client[:8], sum(mine.values()))
+    def _opened_by(self, sub: _Subscriber, br: BranchRecord) -> None:
+        self.target.connection_opened(br)
+        sub.opened[br.id] += 1
+        sub.records[br.id] = br
+
+    def _forget(self, sub: _Subscriber) -> None:
+        """A subscription ended (its front end stopped or died): close what it counted."""
+        n = 0
+        for bid, k in sub.opened.items():
+            for _ in range(k):
+                self.target.connection_closed(sub.records[bid])
+                n += 1
+        sub.opened.clear()
+        if n:
+            log.info("front end %s went with %d connections open: closed them", sub.client[:8], n)
 
     def end_sessions(self, branch_ids: list[int], why: str) -> int:
         """The control plane's ender: ask every front end, wait for each."""
         with self._mu:
-            subs = list(self._subscribers.values())
+            subs = [sub for mine in self._subscribers.values() for sub in mine[-1:]]
         futures = []
         for sub in subs:
             fut: Future[Any] = Future()
@@ -401,14 +434,20 @@ class RemoteControl:
         self._closed = threading.Event()
         self._sub: socket.socket | None = None
         self._sub_thread: threading.Thread | None = None
+        self._acct_mu = threading.Lock()  # the counts and their order on the subscription (before _sub_send_mu)
+        self._sub_send_mu = threading.Lock()  # frames written to the subscription
+        self._subscribed = threading.Event()
+        self._open: Counter[int] = Counter()  # branch id -> this front end's open proxy connections
+        self._records: dict[int, BranchRecord] = {}
+        self._pending: dict[int, Future[Any]] = {}  # counts sent, waiting for their answer
         self.page_server_pid: int | None = None
 
-    def _connect(self, subscribe: bool = False) -> socket.socket:
+    def _connect(self, subscribe: bool = False, hello_extra: dict[str, Any] | None = None) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.settimeout(self.connect_timeout)
             s.connect(self.path)
-            send(s, {"hello": self.client, "version": VERSION, "subscribe": subscribe})
+            send(s, {"hello": self.client, "version": VERSION, "subscribe": subscribe, **(hello_extra or {})})
             answer = recv(s)
             if answer is None:
                 raise ConnectionResetError("the page server closed the connection")
@@ -433,6 +472,7 @@ class RemoteControl:
             if s is None:
                 return self._connect()
             try:
+                s.settimeout(0)  # (with a timeout set, Python would wait for data before the peek)
                 if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
                     s.close()  # closed by the other side: stale
                     continue
@@ -448,12 +488,14 @@ class RemoteControl:
         s = self._take()
         rid = next(self._ids)
         frame = {"id": rid, "call": name, "args": encode(list(args)), "kwargs": encode(kwargs)}
+        s.settimeout(SLOW_CALL_TIMEOUT if name in SLOW_CALLS else CALL_TIMEOUT)
         try:
             try:
                 send(s, frame)
             except (BrokenPipeError, ConnectionResetError):  # not delivered: safe to send again
                 s.close()
                 s = self._connect()
+                s.settimeout(SLOW_CALL_TIMEOUT if name in SLOW_CALLS else CALL_TIMEOUT)
                 send(s, frame)
             reply = recv(s)
             if reply is None:
@@ -464,54 +506,119 @@ class RemoteControl:
         except BaseException:
             s.close()
             raise
+        if reply.get("id") != rid:
+            s.close()
+            raise RpcProtocolError(f"a reply for call {reply.get('id')} came for call {rid}")
         with self._mu:
             if self._closed.is_set():
                 s.close()
             else:
                 self._idle.append(s)
-        if reply.get("id") != rid:
-            raise RpcProtocolError(f"a reply for call {reply.get('id')} came for call {rid}")
         if "error" in reply:
             raise_error(reply["error"])
         return decode(reply.get("ok"))
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
         if name not in CALLS:
             raise AttributeError(name)
         return lambda *args, **kwargs: self.call(name, *args, **kwargs)
 
+    # --- the subscription: pushes in, connection counts out, in order ----------------------------
+
     def subscribe(self) -> None:
-        """Take the page server's requests to end sessions, on a connection
-        of its own (reconnecting while this client is open)."""
+        """Take the page server's requests to end sessions, and carry this
+        front end's connection counts, on a connection of its own
+        (reconnected at once, then with backoff, while this client is open)."""
         self._sub_thread = threading.Thread(target=self._subscription, name="strata-rpc-sub", daemon=True)
         self._sub_thread.start()
 
+    def connection_opened(self, br: BranchRecord) -> None:
+        """Count a proxy connection; returns once the page server counts it
+        (before the wake, so that suspension sees it)."""
+        deadline = time.monotonic() + SUBSCRIBE_WAIT
+        while True:
+            with self._acct_mu:
+                sub = self._sub
+                if sub is not None or self._closed.is_set():
+                    self._open[br.id] += 1
+                    self._records[br.id] = br
+                    fut = self._send_count(sub, "connection_opened", br) if sub is not None else None
+                    break
+            if time.monotonic() > deadline:
+                raise ServiceNotRunningError(f"the page server is not answering on {self.path} "
+                                             "(no subscription to it)")
+            self._subscribed.wait(0.05)
+        if fut is not None:
+            with contextlib.suppress(Exception):  # a subscription that went: its successor's hello counts it
+                fut.result(SUBSCRIBE_WAIT)
+
+    def connection_closed(self, br: BranchRecord) -> None:
+        with self._acct_mu:
+            if self._open[br.id] <= 0:
+                return
+            self._open[br.id] -= 1
+            if not self._open[br.id]:
+                del self._open[br.id]
+                self._records.pop(br.id, None)
+            if self._sub is not None:
+                self._send_count(self._sub, "connection_closed", br)
+
+    def _send_count(self, sub: socket.socket, name: str, br: BranchRecord) -> Future[Any]:
+        """(under _acct_mu) Send a count on the subscription; its answer comes to `_pending`."""
+        fut: Future[Any] = Future()
+        rid = next(self._ids)
+        self._pending[rid] = fut
+        try:
+            with self._sub_send_mu:
+                send(sub, {"id": rid, "call": name, "args": encode([br])})
+        except OSError as e:
+            self._pending.pop(rid, None)
+            fut.set_exception(e)
+        return fut
+
     def _subscription(self) -> None:
-        delay = 0.05
+        delay = 0.0
         while not self._closed.is_set():
+            if delay and self._closed.wait(delay):
+                return
             try:
-                s = self._connect(subscribe=True)
+                with self._acct_mu:  # the counts announced and the ones sent after: nothing lost or doubled
+                    s = self._connect(subscribe=True, hello_extra={"open": encode(
+                        {str(bid): [n, self._records[bid]] for bid, n in self._open.items() if n > 0})})
+                    self._sub = s
+                    self._subscribed.set()
             except (ServiceNotRunningError, RpcProtocolError) as e:
                 log.debug("subscription: %s", e)
-                self._closed.wait(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(max(delay * 2, 0.05), 1.0)
                 continue
-            delay = 0.05
-            self._sub = s
-            send_mu = threading.Lock()
+            delay = 0.0
             try:
                 while True:
-                    push = recv(s)
-                    if push is None:
+                    frame = recv(s)
+                    if frame is None:
                         break
-                    threading.Thread(target=self._push, args=(s, send_mu, push), daemon=True).start()
+                    if "call" in frame:  # a push
+                        threading.Thread(target=self._push, args=(s, frame), daemon=True).start()
+                        continue
+                    rid = frame.get("id")
+                    fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+                    if fut is not None:
+                        fut.set_result(frame.get("ok"))
             except (OSError, RpcProtocolError) as e:
                 log.debug("subscription ended: %s", e)
             finally:
+                with self._acct_mu:
+                    self._sub = None
+                    self._subscribed.clear()
+                    pending, self._pending = self._pending, {}
+                for fut in pending.values():
+                    fut.set_exception(ConnectionResetError("the subscription ended"))
                 s.close()
-                self._sub = None
+            delay = 0.05 if delay == 0.0 else delay
 
-    def _push(self, s: socket.socket, send_mu: threading.Lock, push: dict[str, Any]) -> None:
+    def _push(self, s: socket.socket, push: dict[str, Any]) -> None:
         ended = 0
         try:
             if push.get("call") == "end_sessions":
@@ -522,7 +629,7 @@ class RemoteControl:
         except Exception as e:  # noqa: BLE001 - the page server hears it
             log.exception("ending sessions")
             reply = {"id": push.get("id"), "error": error_of(e)}
-        with contextlib.suppress(OSError), send_mu:
+        with contextlib.suppress(OSError), self._sub_send_mu:
             send(s, reply)
 
     def close(self) -> None:

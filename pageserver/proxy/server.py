@@ -1,15 +1,8 @@
 """The PostgreSQL proxy: one loopback port for every branch, waking
 suspended ones on connect.
 
-A connection starts with a startup packet (PostgreSQL protocol 3.0,
-"Message Formats"):
-
-    Int32 length | Int32 code | body
-    code 80877103  SSLRequest      -> answer 'N' (no TLS on loopback), read again
-    code 80877104  GSSENCRequest   -> answer 'N', read again
-    code 80877102  CancelRequest   body: Int32 pid, Int32 secret key
-    code 196608    StartupMessage  body: (name \\0 value \\0)* \\0
-
+A connection starts with a startup packet (`protocol`: SSLRequest and
+GSSENCRequest are answered 'N', a CancelRequest is routed by its key).
 The branch is named by its endpoint `DB.BRANCH`, given as
 `options=endpoint=DB.BRANCH` (libpq: `?options=endpoint%3DDB.BRANCH` in a
 URI), or, for clients that cannot pass options, as the database name
@@ -21,9 +14,10 @@ compute's BackendKeyData on the way, so that a CancelRequest, which comes
 on a new connection with only the key, reaches the compute that issued it.
 Authentication is the compute's own (SCRAM with the database's password).
 
-Nothing here blocks the event loop: routing reads the control plane's
-immutable catalog snapshot, connection counts take one short lock, and a
-wake runs in a thread. The control plane ends a branch's connections
+Nothing here blocks the event loop: routing and connection counts (calls
+to the control plane: RPCs to the page server process, or in this
+process) run in a small pool of threads, wakes in a pool of their own, so
+that a quick call never waits behind a wake that waits for a start. The control plane ends a branch's connections
 (its TTL ran out, it was deleted) with `end_sessions`, from any thread
 but the loop's: each session stops relaying the client's bytes, lets the
 query in flight finish (or cancels it after a moment), and, when the
@@ -67,6 +61,7 @@ log = logging.getLogger("strata.proxy")
 ENDING_GRACE = 1.0  # seconds a query in flight may finish before an ending session cancels it
 ENDING_LIMIT = 3.0  # ... and before it is closed without a message
 WAKE_THREADS = 64  # wakes wait in threads of their own (for a start, or behind a branch lock)
+CALL_THREADS = 8  # resolve and connection counts
 
 
 class _Session:
@@ -103,6 +98,8 @@ class Proxy:
         self._conns: set[asyncio.Task[Any]] = set()
         self._sessions: dict[int, set[_Session]] = {}  # branch id -> its sessions
         self._wakes = concurrent.futures.ThreadPoolExecutor(WAKE_THREADS, thread_name_prefix="strata-wake")
+        # the quick calls (resolve, connection counts) apart: never queued behind wakes that wait
+        self._calls = concurrent.futures.ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="strata-proxy-call")
         control.session_enders.append(self.end_sessions)
 
     async def start(self) -> tuple[str, int]:
@@ -165,6 +162,7 @@ class Proxy:
             await asyncio.gather(*conns, return_exceptions=True)
             await self._server.wait_closed()
         self._wakes.shutdown(wait=False, cancel_futures=True)
+        self._calls.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -206,7 +204,7 @@ class Proxy:
             return
         loop = asyncio.get_running_loop()
         try:
-            br = await loop.run_in_executor(self._wakes, self.control.resolve, endpoint)
+            br = await loop.run_in_executor(self._calls, self.control.resolve, endpoint)
         except ServiceNotRunningError as e:
             await _refuse(writer, "08006", f"strata proxy: {e}")
             return
@@ -216,7 +214,11 @@ class Proxy:
         s = _Session(br.id, reader, writer)
         self._sessions.setdefault(br.id, set()).add(s)  # from here on, a stop with a reason reaches it
         try:
-            await loop.run_in_executor(self._wakes, self.control.connection_opened, br)
+            await loop.run_in_executor(self._calls, self.control.connection_opened, br)
+        except ServiceNotRunningError as e:
+            self._forget_session(s)
+            await _refuse(writer, "08006", f"strata proxy: {e}")
+            return
         except BaseException:
             self._forget_session(s)
             raise
@@ -229,7 +231,7 @@ class Proxy:
         finally:
             self._forget_session(s)
             try:
-                await loop.run_in_executor(self._wakes, self.control.connection_closed, br)
+                await loop.run_in_executor(self._calls, self.control.connection_closed, br)
             except ServiceNotRunningError:
                 pass  # the page server went: it forgets this front end's connections itself
 

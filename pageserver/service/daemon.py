@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             log.exception("the service could not start")
             sup.stop("could not start")
             sup.run()
-            sys.exit(1)
+            sys.exit(0 if sup.why_down == "asked to stop" else 1)
         serving.set()
         sup.publish()
         log.info("serving: API http://%s:%d, proxy %s:%d (front end as %s)", HOST, api_port, HOST, proxy_port,
@@ -243,7 +243,10 @@ def _spawn(home: str, api_port: int | None, proxy_port: int | None, max_computes
     raise ServiceNotRunningError(f"the service did not start within {timeout:.0f} s; see {home}/{LOG}")
 
 
-def stop(home: str | None = None, *, timeout: float = 120.0) -> dict[str, Any] | None:
+STOP_WAIT = 300.0  # the supervisor stops the front end, then the page server (90 s each at most)
+
+
+def stop(home: str | None = None, *, timeout: float = STOP_WAIT) -> dict[str, Any] | None:
     """Stop the service for `home` and every compute it runs; returns the
     state it had, or None if it was not running."""
     home = os.path.abspath(home or default_home())

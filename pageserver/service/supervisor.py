@@ -51,12 +51,23 @@ FRONTEND_USER = "strata"
 SHUTDOWN_REQUESTED = 75
 MAX_RESTARTS, RESTART_WINDOW = 5, 60.0
 START_TIMEOUT = 300.0  # the first start makes the template (initdb)
-STOP_TIMEOUT = 120.0
+STOP_TIMEOUT = 90.0  # per child; both within `strata down`'s wait (service.STOP_WAIT)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child must not dlopen
+
+
+def _dying_with(parent: int) -> Any:
+    """A preexec_fn: the child gets SIGTERM when `parent` (this thread) goes,
+    and exits at once if it went between the fork and the prctl."""
+
+    def arm() -> None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 def frontend_identity(name: str | None = None) -> tuple[str, int, int]:
@@ -118,7 +129,8 @@ class Supervisor:
         }
         self._mu = threading.Lock()
         self._stopping = threading.Event()
-        self._events: queue.Queue[tuple[Child, subprocess.Popen[bytes], int] | None] = queue.Queue()
+        # SimpleQueue: its put is safe in a signal handler (Queue's takes a lock the woken getter may hold)
+        self._events: queue.SimpleQueue[tuple[Child, subprocess.Popen[bytes], int] | None] = queue.SimpleQueue()
         self.done = threading.Event()  # the service is down (stopped, or gave up)
         self.why_down: str | None = None
 
@@ -136,18 +148,20 @@ class Supervisor:
             kwargs["env"] = {**os.environ, "STRATA_FRONTEND_UID": str(self.fe_user[1]),
                              "STRATA_FRONTEND_GID": str(self.fe_user[2])}
         proc = subprocess.Popen(c.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
-                                cwd="/", preexec_fn=_die_with_parent, **kwargs)
+                                cwd="/", preexec_fn=_dying_with(os.getpid()), **kwargs)
         assert proc.stdin is not None and proc.stdout is not None
         with contextlib.suppress(BrokenPipeError):
             if c.stdin:
                 proc.stdin.write(c.stdin)
             proc.stdin.close()
-        ready = _read_ready(proc, START_TIMEOUT)
+        ready = _read_ready(proc, START_TIMEOUT, self._stopping)
         if ready is None:
             code = proc.poll()
             if code is None:
                 proc.kill()
                 proc.wait()
+                if self._stopping.is_set():
+                    raise RuntimeError(f"the service was stopped while the {c.role} started")
                 raise RuntimeError(f"the {c.role} did not say it was ready within {START_TIMEOUT:.0f} s")
             raise RuntimeError(f"the {c.role} {describe_exit(code)} while starting")
         c.proc, c.started_at = proc, time.time()
@@ -230,7 +244,7 @@ class Supervisor:
         self.done.set()
 
 
-def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
+def _read_ready(proc: subprocess.Popen[bytes], timeout: float, stopping: threading.Event) -> dict[str, Any] | None:
     """The child's `{"ready": true, ...}` line from its stdout, or None.
     What it prints after that is read (and dropped) so that it never
     blocks on a full pipe."""
@@ -250,7 +264,9 @@ def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]
         ready.set()
 
     threading.Thread(target=read, daemon=True).start()
-    ready.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.1) and not stopping.is_set() and time.monotonic() < deadline:
+        pass
     return box[0] if box else None
 
 
