@@ -30,6 +30,15 @@ def uids(pid: int) -> list[int]:
     raise AssertionError(f"no Uid line for pid {pid}")
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def processes(home: str) -> dict:
     state = service.read_state(home)
     assert state is not None, "the service is not running"
@@ -112,9 +121,34 @@ def test_shutdown_through_the_api_stops_every_process(tmp_path):
         r = httpx.post(state["api"] + "/v1/shutdown", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 202
         deadline = time.monotonic() + 60
-        while any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[1][:3]
-                  for p in pids):
+        while any(alive(p) for p in pids):
             assert time.monotonic() < deadline, "a process outlived the shutdown"
             time.sleep(0.05)
+    finally:
+        service.stop(home)
+
+
+def test_children_do_not_outlive_a_killed_supervisor(tmp_path):
+    """kill -9 of the supervisor: the page server and the front end stop on
+    their own (the page server's computes with it), and the next start
+    serves the same databases."""
+    home = str(tmp_path / "home")
+    try:
+        strata(home, "up")
+        uri = strata(home, "db", "create", "shop")["uri"]
+        answers(uri, "create table t (x int)", "insert into t values (1)")
+        procs = processes(home)
+        # a restarted page server too: the supervisor started it later, from its loop
+        os.kill(procs["pageserver"]["pid"], signal.SIGKILL)
+        restarted(home, "pageserver", procs["pageserver"]["pid"])
+        answers(uri, "select 1")
+        children = [p["pid"] for p in processes(home).values()]
+        os.kill(service.read_state(home)["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while [p for p in children if alive(p)]:
+            assert time.monotonic() < deadline, f"outlived their supervisor: {children}"
+            time.sleep(0.05)
+        strata(home, "up")
+        assert answers(uri, "select count(*) from t") == [(1,)]
     finally:
         service.stop(home)

@@ -88,14 +88,16 @@ class Node:
     # --- lifecycle --------------------------------------------------------------
 
     def open(self) -> Node:
-        os.makedirs(self.run_dir, exist_ok=True)
-        os.chmod(self.run_dir, 0o755)
-        reaped = reap_stale(self.computes_dir)
-        if unmount(self.mountpoint):
-            log.warning("unmounted a stale mount at %s", self.mountpoint)
-        shutil.rmtree(os.path.join(self.run_dir, "readonly"), ignore_errors=True)
+        # the store's lock first: only its holder may end what an earlier page server left (a
+        # page server still stopping holds it, and its computes and mount are still its own)
         self.store = Store.open(self.store_path, config=self._config, background=self._background)
         try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            os.chmod(self.run_dir, 0o755)
+            reaped = reap_stale(self.computes_dir)
+            if unmount(self.mountpoint):
+                log.warning("unmounted a stale mount at %s", self.mountpoint)
+            shutil.rmtree(os.path.join(self.run_dir, "readonly"), ignore_errors=True)
             self.mount = Mount(self.mountpoint, statfs_path=self.store_path)
             self.mount.start()
         except BaseException:

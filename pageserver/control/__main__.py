@@ -30,6 +30,7 @@ import time
 from engine import StoreLockedError
 from pageserver.control.plane import DEFAULT_IDLE_TIMEOUT, ControlPlane
 from pageserver.control.rpc import RpcServer
+from pageserver.control.supervised import exit_with_parent
 
 log = logging.getLogger("strata.pageserver")
 
@@ -77,12 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-computes", type=int)
     p.add_argument("--idle-timeout", type=float)
     p.add_argument("--warm-pool", type=int, default=0)
+    p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it goes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s pageserver %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.exit_with_parent:
+        exit_with_parent(stop.set)
     control = ControlPlane(os.path.abspath(args.home), proxy_port=args.proxy_port, max_computes=args.max_computes,
                            default_idle_timeout=args.idle_timeout or DEFAULT_IDLE_TIMEOUT,
                            warm_pool=args.warm_pool)

@@ -29,6 +29,7 @@ import sys
 import time
 
 from pageserver.control.rpc import RemoteControl
+from pageserver.control.supervised import exit_with_parent
 from pageserver.frontend.serve import HOST, serve
 
 SHUTDOWN_REQUESTED = 75
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-port", type=int, required=True)
     p.add_argument("--proxy-port", type=int, required=True)
     p.add_argument("--host", default=HOST)
+    p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it goes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s frontend %(name)s %(levelname)s %(message)s")
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print("python -m pageserver.frontend: the operator token must come on stdin", file=sys.stderr)
         return 2
+    if args.exit_with_parent:
+        exit_with_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     wait_for_ports(args.host, [args.api_port, args.proxy_port])
     control = RemoteControl(args.control_socket)
     control.subscribe()

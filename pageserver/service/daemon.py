@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
             options += [flag, str(value)]
     ps_cmd = [sys.executable, "-m", "pageserver.control", "--home", home, "--socket", sock,
               "--proxy-port", str(proxy_port), "--trust-uid", str(fe_user[1]), "--socket-group", str(fe_user[2]),
-              *options]
+              "--exit-with-parent", *options]
     fe_cmd = [sys.executable, "-m", "pageserver.frontend", "--control-socket", sock,
-              "--api-port", str(api_port), "--proxy-port", str(proxy_port), "--host", HOST]
+              "--api-port", str(api_port), "--proxy-port", str(proxy_port), "--host", HOST, "--exit-with-parent"]
     serving = threading.Event()
 
     def on_state(processes: dict[str, Any]) -> None:
