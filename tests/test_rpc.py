@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 
@@ -195,8 +197,9 @@ def test_untrusted_peers_are_refused(tmp_path):
         pytest.skip("needs root, to connect as another user") if not os.environ.get("CI") else pytest.fail(
             "CI runs as root")
     plane = FakePlane()
-    server = rpc.RpcServer(plane, str(tmp_path / "control.sock"), trusted_uids=set())
-    os.chmod(tmp_path, 0o755)
+    open_dir = tempfile.mkdtemp(prefix="strata-rpc-test-")  # (tmp_path's parents are 0700: reachable by root only)
+    os.chmod(open_dir, 0o755)
+    server = rpc.RpcServer(plane, os.path.join(open_dir, "control.sock"), trusted_uids=set())
     os.chmod(server.path, 0o666)  # even with the file open to all, the peer's uid is checked
     server.start()
     got: list[object] = []
@@ -218,6 +221,7 @@ def test_untrusted_peers_are_refused(tmp_path):
         got.append(os.waitstatus_to_exitcode(status))
     finally:
         server.close()
+        shutil.rmtree(open_dir, ignore_errors=True)
     assert got == [3], "an untrusted uid got an answer"
 
 

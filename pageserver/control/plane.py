@@ -24,8 +24,8 @@ Concurrency model
     -------------------------   ---------------   ------------------------------
     catalog.snapshot            (immutable)       nobody: readers take it whole
     catalog changes             catalog._mu       API threads, housekeeping
-    _use (connections, last     _use_mu           the proxy's event loop: held
-      activity, last use)                         for dict updates only
+    _use (connections, last     _use_mu           the proxy's calls: held for
+      activity, last use)                         dict updates only
     _starting (compute slots)   _slots_mu         wakes, the pool: dict updates
     _busy (timelines being      _busy_mu          creators, housekeeping's sweep
       made or torn down: held
@@ -44,8 +44,8 @@ Concurrency model
   leave no orphan record and no stale copy is written back. The fsync
   follows, outside every lock.
 - No fsync, no process start or stop and no walk of the store happens
-  under a lock that the proxy's event loop waits for: the loop takes
-  only `_use_mu` (connection counts), for a few dict operations.
+  under a lock that the proxy waits for: its calls take only `_use_mu`
+  (connection counts), for a few dict operations, and read snapshots.
 - A branch lock is held across its compute's start or stop. Suspension
   (idle or at the cap) and expiry after going unused re-check under it
   that no connection is open or arriving (the proxy counts a connection
@@ -410,7 +410,7 @@ class ControlPlane:
 
     def resolve(self, address: str) -> BranchRecord:
         """`DB/BRANCH`, `DB.BRANCH` (an endpoint) or `DB` (its main branch).
-        Lock-free: the proxy calls it on its event loop."""
+        Lock-free: it reads one snapshot (the proxy calls it for every connection)."""
         if not isinstance(address, str) or not address:
             raise BadRequestError(f"invalid branch address {address!r}: use DB/BRANCH")
         snap = self.catalog.snapshot
@@ -1179,7 +1179,7 @@ class ControlPlane:
             except Exception:  # noqa: BLE001 - stopping the compute ends them anyway
                 log.exception("ending the connections of %s", ", ".join(self.endpoint(b) for b in branches))
 
-    # --- use (the proxy: called on its event loop, never blocks) ---------------------------
+    # --- use (the proxy's calls: a few dict operations, never a wait) ----------------------
 
     def _touch(self, bid: int, used: float | None = None) -> None:
         with self._use_mu:

@@ -66,7 +66,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -415,6 +415,19 @@ class RpcServer:
         return ended
 
 
+@contextlib.contextmanager
+def _closed_on_error(s: socket.socket, what: str) -> Iterator[None]:
+    """Close `s` if the block fails; an OSError becomes ServiceNotRunningError("what: ...")."""
+    try:
+        yield
+    except OSError as e:
+        s.close()
+        raise ServiceNotRunningError(f"{what}: {e}") from e
+    except BaseException:
+        s.close()
+        raise
+
+
 # --- the client (in the front-end process) --------------------------------------------------------
 
 
@@ -444,7 +457,7 @@ class RemoteControl:
 
     def _connect(self, subscribe: bool = False, hello_extra: dict[str, Any] | None = None) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        with _closed_on_error(s, f"the page server is not answering on {self.path}"):
             s.settimeout(self.connect_timeout)
             s.connect(self.path)
             send(s, {"hello": self.client, "version": VERSION, "subscribe": subscribe, **(hello_extra or {})})
@@ -455,13 +468,7 @@ class RemoteControl:
                 raise_error(answer["error"])
             self.page_server_pid = answer["ok"].get("pid")
             s.settimeout(None)
-            return s
-        except OSError as e:
-            s.close()
-            raise ServiceNotRunningError(f"the page server is not answering on {self.path}: {e}") from e
-        except BaseException:
-            s.close()
-            raise
+        return s
 
     def _take(self) -> socket.socket:
         """An idle connection that is still open (the page server may have
@@ -488,24 +495,19 @@ class RemoteControl:
         s = self._take()
         rid = next(self._ids)
         frame = {"id": rid, "call": name, "args": encode(list(args)), "kwargs": encode(kwargs)}
-        s.settimeout(SLOW_CALL_TIMEOUT if name in SLOW_CALLS else CALL_TIMEOUT)
+        timeout = SLOW_CALL_TIMEOUT if name in SLOW_CALLS else CALL_TIMEOUT
         try:
-            try:
-                send(s, frame)
-            except (BrokenPipeError, ConnectionResetError):  # not delivered: safe to send again
-                s.close()
-                s = self._connect()
-                s.settimeout(SLOW_CALL_TIMEOUT if name in SLOW_CALLS else CALL_TIMEOUT)
-                send(s, frame)
+            s.settimeout(timeout)
+            send(s, frame)
+        except (BrokenPipeError, ConnectionResetError):  # not delivered: safe to send again
+            s.close()
+            s = self._connect()
+            s.settimeout(timeout)
+            send(s, frame)
+        with _closed_on_error(s, f"the page server went away during {name}"):
             reply = recv(s)
             if reply is None:
                 raise ConnectionResetError("the page server closed the connection")
-        except OSError as e:
-            s.close()
-            raise ServiceNotRunningError(f"the page server went away during {name}: {e}") from e
-        except BaseException:
-            s.close()
-            raise
         if reply.get("id") != rid:
             s.close()
             raise RpcProtocolError(f"a reply for call {reply.get('id')} came for call {rid}")
