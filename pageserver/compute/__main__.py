@@ -17,7 +17,7 @@ import json
 import logging
 import signal
 import sys
-import threading
+import time
 
 from pageserver.compute.node import Node
 
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    asked: list[int] = []  # (a handler that set an Event could deadlock the thread it interrupts)
+    signal.signal(signal.SIGTERM, lambda *_: asked.append(signal.SIGTERM))
+    signal.signal(signal.SIGINT, lambda *_: asked.append(signal.SIGINT))
     with Node(args.home) as ps:
         if args.template:
             ps.ensure_template(progress=False)
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"timeline": tid, "compute": c.id, "uri": c.uri(), "port": c.port,
                               "pid": c.pid}), flush=True)
         print(json.dumps({"ready": True}), flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not asked:
+            time.sleep(0.2)
     return 0
 
 

@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s pageserver %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # a signal handler only appends: an Event's set() takes a lock, which the main thread it
+    # interrupts may hold (inside its own stop.wait()), and the process then hangs for good
+    asked: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: asked.append(signal.SIGTERM))
+    signal.signal(signal.SIGINT, lambda *_: asked.append(signal.SIGINT))
     if args.exit_with_parent:
-        exit_with_parent(stop.set)
+        exit_with_parent(lambda: asked.append(0))
     control = ControlPlane(os.path.abspath(args.home), proxy_port=args.proxy_port, max_computes=args.max_computes,
                            default_idle_timeout=args.idle_timeout or DEFAULT_IDLE_TIMEOUT,
                            warm_pool=args.warm_pool)
@@ -100,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()  # what start-up made lives as long as the process (see README, reliability)
         print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
         log.info("serving the control plane on %s", args.socket)
-        while not stop.wait(0.5):
-            pass
+        while not asked:
+            time.sleep(0.2)
+        stop.set()
         log.info("stopping")
         rpc.close()
         keeper.join(30)

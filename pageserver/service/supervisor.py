@@ -23,8 +23,9 @@ serves (`pageserver.frontend.__main__`).
 Concurrency: one thread per child waits for it to exit (`_watch`) and
 queues the exit; `run`, on the thread that started the children, takes
 the queue one event at a time and is the only one to start or stop a
-child. `_mu` guards the children's exit records; `_stopping` says a stop
-is under way (no restarts then).
+child. `_mu` guards the children's exit records; `_stop_asked` (a plain
+flag: a signal handler sets it) says a stop is under way (no restarts
+then).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -129,6 +131,7 @@ class Supervisor:
         }
         self._mu = threading.Lock()
         self._stopping = threading.Event()
+        self._stop_asked = False  # set by stop(), which may run in a signal handler
         # SimpleQueue: its put is safe in a signal handler (Queue's takes a lock the woken getter may hold)
         self._events: queue.SimpleQueue[tuple[Child, subprocess.Popen[bytes], int] | None] = queue.SimpleQueue()
         self.done = threading.Event()  # the service is down (stopped, or gave up)
@@ -154,13 +157,13 @@ class Supervisor:
             if c.stdin:
                 proc.stdin.write(c.stdin)
             proc.stdin.close()
-        ready = _read_ready(proc, START_TIMEOUT, self._stopping)
+        ready = _read_ready(proc, START_TIMEOUT, lambda: self._stop_asked)
         if ready is None:
             code = proc.poll()
             if code is None:
                 proc.kill()
                 proc.wait()
-                if self._stopping.is_set():
+                if self._stop_asked:
                     raise RuntimeError(f"the service was stopped while the {c.role} started")
                 raise RuntimeError(f"the {c.role} did not say it was ready within {START_TIMEOUT:.0f} s")
             raise RuntimeError(f"the {c.role} {describe_exit(code)} while starting")
@@ -183,7 +186,7 @@ class Supervisor:
         thread that forked a child, not the process."""
         while True:
             event = self._events.get()
-            if event is None or self._stopping.is_set():
+            if event is None or self._stop_asked:
                 self._stop(self.why_down or "asked to stop")
                 return
             c, proc, code = event
@@ -200,7 +203,10 @@ class Supervisor:
                 self._stop(why)
                 return
             self.publish()
-            if self._stopping.wait(min(0.2 * 2 ** (len(c.restarts) - 1), 5.0)):
+            backoff_until = time.monotonic() + min(0.2 * 2 ** (len(c.restarts) - 1), 5.0)
+            while not self._stop_asked and time.monotonic() < backoff_until:
+                time.sleep(0.05)
+            if self._stop_asked:
                 continue
             try:
                 self._start(c)
@@ -213,10 +219,12 @@ class Supervisor:
             self.publish()
 
     def stop(self, why: str = "asked to stop") -> None:
-        """Ask `run` to stop the service (from any thread, a signal handler's included)."""
+        """Ask `run` to stop the service (from any thread, a signal handler's
+        included: it takes no lock, since the thread a signal interrupts may
+        hold the one it would wait for)."""
         if self.why_down is None:
             self.why_down = why
-        self._stopping.set()
+        self._stop_asked = True
         self._events.put(None)
 
     def publish(self) -> None:
@@ -244,7 +252,7 @@ class Supervisor:
         self.done.set()
 
 
-def _read_ready(proc: subprocess.Popen[bytes], timeout: float, stopping: threading.Event) -> dict[str, Any] | None:
+def _read_ready(proc: subprocess.Popen[bytes], timeout: float, stopping: Callable[[], bool]) -> dict[str, Any] | None:
     """The child's `{"ready": true, ...}` line from its stdout, or None.
     What it prints after that is read (and dropped) so that it never
     blocks on a full pipe."""
@@ -265,7 +273,7 @@ def _read_ready(proc: subprocess.Popen[bytes], timeout: float, stopping: threadi
 
     threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + timeout
-    while not ready.wait(0.1) and not stopping.is_set() and time.monotonic() < deadline:
+    while not ready.wait(0.1) and not stopping() and time.monotonic() < deadline:
         pass
     return box[0] if box else None
 
