@@ -17,7 +17,7 @@ import pytest
 
 from pageserver.compute.postgres import Compute, pg_bindir
 from pageserver.control.plane import ControlPlane
-from pageserver.proxy.server import ProxyThread
+from pageserver.proxy.server import ProxyLimits, ProxyThread
 
 
 def fuse_available() -> str | None:
@@ -164,10 +164,10 @@ class Running:
     """A control plane on a movable clock, with its proxy in a thread; a
     context manager that closes both."""
 
-    def __init__(self, home: str, **kw: object) -> None:
+    def __init__(self, home: str, *, proxy_limits: ProxyLimits | None = None, **kw: object) -> None:
         self.clock = Clock()
         self.cp = ControlPlane(home, clock=self.clock, monotonic=self.clock.monotonic, **kw).open()  # type: ignore[arg-type]
-        self.proxy = ProxyThread(self.cp)
+        self.proxy = ProxyThread(self.cp, limits=proxy_limits)
 
     def close(self) -> None:
         self.proxy.close()

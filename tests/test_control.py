@@ -23,6 +23,7 @@ from pageserver.errors import (
 )
 from pageserver.pgdata.datadir import DataDir
 from pageserver.pgdata.layout import page_key
+from pageserver.proxy.server import ProxyLimits
 
 from .pg import Running, requires_pg
 
@@ -368,3 +369,29 @@ def test_simultaneous_wakes_never_overshoot_the_cap(tmp_path):
             watcher.join()
         assert seen[0] <= 2, f"{seen[0]} computes ran at once with a cap of 2"
         assert "served" in outcomes, outcomes  # and every other client heard why it was refused
+
+
+def test_a_connection_flood_on_one_branch_leaves_the_others_reachable(tmp_path):
+    with Running(str(tmp_path), proxy_limits=ProxyLimits(branch_connections=8)) as r:
+        flooded = r.cp.create_database("flooded").uri
+        other = r.cp.create_database("other").uri
+        held, refused = [], []
+
+        def attempt(_: int) -> None:
+            try:
+                held.append(psycopg.connect(flooded, autocommit=True, connect_timeout=60))
+            except psycopg.OperationalError as e:
+                refused.append(str(e))
+
+        try:
+            with ThreadPoolExecutor(30) as ex:
+                list(ex.map(attempt, range(30)))
+            assert len(held) == 8 and len(refused) == 22, (len(held), refused[:3])
+            assert all("too many connections to branch flooded.main (it takes 8 at once)" in e for e in refused)
+            assert sql(other, "select 7") == [(7,)]  # the other database is still served
+            assert [c.execute("select 1").fetchone() for c in held] == [(1,)] * 8
+        finally:
+            for c in held:
+                c.close()
+        no_connections(r.cp, "flooded/main")
+        assert sql(flooded, "select 8") == [(8,)]  # and the flooded one again, once they went

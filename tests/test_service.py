@@ -21,11 +21,13 @@ from pageserver.service import daemon as service
 from .pg import STRATA, requires_pg, strata
 
 pytestmark = requires_pg
+BRANCH_CONNECTIONS = 5  # (given to `strata up`)
+
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("svc"))
     try:
-        state = strata(home, "up")
+        state = strata(home, "up", "--branch-connections", str(BRANCH_CONNECTIONS))
         yield home, state
     finally:
         try:
@@ -237,6 +239,23 @@ def test_metrics_in_prometheus_format(up):
         assert f"\n{name}" in text or text.startswith(name), name
     wakes = [line for line in text.splitlines() if line.startswith("strata_wake_seconds_count")]
     assert float(wakes[0].split()[1]) >= 1
+    db.delete()
+
+
+def test_the_proxy_caps_a_branch_as_strata_up_was_told_and_counts_it(up):
+    home, state = up
+    db = Strata(home).create_database("capped")
+    conns = [psycopg.connect(db.uri, autocommit=True, connect_timeout=60) for _ in range(BRANCH_CONNECTIONS)]
+    try:
+        with pytest.raises(psycopg.OperationalError, match=f"too many connections to branch capped.main "
+                                                            f"\\(it takes {BRANCH_CONNECTIONS} at once\\)"):
+            psycopg.connect(db.uri, connect_timeout=60)
+    finally:
+        for c in conns:
+            c.close()
+    text = _api(state).get(state["api"] + "/metrics").text
+    refused = [line for line in text.splitlines() if line.startswith('strata_proxy_refused_total{reason="branch_full"}')]
+    assert float(refused[0].split()[1]) >= 1, refused
     db.delete()
 
 

@@ -88,11 +88,17 @@ def cli(ctx: click.Context, home: str | None) -> None:
 @click.option("--max-computes", type=int, help="Running computes at most (default: from memory).")
 @click.option("--idle-timeout", type=float, help="Default idle timeout of branches, seconds (300).")
 @click.option("--warm-pool", type=int, help="Spare computes kept running for new databases (0).")
+@click.option("--max-connections", type=click.IntRange(min=1),
+              help="Client connections the proxy takes at once, all branches (4096).")
+@click.option("--branch-connections", type=click.IntRange(min=1),
+              help="Client connections per branch, at the proxy (97).")
 def up(ctx: click.Context, as_json: bool, api_port: int | None, proxy_port: int | None,
-       max_computes: int | None, idle_timeout: float | None, warm_pool: int | None) -> None:
+       max_computes: int | None, idle_timeout: float | None, warm_pool: int | None,
+       max_connections: int | None, branch_connections: int | None) -> None:
     """Start the service in the background (if it is not running)."""
     state = service.start(_home(ctx), api_port=api_port, proxy_port=proxy_port, max_computes=max_computes,
-                          idle_timeout=idle_timeout, warm_pool=warm_pool)
+                          idle_timeout=idle_timeout, warm_pool=warm_pool, max_connections=max_connections,
+                          branch_connections=branch_connections)
     out = {k: state[k] for k in ("api", "proxy", "token_file", "pid", "home")}
     _emit(as_json, out, f"Strata is up: API {out['api']}, proxy {out['proxy']} (pid {out['pid']}); "
                         f"token in {out['token_file']}")

@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -30,7 +31,9 @@ import time
 
 from pageserver.control.rpc import RemoteControl
 from pageserver.control.supervised import exit_with_parent
+from pageserver.errors import BadRequestError
 from pageserver.frontend.serve import HOST, serve
+from pageserver.proxy.server import ProxyLimits
 
 SHUTDOWN_REQUESTED = 75
 log = logging.getLogger("strata.frontend")
@@ -88,6 +91,19 @@ def drop_privileges(uid: int, gid: int) -> None:
     log.info("front end runs as uid %d, gid %d", uid, gid)
 
 
+def _enough_descriptors(want: int) -> None:
+    """Raise the soft limit on open files toward `want` (each proxied
+    connection holds two), as far as the hard limit lets it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        log.warning("open files are limited to %d: the proxy can hold about %d connections, not the %d "
+                    "asked for (raise the hard limit: ulimit -Hn)", new, (new - 256) // 2, (want - 256) // 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pageserver.frontend", description=__doc__.splitlines()[0])
     p.add_argument("--control-socket", required=True)
@@ -95,9 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proxy-port", type=int, required=True)
     p.add_argument("--host", default=HOST)
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it goes")
+    p.add_argument("--max-connections", type=int, default=ProxyLimits.max_connections,
+                   help="client connections the proxy takes at once (default %(default)s)")
+    p.add_argument("--branch-connections", type=int, default=ProxyLimits.branch_connections,
+                   help="client connections per branch (default %(default)s)")
     args = p.parse_args(argv)
+    try:
+        limits = ProxyLimits(max_connections=args.max_connections, branch_connections=args.branch_connections)
+    except BadRequestError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s frontend %(name)s %(levelname)s %(message)s")
+    _enough_descriptors(2 * limits.max_connections + 256)
     token = sys.stdin.readline().strip()
     if not token:
         print("python -m pageserver.frontend: the operator token must come on stdin", file=sys.stderr)
@@ -123,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         uvloop.run(serve(control, token, args.api_port, args.proxy_port, host=args.host, started=started,
-                     on_shutdown=lambda: asked.append(True)))
+                     on_shutdown=lambda: asked.append(True), limits=limits))
     finally:
         control.close()
     return SHUTDOWN_REQUESTED if asked else 0

@@ -25,7 +25,7 @@ from pageserver.control.metrics import LAG_BUCKETS
 from pageserver.control.plane import ControlPlane
 from pageserver.control.rpc import RemoteControl
 from pageserver.frontend.api import make_app
-from pageserver.proxy.server import Proxy
+from pageserver.proxy.server import Proxy, ProxyLimits
 
 log = logging.getLogger("strata.frontend")
 
@@ -48,14 +48,14 @@ class FrontendMetrics:
 async def serve(control: ControlPlane | RemoteControl, token: str, api_port: int, proxy_port: int, *,
                 host: str = HOST, signals: bool = True,
                 started: Callable[[asyncio.AbstractEventLoop], None] | None = None,
-                on_shutdown: Callable[[], None] | None = None) -> None:
+                on_shutdown: Callable[[], None] | None = None, limits: ProxyLimits | None = None) -> None:
     """Serve until shut down (SIGTERM, SIGINT or POST /v1/shutdown, which
     also calls `on_shutdown`); `started` is called once both listen."""
     import anyio.to_thread
     import uvicorn
 
-    proxy = Proxy(control, host, proxy_port)
     metrics = FrontendMetrics()
+    proxy = Proxy(control, host, proxy_port, limits=limits, registry=metrics.registry)
     server: uvicorn.Server | None = None
     try:
         await proxy.start()

@@ -9,6 +9,8 @@ A connection starts with a startup packet (PostgreSQL protocol 3.0,
     code 80877104  GSSENCRequest   -> answer 'N', read again
     code 80877102  CancelRequest   body: Int32 pid, Int32 secret key
     code 196608    StartupMessage  body: (name \\0 value \\0)* \\0
+                   (3.0; a 3.x code, 196608 + x, is passed on as it
+                   came: the compute answers NegotiateProtocolVersion)
 
 After it, every message is Byte1 type | Int32 length (counting itself) |
 body; `Framer` follows their boundaries in a relayed stream.
@@ -28,6 +30,29 @@ class ProtocolError(Exception):
     pass
 
 
+def startup_kind(length: int, code: int) -> str:
+    """What a startup packet's header announces: "ssl", "gssenc",
+    "cancel" or "startup"; ProtocolError for a length or protocol no
+    client sends (the message names which)."""
+    if not 8 <= length <= MAX_STARTUP:
+        raise ProtocolError(f"invalid startup packet length {length} (8 to {MAX_STARTUP} bytes)")
+    if code == SSL_REQUEST:
+        kind = "ssl"
+    elif code == GSSENC_REQUEST:
+        kind = "gssenc"
+    elif code == CANCEL_REQUEST:
+        kind = "cancel"
+    elif code >> 16 == 3:
+        kind = "startup"
+    else:
+        raise ProtocolError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: the proxy speaks 3.x")
+    if kind in ("ssl", "gssenc") and length != 8:
+        raise ProtocolError(f"invalid {'SSLRequest' if kind == 'ssl' else 'GSSENCRequest'} length {length}")
+    if kind == "cancel" and length != 16:
+        raise ProtocolError(f"invalid CancelRequest length {length}")
+    return kind
+
+
 def parse_params(body: bytes) -> dict[str, str]:
     parts = body.split(b"\0")
     if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
@@ -35,12 +60,15 @@ def parse_params(body: bytes) -> dict[str, str]:
     items = parts[:-2]
     if len(items) % 2:
         raise ProtocolError("a startup parameter has no value")
-    return {items[i].decode(): items[i + 1].decode() for i in range(0, len(items), 2)}
+    try:
+        return {items[i].decode(): items[i + 1].decode() for i in range(0, len(items), 2)}
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"a startup parameter is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def startup_packet(params: dict[str, str]) -> bytes:
+def startup_packet(params: dict[str, str], code: int = PROTOCOL_3) -> bytes:
     body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
-    return STARTUP_HEAD.pack(8 + len(body), PROTOCOL_3) + body
+    return STARTUP_HEAD.pack(8 + len(body), code) + body
 
 
 def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:

@@ -25,6 +25,18 @@ stream is between messages (the proxy follows the compute's message
 boundaries as it relays them), sends the client a FATAL ErrorResponse with
 the reason before it closes. A client still waiting for its wake hears the
 reason at once.
+
+Every client may be hostile (`ProxyLimits`): a connection over the
+proxy's total, or over its branch's share, is refused with SQLSTATE 53300
+(as PostgreSQL's own "too many clients"); the startup packet must come
+whole within `startup_timeout` (a slowloris holds a connection that long
+and no longer), SSLRequest and GSSENCRequest at most once each, lengths
+and protocol as PostgreSQL accepts them; the compute's authentication must
+end (its first ReadyForQuery) within `auth_timeout`. Clients' sockets keep
+TCP keepalive and a user timeout, so that a peer that vanished without a
+FIN (a half-open connection) is closed in about two minutes. Every refusal
+is an ErrorResponse naming what was wrong, counted by reason in
+`strata_proxy_refused_total`.
 """
 
 from __future__ import annotations
@@ -33,25 +45,32 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import socket
 import threading
+from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from pageserver.control.catalog import BranchRecord
 from pageserver.control.plane import ControlPlane
 from pageserver.control.rpc import RemoteControl
-from pageserver.errors import ComputeLimitError, ControlPlaneError, ServiceNotRunningError, UnknownObjectError
+from pageserver.errors import (
+    BadRequestError,
+    ComputeLimitError,
+    ControlPlaneError,
+    ServiceNotRunningError,
+    UnknownObjectError,
+)
 from pageserver.proxy.protocol import (
     CANCEL_REQUEST,
-    GSSENC_REQUEST,
     I32,
-    MAX_STARTUP,
-    PROTOCOL_3,
-    SSL_REQUEST,
     STARTUP_HEAD,
     Framer,
     ProtocolError,
     error_response,
     parse_params,
+    startup_kind,
     startup_packet,
     take_endpoint,
 )
@@ -62,6 +81,45 @@ ENDING_GRACE = 1.0  # seconds a query in flight may finish before an ending sess
 ENDING_LIMIT = 3.0  # ... and before it is closed without a message
 WAKE_THREADS = 64  # wakes wait in threads of their own (for a start, or behind a branch lock)
 CALL_THREADS = 8  # resolve and connection counts
+COMPUTE_MAX_CONNECTIONS = 100  # PostgreSQL's default, which computes keep
+SUPERUSER_RESERVED = 3  # ... of which the page server's own connections need these (tenants are superusers)
+KEEPALIVE = (60, 10, 6)  # idle seconds, interval, probes: a vanished peer is closed after 2 minutes
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    """What one client, or one branch's clients, may take of the proxy."""
+
+    max_connections: int = 4096  # client connections at once, all branches (each holds two descriptors)
+    branch_connections: int = COMPUTE_MAX_CONNECTIONS - SUPERUSER_RESERVED  # per branch
+    startup_timeout: float = 10.0  # to send the whole startup packet (SSL negotiation included)
+    auth_timeout: float = 60.0  # from the startup packet reaching the compute to its first ReadyForQuery
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "branch_connections"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise BadRequestError(f"proxy limit {name} must be a whole number of at least 1, "
+                                      f"not {getattr(self, name)!r}")
+        for name in ("startup_timeout", "auth_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise BadRequestError(f"proxy limit {name} must be a number of seconds above 0, not {v!r}")
+
+
+class ProxyMetrics:
+    REASONS = ("proxy_full", "branch_full", "startup_timeout", "auth_timeout", "protocol", "unknown_branch")
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.refused = Counter("strata_proxy_refused", "Client connections the proxy refused or closed, by reason",
+                               ["reason"], registry=self.registry)
+        for r in self.REASONS:
+            self.refused.labels(r)
+        self.connections = Gauge("strata_proxy_connections", "Client connections open at the proxy",
+                                 registry=self.registry)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
 
 
 class _Session:
@@ -88,10 +146,14 @@ class _Session:
 
 
 class Proxy:
-    def __init__(self, control: ControlPlane | RemoteControl, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, control: ControlPlane | RemoteControl, host: str = "127.0.0.1", port: int = 0, *,
+                 limits: ProxyLimits | None = None, registry: CollectorRegistry | None = None) -> None:
         self.control = control
         self.host = host
         self.port = port
+        self.limits = limits or ProxyLimits()
+        self.metrics = ProxyMetrics(registry)
+        self._open = 0  # client connections (only the loop touches it)
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cancel_keys: dict[bytes, tuple[str, int]] = {}  # pid+key -> compute address
@@ -167,38 +229,64 @@ class Proxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if self._open >= self.limits.max_connections:  # refused before it costs more than a moment
+            self.metrics.refused.labels("proxy_full").inc()
+            await _refuse(writer, "53300", f"strata proxy: too many connections (the proxy takes "
+                          f"{self.limits.max_connections} at once)", reader=reader)
+            writer.close()
+            return
+        self._open += 1
+        self.metrics.connections.inc()
         self._conns.add(task)
         try:
+            _keepalive(writer)
             await self._session(reader, writer)
-        except (ProtocolError, UnicodeDecodeError) as e:
-            await _refuse(writer, "08P01", f"strata proxy: {e}")
+        except ProtocolError as e:
+            self.metrics.refused.labels("protocol").inc()
+            await _refuse(writer, "08P01", f"strata proxy: {e}", reader=reader)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
             pass
         finally:
+            self._open -= 1
+            self.metrics.connections.dec()
             self._conns.discard(task)
             writer.close()
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _startup(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, int, bytes]:
+        """Read up to the startup packet (answering an SSLRequest and a
+        GSSENCRequest 'N', each once): (kind, code, body)."""
+        asked: set[str] = set()
         while True:
             length, code = STARTUP_HEAD.unpack(await reader.readexactly(8))
-            if not 8 <= length <= MAX_STARTUP:
-                raise ProtocolError(f"invalid startup packet length {length}")
+            kind = startup_kind(length, code)
             body = await reader.readexactly(length - 8)
-            if code in (SSL_REQUEST, GSSENC_REQUEST):
+            if kind in ("ssl", "gssenc"):
+                if kind in asked:
+                    raise ProtocolError(f"{'SSLRequest' if kind == 'ssl' else 'GSSENCRequest'} sent twice")
+                asked.add(kind)
                 writer.write(b"N")
                 await writer.drain()
                 continue
-            if code == CANCEL_REQUEST:
-                await self._cancel(body)
-                return
-            if code != PROTOCOL_3:
-                raise ProtocolError(f"unsupported protocol {code >> 16}.{code & 0xFFFF}")
-            break
+            return kind, code, body
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.limits.startup_timeout):
+                kind, code, body = await self._startup(reader, writer)
+        except TimeoutError:
+            self.metrics.refused.labels("startup_timeout").inc()
+            await _refuse(writer, "08P01", f"strata proxy: no startup packet within "
+                          f"{self.limits.startup_timeout:g} s", reader=reader)
+            return
+        if kind == "cancel":
+            await self._cancel(body)
+            return
         params = parse_params(body)
         endpoint = take_endpoint(params)
         if endpoint is None:
+            self.metrics.refused.labels("unknown_branch").inc()
             await _refuse(writer, "08004", "strata proxy: say which branch: options=endpoint=DB.BRANCH "
                           "(in a URI: ?options=endpoint%3DDB.BRANCH), or DB.BRANCH as the database name")
             return
@@ -209,7 +297,14 @@ class Proxy:
             await _refuse(writer, "08006", f"strata proxy: {e}")
             return
         except ControlPlaneError:
+            self.metrics.refused.labels("unknown_branch").inc()
             await _refuse(writer, "3D000", f'strata proxy: no branch with endpoint "{endpoint}"')
+            return
+        limit = self.limits.branch_connections
+        if len(self._sessions.get(br.id, ())) >= limit:  # (checked and counted below with no await between)
+            self.metrics.refused.labels("branch_full").inc()
+            await _refuse(writer, "53300", f"strata proxy: too many connections to branch {endpoint} "
+                          f"(it takes {limit} at once)", reader=reader)
             return
         s = _Session(br.id, reader, writer)
         self._sessions.setdefault(br.id, set()).add(s)  # from here on, a stop with a reason reaches it
@@ -223,7 +318,7 @@ class Proxy:
             self._forget_session(s)
             raise
         try:
-            await self._relay(s, br, endpoint, params, reader)
+            await self._relay(s, br, endpoint, params, code, reader)
             if s.ending is not None:  # the last word takes its time: the caller must not close under it
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(ENDING_LIMIT + FAREWELL_WAIT + 2):
@@ -242,7 +337,7 @@ class Proxy:
             if not mine:
                 del self._sessions[s.branch_id]
 
-    async def _relay(self, s: _Session, br: BranchRecord, endpoint: str, params: dict[str, str],
+    async def _relay(self, s: _Session, br: BranchRecord, endpoint: str, params: dict[str, str], code: int,
                      reader: asyncio.StreamReader) -> None:
         writer = s.writer
         try:
@@ -269,7 +364,7 @@ class Proxy:
             return
         s.address = (host, port)
         try:
-            up_writer.write(startup_packet(params))
+            up_writer.write(startup_packet(params, code))
             await up_writer.drain()
             if s.ending is not None:
                 return
@@ -293,16 +388,14 @@ class Proxy:
         client = s.writer
         framer = s.framer
         try:
-            while True:
-                head = await up.readexactly(5)
-                (n,) = I32.unpack_from(head, 1)
-                body = await up.readexactly(n - 4)
-                if head[:1] == b"K" and len(body) == 8:
-                    s.key = body
-                    self._cancel_keys[body] = s.address
-                client.write(head + body)
-                if head[:1] in (b"Z", b"E"):
-                    break
+            try:
+                async with asyncio.timeout(self.limits.auth_timeout):
+                    head = await self._authentication(up, s)
+            except TimeoutError:  # (between two whole messages: the client can read this one)
+                self.metrics.refused.labels("auth_timeout").inc()
+                client.write(error_response("08006", f"strata proxy: authentication did not end within "
+                                                     f"{self.limits.auth_timeout:g} s"))
+                return
             framer.last = head[0]
             s.started = True
             if framer.ready:
@@ -323,6 +416,24 @@ class Proxy:
             if s.ending is None:
                 with contextlib.suppress(OSError, RuntimeError):
                     client.write_eof()
+
+    async def _authentication(self, up: asyncio.StreamReader, s: _Session) -> bytes:
+        """Relay the compute's messages one by one until its first
+        ReadyForQuery or ErrorResponse (learning BackendKeyData on the
+        way); the header of that last one."""
+        client = s.writer
+        while True:
+            head = await up.readexactly(5)
+            (n,) = I32.unpack_from(head, 1)
+            if n < 4:
+                raise asyncio.IncompleteReadError(head, None)  # no compute sends that: treat it as gone
+            body = await up.readexactly(n - 4)
+            if head[:1] == b"K" and len(body) == 8:
+                s.key = body
+                self._cancel_keys[body] = s.address
+            client.write(head + body)
+            if head[:1] in (b"Z", b"E"):
+                return head
 
     async def _upstream(self, client: asyncio.StreamReader, up: asyncio.StreamWriter, s: _Session) -> None:
         """Relay the client's bytes; anything it sends asks something of the
@@ -400,12 +511,35 @@ async def _last_word(s: _Session, message: bytes | None, *, answer: bool = False
         s.said.set()
 
 
-async def _refuse(writer: asyncio.StreamWriter, code: str, message: str) -> None:
+async def _refuse(writer: asyncio.StreamWriter, code: str, message: str, *,
+                  reader: asyncio.StreamReader | None = None) -> None:
+    """Say why, as a FATAL ErrorResponse. With `reader`, take in for a
+    moment what the client sent meanwhile (unread bytes make the kernel
+    answer the close with a reset, and the client may lose the message)."""
     try:
         writer.write(error_response(code, message))
         await writer.drain()
+        if reader is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_PENDING):
+                    while await reader.read(65536):
+                        pass
     except (ConnectionError, RuntimeError):  # uvloop: RuntimeError on a transport the client closed
         pass
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    """TCP keepalive and a user timeout on a client's socket: a peer gone
+    without a FIN (half-open) is found and closed."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle, interval, probes = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * probes) * 1000)
 
 
 class ProxyThread:
@@ -413,11 +547,12 @@ class ProxyThread:
     embedded in a synchronous program (the service runs it on its own loop
     instead). Sets the control plane's advertised proxy port."""
 
-    def __init__(self, control: ControlPlane, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, control: ControlPlane, host: str = "127.0.0.1", port: int = 0, *,
+                 limits: ProxyLimits | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="strata-proxy", daemon=True)
         self._thread.start()
-        self.proxy = Proxy(control, host, port)
+        self.proxy = Proxy(control, host, port, limits=limits)
         _, control.proxy_port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(30)
 
     def close(self) -> None:

@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-computes", type=int)
     p.add_argument("--idle-timeout", type=float)
     p.add_argument("--warm-pool", type=int, default=0, help="spare computes kept running (default 0)")
+    p.add_argument("--max-connections", type=int, help="client connections the proxy takes at once")
+    p.add_argument("--branch-connections", type=int, help="client connections per branch, at the proxy")
     p.add_argument("--frontend-user", help=f"who the front end runs as when started as root "
                                            f"(default ${{STRATA_FRONTEND_USER}} or {FRONTEND_USER!r})")
     args = p.parse_args(argv)
@@ -138,16 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     token = ensure_token(home)
     fe_user = frontend_identity(args.frontend_user)
     sock = _control_socket(home, fe_user[2])
-    options: list[str] = []
-    for flag, value in (("--max-computes", args.max_computes), ("--idle-timeout", args.idle_timeout),
-                        ("--warm-pool", args.warm_pool)):
-        if value is not None:
-            options += [flag, str(value)]
+    options = _flags({"--max-computes": args.max_computes, "--idle-timeout": args.idle_timeout,
+                      "--warm-pool": args.warm_pool})
     ps_cmd = [sys.executable, "-m", "pageserver.control", "--home", home, "--socket", sock,
               "--proxy-port", str(proxy_port), "--trust-uid", str(fe_user[1]), "--socket-group", str(fe_user[2]),
               "--exit-with-parent", *options]
     fe_cmd = [sys.executable, "-m", "pageserver.frontend", "--control-socket", sock,
-              "--api-port", str(api_port), "--proxy-port", str(proxy_port), "--host", HOST, "--exit-with-parent"]
+              "--api-port", str(api_port), "--proxy-port", str(proxy_port), "--host", HOST, "--exit-with-parent",
+              *_flags({"--max-connections": args.max_connections, "--branch-connections": args.branch_connections})]
     serving = threading.Event()
 
     def on_state(processes: dict[str, Any]) -> None:
@@ -178,6 +178,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+def _flags(values: dict[str, Any]) -> list[str]:
+    """Command-line flags for the options that were given."""
+    return [x for flag, v in values.items() if v is not None for x in (flag, str(v))]
+
+
 def _control_socket(home: str, group: int) -> str:
     """The page server's RPC socket, in a directory of the run directory
     that only the service's user and the front end's group can enter."""
@@ -202,7 +207,8 @@ def _write_state(home: str, api_port: int, proxy_port: int, processes: dict[str,
 
 def start(home: str | None = None, *, api_port: int | None = None, proxy_port: int | None = None,
           max_computes: int | None = None, idle_timeout: float | None = None,
-          warm_pool: int | None = None, timeout: float = 180.0) -> dict[str, Any]:
+          warm_pool: int | None = None, max_connections: int | None = None,
+          branch_connections: int | None = None, timeout: float = 180.0) -> dict[str, Any]:
     """Start the service for `home` in the background unless it runs;
     return its state (api, proxy, token_file, pid). Safe to call from many
     processes at once: one starts it, the others wait for it."""
@@ -215,17 +221,14 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
         state = read_state(home)  # another process may have started it meanwhile
         if state is not None:
             return state
-        return _spawn(home, api_port, proxy_port, max_computes, idle_timeout, warm_pool, timeout)
+        return _spawn(home, _flags({
+            "--api-port": api_port, "--proxy-port": proxy_port, "--max-computes": max_computes,
+            "--idle-timeout": idle_timeout, "--warm-pool": warm_pool, "--max-connections": max_connections,
+            "--branch-connections": branch_connections}), timeout)
 
 
-def _spawn(home: str, api_port: int | None, proxy_port: int | None, max_computes: int | None,
-           idle_timeout: float | None, warm_pool: int | None, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pageserver.service", "--home", home]
-    for flag, value in (("--api-port", api_port), ("--proxy-port", proxy_port),
-                        ("--max-computes", max_computes), ("--idle-timeout", idle_timeout),
-                        ("--warm-pool", warm_pool)):
-        if value is not None:
-            cmd += [flag, str(value)]
+def _spawn(home: str, options: list[str], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pageserver.service", "--home", home, *options]
     logf = open(os.path.join(home, LOG), "ab")
     with logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
