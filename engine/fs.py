@@ -184,7 +184,7 @@ class OsWriteFile:
         self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
         flags |= os.O_APPEND if append else os.O_TRUNC
-        self._fd = os.open(path, flags, 0o644)
+        self._fd = os.open(path, flags, 0o600)  # private from its first byte, whatever the umask
         self._append = append
         self._pos = os.lseek(self._fd, 0, os.SEEK_END)
         self._buf = bytearray()
@@ -291,7 +291,7 @@ class OsFileSystem:
         os.unlink(path)
 
     def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
 
     def rmdir(self, path: str) -> None:
         os.rmdir(path)
@@ -324,7 +324,7 @@ class OsFileSystem:
             os.close(fd)
 
     def lock(self, path: str) -> FileLock:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

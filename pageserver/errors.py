@@ -61,6 +61,15 @@ class PostgresVersionError(ComputeError):
         self.compute_id, self.log_tail, self.major = "-", "", major
 
 
+class UnsafeDirectoryError(PageServerError, PermissionError):
+    """A directory Strata keeps private is not: another user owns it, it is a
+    symlink, or it is not a directory."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: {why}; refusing to use it (remove it, or set it right)")
+        self.path = path
+
+
 class ComputeNotFoundError(PageServerError, LookupError):
     def __init__(self, compute_id: str) -> None:
         super().__init__(f"compute {compute_id!r} not found")

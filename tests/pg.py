@@ -44,8 +44,13 @@ def pg_available() -> str | None:
 # A test marked so is skipped where its prerequisite is missing, except
 # under CI (CI=true), where it fails with the reason: CI runs everything
 # (tests/conftest.py, pytest_runtest_setup).
-PREREQUISITES = {"pg": pg_available, "fuse": fuse_available}
+def root_available() -> str | None:
+    return None if os.geteuid() == 0 else "needs root (to hand a file to another user)"
+
+
+PREREQUISITES = {"pg": pg_available, "fuse": fuse_available, "root": root_available}
 requires_pg = pytest.mark.needs("pg")
+requires_root = pytest.mark.needs("root")
 requires_fuse = pytest.mark.needs("fuse")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from pageserver.errors import ProtectedError, ServiceNotRunningError, UnknownObj
 from pageserver.service import daemon as service
 
 from .pg import STRATA, requires_pg, strata
+from .test_private_files import modes
 
 pytestmark = requires_pg
 BRANCH_CONNECTIONS = 5  # (given to `strata up`)
@@ -113,11 +115,32 @@ def test_the_sdk_in_three_lines(up):
 
 def test_down_stops_everything(tmp_path):
     home = str(tmp_path)
+    os.chmod(home, 0o755)  # an older home, left wide: up tightens it
+    with open(os.path.join(home, "notes"), "w") as f:
+        f.write("x")
+    os.chmod(os.path.join(home, "notes"), 0o644)
     strata(home, "up")
     db = strata(home, "db", "create", "x")
     with psycopg.connect(db["uri"]) as conn:
-        conn.execute("select 1")
+        conn.execute("create table t as select generate_series(1, 1000) x")
+        conn.execute("checkpoint")
     run_dir = run_dir_for(home)
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    loose = {p: oct(m) for p, m in modes(home).items()
+             if m & ~(0o700 if os.path.isdir(os.path.join(home, p)) else 0o600)}
+    assert not loose, loose  # every file of the home 0600, every directory 0700
+    rpc = run_dir + ".rpc"
+    assert stat.S_IMODE(os.stat(rpc).st_mode) == 0o750  # for the front end's group
+    assert stat.S_IMODE(os.stat(os.path.join(rpc, "control.sock")).st_mode) == 0o660
+    for d in (os.path.dirname(run_dir), run_dir, os.path.join(run_dir, "computes")):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o711, d  # postgres passes through to its own
+    for c in os.listdir(os.path.join(run_dir, "computes")):
+        cdir = os.path.join(run_dir, "computes", c)
+        assert stat.S_IMODE(os.stat(cdir).st_mode) == 0o711
+        for name in ("state.json", "postgres.log"):
+            assert stat.S_IMODE(os.stat(os.path.join(cdir, name)).st_mode) == 0o600, name
+        for name in ("sock", "local"):
+            assert stat.S_IMODE(os.stat(os.path.join(cdir, name)).st_mode) == 0o700, name
     pid = service.read_state(home)["pid"]
     assert strata(home, "down") == {"stopped": True, "pid": pid}
     assert not os.path.ismount(os.path.join(run_dir, "mnt"))

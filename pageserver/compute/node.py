@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -36,7 +37,7 @@ import time
 
 from engine import NotFoundError, Store, StoreConfig, Timeline
 from pageserver.compute.postgres import Compute, free_port, new_password, pg_bindir, reap_stale, run_as
-from pageserver.errors import BranchBusyError, ComputeError, ComputeNotFoundError
+from pageserver.errors import BranchBusyError, ComputeError, ComputeNotFoundError, UnsafeDirectoryError
 from pageserver.fuse.filesystem import Mount, unmount
 from pageserver.pgdata.datadir import DataDir
 from pageserver.pgdata.importer import export_datadir, import_datadir
@@ -59,13 +60,42 @@ def pg_version_of(tl: Timeline) -> str:
         raise ComputeError("-", f"timeline {tl.id} has no readable PG_VERSION: {e}") from e
 
 
+# Run directories: 0700 when the computes run as this user; 0711 (others may pass
+# through, never list) on the path the `postgres` user walks to its own 0700
+# directories when the page server runs as root.
+RUN_MODE = 0o711 if os.geteuid() == 0 else 0o700
+
+
+def private_dir(path: str, mode: int = 0o700) -> str:
+    """Make `path` a directory of this user's with `mode`, or refuse one
+    that another user owns, that is a symlink, or that is not a directory
+    (a predictable path in /tmp could be anybody's); a wider mode is
+    tightened. Returns `path`."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:  # (its parents are ordinary directories)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.mkdir(path, mode)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeDirectoryError(path, "it is a symbolic link")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectoryError(path, "it is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UnsafeDirectoryError(path, f"it belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+    return path
+
+
 def run_dir_for(home: str) -> str:
     import hashlib
 
     digest = hashlib.sha1(os.path.abspath(home).encode()).hexdigest()[:12]
     base = "/run/strata" if os.geteuid() == 0 else os.path.join(tempfile.gettempdir(), f"strata-{os.getuid()}")
-    os.makedirs(base, mode=0o755, exist_ok=True)
-    os.chmod(base, 0o755)
+    private_dir(base, RUN_MODE)
     return os.path.join(base, digest)
 
 
@@ -92,8 +122,7 @@ class Node:
         # page server still stopping holds it, and its computes and mount are still its own)
         self.store = Store.open(self.store_path, config=self._config, background=self._background)
         try:
-            os.makedirs(self.run_dir, exist_ok=True)
-            os.chmod(self.run_dir, 0o755)
+            private_dir(self.run_dir, RUN_MODE)
             reaped = reap_stale(self.computes_dir)
             if unmount(self.mountpoint):
                 log.warning("unmounted a stale mount at %s", self.mountpoint)
@@ -103,7 +132,7 @@ class Node:
         except BaseException:
             self.store.close()
             raise
-        os.makedirs(self.computes_dir, exist_ok=True)
+        private_dir(self.computes_dir, RUN_MODE)
         log.info("page server %s open (%d stale computes ended)", self.home, reaped)
         return self
 
@@ -236,7 +265,7 @@ class Node:
             dd = DataDir(tl)
             cid = os.urandom(6).hex()
             rundir = os.path.join(self.computes_dir, cid)
-            os.makedirs(rundir)
+            private_dir(rundir, RUN_MODE)  # the page server's; postgres owns only its socket and local files
             c = Compute(
                 id=cid, timeline_id=tl.id, pgdata=os.path.join(self.mountpoint, cid), rundir=rundir,
                 port=free_port(), password=password or new_password(), read_only=read_only, lsn=lsn,

@@ -203,7 +203,7 @@ class Compute:
         if self.read_only:
             args += ["-c", "default_transaction_read_only=on"]
         t0 = time.monotonic()
-        logf = open(self.log_path, "ab")
+        logf = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab")
         try:
             self.process = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
@@ -269,7 +269,7 @@ class Compute:
         state = {"id": self.id, "timeline": self.timeline_id, "pid": self.pid, "port": self.port,
                  "pgdata": self.pgdata}
         tmp = os.path.join(self.rundir, "state.json.tmp")
-        with open(tmp, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
             json.dump(state, f)
         os.rename(tmp, os.path.join(self.rundir, "state.json"))
 

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-pool", type=int, default=0)
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it goes")
     args = p.parse_args(argv)
+    os.umask(0o077)  # what this process makes is private from its first byte
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s pageserver %(name)s %(levelname)s %(message)s")
     stop = threading.Event()

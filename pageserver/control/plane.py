@@ -92,7 +92,7 @@ from engine import (
     StoreConfig,
     Timeline,
 )
-from pageserver.compute.node import TEMPLATE_ID, Node
+from pageserver.compute.node import TEMPLATE_ID, Node, private_dir
 from pageserver.compute.postgres import Compute, new_password
 from pageserver.control.catalog import (
     CATALOG_ID,
@@ -212,7 +212,7 @@ class ControlPlane:
     # --- lifecycle ---------------------------------------------------------------
 
     def open(self) -> ControlPlane:
-        os.makedirs(self.home, mode=0o700, exist_ok=True)
+        private_dir(self.home)
         self.ps.open()
         try:
             self.ps.ensure_template()

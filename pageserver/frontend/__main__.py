@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branch-connections", type=int, default=ProxyLimits.branch_connections,
                    help="client connections per branch (default %(default)s)")
     args = p.parse_args(argv)
+    os.umask(0o077)  # what this process makes is private from its first byte
     try:
         limits = ProxyLimits(max_connections=args.max_connections, branch_connections=args.branch_connections)
     except BadRequestError as e:

@@ -27,6 +27,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -51,6 +52,33 @@ def default_home() -> str:
     return os.path.abspath(os.environ.get("STRATA_HOME") or os.path.join(os.getcwd(), ".strata"))
 
 
+def tighten(home: str) -> int:
+    """Make a home private again (an older Strata, or a hand, may have left
+    it wider): the home and every directory in it 0700, every file 0600.
+    Symbolic links are not followed, other users' files are left alone.
+    Returns how many modes it changed."""
+    from pageserver.compute.node import private_dir
+
+    changed = 0
+    uid = os.geteuid()
+    for root, dirs, files in os.walk(private_dir(home)):
+        for name, mode in [(d, 0o700) for d in dirs] + [(f, 0o600) for f in files]:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode) or st.st_uid != uid or stat.S_IMODE(st.st_mode) & ~mode == 0:
+                continue
+            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+            changed += 1
+    if changed:
+        log.warning("tightened the modes of %d files and directories in %s (private: 0700 and 0600)",
+                    changed, home)
+    return changed
+
+
+def _open_private(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 def _write(path: str, data: bytes, mode: int = 0o600) -> None:
     write_atomically(OsFileSystem(), path, data)
     os.chmod(path, mode)
@@ -59,9 +87,12 @@ def _write(path: str, data: bytes, mode: int = 0o600) -> None:
 @contextlib.contextmanager
 def file_lock(path: str) -> Iterator[None]:
     """Hold an exclusive flock on `path` (made if missing): across processes."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # closing the file releases it
+    fd = _open_private(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (which releases it)
 
 
 def _free_port(host: str) -> int:
@@ -88,7 +119,7 @@ def _ports(home: str, api_port: int | None, proxy_port: int | None) -> tuple[int
     api = api_port or saved.get("api") or _free_port(HOST)
     proxy = proxy_port or saved.get("proxy") or _free_port(HOST)
     if saved != {"api": api, "proxy": proxy}:
-        _write(path, json.dumps({"api": api, "proxy": proxy}).encode(), 0o644)
+        _write(path, json.dumps({"api": api, "proxy": proxy}).encode())
     return api, proxy
 
 
@@ -133,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                                            f"(default ${{STRATA_FRONTEND_USER}} or {FRONTEND_USER!r})")
     args = p.parse_args(argv)
     home = os.path.abspath(args.home)
-    os.makedirs(home, mode=0o700, exist_ok=True)
+    os.umask(0o077)  # whatever this process and its children make is private from the start
+    tighten(home)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s supervisor %(name)s %(levelname)s %(message)s")
     api_port, proxy_port = _ports(home, args.api_port, args.proxy_port)
@@ -186,20 +218,18 @@ def _flags(values: dict[str, Any]) -> list[str]:
 def _control_socket(home: str, group: int) -> str:
     """The page server's RPC socket, in a directory of the run directory
     that only the service's user and the front end's group can enter."""
-    from pageserver.compute.node import run_dir_for
+    from pageserver.compute.node import private_dir, run_dir_for
 
-    d = run_dir_for(home) + ".rpc"
-    os.makedirs(d, mode=0o750, exist_ok=True)
+    d = private_dir(run_dir_for(home) + ".rpc", 0o750)
     if os.geteuid() == 0:
         os.chown(d, 0, group)
-    os.chmod(d, 0o750)
     return os.path.join(d, "control.sock")
 
 
 def _write_state(home: str, api_port: int, proxy_port: int, processes: dict[str, Any]) -> None:
     state = {"api": f"http://{HOST}:{api_port}", "proxy": f"{HOST}:{proxy_port}",
              "token_file": os.path.join(home, TOKEN), "pid": os.getpid(), "home": home, "processes": processes}
-    _write(os.path.join(home, STATE), json.dumps(state).encode(), 0o644)
+    _write(os.path.join(home, STATE), json.dumps(state).encode())
 
 
 # --- starting and stopping it from elsewhere (CLI, SDK) ---------------------------------------
@@ -216,7 +246,9 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
     state = read_state(home)
     if state is not None:
         return state
-    os.makedirs(home, mode=0o700, exist_ok=True)
+    from pageserver.compute.node import private_dir
+
+    private_dir(home)
     with file_lock(os.path.join(home, ".start.lock")):
         state = read_state(home)  # another process may have started it meanwhile
         if state is not None:
@@ -229,7 +261,7 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
 
 def _spawn(home: str, options: list[str], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pageserver.service", "--home", home, *options]
-    logf = open(os.path.join(home, LOG), "ab")
+    logf = os.fdopen(_open_private(os.path.join(home, LOG), os.O_WRONLY | os.O_APPEND), "ab")
     with logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd="/")

@@ -1,0 +1,104 @@
+"""What Strata writes is private from its first byte: engine files 0600 and
+directories 0700 whatever the umask, the token never visible wider, a
+home tightened by `strata up`, run directories refused when they are not
+this user's."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from engine import Store
+from pageserver.compute.node import private_dir
+from pageserver.errors import UnsafeDirectoryError
+from pageserver.service import daemon
+
+from .pg import requires_root
+
+
+def modes(top: str) -> dict[str, int]:
+    out = {}
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            out[os.path.relpath(p, top)] = stat.S_IMODE(os.lstat(p).st_mode)
+    return out
+
+
+@pytest.fixture
+def open_umask():
+    old = os.umask(0)  # the widest: only the modes Strata asks for count
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_a_store_writes_only_private_files_whatever_the_umask(tmp_path, open_umask):
+    path = str(tmp_path / "store")
+    with Store.open(path) as s:
+        tl = s.create_timeline()
+        for i in range(50):
+            tl.commit({i: bytes([i]) * 8192}, durable=True)
+        s.flush(tl)
+        s.branch(tl)
+    seen = modes(path)
+    assert seen, "the store wrote nothing?"
+    loose = {p: oct(m) for p, m in seen.items()
+             if m != (0o700 if os.path.isdir(os.path.join(path, p)) else 0o600)}
+    assert not loose
+
+
+def test_the_token_is_private_before_it_is_renamed_into_place(tmp_path, open_umask, monkeypatch):
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)  # only the creation's mode counts
+    home = str(tmp_path)
+    token = daemon.ensure_token(home)
+    assert len(token) >= 32
+    assert stat.S_IMODE(os.stat(os.path.join(home, daemon.TOKEN)).st_mode) == 0o600
+
+
+def test_up_tightens_an_existing_home(tmp_path):
+    home = tmp_path / "home"
+    (home / "store" / "layers").mkdir(parents=True)
+    (home / "token").write_text("x")
+    (home / "store" / "layers" / "l1").write_text("y")
+    for p, m in ((home, 0o755), (home / "store", 0o775), (home / "store" / "layers", 0o755),
+                 (home / "token", 0o644), (home / "store" / "layers" / "l1", 0o666)):
+        os.chmod(p, m)
+    os.symlink("/etc/passwd", home / "link")
+    assert daemon.tighten(str(home)) == 4  # (the home itself by private_dir)
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    assert {p: oct(m) for p, m in modes(str(home)).items() if p != "link"} == {
+        "store": "0o700", "store/layers": "0o700", "token": "0o600", "store/layers/l1": "0o600"}
+    assert stat.S_IMODE(os.stat("/etc/passwd").st_mode) == 0o644  # a link is not followed
+    assert daemon.tighten(str(home)) == 0
+
+
+def test_a_private_directory_is_made_with_its_mode_or_tightened(tmp_path, open_umask):
+    d = str(tmp_path / "run")
+    private_dir(d, 0o711)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o711
+    os.chmod(d, 0o777)
+    private_dir(d, 0o711)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o711
+
+
+def test_a_private_directory_that_is_a_link_or_a_file_is_refused(tmp_path):
+    os.symlink(str(tmp_path), tmp_path / "link")
+    with pytest.raises(UnsafeDirectoryError, match="symbolic link"):
+        private_dir(str(tmp_path / "link"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UnsafeDirectoryError, match="not a directory"):
+        private_dir(str(tmp_path / "file"))
+
+
+@requires_root
+def test_a_run_directory_another_user_made_is_refused(tmp_path):
+    d = tmp_path / "strata-0"
+    d.mkdir(mode=0o777)
+    os.chown(d, 65534, 65534)  # nobody got there first (a predictable path in /tmp)
+    with pytest.raises(UnsafeDirectoryError, match="belongs to uid 65534"):
+        private_dir(str(d))
+    assert os.stat(d).st_uid == 65534  # and it was left as it was
