@@ -70,6 +70,13 @@ class UnsafeDirectoryError(PageServerError, PermissionError):
         self.path = path
 
 
+class AnotherServiceError(PageServerError):
+    def __init__(self, home: str, pid: int | None) -> None:
+        super().__init__(f"another Strata service (pid {pid if pid is not None else '?'}) serves {home}")
+        self.home = home
+        self.pid = pid
+
+
 class ComputeNotFoundError(PageServerError, LookupError):
     def __init__(self, compute_id: str) -> None:
         super().__init__(f"compute {compute_id!r} not found")

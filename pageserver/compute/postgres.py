@@ -7,9 +7,14 @@ loopback port, starts `postgres` (as the `postgres` OS user when the server
 runs as root) in a session of its own, and waits until postmaster.pid says
 it is ready. Stopping is a fast shutdown; then the process group is gone.
 
-A compute's state file (run/computes/<id>/state.json) records its process
-group, so that a page server killed with its computes running finds and
-ends them when it starts again.
+A compute's state file (run/computes/<id>/state.json) records its
+postmaster's pid, start time (in clock ticks since boot) and the boot, so
+that a page server killed with its computes running finds and ends them
+when it starts again. A process is taken for a compute only by that
+identity (a reused pid has another start time) or by its working
+directory inside the compute's data directory (each backend's), never by
+its name; it is signalled through a pidfd opened before the check, so that
+the pid cannot pass to another process between check and signal.
 """
 
 from __future__ import annotations
@@ -149,6 +154,7 @@ class Compute:
     lsn: int | None = None  # for a read-only compute: the LSN it shows
     bindir: str = ""  # PostgreSQL's server binaries of its data directory's version
     process: subprocess.Popen | None = None
+    process_start: int | None = None  # the postmaster's start time (ticks since boot): its identity
     started_at: float = 0.0
     start_seconds: float = 0.0
     stopping: bool = False
@@ -213,6 +219,7 @@ class Compute:
             )
         finally:
             logf.close()
+        self.process_start = process_start(self.process.pid)
         self.write_state()
         self.started_at = time.time()
         pidfile = os.path.join(self.local_root, "postmaster.pid")
@@ -256,18 +263,18 @@ class Compute:
         """SIGKILL to the postmaster and every backend."""
         if self.process is None:
             return
-        kill_compute(self.process.pid, self.pgdata)
+        kill_compute(self.process.pid, self.process_start, self.pgdata)
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             pass
         deadline = time.monotonic() + 10
-        while kill_compute(0, self.pgdata) and time.monotonic() < deadline:
+        while kill_compute(None, None, self.pgdata) and time.monotonic() < deadline:
             time.sleep(0.01)  # until the last backend is gone
 
     def write_state(self) -> None:
-        state = {"id": self.id, "timeline": self.timeline_id, "pid": self.pid, "port": self.port,
-                 "pgdata": self.pgdata}
+        state = {"id": self.id, "timeline": self.timeline_id, "pid": self.pid, "start": self.process_start,
+                 "boot": BOOT_ID, "port": self.port, "pgdata": self.pgdata}
         tmp = os.path.join(self.rundir, "state.json.tmp")
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
             json.dump(state, f)
@@ -286,41 +293,72 @@ def _pidfile_ready(path: str) -> bool:
     return len(lines) > 7 and lines[7].strip() == READY
 
 
-def kill_compute(pid: int, pgdata: str) -> int:
-    """SIGKILL every process of a compute: the postmaster and every process
-    working in its data directory. (PostgreSQL puts each backend in a
-    process group of its own, so the postmaster's group is not enough; and
-    a backend waiting on a lock its dead peers held never notices that the
-    postmaster died.) Returns how many were signalled."""
-    victims = set()
-    if _is_postgres(pid):
-        victims.add(pid)
-    prefix = pgdata.rstrip("/")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if cwd == prefix or cwd.startswith(prefix + "/") or cwd.startswith(prefix + " "):
-            victims.add(int(entry))
-    for p in victims:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            log.warning("cannot kill process %d of compute %s", p, pgdata)
-    return len(victims)
-
-
-def _is_postgres(pid: int) -> bool:
+def _boot_id() -> str:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"postgres" in f.read()
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (None: no such
+    process). With the boot, a process's identity: a reused pid differs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])  # field 22 of proc(5), counting from the state (field 3)
+
+
+def signal_process(pid: int, sig: int, check: Callable[[], bool]) -> bool:
+    """Send `sig` to `pid` if `check()` holds once the pid is pinned (a
+    pidfd: it cannot pass to another process between check and signal)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return False
+    try:
+        if not check():
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("cannot signal process %d", pid)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _works_in(pid: int, prefix: str) -> bool:
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
+    return cwd == prefix or cwd.startswith(prefix + "/") or cwd.startswith(prefix + " ")
+
+
+def kill_compute(pid: int | None, start: int | None, pgdata: str) -> int:
+    """SIGKILL every process of a compute: its postmaster (`pid`, if it is
+    still the process that started at `start`) and every process working in
+    its data directory. (PostgreSQL puts each backend in a process group of
+    its own, so the postmaster's group is not enough; and a backend waiting
+    on a lock its dead peers held never notices that the postmaster died.)
+    Returns how many were signalled."""
+    n = 0
+    if pid and start is not None and signal_process(pid, signal.SIGKILL, lambda: process_start(pid) == start):
+        n += 1
+    prefix = pgdata.rstrip("/")
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid and _works_in(int(entry), prefix):
+            n += signal_process(int(entry), signal.SIGKILL, functools.partial(_works_in, int(entry), prefix))
+    return n
 
 
 def reap_stale(computes_dir: str) -> int:
@@ -336,7 +374,9 @@ def reap_stale(computes_dir: str) -> int:
         except (OSError, ValueError):
             st = {}
         if st.get("pid"):
-            killed = kill_compute(int(st["pid"]), st.get("pgdata", "/nonexistent"))
+            same_boot = st.get("boot") == BOOT_ID  # (after a reboot, its pid is anybody's)
+            killed = kill_compute(int(st["pid"]) if same_boot else None, st.get("start"),
+                                  st.get("pgdata", "/nonexistent"))
             n += 1
             log.warning("ended compute %s (%d processes) left by an earlier page server", cid, killed)
         shutil.rmtree(os.path.join(computes_dir, cid), ignore_errors=True)

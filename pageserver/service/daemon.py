@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine.fs import OsFileSystem, write_atomically
-from pageserver.errors import ServiceNotRunningError
+from pageserver.errors import AnotherServiceError, ServiceNotRunningError
 from pageserver.service.supervisor import FRONTEND_USER, Supervisor, frontend_identity
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("strata.service")
 
-STATE, TOKEN, PORTS, LOG = "service.json", "token", "ports.json", "service.log"
+STATE, TOKEN, PORTS, LOG, LOCK = "service.json", "token", "ports.json", "service.log", "service.lock"
 HOST = "127.0.0.1"
 
 
@@ -130,24 +130,48 @@ def read_state(home: str) -> dict[str, Any] | None:
             state: dict[str, Any] = json.load(f)
     except (OSError, ValueError):
         return None
+    pid = service_pid(home)
+    return state if pid is not None and state.get("pid") == pid else None
+
+
+def service_pid(home: str) -> int | None:
+    """The pid of the service serving `home`: the holder of its lock, as
+    the kernel tells it (/proc/locks). A lock dies with its process, so a
+    pid that a dead service left in a file, now another process's, is never
+    taken for the service."""
+    return lock_holder(os.path.join(home, LOCK))
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid holding a flock on `path` (None: nobody)."""
     try:
-        pid = int(state["pid"])
-    except (KeyError, ValueError, TypeError):
+        st = os.stat(path)
+    except OSError:
         return None
-    return state if _is_service(pid) else None
-
-
-def _is_service(pid: int) -> bool:
-    """Is `pid` a live Strata service? (Not a zombie nobody reaped, not a
-    process that got the pid of a dead one.)"""
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"pageserver.service" in f.read()
-    except (OSError, IndexError):
-        return False
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF" (a waiter's: "1: -> FLOCK ...")
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == ident and parts[4].isdigit():
+            return int(parts[4])
+    return None
+
+
+def hold_service_lock(home: str) -> int:
+    """Take the home's service lock, held until this process ends (nothing
+    closes the descriptor returned; children do not inherit it).
+    AnotherServiceError if another service holds it."""
+    fd = _open_private(os.path.join(home, LOCK), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AnotherServiceError(home, service_pid(home)) from None
+    return fd
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     tighten(home)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s supervisor %(name)s %(levelname)s %(message)s")
+    try:
+        hold_service_lock(home)  # held until this process ends: its liveness
+    except AnotherServiceError as e:
+        log.error("%s", e)
+        sys.exit(1)
     api_port, proxy_port = _ports(home, args.api_port, args.proxy_port)
     token = ensure_token(home)
     fe_user = frontend_identity(args.frontend_user)
@@ -288,13 +317,15 @@ def stop(home: str | None = None, *, timeout: float = STOP_WAIT) -> dict[str, An
     state = read_state(home)
     if state is None:
         return None
+    from pageserver.compute.postgres import signal_process
+
     pid = int(state["pid"])
-    os.kill(pid, signal.SIGTERM)
+    signal_process(pid, signal.SIGTERM, lambda: service_pid(home) == pid)  # (still the service, once pinned)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not _is_service(pid):
+        if service_pid(home) != pid:
             return state
         time.sleep(0.05)
     raise ServiceNotRunningError(f"the service (pid {pid}) did not stop within {timeout:.0f} s")
