@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import statistics
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import hypothesis.strategies as st
 import pytest
@@ -47,6 +49,7 @@ class FakeCompute:
     def __init__(self, loop: asyncio.AbstractEventLoop, silent: bool = False) -> None:
         self.silent = silent
         self.codes: list[int] = []
+        self.keys = 0
         self.server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._serve, "127.0.0.1", 0), loop).result(10)
         self.address = self.server.sockets[0].getsockname()[:2]
@@ -59,11 +62,14 @@ class FakeCompute:
             if self.silent:
                 await r.read()
                 return
-            w.write(msg(b"R", struct.pack("!i", 0)) + msg(b"K", struct.pack("!ii", 4242, 77))
+            self.keys += 1  # each connection its own, as a postmaster gives them
+            w.write(msg(b"R", struct.pack("!i", 0)) + msg(b"K", struct.pack("!ii", 4242, self.keys))
                     + msg(b"Z", b"I"))
             while True:
                 t = await r.readexactly(1)
                 (n,) = struct.unpack("!i", await r.readexactly(4))
+                if n < 4:
+                    break  # (what a client sent after its startup: PostgreSQL would close too)
                 await r.readexactly(n - 4)
                 if t == b"X":
                     break
@@ -79,8 +85,10 @@ class FakeControl:
     """The proxy's side of the control plane: endpoints `db.a`, `db.b`
     (the latter on a compute that never answers)."""
 
-    def __init__(self, routes: dict[str, tuple[str, int]]) -> None:
+    def __init__(self, routes: dict[str, tuple[str, int]], slow: float = 0.0) -> None:
         self.session_enders: list = []
+        self.slow = slow  # how long a wake of db.slow takes
+        self.routed: list[str] = []
         self.routes = routes
         self.records = {ep: BranchRecord(id=i + 1, database=1, name=ep.split(".")[1], timeline=f"t{i}",
                                          created_at=0.0) for i, ep in enumerate(routes)}
@@ -102,18 +110,28 @@ class FakeControl:
             self.open -= 1
 
     def route(self, br: BranchRecord) -> tuple[str, int]:
-        return self.routes[self.by_id[br.id]]
+        ep = self.by_id[br.id]
+        self.routed.append(ep)
+        if ep == "db.slow":
+            time.sleep(self.slow)
+        return self.routes[ep]
 
 
 class Harness:
-    def __init__(self, limits: ProxyLimits) -> None:
+    """The proxy and its stand-ins on a loop of their own; `close` fails
+    if anything logged a warning or worse (a crash in a handler)."""
+
+    def __init__(self, limits: ProxyLimits, slow: float = 0.0) -> None:
+        self.complaints = Complaints()
+        for name in ("asyncio", "strata.proxy"):
+            logging.getLogger(name).addHandler(self.complaints)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.compute = FakeCompute(self.loop)
         self.silent = FakeCompute(self.loop, silent=True)
         self.control = FakeControl({"db.a": self.compute.address, "db.b": self.silent.address,
-                                    "db.c": self.compute.address})
+                                    "db.c": self.compute.address, "db.slow": self.compute.address}, slow)
         self.proxy = Proxy(self.control, limits=limits)  # type: ignore[arg-type]
         _, self.port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)
 
@@ -124,12 +142,17 @@ class Harness:
         return asyncio.run_coroutine_threadsafe(_value(lambda: self.proxy._open), self.loop).result(10)
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(30)
-        for c in (self.compute, self.silent):
-            c.server.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        try:
+            asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(30)
+            for c in (self.compute, self.silent):
+                c.server.close()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+        finally:
+            for name in ("asyncio", "strata.proxy"):
+                logging.getLogger(name).removeHandler(self.complaints)
+        assert not self.complaints.texts(), "the proxy complained (a crash in a handler?)"
 
 
 async def _value(f):  # noqa: ANN001, ANN202 - read on the loop's thread
@@ -150,21 +173,19 @@ class Complaints(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
+    def texts(self) -> list[str]:
+        fmt = logging.Formatter()
+        return [fmt.format(r) for r in self.records]
+
 
 @pytest.fixture(scope="module")
 def proxy() -> Iterator[Harness]:
     h = Harness(ProxyLimits(max_connections=800, branch_connections=600, startup_timeout=STARTUP_TIMEOUT,
                             auth_timeout=1.0))
-    complaints = Complaints()
-    for name in ("asyncio", "strata.proxy"):
-        logging.getLogger(name).addHandler(complaints)
     try:
         yield h
-        assert not [r.getMessage() for r in complaints.records], "the proxy complained (a crash in a handler?)"
         wait_for(lambda: not h.open_connections() and not h.control.open)
     finally:
-        for name in ("asyncio", "strata.proxy"):
-            logging.getLogger(name).removeHandler(complaints)
         h.close()
 
 
@@ -240,7 +261,7 @@ def assert_answered_sanely(data: bytes, closed: bool, *, startup_ok: bool = Fals
 
 HEADERS = st.one_of(
     st.integers(-2**31, 2**31 - 1),
-    st.sampled_from([0, 4, 7, 8, 9, 16, MAX_STARTUP, MAX_STARTUP + 1, 2**31 - 1]),
+    st.sampled_from([0, 4, 7, 8, 9, 16, 44, 268, 269, MAX_STARTUP, MAX_STARTUP + 1, 2**31 - 1]),
 )
 CODES = st.one_of(st.integers(-2**31, 2**31 - 1),
                   st.sampled_from([SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST, PROTOCOL_3, PROTOCOL_3 + 2,
@@ -305,7 +326,8 @@ def test_a_startup_header_is_known_or_refused_with_a_protocol_error(length, code
                                                                             CANCEL_REQUEST)
         return
     assert 8 <= length <= MAX_STARTUP
-    assert length == {"ssl": 8, "gssenc": 8, "cancel": 16}.get(kind, length)
+    assert length == {"ssl": 8, "gssenc": 8}.get(kind, length)
+    assert kind != "cancel" or 16 <= length <= 12 + 256  # protocol 3.2's keys are up to 256 bytes
     assert kind == {SSL_REQUEST: "ssl", GSSENC_REQUEST: "gssenc", CANCEL_REQUEST: "cancel"}.get(code, "startup")
 
 
@@ -360,8 +382,9 @@ def test_the_protocol_version_a_client_asks_for_reaches_the_compute(proxy):
 
 
 def test_a_slowloris_of_500_does_not_keep_a_client_waiting():
-    h = Harness(ProxyLimits(startup_timeout=3.0))
+    h = Harness(ProxyLimits(startup_timeout=5.0))
     loris = []
+    t_loris = time.perf_counter()
     try:
         for i in range(500):
             s = connect(h.port)
@@ -369,13 +392,19 @@ def test_a_slowloris_of_500_does_not_keep_a_client_waiting():
                 s.sendall(struct.pack("!i", 100))  # a length, and then nothing
             loris.append(s)
         wait_for(lambda: h.open_connections() == 500)
-        t0 = time.perf_counter()
-        with connect(h.port) as s:
-            got = query(s)
-        took = time.perf_counter() - t0
-        assert b"SELECT 1" in got and took < 1.0, took
+        print(f"\n500 loris connected in {time.perf_counter() - t_loris:.2f} s")
+        took = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            with connect(h.port) as s:
+                got = query(s)
+            took.append(time.perf_counter() - t0)
+            assert b"SELECT 1" in got
+        print(f"a client meanwhile: connect and query p50 {statistics.median(took) * 1e3:.1f} ms, "
+              f"max {max(took) * 1e3:.1f} ms")
+        assert max(took) < 1.0, took
         assert h.open_connections() >= 500  # they were all still there
-        deadline = time.monotonic() + 3.0 + 10
+        deadline = time.monotonic() + 5.0 + 10
         for s in loris:  # each is closed once its startup time is up
             _, closed = read_until_closed(s, max(0.01, deadline - time.monotonic()))
             assert closed
@@ -410,12 +439,20 @@ def test_the_caps_refuse_with_53300_and_spare_other_branches():
         for _ in range(3):
             held.append(connect(h.port))  # silent: they count against the total
         wait_for(lambda: h.open_connections() == 6)
-        with connect(h.port) as s:
+        with connect(h.port) as s:  # as libpq asks: SSL first; the refusal comes after it
+            s.sendall(struct.pack("!ii", 8, SSL_REQUEST))
+            assert s.recv(1) == b"N"
+            s.sendall(startup_packet({"user": "postgres", "database": "db.c"}))
             got, closed = read_until_closed(s, 5)
         assert closed
         fields = error_fields(messages(got)[0][1])
         assert fields["C"] == "53300" and "takes 6 at once" in fields["M"], fields
         assert h.refused("proxy_full") == 1
+        cancels = h.compute.codes.count(CANCEL_REQUEST)
+        with connect(h.port) as s:  # a cancel still gets through a full proxy
+            s.sendall(struct.pack("!iiii", 16, CANCEL_REQUEST, 4242, 1))  # the first db.a session's key
+            read_until_closed(s, 5)
+        wait_for(lambda: h.compute.codes.count(CANCEL_REQUEST) == cancels + 1)
     finally:
         for s in held:
             s.close()
@@ -435,7 +472,8 @@ def test_client_sockets_keep_alive_so_a_vanished_peer_is_closed(proxy):
         with theirs:
             assert theirs.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             assert theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
-            assert theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120_000
+            # no user timeout: a live client that stops reading a while is not cut off
+            assert theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
         s.sendall(msg(b"X", b""))
 
 
@@ -468,3 +506,47 @@ def test_bad_limits_are_refused_naming_the_limit():
         ProxyLimits(branch_connections=0)
     with pytest.raises(BadRequestError, match="startup_timeout"):
         ProxyLimits(startup_timeout=-1)
+
+
+def test_clients_that_reset_at_once_crash_no_handler(proxy):
+    for _ in range(300):
+        s = socket.create_connection(("127.0.0.1", proxy.port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        s.close()
+    with connect(proxy.port) as s:  # and the proxy still serves
+        assert b"SELECT 1" in query(s)
+    # (the module's fixture fails the run if a handler logged a crash)
+
+
+def test_libpq_s_negotiation_gss_then_ssl_then_startup_is_served(proxy):
+    with connect(proxy.port) as s:
+        s.sendall(struct.pack("!ii", 8, GSSENC_REQUEST))
+        assert s.recv(1) == b"N"
+        s.sendall(struct.pack("!ii", 8, SSL_REQUEST))
+        assert s.recv(1) == b"N"
+        s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
+        assert s.recv(65536).startswith(b"R")
+        s.sendall(msg(b"X", b""))
+
+
+def test_one_wake_per_branch_however_many_clients_wait():
+    h = Harness(ProxyLimits(), slow=1.0)
+    try:
+        def client(_: int) -> bytes:
+            with connect(h.port) as s:
+                s.sendall(startup_packet({"user": "postgres", "database": "db.slow"}))
+                got = s.recv(65536)
+                s.sendall(msg(b"X", b""))
+                return got
+
+        with ThreadPoolExecutor(20) as ex:
+            slow = [ex.submit(client, i) for i in range(20)]
+            time.sleep(0.3)  # all waiting for the wake
+            with connect(h.port) as s:
+                t0 = time.monotonic()
+                assert b"SELECT 1" in query(s)  # another branch is not held up
+                assert time.monotonic() - t0 < 0.9
+            assert all(f.result().startswith(b"R") for f in slow)
+        assert h.control.routed.count("db.slow") == 1, h.control.routed
+    finally:
+        h.close()

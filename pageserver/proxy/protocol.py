@@ -7,7 +7,8 @@ A connection starts with a startup packet (PostgreSQL protocol 3.0,
     Int32 length | Int32 code | body
     code 80877103  SSLRequest      -> answer 'N' (no TLS on loopback), read again
     code 80877104  GSSENCRequest   -> answer 'N', read again
-    code 80877102  CancelRequest   body: Int32 pid, Int32 secret key
+    code 80877102  CancelRequest   body: Int32 pid, secret key (4 bytes;
+                   protocol 3.2: up to 256)
     code 196608    StartupMessage  body: (name \\0 value \\0)* \\0
                    (3.0; a 3.x code, 196608 + x, is passed on as it
                    came: the compute answers NegotiateProtocolVersion)
@@ -22,6 +23,7 @@ import struct
 
 SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST, PROTOCOL_3 = 80877103, 80877104, 80877102, 196608
 MAX_STARTUP = 10_000  # PostgreSQL's own limit on a startup packet
+MAX_CANCEL_KEY = 256  # protocol 3.2's longest cancel key (3.0's is 4 bytes)
 I32 = struct.Struct("!i")
 STARTUP_HEAD = struct.Struct("!ii")
 
@@ -48,7 +50,7 @@ def startup_kind(length: int, code: int) -> str:
         raise ProtocolError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: the proxy speaks 3.x")
     if kind in ("ssl", "gssenc") and length != 8:
         raise ProtocolError(f"invalid {'SSLRequest' if kind == 'ssl' else 'GSSENCRequest'} length {length}")
-    if kind == "cancel" and length != 16:
+    if kind == "cancel" and not 16 <= length <= 12 + MAX_CANCEL_KEY:
         raise ProtocolError(f"invalid CancelRequest length {length}")
     return kind
 

@@ -32,9 +32,12 @@ proxy's total, or over its branch's share, is refused with SQLSTATE 53300
 whole within `startup_timeout` (a slowloris holds a connection that long
 and no longer), SSLRequest and GSSENCRequest at most once each, lengths
 and protocol as PostgreSQL accepts them; the compute's authentication must
-end (its first ReadyForQuery) within `auth_timeout`. Clients' sockets keep
-TCP keepalive and a user timeout, so that a peer that vanished without a
-FIN (a half-open connection) is closed in about two minutes. Every refusal
+end (its first ReadyForQuery) within `auth_timeout`. While the proxy is
+full, a few connections at a time still have their startup read, so that
+a CancelRequest gets through. One thread wakes a branch however many of
+its clients wait. Clients' sockets keep TCP keepalive, so that an idle
+peer that vanished without a FIN (a half-open connection) is closed in
+about two minutes. Every refusal
 is an ErrorResponse naming what was wrong, counted by reason in
 `strata_proxy_refused_total`.
 """
@@ -65,6 +68,7 @@ from pageserver.errors import (
 from pageserver.proxy.protocol import (
     CANCEL_REQUEST,
     I32,
+    MAX_CANCEL_KEY,
     STARTUP_HEAD,
     Framer,
     ProtocolError,
@@ -83,7 +87,10 @@ WAKE_THREADS = 64  # wakes wait in threads of their own (for a start, or behind 
 CALL_THREADS = 8  # resolve and connection counts
 COMPUTE_MAX_CONNECTIONS = 100  # PostgreSQL's default, which computes keep
 SUPERUSER_RESERVED = 3  # ... of which the page server's own connections need these (tenants are superusers)
-KEEPALIVE = (60, 10, 6)  # idle seconds, interval, probes: a vanished peer is closed after 2 minutes
+KEEPALIVE = (60, 10, 6)  # idle seconds, interval, probes: a vanished idle peer is closed after 2 minutes
+OVER_CAP = 64  # connections over the cap whose startup is read (a cancel among them goes through)
+OVER_CAP_WAIT = 2.0  # ... for at most this long
+BACKLOG = 4096  # accepts waiting: a burst of connections is not dropped (clients would retry after 1 s)
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,8 @@ class ProxyLimits:
 
 
 class ProxyMetrics:
-    REASONS = ("proxy_full", "branch_full", "startup_timeout", "auth_timeout", "protocol", "unknown_branch")
+    REASONS = ("proxy_full", "branch_full", "startup_timeout", "auth_timeout", "protocol", "unknown_branch",
+               "unavailable", "compute_limit")
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -154,6 +162,8 @@ class Proxy:
         self.limits = limits or ProxyLimits()
         self.metrics = ProxyMetrics(registry)
         self._open = 0  # client connections (only the loop touches it)
+        self._over = 0  # ... over the cap, having their startup read (OVER_CAP at most)
+        self._waking: dict[int, asyncio.Future[tuple[str, int]]] = {}  # branch id -> its wake in a thread
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cancel_keys: dict[bytes, tuple[str, int]] = {}  # pid+key -> compute address
@@ -166,7 +176,8 @@ class Proxy:
 
     async def start(self) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port,
+                                                  backlog=min(BACKLOG, self.limits.max_connections + OVER_CAP))
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("proxy listening on %s:%d", self.host, self.port)
         return self.host, self.port
@@ -229,11 +240,8 @@ class Proxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if self._open >= self.limits.max_connections:  # refused before it costs more than a moment
-            self.metrics.refused.labels("proxy_full").inc()
-            await _refuse(writer, "53300", f"strata proxy: too many connections (the proxy takes "
-                          f"{self.limits.max_connections} at once)", reader=reader)
-            writer.close()
+        if self._open >= self.limits.max_connections:
+            await self._over_the_cap(reader, writer)
             return
         self._open += 1
         self.metrics.connections.inc()
@@ -252,6 +260,34 @@ class Proxy:
             self._open -= 1
             self.metrics.connections.dec()
             self._conns.discard(task)
+            writer.close()
+
+    async def _over_the_cap(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection while the proxy is full: a few at a time (OVER_CAP)
+        have their startup read (briefly), so that a CancelRequest still
+        reaches its compute (a full proxy is when runaway queries need
+        cancelling) and a client hears 53300 after its SSL negotiation, as
+        libpq expects it; beyond those, the refusal comes at once."""
+        message = f"strata proxy: too many connections (the proxy takes {self.limits.max_connections} at once)"
+        try:
+            if self._over >= OVER_CAP:
+                self.metrics.refused.labels("proxy_full").inc()
+                await _refuse(writer, "53300", message, reader=reader)
+                return
+            self._over += 1
+            try:
+                async with asyncio.timeout(min(self.limits.startup_timeout, OVER_CAP_WAIT)):
+                    kind, _, body = await self._startup(reader, writer)
+                if kind == "cancel":
+                    await self._cancel(body)
+                    return
+                self.metrics.refused.labels("proxy_full").inc()
+                await _refuse(writer, "53300", message, reader=reader)
+            except (ProtocolError, TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+                self.metrics.refused.labels("proxy_full").inc()
+            finally:
+                self._over -= 1
+        finally:
             writer.close()
 
     async def _startup(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, int, bytes]:
@@ -294,6 +330,7 @@ class Proxy:
         try:
             br = await loop.run_in_executor(self._calls, self.control.resolve, endpoint)
         except ServiceNotRunningError as e:
+            self.metrics.refused.labels("unavailable").inc()
             await _refuse(writer, "08006", f"strata proxy: {e}")
             return
         except ControlPlaneError:
@@ -312,6 +349,7 @@ class Proxy:
             await loop.run_in_executor(self._calls, self.control.connection_opened, br)
         except ServiceNotRunningError as e:
             self._forget_session(s)
+            self.metrics.refused.labels("unavailable").inc()
             await _refuse(writer, "08006", f"strata proxy: {e}")
             return
         except BaseException:
@@ -341,8 +379,9 @@ class Proxy:
                      reader: asyncio.StreamReader) -> None:
         writer = s.writer
         try:
-            host, port = await asyncio.get_running_loop().run_in_executor(self._wakes, self.control.route, br)
+            host, port = await asyncio.shield(self._wake(br))
         except ComputeLimitError as e:
+            self.metrics.refused.labels("compute_limit").inc()
             await _refuse(writer, "53300", f"strata proxy: {e}")
             return
         except UnknownObjectError:  # deleted while the client connected
@@ -380,6 +419,24 @@ class Proxy:
             if s.key is not None:
                 self._cancel_keys.pop(s.key, None)
             up_writer.close()
+
+    def _wake(self, br: BranchRecord) -> asyncio.Future[tuple[str, int]]:
+        """The branch's wake (route): one thread per branch, however many of
+        its clients wait for it, so that one branch's crowd, within its cap,
+        cannot take every wake thread from the others."""
+        fut = self._waking.get(br.id)
+        if fut is None:
+            fut = asyncio.get_running_loop().run_in_executor(self._wakes, self.control.route, br)
+            self._waking[br.id] = fut
+
+            def done(f: asyncio.Future[tuple[str, int]], b: int = br.id) -> None:
+                if self._waking.get(b) is f:
+                    del self._waking[b]
+                if not f.cancelled():
+                    f.exception()  # (retrieved: every waiter may have gone)
+
+            fut.add_done_callback(done)
+        return fut
 
     async def _downstream(self, up: asyncio.StreamReader, s: _Session) -> None:
         """Relay the compute's messages, reading them one by one until the
@@ -428,7 +485,7 @@ class Proxy:
             if n < 4:
                 raise asyncio.IncompleteReadError(head, None)  # no compute sends that: treat it as gone
             body = await up.readexactly(n - 4)
-            if head[:1] == b"K" and len(body) == 8:
+            if head[:1] == b"K" and 8 <= len(body) <= 4 + MAX_CANCEL_KEY:  # pid + key (3.2: up to 256 bytes)
                 s.key = body
                 self._cancel_keys[body] = s.address
             client.write(head + body)
@@ -453,12 +510,12 @@ class Proxy:
                 up.write_eof()
 
     async def _cancel(self, body: bytes) -> None:
-        target = self._cancel_keys.get(bytes(body[:8]))
+        target = self._cancel_keys.get(bytes(body))
         if target is None:
             return  # as PostgreSQL does: no answer either way
         try:
             _, w = await asyncio.open_connection(*target)
-            w.write(STARTUP_HEAD.pack(16, CANCEL_REQUEST) + body[:8])
+            w.write(STARTUP_HEAD.pack(8 + len(body), CANCEL_REQUEST) + body)
             await w.drain()
             w.close()
         except OSError:
@@ -529,17 +586,18 @@ async def _refuse(writer: asyncio.StreamWriter, code: str, message: str, *,
 
 
 def _keepalive(writer: asyncio.StreamWriter) -> None:
-    """TCP keepalive and a user timeout on a client's socket: a peer gone
-    without a FIN (half-open) is found and closed."""
+    """TCP keepalive on a client's socket: an idle peer gone without a FIN
+    (half-open) is found and closed."""
     sock = writer.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     idle, interval, probes = KEEPALIVE
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * probes) * 1000)
+    with contextlib.suppress(OSError):  # a client gone already: its transport closed the socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+        # (no TCP_USER_TIMEOUT: it would also cut off a live client that stops reading for a while)
 
 
 class ProxyThread:
