@@ -67,12 +67,15 @@ def test_up_tightens_an_existing_home(tmp_path):
     for p, m in ((home, 0o755), (home / "store", 0o775), (home / "store" / "layers", 0o755),
                  (home / "token", 0o644), (home / "store" / "layers" / "l1", 0o666)):
         os.chmod(p, m)
-    os.symlink("/etc/passwd", home / "link")
+    outside = tmp_path / "outside"
+    outside.write_text("z")
+    os.chmod(outside, 0o644)
+    os.symlink(outside, home / "link")
     assert daemon.tighten(str(home)) == 4  # (the home itself by private_dir)
     assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
     assert {p: oct(m) for p, m in modes(str(home)).items() if p != "link"} == {
         "store": "0o700", "store/layers": "0o700", "token": "0o600", "store/layers/l1": "0o600"}
-    assert stat.S_IMODE(os.stat("/etc/passwd").st_mode) == 0o644  # a link is not followed
+    assert stat.S_IMODE(os.stat(outside).st_mode) == 0o644  # a link is not followed
     assert daemon.tighten(str(home)) == 0
 
 

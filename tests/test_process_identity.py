@@ -107,7 +107,42 @@ def test_a_signal_is_sent_only_while_the_check_holds():
         assert p.poll() is None
         assert signal_process(p.pid, signal.SIGTERM, lambda: True)
         assert p.wait(10) == -signal.SIGTERM
-        assert not signal_process(p.pid, signal.SIGTERM, lambda: True)  # reaped: gone
     finally:
         p.kill()
         p.wait()
+
+
+def test_the_lock_holder_is_found_beside_a_waiter_and_a_posix_lock(tmp_path):
+    import fcntl
+
+    home = str(tmp_path)
+    daemon.hold_service_lock(home)  # (this process: the descriptor stays open for the test's life)
+    try:
+        path = os.path.join(home, daemon.LOCK)
+        waiter = subprocess.Popen([sys.executable, "-c", (
+            f"import fcntl, os; fd = os.open({path!r}, os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX)")])
+        other = os.open(path, os.O_RDWR)
+        fcntl.lockf(other, fcntl.LOCK_EX, 10, 0)  # somebody's POSIX lock on the same file
+        time.sleep(0.2)  # (the waiter blocks: its line in /proc/locks is "->")
+        assert daemon.service_pid(home) == os.getpid()
+    finally:
+        waiter.kill()
+        waiter.wait()
+
+
+def test_a_process_in_a_neighbouring_directory_is_not_a_backend(tmp_path):
+    from pageserver.compute.postgres import kill_compute
+
+    (tmp_path / "c2").mkdir()
+    (tmp_path / "c2 backup").mkdir()
+    inside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path / "c2")
+    beside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path / "c2 backup")
+    try:
+        assert kill_compute(None, None, str(tmp_path / "c2")) == 1
+        assert inside.wait(10) == -signal.SIGKILL
+        time.sleep(0.1)
+        assert beside.poll() is None
+    finally:
+        for p in (inside, beside):
+            p.kill()
+            p.wait()

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from pageserver.clients.sdk import Strata
-from pageserver.compute.node import run_dir_for
+from pageserver.compute.node import RUN_MODE, run_dir_for
 from pageserver.errors import ProtectedError, ServiceNotRunningError, UnknownObjectError
 from pageserver.service import daemon as service
 
@@ -120,36 +120,44 @@ def test_down_stops_everything(tmp_path):
         f.write("x")
     os.chmod(os.path.join(home, "notes"), 0o644)
     strata(home, "up")
-    db = strata(home, "db", "create", "x")
-    with psycopg.connect(db["uri"]) as conn:
-        conn.execute("create table t as select generate_series(1, 1000) x")
-        conn.execute("checkpoint")
-    run_dir = run_dir_for(home)
-    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
-    loose = {p: oct(m) for p, m in modes(home).items()
-             if m & ~(0o700 if os.path.isdir(os.path.join(home, p)) else 0o600)}
-    assert not loose, loose  # every file of the home 0600, every directory 0700
-    rpc = run_dir + ".rpc"
-    assert stat.S_IMODE(os.stat(rpc).st_mode) == 0o750  # for the front end's group
-    assert stat.S_IMODE(os.stat(os.path.join(rpc, "control.sock")).st_mode) == 0o660
-    for d in (os.path.dirname(run_dir), run_dir, os.path.join(run_dir, "computes")):
-        assert stat.S_IMODE(os.stat(d).st_mode) == 0o711, d  # postgres passes through to its own
-    for c in os.listdir(os.path.join(run_dir, "computes")):
-        cdir = os.path.join(run_dir, "computes", c)
-        assert stat.S_IMODE(os.stat(cdir).st_mode) == 0o711
-        for name in ("state.json", "postgres.log"):
-            assert stat.S_IMODE(os.stat(os.path.join(cdir, name)).st_mode) == 0o600, name
-        for name in ("sock", "local"):
-            assert stat.S_IMODE(os.stat(os.path.join(cdir, name)).st_mode) == 0o700, name
-    pid = service.read_state(home)["pid"]
-    assert strata(home, "down") == {"stopped": True, "pid": pid}
-    assert not os.path.ismount(os.path.join(run_dir, "mnt"))
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert run_dir not in out  # no postgres left on its mount
-    assert strata(home, "down") == {"stopped": False, "pid": None}
-    with pytest.raises(ServiceNotRunningError):
-        Strata(home, start=False)
+    try:
+        db = strata(home, "db", "create", "x")
+        with psycopg.connect(db["uri"]) as conn:
+            conn.execute("create table t as select generate_series(1, 1000) x")
+            conn.execute("checkpoint")
+        run_dir = run_dir_for(home)
+        assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+        loose = {p: oct(m) for p, m in modes(home).items()
+                 if m & ~(0o700 if os.path.isdir(os.path.join(home, p)) else 0o600)}
+        assert not loose, loose  # every file of the home 0600, every directory 0700
+        rpc = run_dir + ".rpc"
+        assert stat.S_IMODE(os.stat(rpc).st_mode) == 0o750  # for the front end's group
+        assert stat.S_IMODE(os.stat(os.path.join(rpc, "control.sock")).st_mode) == 0o660
+        for d in (os.path.dirname(run_dir), run_dir, os.path.join(run_dir, "computes")):
+            assert stat.S_IMODE(os.stat(d).st_mode) == RUN_MODE, d  # postgres passes through to its own
+        for c in os.listdir(os.path.join(run_dir, "computes")):
+            cdir = os.path.join(run_dir, "computes", c)
+            assert stat.S_IMODE(os.stat(cdir).st_mode) == RUN_MODE
+            for name in ("state.json", "postgres.log"):
+                assert stat.S_IMODE(os.stat(os.path.join(cdir, name)).st_mode) == 0o600, name
+            for name in ("sock", "local"):
+                assert stat.S_IMODE(os.stat(os.path.join(cdir, name)).st_mode) == 0o700, name
+        pid = service.read_state(home)["pid"]
+        assert strata(home, "down") == {"stopped": True, "pid": pid}
+        assert not os.path.ismount(os.path.join(run_dir, "mnt"))
+        out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert run_dir not in out  # no postgres left on its mount
+        assert strata(home, "down") == {"stopped": False, "pid": None}
+        with pytest.raises(ServiceNotRunningError):
+            Strata(home, start=False)
 
+    finally:  # never leave it running, even when an assertion above failed
+        st = service.read_state(home)
+        if st is not None:
+            strata(home, "down", check=False)
+        pid = service.service_pid(home)
+        if pid is not None:
+            os.kill(pid, 9)
 
 
 def _api(state: dict, token: str | None = None) -> httpx.Client:

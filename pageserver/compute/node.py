@@ -26,6 +26,7 @@ else is installed or preferred, or is refused with that version named.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -77,7 +78,8 @@ def private_dir(path: str, mode: int = 0o700) -> str:
         pass
     except FileNotFoundError:  # (its parents are ordinary directories)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.mkdir(path, mode)
+        with contextlib.suppress(FileExistsError):  # (another process made it meanwhile)
+            os.mkdir(path, mode)
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeDirectoryError(path, "it is a symbolic link")
@@ -103,7 +105,8 @@ class Node:
     def __init__(self, home: str, *, config: StoreConfig | None = None, background: bool = True) -> None:
         self.home = os.path.abspath(home)
         self.store_path = os.path.join(self.home, "store")
-        self.run_dir = os.environ.get("STRATA_RUN_DIR") or run_dir_for(self.home)
+        # resolved, as the kernel shows a process's working directory (compute cleanup matches it)
+        self.run_dir = os.path.realpath(os.environ.get("STRATA_RUN_DIR") or run_dir_for(self.home))
         self.mountpoint = os.path.join(self.run_dir, "mnt")
         self.computes_dir = os.path.join(self.run_dir, "computes")
         self._config = config

@@ -315,12 +315,26 @@ def process_start(pid: int) -> int | None:
     return int(fields[19])  # field 22 of proc(5), counting from the state (field 3)
 
 
+_warned_pidfd: list[bool] = []
+
+
 def signal_process(pid: int, sig: int, check: Callable[[], bool]) -> bool:
     """Send `sig` to `pid` if `check()` holds once the pid is pinned (a
     pidfd: it cannot pass to another process between check and signal)."""
     try:
         fd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
+    except ProcessLookupError:
+        return False
+    except OSError as e:  # no pidfds here (an old kernel, a seccomp profile): check, then kill
+        if not _warned_pidfd:
+            _warned_pidfd.append(True)
+            log.warning("pidfd_open is unavailable (%s): signalling by pid after each check", e)
+        try:
+            if check():
+                os.kill(pid, sig)
+                return True
+        except ProcessLookupError:
+            pass
         return False
     try:
         if not check():
@@ -341,7 +355,7 @@ def _works_in(pid: int, prefix: str) -> bool:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    return cwd == prefix or cwd.startswith(prefix + "/") or cwd.startswith(prefix + " ")
+    return cwd in (prefix, prefix + " (deleted)") or cwd.startswith(prefix + "/")
 
 
 def kill_compute(pid: int | None, start: int | None, pgdata: str) -> int:
@@ -354,9 +368,10 @@ def kill_compute(pid: int | None, start: int | None, pgdata: str) -> int:
     n = 0
     if pid and start is not None and signal_process(pid, signal.SIGKILL, lambda: process_start(pid) == start):
         n += 1
-    prefix = pgdata.rstrip("/")
+    prefix = pgdata.rstrip("/")  # (canonical: the node resolves its run directory, as /proc/<pid>/cwd shows it)
+    spared = pid if n else None  # the postmaster, signalled above
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != pid and _works_in(int(entry), prefix):
+        if entry.isdigit() and int(entry) != spared and _works_in(int(entry), prefix):
             n += signal_process(int(entry), signal.SIGKILL, functools.partial(_works_in, int(entry), prefix))
     return n
 

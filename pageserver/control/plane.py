@@ -212,7 +212,7 @@ class ControlPlane:
     # --- lifecycle ---------------------------------------------------------------
 
     def open(self) -> ControlPlane:
-        private_dir(self.home)
+        private_dir(os.path.realpath(self.home))  # (a home may be a link to another disk)
         self.ps.open()
         try:
             self.ps.ensure_template()

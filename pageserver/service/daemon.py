@@ -61,14 +61,21 @@ def tighten(home: str) -> int:
 
     changed = 0
     uid = os.geteuid()
-    for root, dirs, files in os.walk(private_dir(home)):
+    # each entry opened relative to its directory's descriptor, never through a link (a link swapped in
+    # meanwhile is not followed); entries that go meanwhile (an old page server still flushing) are skipped
+    for _, dirs, files, dir_fd in os.fwalk(private_dir(home)):
         for name, mode in [(d, 0o700) for d in dirs] + [(f, 0o600) for f in files]:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode) or st.st_uid != uid or stat.S_IMODE(st.st_mode) & ~mode == 0:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError:  # gone, a link (ELOOP), or not ours to open
                 continue
-            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
-            changed += 1
+            try:
+                st = os.fstat(fd)
+                if st.st_uid == uid and stat.S_IMODE(st.st_mode) & ~mode:
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode) & mode)
+                    changed += 1
+            finally:
+                os.close(fd)
     if changed:
         log.warning("tightened the modes of %d files and directories in %s (private: 0700 and 0600)",
                     changed, home)
@@ -142,22 +149,37 @@ def service_pid(home: str) -> int | None:
     return lock_holder(os.path.join(home, LOCK))
 
 
+_PROBE_AT = 1 << 62  # where the probe's POSIX lock goes (nobody else's range)
+
+
 def lock_holder(path: str) -> int | None:
-    """The pid holding a flock on `path` (None: nobody)."""
+    """The pid holding a flock on `path` (None: nobody).
+
+    /proc/locks names a file by its superblock's device, which stat's
+    st_dev is not on btrfs subvolumes or overlayfs: so a POSIX read lock of
+    our own on one far byte (flock and POSIX locks never conflict) shows how
+    the kernel names this file, and the flock's line is the one that
+    names it so."""
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, _PROBE_AT)
         with open("/proc/locks") as f:
-            lines = f.read().splitlines()
+            lines = [line.split() for line in f.read().splitlines()]
     except OSError:
         return None
-    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF" (a waiter's: "1: -> FLOCK ...")
-        parts = line.split()
-        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == ident and parts[4].isdigit():
-            return int(parts[4])
+    finally:
+        os.close(fd)  # (which drops the probe)
+    # "1: POSIX  ADVISORY  READ 4242 00:2a:1234 4611686018427387904 4611686018427387904";
+    # "2: FLOCK  ADVISORY  WRITE 4243 00:2a:1234 0 EOF"; a waiter's line: "2: -> FLOCK ..."
+    mine = str(os.getpid())
+    ident = next((p[5] for p in lines if len(p) >= 7 and p[1] == "POSIX" and p[4] == mine
+                  and p[6] == str(_PROBE_AT)), None)
+    for p in lines:
+        if ident is not None and len(p) >= 6 and p[1] == "FLOCK" and p[5] == ident and p[4].isdigit():
+            return int(p[4])
     return None
 
 
@@ -187,16 +209,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frontend-user", help=f"who the front end runs as when started as root "
                                            f"(default ${{STRATA_FRONTEND_USER}} or {FRONTEND_USER!r})")
     args = p.parse_args(argv)
-    home = os.path.abspath(args.home)
+    home = os.path.realpath(args.home)
     os.umask(0o077)  # whatever this process and its children make is private from the start
-    tighten(home)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s supervisor %(name)s %(levelname)s %(message)s")
+    from pageserver.compute.node import private_dir
+
     try:
-        hold_service_lock(home)  # held until this process ends: its liveness
+        hold_service_lock(private_dir(home))  # held until this process ends: its liveness
     except AnotherServiceError as e:
         log.error("%s", e)
         sys.exit(1)
+    tighten(home)  # (the home is ours now: no other service writes in it)
     api_port, proxy_port = _ports(home, args.api_port, args.proxy_port)
     token = ensure_token(home)
     fe_user = frontend_identity(args.frontend_user)
@@ -271,7 +295,7 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
     """Start the service for `home` in the background unless it runs;
     return its state (api, proxy, token_file, pid). Safe to call from many
     processes at once: one starts it, the others wait for it."""
-    home = os.path.abspath(home or default_home())
+    home = os.path.realpath(home or default_home())
     state = read_state(home)
     if state is not None:
         return state
@@ -282,10 +306,26 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
         state = read_state(home)  # another process may have started it meanwhile
         if state is not None:
             return state
+        if service_pid(home) is not None:  # one holds the home but does not serve yet (starting, stopping)
+            return _await_service(home, timeout)
         return _spawn(home, _flags({
             "--api-port": api_port, "--proxy-port": proxy_port, "--max-computes": max_computes,
             "--idle-timeout": idle_timeout, "--warm-pool": warm_pool, "--max-connections": max_connections,
             "--branch-connections": branch_connections}), timeout)
+
+
+def _await_service(home: str, timeout: float) -> dict[str, Any]:
+    """Wait for the service holding the home to serve (or to go, then start one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = read_state(home)
+        if state is not None:
+            return state
+        if service_pid(home) is None:
+            return start(home, timeout=max(1.0, deadline - time.monotonic()))
+        time.sleep(0.05)
+    raise ServiceNotRunningError(f"the service holding {home} (pid {service_pid(home)}) did not start "
+                                 f"serving within {timeout:.0f} s")
 
 
 def _spawn(home: str, options: list[str], timeout: float) -> dict[str, Any]:
@@ -313,13 +353,13 @@ STOP_WAIT = 300.0  # the supervisor stops the front end, then the page server (9
 def stop(home: str | None = None, *, timeout: float = STOP_WAIT) -> dict[str, Any] | None:
     """Stop the service for `home` and every compute it runs; returns the
     state it had, or None if it was not running."""
-    home = os.path.abspath(home or default_home())
-    state = read_state(home)
-    if state is None:
+    home = os.path.realpath(home or default_home())
+    pid = service_pid(home)  # (a service still starting has no state file yet, and is stopped too)
+    if pid is None:
         return None
+    state = read_state(home) or {"pid": pid, "home": home}
     from pageserver.compute.postgres import signal_process
 
-    pid = int(state["pid"])
     signal_process(pid, signal.SIGTERM, lambda: service_pid(home) == pid)  # (still the service, once pinned)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
