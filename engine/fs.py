@@ -357,3 +357,160 @@ def walk_files(fs: FileSystem, root: str) -> Iterator[tuple[str, int]]:
             except FileNotFoundError:
                 continue
 
+
+
+# --- a read-only view: the real files, every change kept in memory -------------------
+
+
+class _MemFile:
+    """A file of the overlay: its bytes in memory (read, written, appended
+    or written in place)."""
+
+    def __init__(self, path: str, data: bytearray, pos: int = 0) -> None:
+        self.path = path
+        self.data = data
+        self._pos = pos
+        self.pread: Callable[[int, int], bytes] = self._pread
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        return bytes(self.data[offset:offset + length])
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self._pread(length, offset)
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.pwrite(data, self._pos)
+        self._pos += len(data)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        end = offset + len(data)
+        if end > len(self.data):
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = data
+
+    def tell(self) -> int:
+        return self._pos
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _SharedLock:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+class OverlayFileSystem:
+    """The real file system for reading, with every change (recovery's
+    truncations, a new log segment, a checkpoint at close) kept in memory
+    and dropped with the object: a store opened through it is looked at,
+    never changed (`strata check` on a stopped service). Its lock is a
+    shared flock on the real LOCK file, so a process that holds the store
+    keeps it (StoreLockedError), and the file must exist."""
+
+    def __init__(self, base: FileSystem | None = None) -> None:
+        self.base = base or OsFileSystem()
+        self._files: dict[str, bytearray] = {}  # changed or new
+        self._gone: set[str] = set()  # removed (files and directories)
+        self._dirs: set[str] = set()  # made here
+
+    def _real(self, path: str) -> bool:
+        return path not in self._gone and path not in self._files
+
+    def _load(self, path: str) -> bytearray:
+        if path in self._files:
+            return self._files[path]
+        if path in self._gone:
+            raise FileNotFoundError(errno.ENOENT, "no such file (removed in the overlay)", path)
+        data = self._files[path] = bytearray(self.base.read_file(path))
+        return data
+
+    def open_read(self, path: str) -> ReadFile:
+        if self._real(path):
+            return self.base.open_read(path)
+        return _MemFile(path, self._load(path))
+
+    def open_write(self, path: str) -> WriteFile:
+        self._gone.discard(path)
+        self._files[path] = bytearray()
+        return _MemFile(path, self._files[path])
+
+    def open_append(self, path: str) -> WriteFile:
+        if not self.exists(path):
+            return self.open_write(path)
+        data = self._load(path)
+        return _MemFile(path, data, len(data))
+
+    def open_rw(self, path: str) -> RWFile:
+        if not self.exists(path):
+            self._files[path] = bytearray()
+        return _MemFile(path, self._load(path))
+
+    def read_file(self, path: str) -> bytes:
+        return self.base.read_file(path) if self._real(path) else bytes(self._load(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        data = self._load(src)
+        del self._files[src]
+        self._gone.add(src)
+        self._gone.discard(dst)
+        self._files[dst] = data
+
+    def remove(self, path: str) -> None:
+        if not self.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "no such file", path)
+        self._files.pop(path, None)
+        self._gone.add(path)
+
+    def makedirs(self, path: str) -> None:
+        self._gone.discard(path)
+        self._dirs.add(path)
+
+    def rmdir(self, path: str) -> None:
+        self._dirs.discard(path)
+        self._gone.add(path)
+
+    def listdir(self, path: str) -> list[str]:
+        names = set(self.base.listdir(path)) if path not in self._dirs and self.base.isdir(path) else set()
+        names |= {os.path.basename(p) for p in [*self._files, *self._dirs] if os.path.dirname(p) == path}
+        return sorted(n for n in names if os.path.join(path, n) not in self._gone)
+
+    def exists(self, path: str) -> bool:
+        if path in self._gone:
+            return False
+        return path in self._files or path in self._dirs or self.base.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        if path in self._gone:
+            return False
+        return path in self._dirs or (path not in self._files and self.base.isdir(path))
+
+    def file_size(self, path: str) -> int:
+        return self.base.file_size(path) if self._real(path) else len(self._load(path))
+
+    def truncate(self, path: str, size: int) -> None:
+        del self._load(path)[size:]
+
+    def sync_dir(self, path: str) -> None:
+        pass
+
+    def lock(self, path: str) -> FileLock:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (FileNotFoundError: no store here)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StoreLockedError(os.path.dirname(path), holder) from None
+            raise
+        return _SharedLock(fd)

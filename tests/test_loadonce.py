@@ -39,7 +39,7 @@ def test_every_run_starts_from_identical_data(tmp_path):
         after = table_checksum(client.branch(kept.runs[0].branch).uri)
         assert after != kept.runs[0].checksum  # the workload changed its branch: the checksum sees it
         client.branch(kept.runs[0].branch).delete()
-        assert [b.name for b in client.database("tpcb").branches()] == ["main"]
+        assert sorted(b.name for b in client.database("tpcb").branches()) == ["loaded", "main"]
 
         out = subprocess.run([sys.executable, "-m", "pageserver.clients.cli", "--home", home, "bench", "tpcb",
                               "--run", WORK, "--runs", "2", "--json"], capture_output=True, text=True, check=True)
@@ -52,5 +52,22 @@ def test_every_run_starts_from_identical_data(tmp_path):
         with pytest.raises(BadRequestError, match="exited with 1"):
             load_once(client, base="broken", load="exit 1", workload=WORK, runs=1, home=home)
         assert "broken" not in [d.database for d in client.databases()]  # nothing left half-made
+    finally:
+        service.stop(home)
+
+
+def test_a_base_whose_load_was_interrupted_is_loaded_again(tmp_path):
+    home = str(tmp_path / "home")
+    try:
+        client = Strata(home)
+        half = client.create_database("tpcb")  # as a load killed half way leaves it
+        half.sql("create table pgbench_accounts (aid int)")
+        half.sql("insert into pgbench_accounts select generate_series(1, 10)")
+        rep = load_once(client, base="tpcb", load=LOAD, workload=WORK, runs=1, home=home, progress=False)
+        assert rep.loaded_now  # not reused half loaded: deleted and loaded to the end
+        assert rep.runs[0].returncode == 0 and rep.runs[0].figures["transactions"] == 100 * 2
+        assert client.branch("tpcb/loaded").sql("select count(*) from pgbench_accounts") == [(100_000,)]
+        again = load_once(client, base="tpcb", load="false", workload=WORK, runs=1, home=home, progress=False)
+        assert not again.loaded_now and again.runs[0].checksum == rep.runs[0].checksum
     finally:
         service.stop(home)

@@ -105,3 +105,63 @@ def test_a_run_directory_another_user_made_is_refused(tmp_path):
     with pytest.raises(UnsafeDirectoryError, match="belongs to uid 65534"):
         private_dir(str(d))
     assert os.stat(d).st_uid == 65534  # and it was left as it was
+
+
+def _snapshot(top: str) -> dict[str, tuple[int, bytes]]:
+    import hashlib
+
+    out = {}
+    for root, dirs, files in os.walk(top):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), top) + "/"] = (0, b"")
+        for name in files:
+            p = os.path.join(root, name)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, top)] = (os.path.getsize(p), hashlib.sha256(f.read()).digest())
+    return out
+
+
+def _store_with_repairs_pending(path: str) -> None:
+    """A store that recovery would change: a log not checkpointed with a
+    torn tail, a stray temp file."""
+    from engine.fs import TMP_SUFFIX
+
+    s = Store.open(path, background=False)
+    tl = s.create_timeline()
+    for i in range(20):
+        tl.commit({i: bytes([i]) * 8192}, durable=True)
+    s.flush(tl)
+    tl.commit({99: b"x" * 8192}, durable=True)
+    s._lock.release()  # (a crash: no close, no checkpoint)
+    logs = sorted(os.listdir(os.path.join(path, "log")))
+    with open(os.path.join(path, "log", logs[-1]), "ab") as f:
+        f.write(b"\x17" * 100)  # a torn record at the tail
+    with open(os.path.join(path, "timelines", tl.id, "image-x" + TMP_SUFFIX), "wb") as f:
+        f.write(b"half a layer")
+
+
+def test_a_store_opened_through_the_overlay_is_checked_and_left_as_it_was(tmp_path):
+    from engine.fs import OverlayFileSystem
+
+    path = str(tmp_path / "store")
+    _store_with_repairs_pending(path)
+    before = _snapshot(path)
+    with Store.open(path, fs=OverlayFileSystem(), background=False) as s:
+        report = s.check()
+        assert [t.get(99) for t in [s.timeline(s.timelines()[0])]] == [b"x" * 8192]
+    assert not report.problems, report.problems
+    assert _snapshot(path) == before  # nothing on disk changed
+    with Store.open(path, background=False):
+        pass
+    assert _snapshot(path) != before  # (as an ordinary open, which repairs, would have)
+
+
+def test_check_refuses_a_home_with_no_store_and_makes_none(tmp_path):
+    import subprocess
+
+    from .pg import STRATA
+
+    home = tmp_path / "typo"
+    r = subprocess.run([*STRATA, "--home", str(home), "check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no store at" in r.stderr, r.stderr
+    assert not home.exists()

@@ -20,7 +20,7 @@ from pageserver.errors import ProtectedError, ServiceNotRunningError, UnknownObj
 from pageserver.service import daemon as service
 
 from .pg import STRATA, requires_pg, strata
-from .test_private_files import modes
+from .test_private_files import _snapshot, modes
 
 pytestmark = requires_pg
 BRANCH_CONNECTIONS = 5  # (given to `strata up`)
@@ -310,7 +310,9 @@ def test_strata_check_reports_a_damaged_layer_file(tmp_path):
         chunk = f.read(16)
         f.seek(size // 3)
         f.write(bytes(b ^ 0xFF for b in chunk))
+    before = _snapshot(os.path.join(home, "store"))
     r = subprocess.run([*STRATA, "--home", home, "check", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
+    assert _snapshot(os.path.join(home, "store")) == before  # read-only: the store as it was
     report = json.loads(r.stdout)
     assert not report["ok"] and any(victim in p for p in report["problems"]), report

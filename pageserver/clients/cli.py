@@ -303,17 +303,27 @@ def bench(ctx: click.Context, as_json: bool, base: str, load: str | None, worklo
 @command(cli, "check")
 def check(ctx: click.Context, as_json: bool) -> None:
     """Verify the store: checksums, manifest against files, every timeline
-    readable. Through the service if it runs, else on the store directly.
-    Exit status 1 on any problem."""
+    readable. Through the service if it runs, else on the store directly,
+    read-only (recovery's repairs are made in memory and dropped: nothing
+    on disk changes). Exit status 1 on any problem, 2 if there is no store."""
     home = _home(ctx)
     if service.read_state(home) is not None:
         report = _client(ctx).call("POST", "/check")
     else:
-        from engine import Store
+        from engine import Store, StoreLockedError
+        from engine.fs import OverlayFileSystem
         from pageserver.control.objects import check_report
 
-        with Store.open(os.path.join(home, "store"), background=False) as store:
-            report = check_report(store.check())
+        path = os.path.join(home, "store")
+        if not os.path.isfile(os.path.join(path, "manifest")):
+            click.echo(f"strata: no store at {path} (is --home right?)", err=True)
+            sys.exit(2)
+        try:
+            with Store.open(path, fs=OverlayFileSystem(), background=False) as store:
+                report = check_report(store.check())
+        except StoreLockedError as e:
+            click.echo(f"strata: {e}: a page server has it open (the service starting or stopping?)", err=True)
+            sys.exit(2)
     lines = [f"{report['timelines']} timelines, {report['layers']} layer files, {report['values']} values, "
              f"{report['reads']} reads checked: " + ("no problem" if report["ok"] else
                                                      f"{len(report['problems'])} problems")]

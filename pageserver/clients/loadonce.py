@@ -6,8 +6,11 @@ benchmark without reloading it.
                        workload="pgbench -T 60 -c 4 $DATABASE_URL", runs=5)
 
 The base database is loaded by `load` (a shell command that gets its URI in
-$DATABASE_URL) only if it does not exist yet; every run then gets a fresh
-branch of it (O(1)), runs `workload` on the branch, and the branch is
+$DATABASE_URL) only if it does not exist yet. Only once the load has
+succeeded does the base get its branch `loaded` (O(1)), and runs branch
+from that: a base without it was interrupted while loading (Ctrl-C, a
+crash), so it is deleted and loaded again, never run on half loaded. Every
+run gets a fresh branch (O(1)), runs `workload` on it, and the branch is
 deleted. Each run records its wall time, the figures pgbench prints (tps,
 latency) and, unless turned off, a checksum of every table at the start of
 the run, so that identical starting data is checked, not assumed. The load
@@ -23,6 +26,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,6 +37,8 @@ from tqdm import tqdm
 
 from pageserver.clients.sdk import Database, Strata
 from pageserver.errors import BadRequestError, UnknownObjectError
+
+LOADED = "loaded"  # the base's branch that says its load succeeded (and that runs branch from)
 
 _FIGURES = {
     "tps": re.compile(r"^tps = ([0-9.]+)", re.M),
@@ -122,10 +128,20 @@ def load_once(
     except UnknownObjectError:
         db = None
     if db is not None:
-        if record and os.path.exists(record):
+        has_record = bool(record and os.path.exists(record))
+        if has_record:
+            assert record is not None
             with open(record) as f:
                 load_seconds = float(json.load(f)["load_seconds"])
-    else:
+        if LOADED not in [b.name for b in db.branches()]:
+            if has_record:  # loaded by an earlier Strata, before the mark: mark it now
+                db.create_branch(LOADED)
+            else:
+                print(f"strata: base {base!r} was not loaded to the end (interrupted?): loading it again",
+                      file=sys.stderr)
+                db.delete()
+                db = None
+    if db is None:
         if not load:
             raise BadRequestError(f"database {base!r} does not exist and no load command was given") from None
         db = client.create_database(base)
@@ -133,6 +149,7 @@ def load_once(
         if code != 0:
             db.delete()
             raise BadRequestError(f"loading {base!r} failed: `{load}` exited with {code}:\n{out[-2000:]}")
+        db.create_branch(LOADED)  # the mark: loaded to the end
         db.suspend()
         loaded_now = True
         if record:
@@ -143,7 +160,7 @@ def load_once(
     bar = tqdm(range(runs), desc=f"runs on branches of {base}", unit="run",
                disable=not (progress if progress is not None else os.isatty(2)))
     for i in bar:
-        br = db.create_branch(f"run-{i}-{secrets.token_hex(3)}", ttl=ttl)
+        br = client.branch(f"{base}/{LOADED}").create_branch(f"run-{i}-{secrets.token_hex(3)}", ttl=ttl)
         try:
             digest = table_checksum(br.uri) if checksum else None
             code, out, seconds = run_with_url(workload, br.uri)
