@@ -254,6 +254,20 @@ class OsRWFile:
             self._fd = -1
 
 
+def _flock(fd: int, path: str, how: int) -> int:
+    """Take `how` (LOCK_EX, LOCK_SH) on `fd` without waiting; the fd, or
+    StoreLockedError naming who holds the lock (closing the fd)."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise StoreLockedError(os.path.dirname(path), holder) from None
+        raise
+    return fd
+
+
 class OsFileLock:
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -324,15 +338,7 @@ class OsFileSystem:
             os.close(fd)
 
     def lock(self, path: str) -> FileLock:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StoreLockedError(os.path.dirname(path), holder) from None
-            raise
+        fd = _flock(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), path, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         return OsFileLock(fd)
@@ -504,13 +510,5 @@ class OverlayFileSystem:
         pass
 
     def lock(self, path: str) -> FileLock:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (FileNotFoundError: no store here)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StoreLockedError(os.path.dirname(path), holder) from None
-            raise
-        return _SharedLock(fd)
+        # (FileNotFoundError: no store here)
+        return _SharedLock(_flock(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path, fcntl.LOCK_SH))
