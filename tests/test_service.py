@@ -284,6 +284,9 @@ def test_the_proxy_caps_a_branch_as_strata_up_was_told_and_counts_it(up):
     finally:
         for c in conns:
             c.close()
+    status = strata(home, "status")
+    assert status["limits"]["branch_connections"] == BRANCH_CONNECTIONS, status  # shown as in force
+    assert status["limits"]["proxy_connections"] == 4096
     text = _api(state).get(state["api"] + "/metrics").text
     refused = [line for line in text.splitlines() if line.startswith('strata_proxy_refused_total{reason="branch_full"}')]
     assert float(refused[0].split()[1]) >= 1, refused

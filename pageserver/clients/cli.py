@@ -132,7 +132,10 @@ def status(ctx: click.Context, as_json: bool, address: str | None) -> None:
         else:
             text = (f"{info['databases']} databases, {info['branches']} branches, "
                     f"{len(info['running'])} running (at most {info['max_computes']})")
-        _emit(as_json, {**info, "processes": processes}, "\n".join([text, *lines]))
+        limits = state.get("limits", {})
+        if limits:
+            lines.append("limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+        _emit(as_json, {**info, "processes": processes, "limits": limits}, "\n".join([text, *lines]))
         return
     db, name = _split(address)
     info = c.branch(f"{db}/{name}").info

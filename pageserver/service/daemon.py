@@ -233,11 +233,17 @@ def main(argv: list[str] | None = None) -> None:
     fe_cmd = [sys.executable, "-m", "pageserver.frontend", "--control-socket", sock,
               "--api-port", str(api_port), "--proxy-port", str(proxy_port), "--host", HOST, "--exit-with-parent",
               *_flags({"--max-connections": args.max_connections, "--branch-connections": args.branch_connections})]
+    from pageserver.proxy.server import ProxyLimits
+
+    defaults = ProxyLimits()
+    limits = {"proxy_connections": args.max_connections or defaults.max_connections,
+              "branch_connections": args.branch_connections or defaults.branch_connections,
+              "startup_timeout_s": defaults.startup_timeout, "auth_timeout_s": defaults.auth_timeout}
     serving = threading.Event()
 
     def on_state(processes: dict[str, Any]) -> None:
         if serving.is_set():
-            _write_state(home, api_port, proxy_port, processes)
+            _write_state(home, api_port, proxy_port, processes, limits)
 
     sup = Supervisor(pageserver_cmd=ps_cmd, frontend_cmd=fe_cmd, frontend_user=fe_user, token=token,
                      log_file=sys.stderr, on_state=on_state)
@@ -279,9 +285,11 @@ def _control_socket(home: str, group: int) -> str:
     return os.path.join(d, "control.sock")
 
 
-def _write_state(home: str, api_port: int, proxy_port: int, processes: dict[str, Any]) -> None:
+def _write_state(home: str, api_port: int, proxy_port: int, processes: dict[str, Any],
+                 limits: dict[str, Any]) -> None:
     state = {"api": f"http://{HOST}:{api_port}", "proxy": f"{HOST}:{proxy_port}",
-             "token_file": os.path.join(home, TOKEN), "pid": os.getpid(), "home": home, "processes": processes}
+             "token_file": os.path.join(home, TOKEN), "pid": os.getpid(), "home": home, "processes": processes,
+             "limits": limits}
     _write(os.path.join(home, STATE), json.dumps(state).encode())
 
 
