@@ -232,6 +232,15 @@ def error_fields(body: bytes) -> dict[str, str]:
     return {f[:1].decode(): f[1:].decode() for f in body[:-2].split(b"\0")}
 
 
+def last_word(s: socket.socket, limit: float = 5) -> dict[str, str]:
+    """The one ErrorResponse the proxy says before it closes (its fields)."""
+    got, closed = read_until_closed(s, limit)
+    assert closed, f"the proxy kept the connection open after {got!r}"
+    [(t, body)] = messages(got)
+    assert t == b"E", (t, body)
+    return error_fields(body)
+
+
 def query(s: socket.socket) -> bytes:
     """A whole session: startup for db.a, one Query, Terminate."""
     s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
@@ -343,10 +352,8 @@ def test_a_second_ssl_request_is_an_error(proxy):
         s.sendall(ssl)
         assert s.recv(1) == b"N"
         s.sendall(ssl)
-        got, closed = read_until_closed(s, 5)
-    assert closed
-    [(t, body)] = messages(got)
-    assert t == b"E" and "SSLRequest sent twice" in error_fields(body)["M"]
+        fields = last_word(s)
+    assert "SSLRequest sent twice" in fields["M"]
 
 
 def test_a_client_that_sends_nothing_is_closed_after_the_startup_timeout(proxy):
@@ -354,11 +361,10 @@ def test_a_client_that_sends_nothing_is_closed_after_the_startup_timeout(proxy):
     with connect(proxy.port) as s:
         t0 = time.monotonic()
         s.sendall(b"\0\0")  # half a header, then nothing
-        got, closed = read_until_closed(s, STARTUP_TIMEOUT + 5)
+        fields = last_word(s, STARTUP_TIMEOUT + 5)
         took = time.monotonic() - t0
-    assert closed and STARTUP_TIMEOUT - 0.1 < took < STARTUP_TIMEOUT + 2
-    [(t, body)] = messages(got)
-    assert error_fields(body)["C"] == "08P01" and "no startup packet" in error_fields(body)["M"]
+    assert STARTUP_TIMEOUT - 0.1 < took < STARTUP_TIMEOUT + 2
+    assert fields["C"] == "08P01" and "no startup packet" in fields["M"]
     assert proxy.refused("startup_timeout") == before + 1
 
 
@@ -366,10 +372,8 @@ def test_a_compute_that_never_finishes_authentication_is_given_up(proxy):
     before = proxy.refused("auth_timeout")
     with connect(proxy.port) as s:
         s.sendall(startup_packet({"user": "postgres", "database": "db.b"}))
-        got, closed = read_until_closed(s, 10)
-    assert closed
-    [(t, body)] = messages(got)
-    assert error_fields(body)["C"] == "08006" and "authentication did not end" in error_fields(body)["M"]
+        fields = last_word(s, 10)
+    assert fields["C"] == "08006" and "authentication did not end" in fields["M"]
     assert proxy.refused("auth_timeout") == before + 1
 
 
@@ -426,9 +430,7 @@ def test_the_caps_refuse_with_53300_and_spare_other_branches():
             held.append(s)
         with connect(h.port) as s:  # a fourth on db.a
             s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
-            got, closed = read_until_closed(s, 5)
-        assert closed
-        fields = error_fields(messages(got)[0][1])
+            fields = last_word(s)
         assert fields["C"] == "53300" and "branch db.a" in fields["M"], fields
         assert h.refused("branch_full") == 1
         with connect(h.port) as s:  # another branch is still served
@@ -443,9 +445,7 @@ def test_the_caps_refuse_with_53300_and_spare_other_branches():
             s.sendall(struct.pack("!ii", 8, SSL_REQUEST))
             assert s.recv(1) == b"N"
             s.sendall(startup_packet({"user": "postgres", "database": "db.c"}))
-            got, closed = read_until_closed(s, 5)
-        assert closed
-        fields = error_fields(messages(got)[0][1])
+            fields = last_word(s)
         assert fields["C"] == "53300" and "takes 6 at once" in fields["M"], fields
         assert h.refused("proxy_full") == 1
         cancels = h.compute.codes.count(CANCEL_REQUEST)
