@@ -59,7 +59,7 @@ class LocalCluster:
     def start(self) -> float:
         t0 = time.perf_counter()
         self._pg_ctl("start", "-w", "-o",
-                     f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.sockdir}")
+                     f"-p {self.port} -c listen_addresses= -c unix_socket_directories={self.sockdir}")
         psycopg.connect(self.conninfo()).close()
         return time.perf_counter() - t0
 
@@ -68,12 +68,6 @@ class LocalCluster:
 
     def conninfo(self, db: str = "postgres") -> str:
         return f"host={self.sockdir} port={self.port} user=postgres dbname={db}"
-
-    def as_compute(self) -> Compute:
-        """Enough of a Compute for the pgbench helpers (socket, trusted)."""
-        c = Compute(id="local", timeline_id="", pgdata=self.pgdata, rundir=self.sockdir,
-                    port=self.port, password="", read_only=False)
-        return c
 
 
 @pytest.fixture(scope="module")

@@ -69,12 +69,15 @@ class ProxyTarget:
 
 
 def env_for(c: Compute | ProxyTarget) -> dict[str, str]:
-    env = dict(
-        os.environ, PGHOST="127.0.0.1", PGPORT=str(c.port), PGUSER="postgres",
-        PGPASSWORD=c.password, PGDATABASE="postgres",
-    )
+    """libpq's environment for a compute (its Unix socket: no password, only
+    root and postgres reach it) or a branch behind the proxy (TCP, with the
+    branch's password)."""
+    env = dict(os.environ, PGPORT=str(c.port), PGUSER="postgres", PGDATABASE="postgres")
+    env.pop("PGPASSWORD", None)
     if isinstance(c, ProxyTarget):
-        env["PGOPTIONS"] = f"endpoint={c.endpoint}"
+        env.update(PGHOST="127.0.0.1", PGPASSWORD=c.password, PGOPTIONS=f"endpoint={c.endpoint}")
+    else:
+        env["PGHOST"] = c.socket_dir
     return env
 
 
@@ -127,6 +130,13 @@ def committed_in_log(logdir: str) -> int:
 
 
 STRATA = [sys.executable, "-m", "pageserver.clients.cli"]
+
+
+def sql(uri: str, query: str) -> list[tuple[Any, ...]]:
+    """One statement on `uri` (autocommit): its rows, or [] if it returns none."""
+    with psycopg.connect(uri, autocommit=True, connect_timeout=60) as conn:
+        cur = conn.execute(query)  # type: ignore[call-overload]
+        return cur.fetchall() if cur.description else []
 
 
 def strata(home: str, *args: str, check: bool = True) -> dict[str, Any]:

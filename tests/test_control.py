@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from engine import NotFoundError
-from pageserver.control.plane import ControlPlane
+from pageserver.control.plane import MAX_CREDENTIALS, ControlPlane
 from pageserver.errors import (
     BadRequestError,
     ObjectExistsError,
@@ -25,7 +25,7 @@ from pageserver.pgdata.datadir import DataDir
 from pageserver.pgdata.layout import page_key
 from pageserver.proxy.server import ProxyLimits
 
-from .pg import Running, requires_pg
+from .pg import Running, requires_pg, sql
 
 pytestmark = requires_pg
 
@@ -35,12 +35,6 @@ def env(tmp_path_factory):
     with Running(str(tmp_path_factory.mktemp("control"))) as r:
         yield r
     assert not os.path.ismount(r.cp.ps.mountpoint)
-
-
-def sql(uri: str, query: str) -> list[tuple]:
-    with psycopg.connect(uri, autocommit=True, connect_timeout=60) as conn:
-        cur = conn.execute(query)
-        return cur.fetchall() if cur.description else []
 
 
 def no_connections(cp: ControlPlane, address: str) -> None:
@@ -72,6 +66,27 @@ def test_a_database_is_one_call_and_wakes_on_first_connection(env):
     assert sql(db.uri, "select count(*) from items") == [(2,)]
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         sql(db.uri.replace(db.uri.split(":")[2].split("@")[0], "wrong"), "select 1")
+
+
+def test_a_password_with_a_ttl_expires_and_a_wrong_one_never_wakes(env):
+    cp = env.cp
+    db = cp.create_database("creds")
+    short = cp.uri("creds/main", ttl=1.5)
+    assert sql(short, "select 1") == [(1,)] and sql(db.uri, "select 1") == [(1,)]
+    cp.suspend("creds", "main")
+    time.sleep(1.6)  # (the proxy reads the wall clock)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        sql(short, "select 1")
+    assert cp.branch("creds", "main").state == "suspended"  # a failed login wakes nothing
+    assert sql(db.uri, "select 1") == [(1,)]
+    with pytest.raises(BadRequestError, match="ttl"):
+        cp.uri("creds/main", ttl="-5m")
+    first = [cp.uri("creds/main") for _ in range(MAX_CREDENTIALS)]  # the oldest retire
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        sql(db.uri, "select 1")
+    assert sql(first[0], "select 1") == sql(first[-1], "select 1") == [(1,)]
+    assert len(cp.resolve("creds/main").credentials) == MAX_CREDENTIALS
+    cp.delete_database("creds")
 
 
 def test_branches_diverge_and_fall_through_to_their_parent(env):
@@ -128,7 +143,8 @@ def test_reset_and_restore(env):
     restored, backup = cp.restore_branch("rr", "feature", lsn=good)
     assert backup.name.startswith("feature-backup-")
     assert sql(feat.uri, "select x from t order by x") == [(1,), (2,)]
-    assert sql(backup.uri, "select x from t order by x") == [(1,), (2,), (99,)]
+    assert backup.password is None and "postgres@" in backup.uri  # (no password but at its making)
+    assert sql(cp.uri(f"rr/{backup.name}"), "select x from t order by x") == [(1,), (2,), (99,)]
     with pytest.raises(BadRequestError, match="made from it"):
         cp.delete_branch("rr", backup.name)  # the restored branch hangs from it
     cp.detach_branch("rr", "feature")
@@ -293,7 +309,10 @@ def test_the_catalog_survives_a_restart_and_orphans_are_swept(tmp_path):
     with Running(home) as r:
         info = r.cp.branch("keep", "b1")
         assert info.protected and info.state == "suspended"
-        assert r.cp.database("keep").uri.split("@")[0] == db.uri.split("@")[0]  # same password
+        shown = r.cp.database("keep").uri
+        assert shown.split("@")[0] == "postgresql://postgres"  # a password is shown once
+        again = shown.replace("postgres@", f"postgres:{db.password}@", 1)
+        assert sql(again, "select x from t") == [(7,)]  # and still works (the proxy's port is new)
         assert sql(r.cp.uri("keep/main"), "select x from t") == [(7,)]
         with pytest.raises(NotFoundError):
             r.cp.ps.store.timeline(orphan)

@@ -16,8 +16,8 @@ from pageserver.control.plane import ControlPlane
 from pageserver.errors import UnknownObjectError
 
 from .interleave import Pause, finished, run
-from .pg import Running, requires_pg
-from .test_control import no_connections, sql
+from .pg import Running, requires_pg, sql
+from .test_control import no_connections
 
 pytestmark = requires_pg
 

@@ -97,7 +97,7 @@ class HttpOps(Ops):
         self.client = client
 
     def uri(self, db: str, br: str) -> str:
-        return str(self.client.call("GET", f"/databases/{db}/branches/{br}")["uri"])
+        return str(self.client.call("POST", f"/databases/{db}/branches/{br}/credentials", {})["uri"])
 
     def call(self, op: str, db: str, br: str) -> Any:
         c = self.client.call

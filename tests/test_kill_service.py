@@ -73,8 +73,8 @@ def test_kill_9_under_load_loses_no_committed_transaction(tmp_path):
         a = ProxyTarget(port, password, "load.main")
         subprocess.run([os.path.join(pg_bindir(), "pgbench"), "-i", "-s", "2", "-q"], env=env_for(a),
                        check=True, capture_output=True)
-        strata(home, "branch", "create", "load/other")
-        b = ProxyTarget(port, password, "load.other")
+        other = strata(home, "branch", "create", "load/other")  # (a branch has passwords of its own)
+        b = ProxyTarget(port, other["uri"].split(":")[2].split("@")[0], "load.other")
         committed = {a.endpoint: 0, b.endpoint: 0}
         restarts, kills, losses = [], dict.fromkeys(VICTIMS, 0), []
         for rnd in range(ROUNDS):

@@ -198,13 +198,12 @@ def test_kill_9_of_the_page_server_loses_no_committed_transaction(tmp_path):
     logs.mkdir()
     with Node(home) as ps:
         tl = ps.store.branch(ps.ensure_template(progress=False))
-        c = ps.start_compute(tl, password="secret-pw")
+        c = ps.start_compute(tl)
         run_pg("pgbench", c, "-i", "-s", "5", "-q")
     server = _serve(home, tl.id)
     try:
-        uri, port = server["uri"], server["port"]
-        env = dict(os.environ, PGHOST="127.0.0.1", PGPORT=str(port), PGUSER="postgres",
-                   PGPASSWORD="secret-pw", PGDATABASE="postgres")
+        uri = server["uri"]
+        env = dict(os.environ, PGDATABASE=uri)  # (libpq takes a URI for the database name)
         bench = subprocess.Popen(
             [os.path.join(pg_bindir(), "pgbench"), "-c", "4", "-j", "2", "-T", "30", "-l",
              "--log-prefix=pgbench_log"], env=env, cwd=str(logs),
@@ -231,7 +230,7 @@ def test_kill_9_of_the_page_server_loses_no_committed_transaction(tmp_path):
 def _serve(home: str, tid: str) -> dict:
     p = subprocess.Popen(
         [sys.executable, "-m", "pageserver.compute", "serve", "--home", home, "--compute", tid,
-         "--password", "secret-pw", "--log-level", "WARNING"],
+         "--log-level", "WARNING"],
         stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
     )
     info: dict = {"process": p}

@@ -24,7 +24,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from pageserver.control.catalog import BranchRecord
+from pageserver.control.catalog import BranchRecord, Credential
 from pageserver.errors import BadRequestError, UnknownObjectError
 from pageserver.proxy.protocol import (
     CANCEL_REQUEST,
@@ -38,8 +38,13 @@ from pageserver.proxy.protocol import (
     startup_packet,
 )
 from pageserver.proxy.server import Proxy, ProxyLimits
+from pageserver.scram import make_verifier, new_salt
+
+from .test_scram import scram_client
 
 STARTUP_TIMEOUT = 0.2
+PASSWORD = "hostile-harness-pw"
+SALT = new_salt()
 
 
 class FakeCompute:
@@ -90,8 +95,10 @@ class FakeControl:
         self.slow = slow  # how long a wake of db.slow takes
         self.routed: list[str] = []
         self.routes = routes
+        cred = Credential(make_verifier(PASSWORD, SALT), created_at=0.0)
         self.records = {ep: BranchRecord(id=i + 1, database=1, name=ep.split(".")[1], timeline=f"t{i}",
-                                         created_at=0.0) for i, ep in enumerate(routes)}
+                                         created_at=0.0, salt=SALT, credentials=(cred,))
+                        for i, ep in enumerate(routes)}
         self.by_id = {r.id: ep for ep, r in self.records.items()}
         self.open = 0
         self.mu = threading.Lock()
@@ -241,9 +248,59 @@ def last_word(s: socket.socket, limit: float = 5) -> dict[str, str]:
     return error_fields(body)
 
 
+AUTH_OK = msg(b"R", struct.pack("!i", 0))
+
+
+def read_message(s: socket.socket) -> tuple[bytes, bytes]:
+    head = b""
+    while len(head) < 5:
+        more = s.recv(5 - len(head))
+        assert more, f"closed after {head!r}"
+        head += more
+    (n,) = struct.unpack("!i", head[1:])
+    body = b""
+    while len(body) < n - 4:
+        more = s.recv(n - 4 - len(body))
+        assert more, f"closed in a message {head!r}"
+        body += more
+    return head[:1], body
+
+
+def login(s: socket.socket, endpoint: str, password: str = PASSWORD, code: int = PROTOCOL_3) -> bytes:
+    """Startup for `endpoint` and the SCRAM-SHA-256 exchange, as libpq does
+    it: the compute's first message after it (AuthenticationOk), or the
+    proxy's ErrorResponse, whole."""
+    s.sendall(startup_packet({"user": "postgres", "database": endpoint}, code))
+    t, body = read_message(s)
+    if t == b"E":
+        return t + struct.pack("!i", len(body) + 4) + body
+    assert t == b"R" and body[:4] == struct.pack("!i", 10) and b"SCRAM-SHA-256" in body, (t, body)
+    client = scram_client(password)
+    first = client.get_client_first().encode()
+    s.sendall(msg(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
+    t, body = read_message(s)
+    if t == b"E":
+        return t + struct.pack("!i", len(body) + 4) + body
+    assert t == b"R" and body[:4] == struct.pack("!i", 11), (t, body)
+    client.set_server_first(body[4:].decode())
+    s.sendall(msg(b"p", client.get_client_final().encode()))
+    t, body = read_message(s)
+    if t == b"R" and body[:4] == struct.pack("!i", 12):
+        client.set_server_final(body[4:].decode())  # (checks the proxy's signature)
+        t, body = read_message(s)
+    return t + struct.pack("!i", len(body) + 4) + body
+
+
+def last_word_after(s: socket.socket, said: bytes) -> bool:
+    """Whether `said` was one ErrorResponse and the proxy then closed."""
+    [(t, _)] = messages(said)
+    rest, closed = read_until_closed(s, 5)
+    return t == b"E" and closed and not rest
+
+
 def query(s: socket.socket) -> bytes:
     """A whole session: startup for db.a, one Query, Terminate."""
-    s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
+    assert login(s, "db.a") == AUTH_OK
     got = b""
     while got.count(b"Z\0\0\0\x05I") < 1:
         got += s.recv(65536)
@@ -265,7 +322,7 @@ def assert_answered_sanely(data: bytes, closed: bool, *, startup_ok: bool = Fals
         ms = messages(rest)
         assert len(ms) == 1 and ms[0][0] == b"E", ms
         fields = error_fields(ms[0][1])
-        assert fields["S"] == "FATAL" and fields["C"][:2] in ("08", "53", "3D"), fields
+        assert fields["S"] == "FATAL" and fields["C"][:2] in ("08", "53", "3D", "28"), fields
 
 
 HEADERS = st.one_of(
@@ -371,16 +428,16 @@ def test_a_client_that_sends_nothing_is_closed_after_the_startup_timeout(proxy):
 def test_a_compute_that_never_finishes_authentication_is_given_up(proxy):
     before = proxy.refused("auth_timeout")
     with connect(proxy.port) as s:
-        s.sendall(startup_packet({"user": "postgres", "database": "db.b"}))
-        fields = last_word(s, 10)
+        said = login(s, "db.b")
+        fields = error_fields(messages(said)[0][1])
+        assert last_word_after(s, said)
     assert fields["C"] == "08006" and "authentication did not end" in fields["M"]
     assert proxy.refused("auth_timeout") == before + 1
 
 
 def test_the_protocol_version_a_client_asks_for_reaches_the_compute(proxy):
     with connect(proxy.port) as s:
-        s.sendall(startup_packet({"user": "postgres", "database": "db.c"}, PROTOCOL_3 + 2))
-        assert s.recv(65536).startswith(b"R")
+        assert login(s, "db.c", code=PROTOCOL_3 + 2) == AUTH_OK
         s.sendall(msg(b"X", b""))
     assert proxy.compute.codes[-1] == PROTOCOL_3 + 2
 
@@ -425,17 +482,16 @@ def test_the_caps_refuse_with_53300_and_spare_other_branches():
     try:
         for _ in range(3):
             s = connect(h.port)
-            s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
-            assert s.recv(65536).startswith(b"R")
+            assert login(s, "db.a") == AUTH_OK
             held.append(s)
         with connect(h.port) as s:  # a fourth on db.a
-            s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
-            fields = last_word(s)
+            said = login(s, "db.a")
+            fields = error_fields(messages(said)[0][1])
+            assert last_word_after(s, said)
         assert fields["C"] == "53300" and "branch db.a" in fields["M"], fields
         assert h.refused("branch_full") == 1
         with connect(h.port) as s:  # another branch is still served
-            s.sendall(startup_packet({"user": "postgres", "database": "db.c"}))
-            assert s.recv(65536).startswith(b"R")
+            assert login(s, "db.c") == AUTH_OK
             s.sendall(msg(b"X", b""))
         wait_for(lambda: h.open_connections() == 3)  # that one gone
         for _ in range(3):
@@ -444,8 +500,9 @@ def test_the_caps_refuse_with_53300_and_spare_other_branches():
         with connect(h.port) as s:  # as libpq asks: SSL first; the refusal comes after it
             s.sendall(struct.pack("!ii", 8, SSL_REQUEST))
             assert s.recv(1) == b"N"
-            s.sendall(startup_packet({"user": "postgres", "database": "db.c"}))
-            fields = last_word(s)
+            said = login(s, "db.c")
+            fields = error_fields(messages(said)[0][1])
+            assert last_word_after(s, said)
         assert fields["C"] == "53300" and "takes 6 at once" in fields["M"], fields
         assert h.refused("proxy_full") == 1
         cancels = h.compute.codes.count(CANCEL_REQUEST)
@@ -461,8 +518,7 @@ def test_the_caps_refuse_with_53300_and_spare_other_branches():
 
 def test_client_sockets_keep_alive_so_a_vanished_peer_is_closed(proxy):
     with connect(proxy.port) as s:
-        s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
-        assert s.recv(65536).startswith(b"R")
+        assert login(s, "db.a") == AUTH_OK
         mine = s.getsockname()
         theirs = None
         deadline = time.monotonic() + 5
@@ -524,8 +580,7 @@ def test_libpq_s_negotiation_gss_then_ssl_then_startup_is_served(proxy):
         assert s.recv(1) == b"N"
         s.sendall(struct.pack("!ii", 8, SSL_REQUEST))
         assert s.recv(1) == b"N"
-        s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
-        assert s.recv(65536).startswith(b"R")
+        assert login(s, "db.a") == AUTH_OK
         s.sendall(msg(b"X", b""))
 
 
@@ -534,8 +589,7 @@ def test_one_wake_per_branch_however_many_clients_wait():
     try:
         def client(_: int) -> bytes:
             with connect(h.port) as s:
-                s.sendall(startup_packet({"user": "postgres", "database": "db.slow"}))
-                got = s.recv(65536)
+                got = login(s, "db.slow")
                 s.sendall(msg(b"X", b""))
                 return got
 
@@ -546,7 +600,84 @@ def test_one_wake_per_branch_however_many_clients_wait():
                 t0 = time.monotonic()
                 assert b"SELECT 1" in query(s)  # another branch is not held up
                 assert time.monotonic() - t0 < 0.9
-            assert all(f.result().startswith(b"R") for f in slow)
+            assert all(f.result() == AUTH_OK for f in slow)
         assert h.control.routed.count("db.slow") == 1, h.control.routed
     finally:
         h.close()
+
+
+def test_a_wrong_password_is_refused_with_28p01_before_any_wake(proxy):
+    before, routed = proxy.refused("auth_failed"), len(proxy.control.routed)
+    with connect(proxy.port) as s:
+        said = login(s, "db.a", password="not-" + PASSWORD)
+        fields = error_fields(messages(said)[0][1])
+        assert last_word_after(s, said)
+    assert fields["C"] == "28P01" and fields["M"] == 'password authentication failed for user "postgres"', fields
+    assert proxy.refused("auth_failed") == before + 1
+    assert len(proxy.control.routed) == routed  # no compute was woken (or even looked up) for it
+
+
+def test_an_expired_credential_is_refused_and_a_live_one_still_opens(proxy):
+    live = proxy.control.records["db.a"]
+    old = Credential(make_verifier("expired-pw", SALT), created_at=0.0, expires_at=time.time() - 1)
+    proxy.control.records["db.a"] = BranchRecord(**{**live.__dict__, "credentials": (*live.credentials, old)})
+    try:
+        with connect(proxy.port) as s:
+            said = login(s, "db.a", password="expired-pw")
+            assert error_fields(messages(said)[0][1])["C"] == "28P01"
+        with connect(proxy.port) as s:
+            assert b"SELECT 1" in query(s)
+    finally:
+        proxy.control.records["db.a"] = live
+
+
+@st.composite
+def hostile_sasl(draw: st.DrawFn) -> bytes:
+    """What a client might send where its SASLInitialResponse belongs."""
+    kind = draw(st.sampled_from(["garbage", "wrong_type", "bad_length", "bad_mechanism", "bad_scram", "huge"]))
+    if kind == "garbage":
+        return draw(st.binary(max_size=64))
+    if kind == "wrong_type":
+        return msg(draw(st.sampled_from([b"Q", b"X", b"\0", b"P"])), draw(st.binary(max_size=16)))
+    if kind == "bad_length":
+        return b"p" + struct.pack("!i", draw(st.sampled_from([-1, 0, 3, 4, 2**31 - 1, 1 << 20])))
+    if kind == "bad_mechanism":
+        mech = draw(st.sampled_from([b"SCRAM-SHA-256-PLUS", b"PLAIN", b"", b"SCRAM-SHA-256"]))
+        data = draw(st.binary(max_size=32))
+        return msg(b"p", mech + b"\0" + struct.pack("!i", draw(st.sampled_from([len(data), -1, 999]))) + data)
+    if kind == "bad_scram":
+        first = draw(st.sampled_from([b"n,,n=,r=", b"p=x,,n=,r=abc", b"n,,r=abc", b"y,,n=,r=a,b", b"n,,n=,r=\x00"]))
+        return msg(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+    return msg(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", 5000) + b"a" * 5000)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=hostile_sasl(), half_close=st.booleans())
+def test_hostile_password_messages_get_an_error_or_a_close(proxy, data, half_close):
+    routed = len(proxy.control.routed)
+    with connect(proxy.port) as s:
+        s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
+        t, body = read_message(s)
+        assert t == b"R" and body[:4] == struct.pack("!i", 10)
+        with contextlib.suppress(ConnectionError):
+            s.sendall(data)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        got, closed = read_until_closed(s, STARTUP_TIMEOUT + 3)
+    assert_answered_sanely(got, closed)
+    if got:
+        assert error_fields(messages(got)[0][1])["C"] in ("28P01", "08P01"), got
+    assert len(proxy.control.routed) == routed  # and no wake
+
+
+def test_a_client_that_stops_in_the_password_exchange_is_closed_after_the_startup_timeout(proxy):
+    before = proxy.refused("startup_timeout")
+    with connect(proxy.port) as s:
+        s.sendall(startup_packet({"user": "postgres", "database": "db.a"}))
+        assert read_message(s)[0] == b"R"
+        t0 = time.monotonic()
+        fields = last_word(s, STARTUP_TIMEOUT + 5)
+        assert time.monotonic() - t0 < STARTUP_TIMEOUT + 2
+    assert fields["C"] == "08P01" and "password exchange" in fields["M"], fields
+    assert proxy.refused("startup_timeout") == before + 1

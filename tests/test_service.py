@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import stat
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pageserver.clients.sdk import Strata
 from pageserver.compute.node import RUN_MODE, run_dir_for
 from pageserver.errors import ProtectedError, ServiceNotRunningError, UnknownObjectError
 from pageserver.service import daemon as service
+from pageserver.service.supervisor import frontend_identity
 
 from .pg import STRATA, requires_pg, strata
 from .test_private_files import _snapshot, modes
@@ -76,7 +78,11 @@ def test_the_cli_end_to_end(up):
     with psycopg.connect(br["uri"]) as conn:
         assert conn.execute("select x from t order by x").fetchall() == [(1,)]
     assert strata(home, "suspend", "app/main")["state"] == "suspended"
-    assert strata(home, "uri", "app/old")["uri"] == br["uri"]
+    again = strata(home, "uri", "app/old", "--ttl", "1h")["uri"]  # a second password: both open it
+    assert again != br["uri"] and again.split("@")[1] == br["uri"].split("@")[1]
+    for uri in (again, br["uri"]):
+        with psycopg.connect(uri) as conn:
+            assert conn.execute("select count(*) from t").fetchone() == (1,)
     names = [b["name"] for b in strata(home, "branch", "list", "app")["branches"]]
     assert names == ["main", "old"]
     assert "app" in [d["name"] for d in strata(home, "db", "list")["databases"]]
@@ -113,6 +119,28 @@ def test_the_sdk_in_three_lines(up):
     base.delete()
 
 
+def connect_as(user: str, path: str) -> str:
+    """Connect to the Unix socket at `path` as OS user `user`: "ok" or the
+    error's type."""
+    code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1]); print('ok')\n"
+            "except OSError as e:\n    print(type(e).__name__)")
+    pw = pwd.getpwnam(user)
+    return subprocess.run(["python3", "-c", code, path], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                          capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+
+
+def listening_on(port: int) -> bool:
+    """Whether any process listens on TCP `port` (IPv4 or IPv6), from /proc."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
 def test_down_stops_everything(tmp_path):
     home = str(tmp_path)
     os.chmod(home, 0o755)  # an older home, left wide: up tightens it
@@ -140,8 +168,15 @@ def test_down_stops_everything(tmp_path):
             assert stat.S_IMODE(os.stat(cdir).st_mode) == RUN_MODE
             for name in ("state.json", "postgres.log"):
                 assert stat.S_IMODE(os.stat(os.path.join(cdir, name)).st_mode) == 0o600, name
-            for name in ("sock", "local"):
-                assert stat.S_IMODE(os.stat(os.path.join(cdir, name)).st_mode) == 0o700, name
+            assert stat.S_IMODE(os.stat(os.path.join(cdir, "local")).st_mode) == 0o700
+            sock = os.path.join(cdir, "sock")  # the compute's only door: its Unix socket,
+            assert stat.S_IMODE(os.stat(sock).st_mode) == 0o750  # for postgres and the front end's group
+            assert os.stat(sock).st_gid == frontend_identity()[2]
+            (name,) = [n for n in os.listdir(sock) if n.startswith(".s.PGSQL.") and not n.endswith(".lock")]
+            path, port = os.path.join(sock, name), int(name.rsplit(".", 1)[1])
+            assert connect_as("strata", path) == "ok"
+            assert connect_as("nobody", path) == "PermissionError"  # another tenant's OS user cannot
+            assert not listening_on(port), f"a compute listens on TCP port {port}"
         pid = service.read_state(home)["pid"]
         assert strata(home, "down") == {"stopped": True, "pid": pid}
         assert not os.path.ismount(os.path.join(run_dir, "mnt"))

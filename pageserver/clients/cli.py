@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import urllib.parse
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -261,11 +262,13 @@ def suspend(ctx: click.Context, as_json: bool, address: str) -> None:
 
 @command(cli, "uri")
 @click.argument("address")
-def uri(ctx: click.Context, as_json: bool, address: str) -> None:
-    """A branch's connection URI."""
+@click.option("--ttl", default=None, help="the password works this long (90s, 15m, 1h; default: as the branch)")
+def uri(ctx: click.Context, as_json: bool, address: str, ttl: str | None) -> None:
+    """A branch's connection URI, with a new password (shown only here)."""
     dbname, br = _split(address)
     b = _client(ctx).branch(f"{dbname}/{br}")
-    _emit(as_json, {"name": f"{dbname}/{br}", "uri": b.uri}, b.uri)
+    u = b.new_uri(ttl=ttl)
+    _emit(as_json, {"name": f"{dbname}/{br}", "uri": u}, u)
 
 
 @command(cli, "lsn")
@@ -344,12 +347,15 @@ def psql(ctx: click.Context, address: str, psql_args: tuple[str, ...]) -> None:
     """Run psql on a branch (extra arguments go to psql)."""
     dbname, br = _split(address)
     try:
-        target = _client(ctx).branch(f"{dbname}/{br}").uri
+        target = urllib.parse.urlsplit(_client(ctx).branch(f"{dbname}/{br}").new_uri(ttl="1d"))
     except StrataError as e:
         click.echo(f"strata: {e}", err=True)
         sys.exit(1)
     exe = shutil.which("psql") or "/usr/bin/psql"
-    os.execv(exe, [exe, target, *psql_args])
+    # the password in the environment, not on a command line that every local user can read
+    env = {**os.environ, "PGPASSWORD": urllib.parse.unquote(target.password or "")}
+    bare = target._replace(netloc=f"{target.username}@{target.hostname}:{target.port}").geturl()
+    os.execve(exe, [exe, bare, *psql_args], env)
 
 
 def main() -> None:

@@ -61,8 +61,8 @@ def run(strata: Strata) -> None:
     except UnknownObjectError:
         t0 = time.perf_counter()
         base = strata.create_database(BASE)
-        subprocess.run([os.path.join(pg_bindir(), "pgbench"), "-i", "-s", "5", "-q", base.uri],
-                       check=True, capture_output=True)
+        subprocess.run([os.path.join(pg_bindir(), "pgbench"), "-i", "-s", "5", "-q"], check=True,
+                       capture_output=True, env={**os.environ, "PGDATABASE": base.uri})  # (not on argv: ps shows it)
         base.suspend()
         print(f"base database {BASE!r}: created and loaded with pgbench scale 5 in "
               f"{time.perf_counter() - t0:.1f} s")
@@ -80,7 +80,7 @@ def run(strata: Strata) -> None:
         branches.append(br)
     print(f"5 branches: p50 {statistics.median(create_ms):.1f} ms to create (URI returned), "
           f"{statistics.median(ready_ms):.0f} ms to the first write through the proxy")
-    print(f"  e.g. psql '{branches[0].uri}'")
+    print("  each URI with a password of its own branch's (the service keeps only its SCRAM verifier)")
     for i, br in enumerate(branches):
         seen = br.sql("select trim(filler) from pgbench_branches where bid = 1")[0][0]
         assert seen == f"branch {i}", seen

@@ -135,8 +135,21 @@ class Branch:
         self.client = client
         self.database = database
         self.name = name
-        self.uri = uri
+        self._uri = uri if info.get("password") else None  # (a URI with no password opens nothing)
         self.info = info
+
+    @property
+    def uri(self) -> str:
+        """A URI that opens this branch: the one its creation answered, or
+        else one with a new password (`new_uri`), made on first use."""
+        if self._uri is None:
+            self._uri = self.new_uri()
+        return self._uri
+
+    def new_uri(self, *, ttl: float | str | None = None) -> str:
+        """A URI with a new password of this branch's, valid for `ttl` (or
+        as long as the branch). The service keeps only its verifier."""
+        return str(self.client.call("POST", self._path + "/credentials", {"ttl": ttl})["uri"])
 
     @property
     def _path(self) -> str:

@@ -4,7 +4,8 @@
 
 Opens the node at DIR (cleaning up after a killed one), optionally
 makes sure the template exists and starts computes, prints one JSON line per
-compute (`{"timeline", "compute", "uri", "port", "pid"}`) and a final
+compute (`{"timeline", "compute", "uri", "port", "pid"}`; the URI is the compute's
+Unix socket, which only this user, or root, can reach) and a final
 `{"ready": true}`, then serves until SIGTERM or SIGINT, when it stops every
 compute, unmounts and closes the store. (The full service, with an HTTP
 API and a CLI, builds on this.)
@@ -30,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--template", action="store_true", help="make sure the template timeline exists")
     s.add_argument("--compute", action="append", default=[], metavar="TIMELINE",
                    help="start a read-write compute on this timeline (repeatable)")
-    s.add_argument("--password", default=None, help="password for the computes (default: generated)")
     s.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.template:
             ps.ensure_template(progress=False)
         for tid in args.compute:
-            c = ps.start_compute(tid, password=args.password)
+            c = ps.start_compute(tid)
             print(json.dumps({"timeline": tid, "compute": c.id, "uri": c.uri(), "port": c.port,
                               "pid": c.pid}), flush=True)
         print(json.dumps({"ready": True}), flush=True)

@@ -7,7 +7,9 @@ home, found again after a crash::
 
     <home>/store/                 the engine store (engine.store)
     <run>/mnt/                    the FUSE mount; <mnt>/<compute id> is a data directory
-    <run>/computes/<id>/          a compute's local files, socket, log, state
+    <run>/computes/<id>/          a compute's local files, log, state
+    <run>/computes/<id>/sock/     its Unix socket, its only door: postgres's, 0750 with the
+                                  front ends' group (0700 when not root); no TCP port
     <run>/readonly/<id>/          local files of read-only mounts
 
     <run> = /run/strata/<hash of the home path> (or $STRATA_RUN_DIR)
@@ -37,7 +39,7 @@ import threading
 import time
 
 from engine import NotFoundError, Store, StoreConfig, Timeline
-from pageserver.compute.postgres import Compute, free_port, new_password, pg_bindir, reap_stale, run_as
+from pageserver.compute.postgres import Compute, free_port, pg_bindir, reap_stale, run_as
 from pageserver.errors import BranchBusyError, ComputeError, ComputeNotFoundError, UnsafeDirectoryError
 from pageserver.fuse.filesystem import Mount, unmount
 from pageserver.pgdata.datadir import DataDir
@@ -102,8 +104,11 @@ def run_dir_for(home: str) -> str:
 
 
 class Node:
-    def __init__(self, home: str, *, config: StoreConfig | None = None, background: bool = True) -> None:
+    def __init__(self, home: str, *, config: StoreConfig | None = None, background: bool = True,
+                 socket_group: int | None = None) -> None:
         self.home = os.path.abspath(home)
+        # the front ends' group, which may enter the computes' socket directories (root only)
+        self.socket_group = socket_group if os.geteuid() == 0 else None
         self.store_path = os.path.join(self.home, "store")
         # resolved, as the kernel shows a process's working directory (compute cleanup matches it)
         self.run_dir = os.path.realpath(os.environ.get("STRATA_RUN_DIR") or run_dir_for(self.home))
@@ -250,7 +255,7 @@ class Node:
             return {c.timeline_id for c in self._computes.values()}
 
     def start_compute(
-        self, timeline: Timeline | str, *, password: str | None = None, lsn: int | None = None,
+        self, timeline: Timeline | str, *, lsn: int | None = None,
         settings: dict[str, str] | None = None, timeout: float = 120.0,
     ) -> Compute:
         """Start postgres on a timeline (read-write at its head), or, with
@@ -271,7 +276,7 @@ class Node:
             private_dir(rundir, RUN_MODE)  # the page server's; postgres owns only its socket and local files
             c = Compute(
                 id=cid, timeline_id=tl.id, pgdata=os.path.join(self.mountpoint, cid), rundir=rundir,
-                port=free_port(), password=password or new_password(), read_only=read_only, lsn=lsn,
+                port=free_port(), read_only=read_only, lsn=lsn,
                 on_exit=self._exited, bindir=bindir,
             )
             _, uid, gid = run_as()
@@ -281,8 +286,7 @@ class Node:
                 self._by_timeline[tid] = cid
         extra = [x for k, v in (settings or {}).items() for x in ("-c", f"{k}={v}")]
         try:
-            c.start(extra, timeout=timeout)
-            self.set_password(c, c.password)
+            c.start(extra, timeout=timeout, socket_group=self.socket_group)
         except BaseException:
             c.stopping = True
             c.kill()
@@ -291,18 +295,6 @@ class Node:
         log.info("compute %s started on timeline %s%s on port %d in %.0f ms",
                  cid, tl.id, f" (read-only at LSN {lsn})" if read_only else "", c.port, c.start_seconds * 1e3)
         return c
-
-    def set_password(self, c: Compute, password: str) -> None:
-        """Set the postgres role's password on a running compute (it is
-        stored in the branch, like any row)."""
-        import psycopg
-        from psycopg import sql
-
-        c.password = password
-        with psycopg.connect(c.local_conninfo(), autocommit=True, connect_timeout=30) as conn:
-            if c.read_only:  # its throwaway branch takes this one write
-                conn.execute("SET default_transaction_read_only = off")
-            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(c.password)))
 
     def stop_compute(self, compute_id: str) -> None:
         """Fast shutdown, unmount its data directory, and make every write durable."""

@@ -25,7 +25,6 @@ import logging
 import os
 import pwd
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from pageserver.errors import ComputeError, PostgresVersionError
 
@@ -138,18 +138,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def new_password() -> str:
-    return secrets.token_urlsafe(18)
-
-
 @dataclass
 class Compute:
     id: str
     timeline_id: str
     pgdata: str  # the attachment, on the FUSE mount
     rundir: str  # run/computes/<id>: local files, socket, log, state
-    port: int
-    password: str
+    port: int  # names its socket (.s.PGSQL.<port>): it listens on no TCP port
     read_only: bool
     lsn: int | None = None  # for a read-only compute: the LSN it shows
     bindir: str = ""  # PostgreSQL's server binaries of its data directory's version
@@ -182,10 +177,12 @@ class Compute:
         return self.process is not None and self.process.poll() is None
 
     def uri(self, dbname: str = "postgres", user: str = "postgres") -> str:
-        return f"postgresql://{user}:{self.password}@127.0.0.1:{self.port}/{dbname}"
+        """The compute's own door, its Unix socket (trusted: only the page
+        server and the front ends can reach it; clients go through the proxy)."""
+        return f"postgresql://{user}@/{dbname}?host={quote(self.socket_dir, safe='')}&port={self.port}"
 
     def local_conninfo(self, dbname: str = "postgres") -> str:
-        """Connection through the private Unix socket (trusted; for the server)."""
+        """The same, as a conninfo string."""
         return f"host={self.socket_dir} port={self.port} dbname={dbname} user=postgres"
 
     def log_tail(self, lines: int = 30) -> str:
@@ -197,14 +194,20 @@ class Compute:
 
     # --- lifecycle ---------------------------------------------------------------
 
-    def start(self, extra: list[str], timeout: float = 120.0) -> None:
+    def start(self, extra: list[str], timeout: float = 120.0, *, socket_group: int | None = None) -> None:
+        """Start postgres, listening on its Unix socket only. Its socket's
+        directory is postgres's, entered also by `socket_group` (the front
+        ends') when given: the socket itself is open to whoever gets that
+        far (PostgreSQL cannot give it a group postgres is not in)."""
         user, uid, gid = run_as()
         os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
-        os.chown(self.socket_dir, uid, gid)
+        os.chown(self.socket_dir, uid, socket_group if socket_group is not None else gid)
+        os.chmod(self.socket_dir, 0o750 if socket_group is not None else 0o700)
         args = [
             os.path.join(self.bindir or pg_bindir(), "postgres"), "-D", self.pgdata, "-p", str(self.port),
-            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.socket_dir}",
-            "-c", "unix_socket_permissions=0700", "-c", "logging_collector=off",
+            "-c", "listen_addresses=", "-c", f"unix_socket_directories={self.socket_dir}",
+            "-c", f"unix_socket_permissions={'0777' if socket_group is not None else '0700'}",
+            "-c", "logging_collector=off",
         ] + extra
         if self.read_only:
             args += ["-c", "default_transaction_read_only=on"]

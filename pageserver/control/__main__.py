@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_with_parent:
         exit_with_parent(lambda: asked.append(0))
     control = ControlPlane(os.path.abspath(args.home), proxy_port=args.proxy_port, max_computes=args.max_computes,
+                           socket_group=args.socket_group,
                            default_idle_timeout=args.idle_timeout or DEFAULT_IDLE_TIMEOUT,
                            warm_pool=args.warm_pool)
     open_waiting(control)

@@ -20,6 +20,12 @@ Value of every record:
     | "STCR" | ver u16| xxh64(body) u64 | body: UTF-8 JSON object      |
     +--------+--------+-----------------+------------------------------+
 
+No password is kept: a branch record holds its credentials as SCRAM
+verifiers (`pageserver.scram`). A database record written before held its
+password in plaintext (`password`); the control plane turns that into a
+credential of each of its branches, and rewrites the record without it,
+when it opens the catalog (`legacy_passwords`).
+
 Object ids are never reused. A record names its objects by id (a branch's
 database and parent), so renaming nothing ever rewrites more than one
 record. Timelines are created before the record that points at them and
@@ -91,10 +97,19 @@ def decode_record(key: int, value: bytes) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Credential:
+    """A password that opens a branch, as its SCRAM verifier (`pageserver.scram`;
+    the password itself is shown once, when it is made, and kept nowhere)."""
+
+    verifier: str
+    created_at: float
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
 class DatabaseRecord:
     id: int
     name: str
-    password: str
     created_at: float
     expires_at: float | None = None
     idle_timeout: float | None = None  # default for its branches
@@ -117,6 +132,16 @@ class BranchRecord:
     protected: bool = False
     last_used: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    salt: str = ""  # of its credentials' verifiers (one exchange checks a proof against all of them)
+    credentials: tuple[Credential, ...] = ()
+
+    def __post_init__(self) -> None:  # (from JSON, or across the RPC: dicts and lists)
+        creds = tuple(c if isinstance(c, Credential) else Credential(**c) for c in self.credentials)
+        object.__setattr__(self, "credentials", creds)
+
+    def verifiers(self, now: float) -> list[str]:
+        """The verifiers of its credentials that have not expired at `now`."""
+        return [c.verifier for c in self.credentials if c.expires_at is None or c.expires_at > now]
 
 
 Record = DatabaseRecord | BranchRecord
@@ -209,12 +234,15 @@ class Catalog:
             self._tl = store.create_timeline(CATALOG_ID)
         self._next_id = 1
         records: list[Record] = []
+        self.legacy_passwords: dict[int, str] = {}  # database id -> the password an older version kept
         for key, value in self._tl.scan():
             body = decode_record(key, value)
             kind = key >> 56
             if kind == KIND_HEADER:
                 self._next_id = int(body["next_id"])
             elif kind == KIND_DATABASE:
+                if "password" in body:
+                    self.legacy_passwords[int(body["id"])] = str(body["password"])
                 records.append(_from(DatabaseRecord, body))
             elif kind == KIND_BRANCH:
                 records.append(_from(BranchRecord, body))

@@ -80,7 +80,7 @@ class BranchInfo:
     database: str
     name: str
     endpoint: str
-    uri: str
+    uri: str  # at the proxy; with a password only in the answer that made one
     state: str  # "running" | "suspended"
     lsn: int
     timeline: str
@@ -94,6 +94,7 @@ class BranchInfo:
     connections: int
     logical_size: int | None = None
     exclusive_size: int | None = None
+    password: str | None = None  # only in the answer that made it (then also in `uri`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +112,7 @@ class DatabaseInfo:
     last_used: str | None
     branches: list[str]
     token: str | None = None  # the database-scoped API token: only in the creation's answer
+    password: str | None = None  # of its main branch: only in the creation's answer (then also in `uri`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

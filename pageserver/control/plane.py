@@ -93,12 +93,13 @@ from engine import (
     Timeline,
 )
 from pageserver.compute.node import TEMPLATE_ID, Node, private_dir
-from pageserver.compute.postgres import Compute, new_password
+from pageserver.compute.postgres import Compute
 from pageserver.control.catalog import (
     CATALOG_ID,
     BranchRecord,
     Catalog,
     Change,
+    Credential,
     DatabaseRecord,
     Record,
     Snapshot,
@@ -123,6 +124,7 @@ from pageserver.errors import (
     ProtectedError,
     UnknownObjectError,
 )
+from pageserver.scram import make_verifier, new_password, new_salt
 
 log = logging.getLogger("strata.control")
 
@@ -131,6 +133,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 COMPUTE_MEMORY = 256 << 20  # what one compute is budgeted (shared_buffers 128 MB and the rest)
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # housekeeping's backoff for a record that fails
 _CHANGE_RETRIES = 5  # a change that raced another (its source moved) is redone this often
+MAX_CREDENTIALS = 16  # a branch's live passwords (each `uri` call makes one)
 SPARE_WAIT = 60.0  # at the cap, a wake waits this long at most for a starting spare, to take its slot
 
 
@@ -172,6 +175,7 @@ class ControlPlane:
         config: StoreConfig | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        socket_group: int | None = None,
     ) -> None:
         self.home = os.path.abspath(home)
         self.advertise_host = advertise_host
@@ -180,7 +184,7 @@ class ControlPlane:
         self.default_idle_timeout = default_idle_timeout
         self._clock = clock  # wall clock: deadlines kept in the catalog
         self._mono = monotonic  # idle timers
-        self.ps = Node(self.home, config=config)
+        self.ps = Node(self.home, config=config, socket_group=socket_group)  # (the front ends' group)
         self._locks_mu = threading.Lock()
         self._branch_mu: dict[int, threading.Lock] = {}  # under _locks_mu
         self._use_mu = threading.Lock()
@@ -217,6 +221,7 @@ class ControlPlane:
         try:
             self.ps.ensure_template()
             self.catalog = Catalog(self.ps.store)
+            self._forget_passwords()
             self.sweep()
         except BaseException:
             self.ps.close()
@@ -228,6 +233,31 @@ class ControlPlane:
             self._pool_thread = threading.Thread(target=self._pool_loop, name="strata-warm-pool", daemon=True)
             self._pool_thread.start()
         return self
+
+    def _forget_passwords(self) -> None:
+        """Turn the plaintext passwords an older version kept (in database
+        records) into credentials of their branches, and rewrite the
+        records without them: the URIs handed out before still work."""
+        legacy = self.catalog.legacy_passwords
+        if not legacy:
+            return
+        now = self._clock()
+
+        def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            put: list[Record] = []
+            for db_id, password in legacy.items():
+                db = snap.databases.get(db_id)
+                if db is None:
+                    continue
+                put.append(db)  # (rewritten without the password)
+                for br in snap.branches_in.get(db_id, {}).values():
+                    br = br if br.salt else replace(br, salt=new_salt())
+                    put.append(self._with_credential(br, Credential(make_verifier(password, br.salt), now), now))
+            return put, []
+
+        self.catalog.change(change)
+        log.info("the passwords of %d databases are kept as SCRAM verifiers now", len(legacy))
+        legacy.clear()
 
     def close(self) -> None:
         self._closing = True
@@ -424,13 +454,47 @@ class ControlPlane:
         db = self.catalog.snapshot.databases.get(br.database)  # gone while a deleted database's branches stop
         return f"{db.name if db else '(deleted)'}.{br.name}"
 
-    def uri(self, address: str | BranchRecord) -> str:
-        br = address if isinstance(address, BranchRecord) else self.resolve(address)
-        db = self.catalog.snapshot.databases.get(br.database)
-        if db is None:
-            raise UnknownObjectError("database", f"#{br.database}")
-        return (f"postgresql://postgres:{quote(db.password, safe='')}@{self.advertise_host}:{self.proxy_port}"
+    def _uri(self, br: BranchRecord, password: str | None = None) -> str:
+        """The branch's URI at the proxy: with `password` if given (it is
+        shown only when it is made), without one otherwise."""
+        who = f"postgres:{quote(password, safe='')}" if password is not None else "postgres"
+        return (f"postgresql://{who}@{self.advertise_host}:{self.proxy_port}"
                 f"/postgres?options=endpoint%3D{quote(self.endpoint(br), safe='')}")
+
+    def _credential(self, br: BranchRecord, now: float, ttl: float | None = None) -> tuple[str, Credential]:
+        """A new password of `br`'s and its credential (the verifier, with
+        the branch's salt)."""
+        if not br.salt:
+            raise ValueError(f"branch #{br.id} has no salt for its credentials")
+        password = new_password()
+        return password, Credential(make_verifier(password, br.salt), now, now + ttl if ttl else None)
+
+    @staticmethod
+    def _with_credential(br: BranchRecord, cred: Credential, now: float) -> BranchRecord:
+        """`br` with `cred` added (its expired ones dropped, and the
+        oldest beyond MAX_CREDENTIALS)."""
+        live = [c for c in br.credentials if c.expires_at is None or c.expires_at > now]
+        return replace(br, credentials=(*live, cred)[-MAX_CREDENTIALS:])
+
+    def uri(self, address: str | BranchRecord, *, ttl: float | str | None = None) -> str:
+        """A URI of the branch with a new password of its own (valid for
+        `ttl`, or as long as the branch; shown here only: the catalog keeps
+        its verifier). A branch holds MAX_CREDENTIALS at most: a new one
+        past that retires the oldest."""
+        ttl_s = parse_duration(ttl, "ttl")
+        br = address if isinstance(address, BranchRecord) else self.resolve(address)
+        now = self._clock()
+        password, cred = self._credential(br, now, ttl_s)
+
+        def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            current = snap.branches.get(br.id)
+            if current is None or snap.databases.get(br.database) is None:
+                raise UnknownObjectError("branch", self.endpoint(br))
+            return [self._with_credential(current, cred, now)], []
+
+        self.catalog.change(check)
+        log.info("branch %s has a new credential%s", self.endpoint(br), f" for {ttl_s:g} s" if ttl_s else "")
+        return self._uri(br, password)
 
     # --- databases ---------------------------------------------------------------------
 
@@ -471,15 +535,17 @@ class ControlPlane:
             warm = self._claim_warm()  # held for us (see _claim_warm)
             tl_id = warm.timeline_id if warm else self._new_timeline(TEMPLATE_ID, durable=False).id
             try:
-                db = DatabaseRecord(  # a warm compute's generated password is already set: it becomes this one's
-                    id=self.catalog.new_id(), name=name, password=warm.password if warm else new_password(),
-                    created_at=now, expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
+                db = DatabaseRecord(
+                    id=self.catalog.new_id(), name=name, created_at=now, expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
                     expire_after_idle=expire_s, last_used=now, token_sha256=sha256(token),
                 )
                 main = BranchRecord(
                     id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl_id, created_at=now,
                     expires_at=db.expires_at, idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now,
+                    salt=new_salt(),
                 )
+                password, cred = self._credential(main, now)
+                main = replace(main, credentials=(cred,))
 
                 def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
                     if name in snap.database_named:
@@ -501,6 +567,8 @@ class ControlPlane:
         log.info("database %s created (timeline %s%s)", name, tl_id, ", warm compute" if warm else "")
         info = self.database(name)
         info.token = token
+        info.password = password
+        info.uri = self._uri(main, password)
         return info
 
     def database(self, name: str) -> DatabaseInfo:
@@ -509,7 +577,7 @@ class ControlPlane:
         main = self._branch(snap, db, MAIN)
         branches = self._branches_of(snap, db)
         return DatabaseInfo(
-            name=db.name, branch=MAIN, uri=self.uri(main), created_at=iso(db.created_at),
+            name=db.name, branch=MAIN, uri=self._uri(main), created_at=iso(db.created_at),
             expires_at=iso(db.expires_at), idle_timeout=db.idle_timeout or self.default_idle_timeout,
             expire_after_idle=db.expire_after_idle,
             last_used=iso(max([db.last_used] + [self._last_used(b) for b in branches])),
@@ -604,8 +672,10 @@ class ControlPlane:
                     parent=src.id, expires_at=now + ttl_s if ttl_s else None,
                     idle_timeout=idle_s if idle_s is not None else db.idle_timeout,
                     expire_after_idle=expire_s if expire_s is not None else db.expire_after_idle,
-                    protected=bool(protected), last_used=now,
+                    protected=bool(protected), last_used=now, salt=new_salt(),
                 )
+                password, cred = self._credential(br, now)
+                br = replace(br, credentials=(cred,))
 
                 def check(snap: Snapshot, db: DatabaseRecord = db, src: BranchRecord = src,
                           br: BranchRecord = br) -> tuple[Sequence[Record], Sequence[Record]]:
@@ -628,7 +698,10 @@ class ControlPlane:
         self.metrics.branch.observe(_monotonic() - t0)
         log.info("branch %s/%s created from %s at LSN %d (timeline %s)",
                  database, name, parent, tl.branch_lsn, tl.id)
-        return self.branch(database, name, sizes=False)  # sizes take a scan: ask for them later
+        info = self.branch(database, name, sizes=False)  # sizes take a scan: ask for them later
+        info.password = password
+        info.uri = self._uri(br, password)
+        return info
 
     def branch(self, database: str, name: str, *, sizes: bool = True) -> BranchInfo:
         return self._reading(database, name, lambda snap, br: self._info(snap, br, sizes=sizes))
@@ -665,7 +738,7 @@ class ControlPlane:
             use = self._use.get(br.id)
             connections = use.connections if use else 0
         return BranchInfo(
-            database=db.name, name=br.name, endpoint=f"{db.name}.{br.name}", uri=self.uri(br),
+            database=db.name, name=br.name, endpoint=f"{db.name}.{br.name}", uri=self._uri(br),
             state="running" if self.ps.compute_of(br.timeline) else "suspended", lsn=tl.head_lsn,
             timeline=br.timeline, parent=parent.name if parent else None, created_at=iso(br.created_at),
             expires_at=iso(br.expires_at), idle_timeout=self._idle_timeout(br),
@@ -1050,7 +1123,7 @@ class ControlPlane:
             t0 = time.monotonic()
             self._make_room(br)  # takes its slot
             try:
-                c = self.ps.start_compute(br.timeline, password=db.password)
+                c = self.ps.start_compute(br.timeline)
             finally:
                 self._free_slot(br.timeline)
             self.metrics.wake.observe(time.monotonic() - t0)
@@ -1061,8 +1134,9 @@ class ControlPlane:
 
     def route(self, address: str | BranchRecord) -> tuple[str, int]:
         """Where the proxy connects for this branch (woken first): the
-        compute's host and port."""
-        return "127.0.0.1", self.wake(address).port
+        compute's socket directory and port (as libpq takes them)."""
+        c = self.wake(address)
+        return c.socket_dir, c.port
 
     def start(self, database: str, name: str) -> BranchInfo:
         """Wake the branch; its snapshot once it runs."""

@@ -73,7 +73,7 @@ from typing import Any
 import engine.errors as engine_errors
 import pageserver.errors as ps_errors
 from engine import StrataError
-from pageserver.control.catalog import BranchRecord
+from pageserver.control.catalog import BranchRecord, Credential
 from pageserver.control.objects import BranchInfo, DatabaseInfo
 from pageserver.errors import ServiceNotRunningError
 
@@ -97,7 +97,7 @@ SLOW_CALLS = frozenset({"route", "start", "create_database", "create_branch", "c
 CALL_TIMEOUT, SLOW_CALL_TIMEOUT = 60.0, 900.0  # seconds before a call is given up (the page server hangs)
 SUBSCRIBE_WAIT = 10.0  # seconds a connection count waits for the subscription (after a page server restart)
 
-_TYPES: dict[str, type] = {t.__name__: t for t in (BranchInfo, DatabaseInfo, BranchRecord)}
+_TYPES: dict[str, type] = {t.__name__: t for t in (BranchInfo, DatabaseInfo, BranchRecord, Credential)}
 
 
 def _errors() -> dict[str, type[StrataError]]:

@@ -56,6 +56,10 @@ class BranchCreate(BaseModel):
     protected: bool = False
 
 
+class CredentialCreate(BaseModel):
+    ttl: Duration = Field(None, description="the password works this long (default: as long as the branch)")
+
+
 class BranchUpdate(BaseModel):
     protected: bool | None = None
     ttl: Duration = None
@@ -196,6 +200,12 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
     @dbr.post("/databases/{db}/branches/{name}/start")
     def start(db: str, name: str) -> dict[str, Any]:
         return control.start(db, name).to_dict()
+
+    @dbr.post("/databases/{db}/branches/{name}/credentials", status_code=201)
+    def credentials(db: str, name: str, req: CredentialCreate) -> dict[str, Any]:
+        """A new password of the branch's, in its URI (shown only here: the
+        catalog keeps its SCRAM verifier)."""
+        return {"uri": control.uri(f"{db}/{name}", ttl=req.ttl)}
 
     @dbr.get("/databases/{db}/branches/{name}/lsn")
     def lsn(db: str, name: str) -> dict[str, Any]:

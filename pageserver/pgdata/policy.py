@@ -32,12 +32,11 @@ def is_local(rel: str) -> bool:
 
 PG_CONF = """
 # --- added by strata ---
-listen_addresses = '127.0.0.1'
+listen_addresses = ''
 password_encryption = 'scram-sha-256'
 dynamic_shared_memory_type = posix
 """
-PG_HBA = """# strata: the Unix socket is private to the page server; TCP needs a password
+PG_HBA = """# strata: computes listen on their Unix socket only, which only the page server and the
+# front ends can reach; clients come through the proxy, which checks their passwords
 local   all   all                 trust
-host    all   all   127.0.0.1/32  scram-sha-256
-host    all   all   ::1/128       scram-sha-256
 """

@@ -15,6 +15,18 @@ A connection starts with a startup packet (PostgreSQL protocol 3.0,
 
 After it, every message is Byte1 type | Int32 length (counting itself) |
 body; `Framer` follows their boundaries in a relayed stream.
+
+The proxy authenticates the client itself (SASL, SCRAM-SHA-256: see
+`pageserver.scram`), before it wakes the branch:
+
+    proxy   'R' Int32 10  mechanism names \0 ... \0     AuthenticationSASL
+    client  'p' mechanism \0 Int32 n, data[n]            SASLInitialResponse (client-first)
+    proxy   'R' Int32 11  data                           AuthenticationSASLContinue (server-first)
+    client  'p' data                                     SASLResponse (client-final)
+    proxy   'R' Int32 12  data                           AuthenticationSASLFinal (server-final)
+
+then the compute's own AuthenticationOk (its Unix socket is trusted) and
+the rest of its startup are relayed.
 """
 
 from __future__ import annotations
@@ -78,6 +90,46 @@ def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:
                                                          (b"C", code), (b"M", message)))
     body = fields + b"\0"
     return b"E" + I32.pack(4 + len(body)) + body
+
+
+AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 10, 11, 12
+MAX_AUTH_MESSAGE = 2048  # bytes of a client's SASL message (libpq's are about 100)
+
+
+def authentication(code: int, data: bytes = b"") -> bytes:
+    """An Authentication message ('R') of `code`, with `data` after it."""
+    return b"R" + I32.pack(8 + len(data)) + I32.pack(code) + data
+
+
+def sasl_mechanisms(*names: str) -> bytes:
+    return authentication(AUTH_SASL, b"".join(n.encode() + b"\0" for n in names) + b"\0")
+
+
+def auth_message_length(head: bytes) -> int:
+    """The body length of a client's authentication message from its
+    5-byte header: ProtocolError unless it is a 'p' of sane length."""
+    if head[:1] != b"p":
+        raise ProtocolError(f"expected a password message ('p'), got {head[:1]!r}")
+    (n,) = I32.unpack_from(head, 1)
+    if not 4 <= n <= 4 + MAX_AUTH_MESSAGE:
+        raise ProtocolError(f"invalid password message length {n} (4 to {4 + MAX_AUTH_MESSAGE})")
+    return n - 4
+
+
+def parse_sasl_initial(body: bytes) -> tuple[str, bytes]:
+    """(mechanism, its initial response) of a SASLInitialResponse."""
+    end = body.find(b"\0")
+    if end < 0 or len(body) < end + 5:
+        raise ProtocolError("malformed SASLInitialResponse")
+    try:
+        mechanism = body[:end].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("malformed SASLInitialResponse: mechanism is not UTF-8") from None
+    (n,) = I32.unpack_from(body, end + 1)
+    data = body[end + 5 :]
+    if n != len(data):
+        raise ProtocolError(f"SASLInitialResponse says {n} bytes of data, has {len(data)}")
+    return mechanism, data
 
 
 def take_endpoint(params: dict[str, str]) -> str | None:

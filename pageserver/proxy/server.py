@@ -7,12 +7,16 @@ The branch is named by its endpoint `DB.BRANCH`, given as
 `options=endpoint=DB.BRANCH` (libpq: `?options=endpoint%3DDB.BRANCH` in a
 URI), or, for clients that cannot pass options, as the database name
 (which then becomes `postgres`). An unknown endpoint gets an ErrorResponse
-at once. Otherwise the proxy wakes the branch (connections that arrive
-while it starts wait for the same start), sends the startup packet on to
-the compute without the endpoint, and relays bytes both ways. It reads the
-compute's BackendKeyData on the way, so that a CancelRequest, which comes
-on a new connection with only the key, reaches the compute that issued it.
-Authentication is the compute's own (SCRAM with the database's password).
+at once. Otherwise the proxy checks the client's password (SCRAM-SHA-256,
+against the verifiers of the branch's credentials: `pageserver.scram`;
+the proxy never sees a password), and only then wakes the branch
+(connections that arrive while it starts wait for the same start), sends
+the startup packet on to the compute's Unix socket without the endpoint,
+and relays bytes both ways. The compute trusts its socket, which only the
+page server and the front ends can reach, and listens on no TCP port: the
+proxy is a database's only door. The proxy reads the compute's
+BackendKeyData on the way, so that a CancelRequest, which comes on a new
+connection with only the key, reaches the compute that issued it.
 
 Nothing here blocks the event loop: routing and connection counts (calls
 to the control plane: RPCs to the page server process, or in this
@@ -31,7 +35,8 @@ proxy's total, or over its branch's share, is refused with SQLSTATE 53300
 (as PostgreSQL's own "too many clients"); the startup packet must come
 whole within `startup_timeout` (a slowloris holds a connection that long
 and no longer), SSLRequest and GSSENCRequest at most once each, lengths
-and protocol as PostgreSQL accepts them; the compute's authentication must
+and protocol as PostgreSQL accepts them; the password exchange must end
+within `startup_timeout` too; the compute's authentication must
 end (its first ReadyForQuery) within `auth_timeout`. While the proxy is
 full, a few connections at a time still have their startup read, so that
 a CancelRequest gets through. One thread wakes a branch however many of
@@ -48,8 +53,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,18 +73,25 @@ from pageserver.errors import (
     UnknownObjectError,
 )
 from pageserver.proxy.protocol import (
+    AUTH_SASL_CONTINUE,
+    AUTH_SASL_FINAL,
     CANCEL_REQUEST,
     I32,
     MAX_CANCEL_KEY,
     STARTUP_HEAD,
     Framer,
     ProtocolError,
+    auth_message_length,
+    authentication,
     error_response,
     parse_params,
+    parse_sasl_initial,
+    sasl_mechanisms,
     startup_kind,
     startup_packet,
     take_endpoint,
 )
+from pageserver.scram import MECHANISM, ScramError, ScramServer
 
 log = logging.getLogger("strata.proxy")
 
@@ -115,7 +129,7 @@ class ProxyLimits:
 
 class ProxyMetrics:
     REASONS = ("proxy_full", "branch_full", "startup_timeout", "auth_timeout", "protocol", "unknown_branch",
-               "unavailable", "compute_limit")
+               "unavailable", "compute_limit", "auth_failed")
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -337,6 +351,8 @@ class Proxy:
             self.metrics.refused.labels("unknown_branch").inc()
             await _refuse(writer, "3D000", f'strata proxy: no branch with endpoint "{endpoint}"')
             return
+        if not await self._authenticate(reader, writer, br, params.get("user", "")):
+            return
         limit = self.limits.branch_connections
         if len(self._sessions.get(br.id, ())) >= limit:  # (checked and counted below with no await between)
             self.metrics.refused.labels("branch_full").inc()
@@ -368,6 +384,35 @@ class Proxy:
             except ServiceNotRunningError:
                 pass  # the page server went: it forgets this front end's connections itself
 
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, br: BranchRecord,
+                            user: str) -> bool:
+        """Check the client's password against the branch's credentials
+        (SCRAM-SHA-256), within `startup_timeout`; False (the client told
+        why) if it fails."""
+        failed = f'password authentication failed for user "{user}"'
+        try:
+            async with asyncio.timeout(self.limits.startup_timeout):
+                scram = ScramServer(br.verifiers(time.time()))
+                writer.write(sasl_mechanisms(MECHANISM))
+                await writer.drain()
+                mechanism, first = parse_sasl_initial(await _auth_message(reader))
+                if mechanism != MECHANISM:
+                    raise ProtocolError(f"SASL mechanism {mechanism!r} is not offered (only {MECHANISM})")
+                writer.write(authentication(AUTH_SASL_CONTINUE, scram.first(first)))
+                await writer.drain()
+                final = scram.final(await _auth_message(reader))
+                writer.write(authentication(AUTH_SASL_FINAL, final))  # (the compute's AuthenticationOk follows)
+                return True
+        except TimeoutError:
+            self.metrics.refused.labels("startup_timeout").inc()
+            await _refuse(writer, "08P01", f"strata proxy: the password exchange did not end within "
+                          f"{self.limits.startup_timeout:g} s", reader=reader)
+        except ScramError as e:
+            self.metrics.refused.labels("auth_failed").inc()
+            why = failed if str(e) == "password authentication failed" else f"{failed}: {e}"
+            await _refuse(writer, "28P01", why, reader=reader)
+        return False
+
     def _forget_session(self, s: _Session) -> None:
         mine = self._sessions.get(s.branch_id)
         if mine is not None:
@@ -396,7 +441,7 @@ class Proxy:
         if s.ending is not None:
             return  # told the client why already
         try:
-            up_reader, up_writer = await asyncio.open_connection(host, port)
+            up_reader, up_writer = await _connect(host, port)
         except OSError as e:
             if s.ending is None:
                 await _refuse(writer, "08006", f"strata proxy: compute of {endpoint} is gone: {e}")
@@ -514,12 +559,26 @@ class Proxy:
         if target is None:
             return  # as PostgreSQL does: no answer either way
         try:
-            _, w = await asyncio.open_connection(*target)
+            _, w = await _connect(*target)
             w.write(STARTUP_HEAD.pack(8 + len(body), CANCEL_REQUEST) + body)
             await w.drain()
             w.close()
         except OSError:
             pass
+
+
+async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to a compute: `host` is its socket's directory (as
+    libpq takes it), or a TCP host."""
+    if host.startswith("/"):
+        return await asyncio.open_unix_connection(os.path.join(host, f".s.PGSQL.{port}"))
+    return await asyncio.open_connection(host, port)
+
+
+async def _auth_message(reader: asyncio.StreamReader) -> bytes:
+    """The body of the client's next password message ('p')."""
+    n = auth_message_length(await reader.readexactly(5))
+    return await reader.readexactly(n)
 
 
 async def _quiet(s: _Session, down: asyncio.Task[None], timeout: float) -> bool:
