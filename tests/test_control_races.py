@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import psycopg
 import pytest
@@ -399,3 +400,40 @@ def test_a_detach_does_not_hold_up_connections(env):
         assert finished(t, 10) and out.get("result") == [(7,)], out
     detacher.join(60)
     assert cp.branch("dt", "kid", sizes=False).parent is None
+
+
+def test_a_client_that_joins_a_wake_begun_before_a_delete_hears_why(env):
+    """Regression: a delete ended the branch's connections when it
+    committed, then stopped the compute once the wake in progress let go
+    of the branch lock. A client that had resolved the branch before the
+    commit, and joined that wake after it, got the compute's own
+    "terminating connection due to administrator command" instead of
+    being told the branch was deleted."""
+    cp = env.cp
+    cp.create_database("doomed")
+    uri = cp.create_branch("doomed", "b").uri
+    br = cp.resolve("doomed/b")
+
+    def connect() -> str:
+        try:
+            sql(uri, "select 1")
+        except psycopg.OperationalError as e:
+            return str(e)
+        return "served"
+
+    with Pause(cp.ps, "start_compute", before=True) as waking:
+        first, first_out = run(connect, "client-first")
+        waking.reached()  # a wake in progress holds the branch lock
+        with Pause(cp, "resolve", when=lambda address, *a, **kw: address == "doomed.b") as resolved:
+            late, late_out = run(connect, "client-late")
+            resolved.reached()  # it has the record, from before the delete
+            with Pause(cp, "_stop", thread="deleter", before=True) as stopping:
+                deleter, _ = run(lambda: cp.delete_branch("doomed", "b"), "deleter")
+                stopping.reached()  # committed; it goes for the branch lock next
+            with Pause(cp, "connection_opened", when=_id_is(br.id)) as opened:
+                resolved.release()
+                opened.reached()  # the late client is counted, and joins the wake
+            time.sleep(0.2)
+    assert finished(deleter, 60) and finished(first, 60) and finished(late, 60)
+    for out in (first_out, late_out):
+        assert "was deleted" in out["result"], out

@@ -469,6 +469,13 @@ class ControlPlane:
         password = new_password()
         return password, Credential(make_verifier(password, br.salt), now, now + ttl if ttl else None)
 
+    def _with_first_credential(self, br: BranchRecord, now: float) -> tuple[str, BranchRecord]:
+        """A new branch's record with its salt and first credential, and
+        that credential's password."""
+        br = replace(br, salt=new_salt())
+        password, cred = self._credential(br, now)
+        return password, replace(br, credentials=(cred,))
+
     @staticmethod
     def _with_credential(br: BranchRecord, cred: Credential, now: float) -> BranchRecord:
         """`br` with `cred` added (its expired ones dropped, and the
@@ -536,16 +543,14 @@ class ControlPlane:
             tl_id = warm.timeline_id if warm else self._new_timeline(TEMPLATE_ID, durable=False).id
             try:
                 db = DatabaseRecord(
-                    id=self.catalog.new_id(), name=name, created_at=now, expires_at=now + ttl_s if ttl_s else None, idle_timeout=idle_s,
-                    expire_after_idle=expire_s, last_used=now, token_sha256=sha256(token),
+                    id=self.catalog.new_id(), name=name, created_at=now, expires_at=now + ttl_s if ttl_s else None,
+                    idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now, token_sha256=sha256(token),
                 )
                 main = BranchRecord(
                     id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl_id, created_at=now,
                     expires_at=db.expires_at, idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now,
-                    salt=new_salt(),
                 )
-                password, cred = self._credential(main, now)
-                main = replace(main, credentials=(cred,))
+                password, main = self._with_first_credential(main, now)
 
                 def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
                     if name in snap.database_named:
@@ -624,8 +629,7 @@ class ControlPlane:
         if not self._commit_removal(check, gone):
             return False
         try:
-            self._end_sessions(gone, f"database {name} {why}")
-            self._stop_all(gone)
+            self._stop_all(gone, f"database {name} {why}")
             self._delete_timelines([b.timeline for b in gone])
         finally:
             for b in gone:
@@ -672,10 +676,9 @@ class ControlPlane:
                     parent=src.id, expires_at=now + ttl_s if ttl_s else None,
                     idle_timeout=idle_s if idle_s is not None else db.idle_timeout,
                     expire_after_idle=expire_s if expire_s is not None else db.expire_after_idle,
-                    protected=bool(protected), last_used=now, salt=new_salt(),
+                    protected=bool(protected), last_used=now,
                 )
-                password, cred = self._credential(br, now)
-                br = replace(br, credentials=(cred,))
+                password, br = self._with_first_credential(br, now)
 
                 def check(snap: Snapshot, db: DatabaseRecord = db, src: BranchRecord = src,
                           br: BranchRecord = br) -> tuple[Sequence[Record], Sequence[Record]]:
@@ -811,8 +814,7 @@ class ControlPlane:
             return False
         (br,) = gone
         try:
-            self._end_sessions(gone, f"branch {database}/{name} {why}")
-            self._stop_all(gone)
+            self._stop_all(gone, f"branch {database}/{name} {why}")
             self._delete_timelines([br.timeline])
         finally:
             self._release(br.timeline)
@@ -849,13 +851,16 @@ class ControlPlane:
             raise BadRequestError(f"branch {where} cannot be {action}: branches {sorted(kids)} were "
                                   "made from it (delete or detach them first)")
 
-    def _stop_all(self, gone: Sequence[BranchRecord]) -> None:
+    def _stop_all(self, gone: Sequence[BranchRecord], why: str) -> None:
         """Stop the computes of branches whose records are gone, each on its
-        own: one that fails is logged (the sweep stops it later) and the
-        others still stop."""
+        own, their connections told `why`: one that fails is logged (the
+        sweep stops it later) and the others still stop. (The connections
+        are ended under the branch lock, right before the stop: a client
+        that joined a wake begun before the removal has its session by
+        then, and hears why, not the compute's shutdown.)"""
         for b in gone:
             try:
-                self._stop(b)
+                self._stop(b, why)
             except Exception:  # noqa: BLE001 - the others must stop too
                 log.exception("stopping the compute of deleted branch %s (timeline %s); the sweep retries",
                               b.name, b.timeline)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import struct
 
+from pageserver.scram import MAX_MESSAGE as MAX_SCRAM_MESSAGE
+
 SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST, PROTOCOL_3 = 80877103, 80877104, 80877102, 196608
 MAX_STARTUP = 10_000  # PostgreSQL's own limit on a startup packet
 MAX_CANCEL_KEY = 256  # protocol 3.2's longest cancel key (3.0's is 4 bytes)
@@ -93,7 +95,7 @@ def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:
 
 
 AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 10, 11, 12
-MAX_AUTH_MESSAGE = 2048  # bytes of a client's SASL message (libpq's are about 100)
+MAX_AUTH_MESSAGE = MAX_SCRAM_MESSAGE + 64  # a SASL message's body: SCRAM's, and the mechanism's name before it
 
 
 def authentication(code: int, data: bytes = b"") -> bytes:
