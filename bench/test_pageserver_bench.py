@@ -11,7 +11,9 @@ same cluster on local disk, measured side by side in one run.
 pgbench reaches both clusters through their Unix sockets. 2 and 3 also run
 on the local copy through Strata's FUSE layer with the engine taken out
 (`bench/passthrough.py`): what FUSE and a Python server cost before any
-storage work, the ceiling for the branch's ratio.
+storage work, the ceiling for the branch's ratio; and on a branch with a
+storage cap it never reaches (`max_size`: its relation files bypass the
+kernel's cache, so that a write past the cap is refused as it is made).
 """
 
 from __future__ import annotations
@@ -156,6 +158,13 @@ def _tps_pair(benchmark, setup, args: list[str], name: str, target: float) -> No
         finally:
             ps.stop_compute(c.id)
             ps.store.delete_timeline(tl)
+        tl = ps.store.branch(base)
+        c = ps.start_compute(tl, max_size=1 << 40)
+        try:
+            results["capped"] = _pgbench_tps(_env_compute(c), *args)
+        finally:
+            ps.stop_compute(c.id)
+            ps.store.delete_timeline(tl)
         local.start()
         try:
             results["local"] = _pgbench_tps(_env_local(local), *args)
@@ -177,6 +186,8 @@ def _tps_pair(benchmark, setup, args: list[str], name: str, target: float) -> No
            results["passthrough"], "tps")
     report(name, "branch / local", ratio, "x", f">= {target}", ratio >= target)
     report(name, "FUSE layer without the engine / local (the ceiling)", results["passthrough"] / results["local"], "x")
+    report(name, "TPS on a branch with a storage cap (max_size)", results["capped"], "tps")
+    report(name, "capped branch / uncapped branch", results["capped"] / results["branch"], "x")
 
 
 def test_tpcb_on_a_branch_vs_local_disk(benchmark, setup):

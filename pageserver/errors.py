@@ -13,6 +13,7 @@
           +-- BadRequestError          a malformed or contradictory request (400)
           +-- ProtectedError           a protected branch cannot be deleted or reset (409)
           +-- ComputeLimitError        every compute slot is busy (503)
+          +-- RateLimitedError         a token made too much too fast (429, with retry_after)
           +-- ServiceNotRunningError   no service to talk to (client side)
 """
 
@@ -123,6 +124,16 @@ class ComputeLimitError(ControlPlaneError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"all {limit} compute slots are in use by branches with open connections")
         self.limit = limit
+
+
+class RateLimitedError(ControlPlaneError):
+    status = 429
+    retry_after: float = 1.0  # seconds until the next creation is allowed
+
+    def __init__(self, what: str, per_minute: int, retry_after: float) -> None:
+        super().__init__(f"{what} may make {per_minute} databases, branches or passwords a minute: "
+                         f"try again in {max(1, round(retry_after))} s")
+        self.retry_after = retry_after
 
 
 class ServiceNotRunningError(ControlPlaneError):

@@ -48,7 +48,17 @@ def root_available() -> str | None:
     return None if os.geteuid() == 0 else "needs root (to hand a file to another user)"
 
 
-PREREQUISITES = {"pg": pg_available, "fuse": fuse_available, "root": root_available}
+def memory_cgroup_available() -> str | None:
+    from pageserver.compute.cgroup import MemoryCgroups
+
+    if os.geteuid() != 0:
+        return "needs root (to make memory cgroups)"
+    cg = MemoryCgroups("strata-probe")
+    return None if cg.version else f"needs a memory cgroup: {cg.why_not}"
+
+
+PREREQUISITES = {"pg": pg_available, "fuse": fuse_available, "root": root_available,
+                 "memory-cgroup": memory_cgroup_available}
 requires_pg = pytest.mark.needs("pg")
 requires_root = pytest.mark.needs("root")
 requires_fuse = pytest.mark.needs("fuse")

@@ -27,7 +27,7 @@ from pageserver.pgdata.layout import DIRECTORY, PAGE, ROOT, SYMLINK
 
 from .conftest import SMALL
 
-NAMES = st.sampled_from(["a", "b", "c", "pg_wal", "16384", "x.tmp"])
+NAMES = st.sampled_from(["a", "b", "c", "pg_wal", "16384", "x.tmp", "base", "global"])
 OFFSETS = st.one_of(st.integers(0, 3 * PAGE), st.sampled_from([PAGE - 1, PAGE, 2 * PAGE + 5, 40 * PAGE]))
 DATA = st.one_of(
     st.binary(min_size=1, max_size=3 * PAGE),
@@ -76,6 +76,26 @@ class DataDirMachine(RuleBasedStateMachine):
         self.dd = DataDir(self.tl)
         self.local = tempfile.mkdtemp(prefix="dd-model-")
         self.points: list[tuple[int, dict[str, object]]] = []
+        self.cap: int | None = None  # the model's cap on the relation files (base/, global/)
+
+    def counted(self) -> int:
+        """What the cap counts, from the local tree: the files below a top-level base/ or global/."""
+        total = 0
+        for root in ("base", "global"):
+            top = os.path.join(self.local, root)
+            if os.path.isdir(top) and not os.path.islink(top):
+                for d, _, files in os.walk(top):
+                    total += sum(os.lstat(os.path.join(d, f)).st_size for f in files
+                                 if not os.path.islink(os.path.join(d, f)))
+        return total
+
+    def refused(self, path: str, new_size: int) -> bool:
+        """Would the cap refuse growing `path` to `new_size`?"""
+        top = path.split("/", 1)[0]
+        if self.cap is None or top not in ("base", "global") or "/" not in path:
+            return False
+        old = os.path.getsize(os.path.join(self.local, path))
+        return new_size > old and self.counted() + new_size - old > self.cap
 
     def teardown(self) -> None:
         shutil.rmtree(self.local, ignore_errors=True)
@@ -134,17 +154,27 @@ class DataDirMachine(RuleBasedStateMachine):
     @rule(data=st.data(), offset=OFFSETS, payload=DATA)
     def write(self, data, offset, payload) -> None:
         path = data.draw(st.sampled_from(self.entries("file")))
+        if self.refused(path, max(offset + len(payload), os.path.getsize(os.path.join(self.local, path)))):
+            with pytest.raises(OSError) as e:
+                self.dd.write(self.dd.resolve(path), offset, payload, enforce=True)
+            assert e.value.errno == errno.ENOSPC
+            return
         with open(os.path.join(self.local, path), "r+b") as f:
             f.seek(offset)
             f.write(payload)
-        assert self.dd.write(self.dd.resolve(path), offset, payload) == len(payload)
+        assert self.dd.write(self.dd.resolve(path), offset, payload, enforce=True) == len(payload)
 
     @precondition(lambda self: self.entries("file"))
     @rule(data=st.data(), size=OFFSETS)
     def truncate(self, data, size) -> None:
         path = data.draw(st.sampled_from(self.entries("file")))
+        if self.refused(path, size):
+            with pytest.raises(OSError) as e:
+                self.dd.truncate(self.dd.resolve(path), size, enforce=True)
+            assert e.value.errno == errno.ENOSPC
+            return
         os.truncate(os.path.join(self.local, path), size)
-        self.dd.truncate(self.dd.resolve(path), size)
+        self.dd.truncate(self.dd.resolve(path), size, enforce=True)
 
     @precondition(lambda self: self.entries("file"))
     @rule(data=st.data(), offset=OFFSETS, size=st.integers(0, 3 * PAGE))
@@ -214,6 +244,19 @@ class DataDirMachine(RuleBasedStateMachine):
     def remount(self) -> None:
         self.dd.fsync()
         self.dd = DataDir(self.tl)
+        if self.cap is not None:
+            self.dd.set_max_data(self.cap)  # (counted again from the tree)
+
+    @rule(room=st.integers(0, 4 * PAGE) | st.none())
+    def set_cap(self, room) -> None:
+        """Cap the relation files at what they hold now plus `room` (None: no cap)."""
+        self.cap = None if room is None else self.counted() + room
+        self.dd.set_max_data(self.cap)
+
+    @invariant()
+    def counted_alike(self) -> None:
+        if self.cap is not None:
+            assert self.dd.data_bytes == self.counted()
 
     @precondition(lambda self: self.entries("file"))
     @rule(data=st.data())
@@ -274,3 +317,81 @@ def test_zero_pages_are_holes_and_cost_nothing():
         assert dd.read(ino, 5 * PAGE, 3) == b"\0\0\0"
         store.flush()
         assert tl.usage().physical_size < 64 * 1024
+
+
+def test_the_cap_counts_relation_files_as_they_move_and_refuses_growth_past_it(tmp_path):
+    store = Store.open(str(tmp_path / "s"), config=SMALL, background=False)
+    try:
+        tl, dd = _fresh(store)
+        base = dd.mkdir(ROOT, b"base", 0o700, 0, 0)
+        db = dd.mkdir(base, b"5", 0o700, 0, 0)
+        wal = dd.mkdir(ROOT, b"pg_wal", 0o700, 0, 0)
+        rel = dd.create(db, b"16384", 0o600, 0, 0)
+        seg = dd.create(wal, b"000000010000000000000001", 0o600, 0, 0)
+        dd.write(rel, 0, b"r" * PAGE)
+        dd.set_max_data(3 * PAGE)
+        assert dd.data_bytes == PAGE
+        dd.write(seg, 0, b"w" * (10 * PAGE))  # WAL is not counted: never refused
+        dd.write(rel, PAGE, b"r" * (2 * PAGE), enforce=True)  # up to the cap exactly
+        with pytest.raises(OSError) as e:
+            dd.write(rel, 3 * PAGE, b"r", enforce=True)
+        assert e.value.errno == errno.ENOSPC
+        assert dd.inode(rel).size == 3 * PAGE  # nothing of the refused write
+        dd.write(rel, 0, b"x" * (3 * PAGE), enforce=True)  # rewriting in place is never refused
+        dd.write(rel, 3 * PAGE, b"k" * PAGE)  # (from the kernel's cache: counted, never refused)
+        assert dd.data_bytes == 4 * PAGE
+        dd.truncate(rel, 3 * PAGE)
+        dd.rename(wal, b"000000010000000000000001", db, b"moved")  # into base/: counted
+        assert dd.data_bytes == 13 * PAGE
+        with pytest.raises(OSError):
+            dd.truncate(rel, 3 * PAGE + 1, enforce=True)
+        dd.rename(db, b"moved", wal, b"back")  # out again
+        assert dd.data_bytes == 3 * PAGE
+        dd.opened(rel)
+        dd.unlink(db, b"16384")  # gone from the tree, though still open
+        assert dd.data_bytes == 0
+        dd.released(rel)
+        other = dd.create(db, b"16390", 0o600, 0, 0)
+        dd.write(other, 0, b"o" * (3 * PAGE))
+        dd.set_max_data(2 * PAGE)  # below what it holds: it may only shrink
+        with pytest.raises(OSError):
+            dd.write(other, 3 * PAGE, b"o", enforce=True)
+        dd.truncate(other, PAGE)
+        dd.write(other, PAGE, b"o" * PAGE, enforce=True)
+        dd.set_max_data(None)
+        dd.write(other, 0, b"o" * (100 * PAGE), enforce=True)
+        dd.fsync()
+        again = DataDir(tl)
+        assert again.data_bytes == 100 * PAGE  # counted from the tree
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("barrier", ["durable write", "fsync of another file", "directory sync", "truncate"])
+def test_a_sync_makes_every_write_before_it_durable(barrier):
+    """A capped branch's relation files are written without a sync each
+    (their fsync never reaches us): any later sync of the branch must take
+    them with it, or a checkpoint could outlive the pages it flushed."""
+    fs = FaultFileSystem(seed=1)
+    store = Store.open("/s", fs=fs, config=SMALL, background=False)
+    tl, dd = _fresh(store)
+    rel = dd.create(ROOT, b"rel", 0o600, 0, 0)
+    wal = dd.create(ROOT, b"wal", 0o600, 0, 0)
+    dd.fsync()
+    dd.write(rel, 0, b"r" * (2 * PAGE), enforce=True)  # pending
+    if barrier == "durable write":
+        dd.write(wal, 0, b"w" * 100, durable=True)
+    elif barrier == "fsync of another file":
+        dd.write(wal, 0, b"w" * 100)
+        dd.fsync(wal)
+    elif barrier == "directory sync":
+        dd.sync_tree()
+    else:
+        dd.truncate(wal, 10, durable=True)
+    fs.crash()
+    store = Store.open("/s", fs=fs, config=SMALL, background=False)
+    try:
+        again = DataDir(store.timeline(tl.id))
+        assert again.read(again.resolve("rel"), 0, 3 * PAGE) == b"r" * (2 * PAGE)
+    finally:
+        store.close()

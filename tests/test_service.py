@@ -31,7 +31,7 @@ BRANCH_CONNECTIONS = 5  # (given to `strata up`)
 def up(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("svc"))
     try:
-        state = strata(home, "up", "--branch-connections", str(BRANCH_CONNECTIONS))
+        state = strata(home, "up", "--branch-connections", str(BRANCH_CONNECTIONS), "--memory", "900MB")
         yield home, state
     finally:
         try:
@@ -280,6 +280,12 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(up):
         ("DELETE", "/databases/strict/branches/kid", None, 400, "grandkid"),
         ("DELETE", "/databases/strict/branches/main", None, 400, "root branch"),
         ("POST", "/databases/strict/branches/kid/restore", {}, 400, "an LSN or a time"),
+        ("POST", "/databases", {"name": "big", "max_size": "lots"}, 400, "invalid max_size 'lots'"),
+        ("POST", "/databases", {"name": "big", "branch_connections": 1000}, 400, "invalid branch_connections"),
+        ("POST", "/databases", {"name": "big", "memory": "100MB", "shared_buffers": "90MB"}, 400, "memory"),
+        ("PATCH", "/databases/strict", {"work_mem": "1"}, 400, "invalid work_mem"),
+        ("PATCH", "/databases/strict", {"swap": "1GB"}, 400, "invalid request"),
+        ("PATCH", "/databases/nope", {"memory": "1GB"}, 404, "nope"),
     ]
     for method, path, body, status, words in cases:
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
@@ -305,6 +311,31 @@ def test_metrics_in_prometheus_format(up):
         assert f"\n{name}" in text or text.startswith(name), name
     wakes = [line for line in text.splitlines() if line.startswith("strata_wake_seconds_count")]
     assert float(wakes[0].split()[1]) >= 1
+    db.delete()
+
+
+def test_limits_through_the_cli_the_api_and_the_sdk(up):
+    home, state = up
+    made = strata(home, "db", "create", "lim", "--max-size", "40MB", "--branch-connections", "3")
+    assert made["limits"]["max_size"] == 40 << 20 and made["limits"]["branch_connections"] == 3
+    assert made["limits"]["memory"] == 900 << 20  # `strata up --memory`: the default
+    assert strata(home, "db", "limit", "lim", "--max-size", "64MB")["limits"]["max_size"] == 64 << 20
+    assert strata(home, "db", "limit", "lim")["limits"]["max_size"] == 64 << 20
+    branch = strata(home, "status", "lim/main")
+    assert branch["limits"]["max_size"] == 64 << 20
+    client = Strata(home)
+    db = client.create_database("lim2", shared_buffers="32MB", work_mem="2MB")
+    assert db.sql("show shared_buffers") == [("32MB",)] and db.sql("show work_mem") == [("2MB",)]
+    assert db.set_limits(max_size="1GB")["max_size"] == 1 << 30
+    assert db.limits["shared_buffers"] == 32 << 20
+    status = strata(home, "status")
+    assert status["limits"]["defaults"]["memory"] == "900 MB", status
+    assert status["limits"]["defaults"]["max_size"] == "none"
+    assert status["limits"]["memory_limits"].startswith("cgroup v"), status  # (CI runs where it can)
+    assert set(status["limits"]["hits"]) == {"storage", "rate", "memory"}
+    text = _api(state).get(state["api"] + "/metrics").text
+    assert 'strata_limit_hits_total{limit="storage"}' in text
+    strata(home, "db", "delete", "lim")
     db.delete()
 
 

@@ -83,6 +83,32 @@ def cli(ctx: click.Context, home: str | None) -> None:
 # --- the service -------------------------------------------------------------------
 
 
+LIMITS = (  # (option, what it limits): sizes take 512MB, 1GB, ...; 0 or none lifts a limit
+    ("max-size", "Bytes of relation data per branch; a write past it fails with ENOSPC."),
+    ("shared-buffers", "A compute's shared_buffers."),
+    ("work-mem", "A compute's work_mem (the default a session starts with)."),
+    ("memory", "A compute's memory, all its processes (a cgroup, where the system has one)."),
+    ("creations-per-minute", "Databases, branches and passwords a token may make a minute."),
+)
+
+
+def limit_options(*, branch_connections: bool) -> Callable[[Callable[..., Any]], Any]:
+    """The options that set limits (`pageserver.control.limits`): on `up`, the defaults."""
+    def wrap(fn: Callable[..., Any]) -> Any:
+        for name, text in reversed(LIMITS):
+            fn = click.option(f"--{name}", name.replace("-", "_"), help=text)(fn)
+        if branch_connections:
+            fn = click.option("--branch-connections", type=click.IntRange(min=1),
+                              help="Client connections per branch, at the proxy.")(fn)
+        return fn
+    return wrap
+
+
+def _limits(values: dict[str, Any]) -> dict[str, Any]:
+    names = {n.replace("-", "_") for n, _ in LIMITS} | {"branch_connections"}
+    return {k: values.pop(k) for k in list(values) if k in names and values[k] is not None}
+
+
 @command(cli, "up")
 @click.option("--api-port", type=int, help="First start only: the API's port (default: a free one).")
 @click.option("--proxy-port", type=int, help="First start only: the proxy's port (default: a free one).")
@@ -93,13 +119,15 @@ def cli(ctx: click.Context, home: str | None) -> None:
               help="Client connections the proxy takes at once, all branches (4096).")
 @click.option("--branch-connections", type=click.IntRange(min=1),
               help="Client connections per branch, at the proxy (97).")
+@limit_options(branch_connections=False)
 def up(ctx: click.Context, as_json: bool, api_port: int | None, proxy_port: int | None,
        max_computes: int | None, idle_timeout: float | None, warm_pool: int | None,
-       max_connections: int | None, branch_connections: int | None) -> None:
-    """Start the service in the background (if it is not running)."""
+       max_connections: int | None, branch_connections: int | None, **limits: str | None) -> None:
+    """Start the service in the background (if it is not running). The
+    limit options set the defaults of databases that do not choose their own."""
     state = service.start(_home(ctx), api_port=api_port, proxy_port=proxy_port, max_computes=max_computes,
                           idle_timeout=idle_timeout, warm_pool=warm_pool, max_connections=max_connections,
-                          branch_connections=branch_connections)
+                          branch_connections=branch_connections, limits=_limits(limits) or None)
     out = {k: state[k] for k in ("api", "proxy", "token_file", "pid", "home")}
     _emit(as_json, out, f"Strata is up: API {out['api']}, proxy {out['proxy']} (pid {out['pid']}); "
                         f"token in {out['token_file']}")
@@ -133,15 +161,23 @@ def status(ctx: click.Context, as_json: bool, address: str | None) -> None:
         else:
             text = (f"{info['databases']} databases, {info['branches']} branches, "
                     f"{len(info['running'])} running (at most {info['max_computes']})")
-        limits = state.get("limits", {})
+        limits = dict(state.get("limits", {}))  # the proxy's
         if limits:
-            lines.append("limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+            lines.append("proxy limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+        ours = info.get("limits")
+        if isinstance(ours, dict):  # the databases' defaults, how memory is limited, what was refused
+            limits.update(ours)
+            lines.append("database limits (defaults): " + ", ".join(f"{k} {v}" for k, v in ours["defaults"].items()))
+            lines.append(f"memory limits: {ours['memory_limits']}")
+            lines.append("limit hits: " + ", ".join(f"{k} {v}" for k, v in ours["hits"].items()))
         _emit(as_json, {**info, "processes": processes, "limits": limits}, "\n".join([text, *lines]))
         return
     db, name = _split(address)
     info = c.branch(f"{db}/{name}").info
+    size = f", {info['data_size']} bytes of relation data" if info.get("data_size") is not None else ""
+    shown = ", ".join(f"{k} {_size(k, v)}" for k, v in info.get("limits", {}).items())
     _emit(as_json, info, f"{db}/{name}: {info['state']}, LSN {info['lsn']}, "
-                         f"{info['connections']} connections\n{info['uri']}")
+                         f"{info['connections']} connections{size}\nlimits: {shown}\n{info['uri']}")
 
 
 # --- databases -----------------------------------------------------------------------
@@ -156,12 +192,39 @@ def db() -> None:
 @click.option("--ttl", help="Delete after this long (seconds, or 90s, 15m, 1h, 2d).")
 @click.option("--idle-timeout", help="Suspend its branches after this long without connections.")
 @click.option("--expire-after-idle", help="Delete it when unused this long.")
+@limit_options(branch_connections=True)
 def db_create(ctx: click.Context, as_json: bool, name: str | None, ttl: str | None,
-              idle_timeout: str | None, expire_after_idle: str | None) -> None:
-    """Create a database (a branch of the template: no initdb)."""
+              idle_timeout: str | None, expire_after_idle: str | None, **limits: Any) -> None:
+    """Create a database (a branch of the template: no initdb). The limit
+    options override the service's defaults for it."""
     d = _client(ctx).create_database(name, ttl=ttl, idle_timeout=idle_timeout,
-                                     expire_after_idle=expire_after_idle)
-    _emit(as_json, {"name": d.database, "branch": "main", "uri": d.uri, "token": d.token}, d.uri)
+                                     expire_after_idle=expire_after_idle, **_limits(limits))
+    _emit(as_json, {"name": d.database, "branch": "main", "uri": d.uri, "token": d.token,
+                    "limits": d.info.get("limits")}, d.uri)
+
+
+@command(db, "limit")
+@click.argument("name")
+@limit_options(branch_connections=True)
+def db_limit(ctx: click.Context, as_json: bool, name: str, **limits: Any) -> None:
+    """Show a database's limits, or change them (a raised cap reaches its running computes at once)."""
+    client = _client(ctx)
+    given = _limits(limits)
+    if given:
+        now = client.call("PATCH", f"/databases/{name}", given)["limits"]
+    else:
+        now = client.database(name).info["limits"]
+    _emit(as_json, {"name": name, "limits": now}, "\n".join(f"{k}: {_size(k, v)}" for k, v in now.items()))
+
+
+def _size(name: str, v: int) -> str:
+    if v == 0:
+        return "none"
+    if name in ("max_size", "shared_buffers", "work_mem", "memory"):
+        for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+            if v >= size and v % size == 0:
+                return f"{v // size} {unit}"
+    return str(v)
 
 
 @command(db, "list")

@@ -104,9 +104,12 @@ class Strata:
 
     def create_database(self, name: str | None = None, *, ttl: float | str | None = None,
                         idle_timeout: float | str | None = None,
-                        expire_after_idle: float | str | None = None) -> Database:
+                        expire_after_idle: float | str | None = None, **limits: int | str) -> Database:
+        """`limits` (max_size="1GB", branch_connections=10, shared_buffers, work_mem,
+        memory, creations_per_minute) override the service's defaults for
+        this database (`pageserver.control.limits`)."""
         info = self.call("POST", "/databases", {"name": name, "ttl": ttl, "idle_timeout": idle_timeout,
-                                                "expire_after_idle": expire_after_idle})
+                                                "expire_after_idle": expire_after_idle, **limits})
         return Database(self, info["name"], info["uri"], info)
 
     def database(self, name: str) -> Database:
@@ -226,6 +229,15 @@ class Database(Branch):
 
     def branch(self, name: str, **kwargs: Any) -> Branch:
         return self.create_branch(name, **kwargs)
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """What it may take (its own, with the service's defaults filled in; 0: none)."""
+        return dict(self.client.call("GET", f"/databases/{self.database}")["limits"])
+
+    def set_limits(self, **limits: int | str) -> dict[str, int]:
+        """Change its limits (operator token): a raised cap reaches its running computes at once."""
+        return dict(self.client.call("PATCH", f"/databases/{self.database}", limits)["limits"])
 
     def branches(self) -> list[Branch]:
         return [Branch(self.client, self.database, b["name"], b["uri"], b)

@@ -39,6 +39,7 @@ import threading
 import time
 
 from engine import NotFoundError, Store, StoreConfig, Timeline
+from pageserver.compute.cgroup import Cgroup, MemoryCgroups
 from pageserver.compute.postgres import Compute, free_port, pg_bindir, reap_stale, run_as
 from pageserver.errors import BranchBusyError, ComputeError, ComputeNotFoundError, UnsafeDirectoryError
 from pageserver.fuse.filesystem import Mount, unmount
@@ -120,6 +121,11 @@ class Node:
         self._computes: dict[str, Compute] = {}
         self._by_timeline: dict[str, str] = {}  # timeline id -> its read-write compute
         self._readonly: dict[str, str] = {}  # read-only mount path -> attachment
+        self._hits_mu = threading.Lock()
+        self.storage_refusals = 0  # writes a branch's cap refused (under _hits_mu)
+        self._ooms_before = 0  # OOM kills in the groups of computes since stopped (under _hits_mu)
+        self.cgroups = MemoryCgroups("strata-" + os.path.basename(self.run_dir))  # one group per compute
+        self._cgroups: dict[str, Cgroup] = {}  # compute id -> its group (under _mu)
         self.store: Store = None  # type: ignore[assignment]
         self.mount: Mount = None  # type: ignore[assignment]
 
@@ -132,6 +138,8 @@ class Node:
         try:
             private_dir(self.run_dir, RUN_MODE)
             reaped = reap_stale(self.computes_dir)
+            if os.geteuid() == 0:
+                self.cgroups.reap()  # the empty groups the killed computes left
             if unmount(self.mountpoint):
                 log.warning("unmounted a stale mount at %s", self.mountpoint)
             shutil.rmtree(os.path.join(self.run_dir, "readonly"), ignore_errors=True)
@@ -257,10 +265,13 @@ class Node:
     def start_compute(
         self, timeline: Timeline | str, *, lsn: int | None = None,
         settings: dict[str, str] | None = None, timeout: float = 120.0,
+        max_size: int | None = None, memory: int | None = None,
     ) -> Compute:
         """Start postgres on a timeline (read-write at its head), or, with
         `lsn`, a read-only compute showing the timeline as of that LSN (on a
-        throwaway branch, since recovery must write)."""
+        throwaway branch, since recovery must write). `max_size` caps its
+        relation files' bytes (`DataDir.set_max_data`); `memory`, all its
+        processes' memory (a cgroup, where the system allows one)."""
         tid = timeline if isinstance(timeline, str) else timeline.id
         tl = self.store.timeline(tid)  # NotFoundError for an unknown timeline
         read_only = lsn is not None
@@ -271,6 +282,9 @@ class Node:
             if read_only:
                 tl = self.store.branch(tl, at_lsn=lsn, durable=False)
             dd = DataDir(tl)
+            dd.on_full = self._refused
+            if max_size and not read_only:
+                dd.set_max_data(max_size)
             cid = os.urandom(6).hex()
             rundir = os.path.join(self.computes_dir, cid)
             private_dir(rundir, RUN_MODE)  # the page server's; postgres owns only its socket and local files
@@ -280,13 +294,16 @@ class Node:
                 on_exit=self._exited, bindir=bindir,
             )
             _, uid, gid = run_as()
+            cg = self.cgroups.create(cid, memory) if memory and not read_only else None
+            if cg is not None:
+                self._cgroups[cid] = cg
             self.mount.ops.attach(cid, dd, c.local_root, uid, gid)
             self._computes[cid] = c
             if not read_only:
                 self._by_timeline[tid] = cid
         extra = [x for k, v in (settings or {}).items() for x in ("-c", f"{k}={v}")]
         try:
-            c.start(extra, timeout=timeout, socket_group=self.socket_group)
+            c.start(extra, timeout=timeout, socket_group=self.socket_group, cgroup=self._cgroups.get(cid))
         except BaseException:
             c.stopping = True
             c.kill()
@@ -295,6 +312,48 @@ class Node:
         log.info("compute %s started on timeline %s%s on port %d in %.0f ms",
                  cid, tl.id, f" (read-only at LSN {lsn})" if read_only else "", c.port, c.start_seconds * 1e3)
         return c
+
+    def _refused(self) -> None:
+        with self._hits_mu:
+            self.storage_refusals += 1
+
+    def set_max_size(self, compute_id: str, max_size: int | None) -> None:
+        """Change a running compute's cap. Its relation files opened from
+        now on are checked as they are written; those already open keep
+        going through the kernel's cache until the compute restarts (counted,
+        not refused), when they had no cap."""
+        att = self.mount.ops.attachment(compute_id)
+        if att is None:
+            raise ComputeNotFoundError(compute_id)
+        att.datadir.set_max_data(max_size or None)
+
+    def set_memory(self, compute_id: str, memory: int | None) -> None:
+        """Change a running compute's memory limit (if it has a group: one
+        started with no limit, or where the system has none, stays so)."""
+        with self._mu:
+            cg = self._cgroups.get(compute_id)
+        if cg is not None and memory:
+            cg.set_limit(memory)
+
+    def memory_limits(self) -> str:
+        """How computes' memory is limited here, for people."""
+        if self.cgroups.version is None:
+            return f"not enforced: {self.cgroups.why_not}"
+        return f"cgroup {self.cgroups.version}"
+
+    def oom_kills(self) -> int:
+        """OOM kills in computes' groups since this page server opened."""
+        with self._mu:
+            live = list(self._cgroups.values())
+        with self._hits_mu:
+            return self._ooms_before + sum(cg.oom_kills() for cg in live)
+
+    def data_size(self, timeline_id: str) -> int | None:
+        """The bytes of relation files of the timeline's running compute, or None."""
+        with self._mu:
+            cid = self._by_timeline.get(timeline_id)
+        att = self.mount.ops.attachment(cid) if cid else None
+        return att.datadir.data_bytes if att is not None else None
 
     def stop_compute(self, compute_id: str) -> None:
         """Fast shutdown, unmount its data directory, and make every write durable."""
@@ -315,6 +374,12 @@ class Node:
             if self._by_timeline.get(c.timeline_id) == c.id:
                 del self._by_timeline[c.timeline_id]
         att = self.mount.ops.detach(c.id)
+        with self._mu:
+            cg = self._cgroups.pop(c.id, None)
+        if cg is not None:
+            with self._hits_mu:
+                self._ooms_before += cg.oom_kills()
+            cg.remove()
         if c.read_only:
             try:
                 self.store.delete_timeline(c.timeline_id)  # its throwaway branch

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from pageserver.compute.cgroup import Cgroup
 from pageserver.errors import ComputeError, PostgresVersionError
 
 log = logging.getLogger("strata.compute")
@@ -194,11 +195,15 @@ class Compute:
 
     # --- lifecycle ---------------------------------------------------------------
 
-    def start(self, extra: list[str], timeout: float = 120.0, *, socket_group: int | None = None) -> None:
+    def start(self, extra: list[str], timeout: float = 120.0, *, socket_group: int | None = None,
+              cgroup: Cgroup | None = None) -> None:
         """Start postgres, listening on its Unix socket only. Its socket's
         directory is postgres's, entered also by `socket_group` (the front
         ends') when given: the socket itself is open to whoever gets that
-        far (PostgreSQL cannot give it a group postgres is not in)."""
+        far (PostgreSQL cannot give it a group postgres is not in). Its
+        processes go in `cgroup`: the postmaster as soon as it runs (its
+        children are born in it), then any it forked before (found by their
+        working directory, the data directory)."""
         user, uid, gid = run_as()
         os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
         os.chown(self.socket_dir, uid, socket_group if socket_group is not None else gid)
@@ -223,6 +228,8 @@ class Compute:
         finally:
             logf.close()
         self.process_start = process_start(self.process.pid)
+        if cgroup is not None:
+            cgroup.add(self.process.pid)
         self.write_state()
         self.started_at = time.time()
         pidfile = os.path.join(self.local_root, "postmaster.pid")
@@ -237,6 +244,11 @@ class Compute:
                 self.kill()
                 raise ComputeError(self.id, f"postgres not ready after {timeout:.0f} s", self.log_tail())
             time.sleep(0.002)
+        if cgroup is not None:
+            prefix = self.pgdata.rstrip("/")
+            for entry in os.listdir("/proc"):
+                if entry.isdigit() and _works_in(int(entry), prefix):
+                    cgroup.add(int(entry))
         self.start_seconds = time.monotonic() - t0
         self._watch = threading.Thread(target=self._watcher, name=f"compute-{self.id}", daemon=True)
         self._watch.start()

@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-computes", type=int)
     p.add_argument("--idle-timeout", type=float)
     p.add_argument("--warm-pool", type=int, default=0)
+    p.add_argument("--limits", type=json.loads, default=None,
+                   help='default limits of databases, as JSON: {"max_size": "1GB", ...}')
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it goes")
     args = p.parse_args(argv)
     os.umask(0o077)  # what this process makes is private from its first byte
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     control = ControlPlane(os.path.abspath(args.home), proxy_port=args.proxy_port, max_computes=args.max_computes,
                            socket_group=args.socket_group,
                            default_idle_timeout=args.idle_timeout or DEFAULT_IDLE_TIMEOUT,
-                           warm_pool=args.warm_pool)
+                           warm_pool=args.warm_pool, limits=args.limits)
     open_waiting(control)
     try:
         rpc = RpcServer(control, args.socket, trusted_uids=set(args.trust_uid), group=args.socket_group)

@@ -26,6 +26,11 @@ password in plaintext (`password`); the control plane turns that into a
 credential of each of its branches, and rewrites the record without it,
 when it opens the catalog (`legacy_passwords`).
 
+Both kinds of record hold the limits their database chose (`limits`, an
+object of `pageserver.control.limits.Limits`; a record without one chose
+none): the database's, and a copy in each of its branches, rewritten
+together.
+
 Object ids are never reused. A record names its objects by id (a branch's
 database and parent), so renaming nothing ever rewrites more than one
 record. Timelines are created before the record that points at them and
@@ -60,6 +65,7 @@ from immutables import Map
 
 from engine import CorruptionError, Store, Timeline
 from engine.checksums import xxh64
+from pageserver.control.limits import Limits
 
 CATALOG_ID = "7374726174612d636174616c6f670000"  # "strata-catalog" in hex
 MAGIC = b"STCR"
@@ -116,6 +122,16 @@ class DatabaseRecord:
     expire_after_idle: float | None = None
     last_used: float = 0.0
     token_sha256: str | None = None  # of the API token scoped to this database
+    limits: Limits = field(default_factory=Limits)  # those it chose (the rest: the service's defaults)
+
+    def __post_init__(self) -> None:
+        _limits_from_json(self)
+
+
+def _limits_from_json(rec: Any) -> None:
+    if isinstance(rec.limits, dict):  # (from JSON, or across the RPC)
+        names = {f.name for f in fields(Limits)}
+        object.__setattr__(rec, "limits", Limits(**{k: v for k, v in rec.limits.items() if k in names}))
 
 
 @dataclass(frozen=True)
@@ -134,8 +150,10 @@ class BranchRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     salt: str = ""  # of its credentials' verifiers (one exchange checks a proof against all of them)
     credentials: tuple[Credential, ...] = ()
+    limits: Limits = field(default_factory=Limits)  # its database's (copied: the proxy reads them here)
 
     def __post_init__(self) -> None:  # (from JSON, or across the RPC: dicts and lists)
+        _limits_from_json(self)
         creds = tuple(c if isinstance(c, Credential) else Credential(**c) for c in self.credentials)
         object.__setattr__(self, "credentials", creds)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.check import CheckReport
@@ -95,6 +95,8 @@ class BranchInfo:
     logical_size: int | None = None
     exclusive_size: int | None = None
     password: str | None = None  # only in the answer that made it (then also in `uri`)
+    limits: dict[str, int] = field(default_factory=dict)  # its database's, defaults filled in
+    data_size: int | None = None  # bytes of relation files, which max_size caps (when running)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +113,7 @@ class DatabaseInfo:
     expire_after_idle: float | None
     last_used: str | None
     branches: list[str]
+    limits: dict[str, int] = field(default_factory=dict)  # defaults filled in (0: none)
     token: str | None = None  # the database-scoped API token: only in the creation's answer
     password: str | None = None  # of its main branch: only in the creation's answer (then also in `uri`)
 

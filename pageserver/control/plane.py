@@ -31,6 +31,7 @@ Concurrency model
       made or torn down: held
       from before they exist)
     _warm (the pool)            _warm_mu          wakes, creates, the pool
+    _buckets (API rate limits)  _rate_mu          creations: a few arithmetic steps
     a branch's compute          its branch lock   wake, suspend, reset, restore,
       (start, stop, timeline)                     detach, delete, expiry
 
@@ -66,7 +67,12 @@ Concurrency model
   restarts.
 
 Lock order (outer first): a branch lock, catalog._mu, then the leaf locks
-(_busy_mu, _use_mu, _slots_mu, _warm_mu, the page server's).
+(_busy_mu, _use_mu, _slots_mu, _warm_mu, _rate_mu, the page server's).
+
+Limits (`pageserver.control.limits`): a database keeps those it chose; a
+branch record carries a copy of its database's (the proxy reads a
+branch's connection limit there), rewritten with them by
+`update_database`; the rest are the service's `default_limits`.
 """
 
 from __future__ import annotations
@@ -104,6 +110,7 @@ from pageserver.control.catalog import (
     Record,
     Snapshot,
 )
+from pageserver.control.limits import DEFAULTS, Limits, limits_of, shown
 from pageserver.control.metrics import Metrics
 from pageserver.control.objects import (
     BranchInfo,
@@ -122,6 +129,7 @@ from pageserver.errors import (
     ControlPlaneError,
     ObjectExistsError,
     ProtectedError,
+    RateLimitedError,
     UnknownObjectError,
 )
 from pageserver.scram import make_verifier, new_password, new_salt
@@ -176,8 +184,12 @@ class ControlPlane:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         socket_group: int | None = None,
+        limits: Limits | dict[str, Any] | None = None,
     ) -> None:
         self.home = os.path.abspath(home)
+        self.default_limits = limits_of(limits).over(DEFAULTS).check()  # what a database gets unless it chooses
+        self._rate_mu = threading.Lock()
+        self._buckets: dict[str, tuple[float, float, int]] = {}  # caller -> (tokens, when, a minute's) (_rate_mu)
         self.advertise_host = advertise_host
         self.proxy_port = proxy_port
         self.max_computes = max_computes or default_max_computes()
@@ -211,7 +223,9 @@ class ControlPlane:
             databases=lambda: len(self.catalog.snapshot.databases) if self.catalog else 0,
             branches=lambda: len(self.catalog.snapshot.branches) if self.catalog else 0,
             running=lambda: len(self._running()) if self.catalog else 0,
+            hits=self.limit_hits,
         )
+        self._rate_hits = 0  # (under _rate_mu)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -483,13 +497,14 @@ class ControlPlane:
         live = [c for c in br.credentials if c.expires_at is None or c.expires_at > now]
         return replace(br, credentials=(*live, cred)[-MAX_CREDENTIALS:])
 
-    def uri(self, address: str | BranchRecord, *, ttl: float | str | None = None) -> str:
+    def uri(self, address: str | BranchRecord, *, ttl: float | str | None = None, caller: str | None = None) -> str:
         """A URI of the branch with a new password of its own (valid for
         `ttl`, or as long as the branch; shown here only: the catalog keeps
         its verifier). A branch holds MAX_CREDENTIALS at most: a new one
         past that retires the oldest."""
         ttl_s = parse_duration(ttl, "ttl")
         br = address if isinstance(address, BranchRecord) else self.resolve(address)
+        self._spend(caller)
         now = self._clock()
         password, cred = self._credential(br, now, ttl_s)
 
@@ -522,11 +537,14 @@ class ControlPlane:
     def create_database(
         self, name: str | None = None, *, ttl: float | str | None = None,
         idle_timeout: float | str | None = None, expire_after_idle: float | str | None = None,
+        limits: Limits | dict[str, Any] | None = None, caller: str | None = None,
     ) -> DatabaseInfo:
         """A new database (a branch of the template: O(1), no initdb) with a
         root branch `main`, suspended until its first connection (or served
         at once by a compute of the warm pool). Its `token` (returned here
-        only) manages this database's branches and nothing else."""
+        only) manages this database's branches and nothing else. `limits`
+        are those it chooses (the rest are the service's defaults);
+        `caller` (the API's: whose token) is rate-limited."""
         t0 = time.monotonic()
         if name is None:
             name = f"db-{secrets.token_hex(4)}"
@@ -534,21 +552,27 @@ class ControlPlane:
         ttl_s = parse_duration(ttl, "ttl")
         idle_s = parse_duration(idle_timeout, "idle timeout")
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
+        chosen = limits_of(limits)
+        chosen.over(self.default_limits).check()  # (together with the defaults)
         now = self._clock()
+        self._spend(caller)
         with self._reserve(("database", name)):
             if name in self.catalog.snapshot.database_named:
                 raise ObjectExistsError("database", name)
             token = secrets.token_urlsafe(24)
-            warm = self._claim_warm()  # held for us (see _claim_warm)
+            # a warm compute runs with the defaults: a database that chose other settings starts its own
+            warm = self._claim_warm() if self._runs_as_defaults(chosen) else None  # held for us
             tl_id = warm.timeline_id if warm else self._new_timeline(TEMPLATE_ID, durable=False).id
             try:
                 db = DatabaseRecord(
                     id=self.catalog.new_id(), name=name, created_at=now, expires_at=now + ttl_s if ttl_s else None,
                     idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now, token_sha256=sha256(token),
+                    limits=chosen,
                 )
                 main = BranchRecord(
                     id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl_id, created_at=now,
                     expires_at=db.expires_at, idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now,
+                    limits=chosen,
                 )
                 password, main = self._with_first_credential(main, now)
 
@@ -567,6 +591,7 @@ class ControlPlane:
             finally:
                 self._release(tl_id)
             if warm is not None:
+                self._limit_running(warm, self._limits(main))
                 self._touch(main.id, now)
         self.metrics.create.observe(time.monotonic() - t0)
         log.info("database %s created (timeline %s%s)", name, tl_id, ", warm compute" if warm else "")
@@ -586,7 +611,7 @@ class ControlPlane:
             expires_at=iso(db.expires_at), idle_timeout=db.idle_timeout or self.default_idle_timeout,
             expire_after_idle=db.expire_after_idle,
             last_used=iso(max([db.last_used] + [self._last_used(b) for b in branches])),
-            branches=[b.name for b in branches],
+            branches=[b.name for b in branches], limits=self._limits(db).given(),
         )
 
     def databases(self) -> list[DatabaseInfo]:
@@ -643,10 +668,11 @@ class ControlPlane:
         self, database: str, name: str, *, parent: str = MAIN, lsn: int | None = None,
         time: str | float | dt.datetime | None = None, ttl: float | str | None = None,
         idle_timeout: float | str | None = None, expire_after_idle: float | str | None = None,
-        protected: bool = False,
+        protected: bool = False, caller: str | None = None,
     ) -> BranchInfo:
-        """A branch of `parent` (same database) at its head, at `lsn`, or as
-        of `time`: one metadata write, whatever the size of the data."""
+        """A branch of `parent` (same database, and its limits) at its head,
+        at `lsn`, or as of `time`: one metadata write, whatever the size of
+        the data."""
         check_name("branch", name)
         if lsn is not None and time is not None:
             raise BadRequestError("give an LSN or a time to branch at, not both")
@@ -655,6 +681,7 @@ class ControlPlane:
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
         when = parse_time(time, self._clock()) if time is not None else None
         now = self._clock()
+        self._spend(caller)
         t0 = _monotonic()
         with self._reserve(("branch", database, name)):
             for _ in range(_CHANGE_RETRIES):
@@ -676,7 +703,7 @@ class ControlPlane:
                     parent=src.id, expires_at=now + ttl_s if ttl_s else None,
                     idle_timeout=idle_s if idle_s is not None else db.idle_timeout,
                     expire_after_idle=expire_s if expire_s is not None else db.expire_after_idle,
-                    protected=bool(protected), last_used=now,
+                    protected=bool(protected), last_used=now, limits=db.limits,
                 )
                 password, br = self._with_first_credential(br, now)
 
@@ -691,7 +718,8 @@ class ControlPlane:
                         raise _Moved()  # reset or restored meanwhile: branch from what it is now
                     if (db.id, name) in snap.branch_named:
                         raise ObjectExistsError("branch", f"{database}/{name}")
-                    return [br], []
+                    now_db = snap.databases[db.id]
+                    return [replace(br, limits=now_db.limits)], []  # (changed meanwhile: the new ones)
 
                 if self._commit_pointing_at(tl, check):
                     break
@@ -747,6 +775,7 @@ class ControlPlane:
             expires_at=iso(br.expires_at), idle_timeout=self._idle_timeout(br),
             expire_after_idle=br.expire_after_idle, protected=br.protected, last_used=iso(self._last_used(br)),
             connections=connections, logical_size=logical, exclusive_size=exclusive,
+            limits=self._limits(br).given(), data_size=self.ps.data_size(br.timeline),
         )
 
     def _size(self, tl: Timeline) -> tuple[int, int]:
@@ -765,6 +794,84 @@ class ControlPlane:
 
     def _idle_timeout(self, br: BranchRecord) -> float:
         return br.idle_timeout or self.default_idle_timeout
+
+    # --- limits ------------------------------------------------------------------------
+
+    def _limits(self, rec: DatabaseRecord | BranchRecord) -> Limits:
+        return rec.limits.over(self.default_limits)
+
+    @staticmethod
+    def _compute_limits(limits: Limits) -> dict[str, Any]:
+        return {"settings": limits.settings(), "max_size": limits.max_size or None, "memory": limits.memory or None}
+
+    def _runs_as_defaults(self, chosen: Limits) -> bool:
+        """Would a compute with these limits start as a warm one did? (The
+        memory limit can be changed on a running compute; the rest cannot,
+        and a cap must be there before the first file is opened.)"""
+        mine = chosen.over(self.default_limits)
+        return mine.settings() == self.default_limits.settings() and mine.max_size == self.default_limits.max_size
+
+    def _limit_running(self, c: Compute, limits: Limits) -> None:
+        with contextlib.suppress(ComputeNotFoundError):  # (stopped meanwhile: the next start has them)
+            self.ps.set_max_size(c.id, limits.max_size or None)
+            self.ps.set_memory(c.id, limits.memory or None)
+
+    def _spend(self, caller: str | None) -> None:
+        """Take one creation from `caller`'s bucket (a token's: "operator",
+        or the database its scoped token belongs to); RateLimitedError when
+        it is empty. In-process callers (None) are not limited."""
+        if caller is None:
+            return
+        if caller == "operator":
+            per_minute, who = self.default_limits.creations_per_minute or 0, "the operator's token"
+        else:
+            db = self.catalog.snapshot.database_named.get(caller)
+            per_minute = (self._limits(db).creations_per_minute if db else self.default_limits.creations_per_minute) or 0
+            who = f"database {caller}'s token"
+        if per_minute <= 0:
+            return
+        now = self._mono()
+        with self._rate_mu:
+            tokens, then, was = self._buckets.get(caller, (float(per_minute), now, per_minute))
+            tokens += max(0, per_minute - was)  # (a raised limit gives its room at once)
+            tokens = min(float(per_minute), tokens + (now - then) * per_minute / 60.0)
+            if tokens < 1.0:
+                self._buckets[caller] = (tokens, now, per_minute)
+                self._rate_hits += 1
+                raise RateLimitedError(who, per_minute, (1.0 - tokens) * 60.0 / per_minute)
+            self._buckets[caller] = (tokens - 1.0, now, per_minute)
+            if len(self._buckets) > 65536:  # (forget the oldest: a full bucket is what a new one is)
+                self._buckets.pop(next(iter(self._buckets)))
+
+    def limit_hits(self) -> dict[str, int]:
+        """How often each limit refused something since the service started
+        (the proxy counts refused connections itself: strata_proxy_refused)."""
+        with self._rate_mu:
+            rate = self._rate_hits
+        return {"storage": self.ps.storage_refusals, "rate": rate, "memory": self.ps.oom_kills()}
+
+    def update_database(self, name: str, *, limits: Limits | dict[str, Any] | None = None) -> DatabaseInfo:
+        """Change the limits a database chose (those not given stay as they
+        are). Its running computes take a new cap and memory limit at once;
+        shared_buffers and work_mem at their next start."""
+        chosen = limits_of(limits)
+
+        def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            db = self._db(snap, name)
+            merged = Limits(**{**db.limits.given(), **chosen.given()})
+            merged.over(self.default_limits).check()
+            db = replace(db, limits=merged)
+            return [db, *(replace(b, limits=merged) for b in snap.branches_in.get(db.id, {}).values())], []
+
+        self.catalog.change(change)
+        snap = self.catalog.snapshot
+        db = self._db(snap, name)
+        for br in self._branches_of(snap, db):
+            c = self.ps.compute_of(br.timeline)
+            if c is not None:
+                self._limit_running(c, self._limits(br))
+        log.info("database %s limits: %s", name, shown(self._limits(db)))
+        return self.database(name)
 
     def update_branch(
         self, database: str, name: str, *, protected: bool | None = None, ttl: float | str | None = None,
@@ -1049,7 +1156,7 @@ class ControlPlane:
                         self._delete_timelines([tl.id])
                         break
                     try:
-                        c = self.ps.start_compute(tl)
+                        c = self.ps.start_compute(tl, **self._compute_limits(self.default_limits))
                     except BaseException:
                         self._delete_timelines([tl.id])
                         raise
@@ -1128,7 +1235,7 @@ class ControlPlane:
             t0 = time.monotonic()
             self._make_room(br)  # takes its slot
             try:
-                c = self.ps.start_compute(br.timeline)
+                c = self.ps.start_compute(br.timeline, **self._compute_limits(self._limits(br)))
             finally:
                 self._free_slot(br.timeline)
             self.metrics.wake.observe(time.monotonic() - t0)
@@ -1410,6 +1517,8 @@ class ControlPlane:
             "databases": len(snap.databases), "branches": len(snap.branches),
             "running": sorted(self.endpoint(b) for b in self._running()), "max_computes": self.max_computes,
             "home": self.home, "store_bytes": self.ps.store.disk_usage(),
+            "limits": {"defaults": shown(self.default_limits), "memory_limits": self.ps.memory_limits(),
+                       "hits": self.limit_hits()},
         }
 
 

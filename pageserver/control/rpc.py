@@ -74,6 +74,7 @@ import engine.errors as engine_errors
 import pageserver.errors as ps_errors
 from engine import StrataError
 from pageserver.control.catalog import BranchRecord, Credential
+from pageserver.control.limits import Limits
 from pageserver.control.objects import BranchInfo, DatabaseInfo
 from pageserver.errors import ServiceNotRunningError
 
@@ -87,7 +88,7 @@ PUSH_TIMEOUT = 15.0  # seconds the page server waits for a front end to end a br
 
 # what the front ends may call: the control plane's public API, and the proxy's hooks
 CALLS = frozenset({
-    "create_database", "database", "databases", "delete_database",
+    "create_database", "database", "databases", "delete_database", "update_database",
     "create_branch", "branch", "branches", "update_branch", "delete_branch",
     "reset_branch", "restore_branch", "detach_branch", "suspend", "start", "lsn",
     "database_for_token", "resolve", "route", "status", "metrics_text", "check", "uri", "endpoint",
@@ -97,7 +98,7 @@ SLOW_CALLS = frozenset({"route", "start", "create_database", "create_branch", "c
 CALL_TIMEOUT, SLOW_CALL_TIMEOUT = 60.0, 900.0  # seconds before a call is given up (the page server hangs)
 SUBSCRIBE_WAIT = 10.0  # seconds a connection count waits for the subscription (after a page server restart)
 
-_TYPES: dict[str, type] = {t.__name__: t for t in (BranchInfo, DatabaseInfo, BranchRecord, Credential)}
+_TYPES: dict[str, type] = {t.__name__: t for t in (BranchInfo, DatabaseInfo, BranchRecord, Credential, Limits)}
 
 
 def _errors() -> dict[str, type[StrataError]]:
@@ -146,8 +147,12 @@ def decode(value: Any) -> Any:
     return value
 
 
-def error_of(e: BaseException) -> dict[str, str]:
-    return {"type": type(e).__name__, "message": str(e)}
+def error_of(e: BaseException) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type(e).__name__, "message": str(e)}
+    retry_after = getattr(e, "retry_after", None)
+    if isinstance(retry_after, int | float):
+        out["retry_after"] = retry_after
+    return out
 
 
 def raise_error(err: dict[str, Any]) -> None:
@@ -158,6 +163,8 @@ def raise_error(err: dict[str, Any]) -> None:
         raise ps_errors.PageServerError(f"page server: {err.get('type')}: {message}")
     e = cls.__new__(cls)
     Exception.__init__(e, message)
+    if isinstance(err.get("retry_after"), int | float):
+        e.retry_after = err["retry_after"]  # type: ignore[attr-defined]
     raise e
 
 

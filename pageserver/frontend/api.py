@@ -13,6 +13,7 @@ metrics at /metrics (operator token). Errors come back as
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine import (
     AlreadyExistsError,
@@ -33,16 +34,38 @@ from engine import (
 )
 from pageserver.control.plane import MAIN, ControlPlane
 from pageserver.control.rpc import RemoteControl
-from pageserver.errors import BranchBusyError, ControlPlaneError
+from pageserver.errors import BranchBusyError, ControlPlaneError, RateLimitedError
 
 Duration = float | str | None
+Size = int | str | None
 
 
-class DatabaseCreate(BaseModel):
+class DatabaseLimits(BaseModel):
+    """What the database may take (absent: the service's default; sizes in
+    bytes or as "512MB"; 0 or "none": no limit, where one may be lifted)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt limit must not pass for no limit
+
+    max_size: Size = Field(None, description="bytes of relation data per branch (ENOSPC past it)")
+    branch_connections: int | None = Field(None, description="client connections per branch, at the proxy")
+    shared_buffers: Size = None
+    work_mem: Size = None
+    memory: Size = Field(None, description="a compute's memory, all its processes (a cgroup)")
+    creations_per_minute: int | str | None = Field(None, description="for its token: databases, branches "
+                                                   "and passwords made a minute")
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class DatabaseCreate(DatabaseLimits):
     name: str | None = Field(None, description="1-63 of [a-z0-9_-]; generated when absent")
     ttl: Duration = Field(None, description="delete after this long: seconds, or 90s, 15m, 1h, 2d")
     idle_timeout: Duration = Field(None, description="suspend branches idle this long (default 300 s)")
     expire_after_idle: Duration = Field(None, description="delete when unused this long")
+
+    def limits(self) -> dict[str, Any]:
+        return {k: v for k, v in self.given().items() if k in DatabaseLimits.model_fields}
 
 
 class BranchCreate(BaseModel):
@@ -111,7 +134,11 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
 
     @app.exception_handler(StrataError)
     async def strata_error(request: Request, e: StrataError) -> JSONResponse:
-        return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=status_of(e))
+        headers = None
+        if isinstance(e, RateLimitedError):
+            headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+        return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=status_of(e),
+                            headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -141,7 +168,8 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
     def create_database(req: DatabaseCreate) -> dict[str, Any]:
         """Returns the database with its URI and its scoped `token` (only here)."""
         return control.create_database(req.name, ttl=req.ttl, idle_timeout=req.idle_timeout,
-                                       expire_after_idle=req.expire_after_idle).to_dict()
+                                       expire_after_idle=req.expire_after_idle, limits=req.limits(),
+                                       caller="operator").to_dict()
 
     @v1.get("/databases")
     def list_databases() -> list[dict[str, Any]]:
@@ -151,15 +179,21 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
     def get_database(db: str) -> dict[str, Any]:
         return control.database(db).to_dict()
 
+    @v1.patch("/databases/{db}")
+    def update_database(db: str, req: DatabaseLimits) -> dict[str, Any]:
+        """Change the limits it chose (the operator's: a database's own token cannot lift them)."""
+        return control.update_database(db, limits=req.given()).to_dict()
+
     @v1.delete("/databases/{db}", status_code=204)
     def delete_database(db: str) -> None:
         control.delete_database(db)
 
     @dbr.post("/databases/{db}/branches", status_code=201)
-    def create_branch(db: str, req: BranchCreate) -> dict[str, Any]:
+    def create_branch(db: str, req: BranchCreate, who: str | None = Depends(principal)) -> dict[str, Any]:  # noqa: B008
         return control.create_branch(
             db, req.name, parent=req.parent, lsn=req.lsn, time=req.time, ttl=req.ttl,
             idle_timeout=req.idle_timeout, expire_after_idle=req.expire_after_idle, protected=req.protected,
+            caller=who or "operator",
         ).to_dict()
 
     @dbr.get("/databases/{db}/branches")
@@ -202,10 +236,11 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
         return control.start(db, name).to_dict()
 
     @dbr.post("/databases/{db}/branches/{name}/credentials", status_code=201)
-    def credentials(db: str, name: str, req: CredentialCreate) -> dict[str, Any]:
+    def credentials(db: str, name: str, req: CredentialCreate,
+                    who: str | None = Depends(principal)) -> dict[str, Any]:  # noqa: B008
         """A new password of the branch's, in its URI (shown only here: the
         catalog keeps its SCRAM verifier)."""
-        return {"uri": control.uri(f"{db}/{name}", ttl=req.ttl)}
+        return {"uri": control.uri(f"{db}/{name}", ttl=req.ttl, caller=who or "operator")}
 
     @dbr.get("/databases/{db}/branches/{name}/lsn")
     def lsn(db: str, name: str) -> dict[str, Any]:

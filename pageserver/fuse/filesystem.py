@@ -77,7 +77,7 @@ from engine import StrataError
 from pageserver.fuse import libfuse
 from pageserver.pgdata.datadir import DataDir
 from pageserver.pgdata.layout import DIRECTORY, FILE, ROOT, SYMLINK, Inode
-from pageserver.pgdata.policy import LOCAL_DIRS, is_local
+from pageserver.pgdata.policy import LOCAL_DIRS, MAP_FORK, RELATION_FILE, is_local
 
 libfuse.bind()  # before mfusepy is imported: it picks its library then
 import mfusepy  # noqa: E402
@@ -145,6 +145,8 @@ class _Handle:
     ino: int = 0  # a DataDir file
     fd: int = -1  # or a local file
     rel: str = ""  # its path in the data directory (for logs)
+    capped: bool = False  # a relation file of a capped branch: direct I/O, its growth counted
+    enforced: bool = False  # ... and refused past the cap (not the maps: see RELATION_FILE)
 
 
 class _Current(threading.local):
@@ -259,6 +261,9 @@ class StrataFS(mfusepy.Operations):
     def attachments(self) -> list[str]:
         with self._mu:
             return sorted(self._t.attachments)
+
+    def attachment(self, name: str) -> Attachment | None:
+        return self._t.attachments.get(name)  # (one atomic read)
 
     # --- resolution ---------------------------------------------------------------
 
@@ -408,6 +413,7 @@ class StrataFS(mfusepy.Operations):
         return att.datadir.readlink(att.datadir.resolve(rel)).decode("utf-8", "surrogateescape")
 
     def _new_handle(self, att: Attachment, rel: str, ino: int = 0, fd: int = -1) -> int:
+        capped = ino > 0 and att.datadir.max_data is not None and RELATION_FILE.match(rel) is not None
         with self._mu:
             if att.dead:  # detach waits for us, then closes what the table holds
                 if fd >= 0:
@@ -415,8 +421,15 @@ class StrataFS(mfusepy.Operations):
                 raise OSError(errno.ENOENT, "detached")
             fh = self._t.next_fh
             self._t.next_fh += 1
-            self._t.handles[fh] = _Handle(att, ino, fd, rel)
+            self._t.handles[fh] = _Handle(att, ino, fd, rel, capped, capped and MAP_FORK.search(rel) is None)
             return fh
+
+    def direct_io(self, fh: int) -> bool:
+        """Does the kernel send this handle's reads and writes to us as they
+        are made (not through its cache)? Only a capped branch's relation
+        files: their writes must be refused when they are made."""
+        h = self._t.handles.get(fh)
+        return h is not None and h.capped
 
     @staticmethod
     def _local_flags(flags: int) -> int:
@@ -476,6 +489,8 @@ class StrataFS(mfusepy.Operations):
         h = self._handle(fh)
         if h.fd >= 0:
             return os.pwrite(h.fd, data, offset)
+        if h.capped:  # (durable at the next sync of the branch: see pageserver.pgdata.datadir)
+            return h.att.datadir.write(h.ino, offset, data, enforce=h.enforced)
         return h.att.datadir.write(h.ino, offset, data, durable=True)
 
     @operation
@@ -485,7 +500,7 @@ class StrataFS(mfusepy.Operations):
             if h.fd >= 0:
                 os.ftruncate(h.fd, length)
             else:
-                h.att.datadir.truncate(h.ino, length, durable=True)
+                h.att.datadir.truncate(h.ino, length, durable=True, enforce=h.enforced)
             return 0
         att, ino, local = self._target(path, None)
         if local is not None:
@@ -675,6 +690,18 @@ class _FUSE(mfusepy.FUSE):
             _ensure()
             _pinned.on = True
         return super()._wrapper(func, *args, **kwargs)
+
+    def open(self, path: bytes, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.open(self._path(path), fi.flags)
+        fi.direct_io = self.operations.direct_io(fi.fh)
+        return 0
+
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.create(self._path(path), mode, fi)
+        fi.direct_io = self.operations.direct_io(fi.fh)
+        return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(self._path(old), self._path(new), flags)

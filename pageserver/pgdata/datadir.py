@@ -10,6 +10,17 @@ branching at any LSN gives a crash-consistent data directory.
 
 A `DataDir` opened at a past LSN is read-only (EROFS on every change).
 
+The cap (`set_max_data`): once set, the bytes of the files below `base/`
+and `global/` (PostgreSQL's relations: what its databases hold) are
+counted, and a write or truncate that would grow them past the cap gets
+ENOSPC, whole, before anything changes: PostgreSQL then fails the
+statement that extends a relation ("could not extend file ... No space
+left on device") and keeps running. Writes within a file's size, and
+every other file (WAL, pg_xact, ...), are never refused, so no commit,
+checkpoint or recovery can fail on the cap. It is counted from the tree
+when first set (one walk of those directories) and kept up to date by
+every change after.
+
 Errors are `OSError` with the errno a file system would give.
 
 Concurrency (libfuse calls in from up to 64 threads at once):
@@ -21,7 +32,8 @@ Concurrency (libfuse calls in from up to 64 threads at once):
                   new object, never edits one in place)
     _dirs         directory inode -> its buckets; a bucket is a dict replaced
                   whole by a change (copy on write), never edited in place
-    _pending, _committed_size, _pending_bytes, _open, _orphans, _next_ino:
+    _pending, _committed_size, _pending_bytes, _open, _orphans, _next_ino,
+    _data_bytes, _data_files, _data_dirs, max_data:
                   only under _mu
 
 Readers (inode, lookup, readdir, read) take no lock when the cache holds
@@ -73,6 +85,7 @@ _ZERO = bytes(PAGE)
 _NONE: dict[int, bytes] = {}
 PENDING_LIMIT = 64 << 20  # pending writes past this are committed (not synced)
 _FREE_CHUNK = 65536  # page tombstones per commit when a big file is freed
+DATA_ROOTS = (b"base", b"global")  # the top-level directories whose files the cap counts
 
 Batch = dict[int, bytes | None]
 Entry = tuple[int, int]  # (inode, kind)
@@ -109,6 +122,11 @@ class DataDir:
         self._committed_size: dict[int, int] = {}  # of files with pending pages
         self._pending_bytes = 0
         self.pending_limit = PENDING_LIMIT
+        self.max_data: int | None = None  # the cap (see the top); None: none
+        self.on_full: Callable[[], None] | None = None  # called for each write the cap refuses
+        self._data_bytes: int | None = None  # counted once a cap is first set
+        self._data_files: set[int] = set()
+        self._data_dirs: set[int] = set()
         raw = timeline.get(SUPER_KEY, lsn)
         if raw is None:
             raise _err(errno.EINVAL, f"timeline {timeline.id} holds no data directory")
@@ -117,6 +135,66 @@ class DataDir:
         self._orphans: set[int] = decode_orphans(raw) if raw is not None else set()
         if self._orphans and not self.read_only:
             self._free_orphans()  # unlinked while open when the last user went away
+
+    # --- the cap -----------------------------------------------------------------
+
+    def set_max_data(self, limit: int | None) -> None:
+        """Cap the bytes of the relation files (None: no cap). It may be
+        below what they hold now: then they can only shrink, or be
+        rewritten in place, until they are under it."""
+        with self._mu:
+            if limit is not None and self._data_bytes is None:
+                self._count_data()
+            self.max_data = limit
+
+    @property
+    def data_bytes(self) -> int:
+        """The bytes the cap counts (counted now if no cap was set)."""
+        with self._mu:
+            if self._data_bytes is None:
+                self._count_data()
+            assert self._data_bytes is not None
+            return self._data_bytes
+
+    def _count_data(self) -> None:
+        self._data_files, self._data_dirs, total = set(), set(), 0
+        for name, ino, kind in self.readdir(ROOT):
+            if kind != DIRECTORY or name not in DATA_ROOTS:
+                continue
+            self._data_dirs.add(ino)
+            for _, child, node in self.walk(ino):
+                if node.kind == DIRECTORY:
+                    self._data_dirs.add(child)
+                elif node.kind == FILE:
+                    self._data_files.add(child)
+                    total += node.size
+        self._data_bytes = total
+
+    def _grow(self, ino: int, old: int, new: int, enforce: bool = True) -> None:
+        """Count a file's change of size, or (with `enforce`) refuse it
+        (ENOSPC) if it grows the relations past the cap (caller holds the
+        lock, and changes nothing before this)."""
+        if self._data_bytes is None or ino not in self._data_files or new == old:
+            return
+        if enforce and new > old and self.max_data is not None and self._data_bytes + new - old > self.max_data:
+            if self.on_full is not None:
+                self.on_full()
+            raise _err(errno.ENOSPC, f"the branch's cap of {self.max_data} bytes of relation data is reached")
+        self._data_bytes += new - old
+
+    def _counted_as(self, parent: int, name: bytes, ino: int, kind: int) -> None:
+        """Count a new entry in the tree the cap counts (caller holds the lock)."""
+        if self._data_bytes is None:
+            return
+        if parent in self._data_dirs or (parent == ROOT and name in DATA_ROOTS and kind == DIRECTORY):
+            (self._data_dirs if kind == DIRECTORY else self._data_files).add(ino)
+            if kind == FILE:
+                self._data_bytes += self.inode(ino).size
+
+    def _uncount(self, ino: int, size: int) -> None:
+        if self._data_bytes is not None and ino in self._data_files:
+            self._data_files.discard(ino)
+            self._data_bytes -= size
 
     # --- formatting -------------------------------------------------------------
 
@@ -256,14 +334,20 @@ class DataDir:
             page = self._get(page_key(ino, block)) if block < committed_pages else None
         return page or _ZERO
 
-    def write(self, ino: int, offset: int, data: bytes | memoryview, *, durable: bool = False) -> int:
+    def write(self, ino: int, offset: int, data: bytes | memoryview, *, durable: bool = False,
+              enforce: bool = False) -> int:
         """Write into the file's pending pages. They reach the timeline (in
         one commit per file) when the file is fsynced, or sooner if pending
         data passes PENDING_LIMIT: as the kernel's page cache does, and so
         that an fsync of the WAL does not wait for data files' pages. With
         `durable`, the file's pages are committed at once and synced before
         this returns (the commit made under the lock, the sync outside it,
-        so concurrent durable writes share fsyncs)."""
+        so concurrent durable writes share fsyncs); every pending write of
+        any file is committed with it, so what was written before a durable
+        write is durable when it is. With `enforce`, a write that would grow
+        the relation files past the cap is refused (ENOSPC); without, it is
+        only counted (it may come from the kernel's cache, after the write
+        it holds was answered)."""
         self._writable()
         n = len(data)
         if n == 0:
@@ -277,6 +361,8 @@ class DataDir:
             node = self.inode(ino)
             if node.kind != FILE:
                 raise _err(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
+            if end > node.size:
+                self._grow(ino, node.size, end, enforce)
             pending = self._pending.get(ino)
             if pending is None:
                 pending = self._pending[ino] = {}
@@ -305,7 +391,7 @@ class DataDir:
             self._inodes[ino] = Inode(node.kind, node.mode, node.uid, node.gid, node.nlink,
                                       max(node.size, end), now, now, node.target)
             if durable:
-                self._commit_file(ino, pending)
+                self.commit_pending()
             over = self._pending_bytes > self.pending_limit
         if durable:
             self.timeline.sync()
@@ -346,7 +432,7 @@ class DataDir:
         if pending:
             self._commit_file(ino, pending)
 
-    def truncate(self, ino: int, size: int, *, durable: bool = False) -> None:
+    def truncate(self, ino: int, size: int, *, durable: bool = False, enforce: bool = False) -> None:
         self._writable()
         if size < 0 or size > MAX_FILE_SIZE:
             raise _err(errno.EFBIG if size > 0 else errno.EINVAL)
@@ -355,6 +441,7 @@ class DataDir:
             node = self.inode(ino)
             if node.kind != FILE:
                 raise _err(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
+            self._grow(ino, node.size, size, enforce)
             batch: Batch = {}
             if size < node.size:
                 old_pages = (node.size + PAGE - 1) // PAGE
@@ -378,6 +465,8 @@ class DataDir:
             self._inodes[ino] = new
             for i in range(0, len(rest), _FREE_CHUNK):
                 self._commit({page_key(ino, b): None for b in rest[i : i + _FREE_CHUNK]})
+            if durable:
+                self.commit_pending()
         if durable:
             self.timeline.sync()
 
@@ -386,13 +475,15 @@ class DataDir:
         returns; so is every change to the tree before it."""
         if self.read_only:
             return
-        if ino is None or self._pending.get(ino):
-            self.commit_pending(ino)
+        if self._pending:
+            self.commit_pending()  # all of them: what was written before is durable too
         self.timeline.sync()
 
     def sync_tree(self) -> None:
-        """Make every change to the tree (not pending file writes) durable."""
+        """Make every change to the tree durable (and every write before it)."""
         if not self.read_only:
+            if self._pending:
+                self.commit_pending()
             self.timeline.sync()
 
     # --- attributes ---------------------------------------------------------------------
@@ -462,6 +553,8 @@ class DataDir:
             self._apply_entries(staged)
             if kind == DIRECTORY:
                 self._dirs[ino] = [{} for _ in range(BUCKETS)]
+            if kind != SYMLINK:
+                self._counted_as(parent, name, ino, kind)
             return ino
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> int:
@@ -478,6 +571,7 @@ class DataDir:
     def _drop(self, batch: Batch, ino: int, node: Inode) -> list[int]:
         """Stage removing the last link to `ino`. Returns blocks to free after
         the commit (none if the file is still open: it becomes an orphan)."""
+        self._uncount(ino, node.size)  # (out of the tree, though an orphan keeps its pages until closed)
         if self._open.get(ino):
             self._settle(ino)
             self._orphans.add(ino)
@@ -550,6 +644,7 @@ class DataDir:
             self._inodes[parent] = pnew
             self._inodes.pop(ino, None)
             self._dirs.pop(ino, None)
+            self._data_dirs.discard(ino)
             self._apply_entries(staged)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -627,6 +722,17 @@ class DataDir:
             self._apply_entries(staged)
             if dst is not None:
                 self._free_later(dst, later)
+            if self._data_bytes is not None and (snode.kind == DIRECTORY or exchange):
+                self._count_data()  # (rare: count the tree again)
+            elif self._data_bytes is not None and snode.kind == FILE:
+                inside = new_parent in self._data_dirs
+                if inside != (src in self._data_files):
+                    size = self.inode(src).size
+                    if inside:
+                        self._data_files.add(src)
+                        self._data_bytes += size
+                    else:
+                        self._uncount(src, size)
 
     def _is_within(self, ino: int, ancestor: int) -> bool:
         """Is directory `ino` equal to or below `ancestor`? (Walks down from

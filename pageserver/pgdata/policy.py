@@ -12,6 +12,8 @@ and the exporter makes the empty directories PostgreSQL expects.
 
 from __future__ import annotations
 
+import re
+
 LOCAL_TOP = frozenset({
     "postmaster.pid", "postmaster.opts", "pg_dynshmem", "pg_notify", "pg_serial",
     "pg_snapshots", "pg_stat_tmp", "pg_subtrans", "pg_replslot",
@@ -28,6 +30,16 @@ def is_local(rel: str) -> bool:
     # both names must be on the same side, or the rename fails (EXDEV) and every backend
     # rebuilds its relation cache
     return any(p.startswith("pgsql_tmp") for p in parts) or parts[-1].startswith("pg_internal.init")
+
+
+# A relation's data (a fork, or a 1 GB segment of one) in a database's
+# directory: what grows with the data, and what a branch's cap checks as
+# it is written (pageserver.pgdata.datadir); not pg_filenode.map or PG_VERSION.
+RELATION_FILE = re.compile(r"^base/\d+/\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
+# ... of which the free space and visibility maps are never refused: they are a
+# small fraction of their relation, and VACUUM must be able to make them on a
+# full branch (or the rows it would free could never be reused)
+MAP_FORK = re.compile(r"_(?:fsm|vm)(?:\.\d+)?$")
 
 
 PG_CONF = """

@@ -353,7 +353,7 @@ class Proxy:
             return
         if not await self._authenticate(reader, writer, br, params.get("user", "")):
             return
-        limit = self.limits.branch_connections
+        limit = br.limits.branch_connections or self.limits.branch_connections  # (its database's, if it chose)
         if len(self._sessions.get(br.id, ())) >= limit:  # (checked and counted below with no await between)
             self.metrics.refused.labels("branch_full").inc()
             await _refuse(writer, "53300", f"strata proxy: too many connections to branch {endpoint} "

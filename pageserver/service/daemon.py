@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warm-pool", type=int, default=0, help="spare computes kept running (default 0)")
     p.add_argument("--max-connections", type=int, help="client connections the proxy takes at once")
     p.add_argument("--branch-connections", type=int, help="client connections per branch, at the proxy")
+    p.add_argument("--limits", help="databases' default limits, as JSON (see pageserver.control.limits)")
     p.add_argument("--frontend-user", help=f"who the front end runs as when started as root "
                                            f"(default ${{STRATA_FRONTEND_USER}} or {FRONTEND_USER!r})")
     args = p.parse_args(argv)
@@ -225,8 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     token = ensure_token(home)
     fe_user = frontend_identity(args.frontend_user)
     sock = _control_socket(home, fe_user[2])
+    defaults = json.loads(args.limits) if args.limits else {}
+    if args.branch_connections:
+        defaults["branch_connections"] = args.branch_connections
     options = _flags({"--max-computes": args.max_computes, "--idle-timeout": args.idle_timeout,
-                      "--warm-pool": args.warm_pool})
+                      "--warm-pool": args.warm_pool, "--limits": json.dumps(defaults) if defaults else None})
     ps_cmd = [sys.executable, "-m", "pageserver.control", "--home", home, "--socket", sock,
               "--proxy-port", str(proxy_port), "--trust-uid", str(fe_user[1]), "--socket-group", str(fe_user[2]),
               "--exit-with-parent", *options]
@@ -235,10 +239,10 @@ def main(argv: list[str] | None = None) -> None:
               *_flags({"--max-connections": args.max_connections, "--branch-connections": args.branch_connections})]
     from pageserver.proxy.server import ProxyLimits
 
-    defaults = ProxyLimits()
-    limits = {"proxy_connections": args.max_connections or defaults.max_connections,
-              "branch_connections": args.branch_connections or defaults.branch_connections,
-              "startup_timeout_s": defaults.startup_timeout, "auth_timeout_s": defaults.auth_timeout}
+    proxy = ProxyLimits()
+    limits = {"proxy_connections": args.max_connections or proxy.max_connections,
+              "branch_connections": args.branch_connections or proxy.branch_connections,
+              "startup_timeout_s": proxy.startup_timeout, "auth_timeout_s": proxy.auth_timeout}
     serving = threading.Event()
 
     def on_state(processes: dict[str, Any]) -> None:
@@ -299,10 +303,16 @@ def _write_state(home: str, api_port: int, proxy_port: int, processes: dict[str,
 def start(home: str | None = None, *, api_port: int | None = None, proxy_port: int | None = None,
           max_computes: int | None = None, idle_timeout: float | None = None,
           warm_pool: int | None = None, max_connections: int | None = None,
-          branch_connections: int | None = None, timeout: float = 180.0) -> dict[str, Any]:
+          branch_connections: int | None = None, limits: dict[str, Any] | None = None,
+          timeout: float = 180.0) -> dict[str, Any]:
     """Start the service for `home` in the background unless it runs;
     return its state (api, proxy, token_file, pid). Safe to call from many
-    processes at once: one starts it, the others wait for it."""
+    processes at once: one starts it, the others wait for it. `limits` are
+    the databases' defaults (`pageserver.control.limits`), checked here."""
+    if limits:
+        from pageserver.control.limits import limits_of
+
+        limits_of(limits)  # a bad one is refused here, not by a page server that then cannot start
     home = os.path.realpath(home or default_home())
     state = read_state(home)
     if state is not None:
@@ -319,7 +329,8 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
         return _spawn(home, _flags({
             "--api-port": api_port, "--proxy-port": proxy_port, "--max-computes": max_computes,
             "--idle-timeout": idle_timeout, "--warm-pool": warm_pool, "--max-connections": max_connections,
-            "--branch-connections": branch_connections}), timeout)
+            "--branch-connections": branch_connections, "--limits": json.dumps(limits) if limits else None}),
+            timeout)
 
 
 def _await_service(home: str, timeout: float) -> dict[str, Any]:
