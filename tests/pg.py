@@ -54,7 +54,10 @@ def memory_cgroup_available() -> str | None:
     if os.geteuid() != 0:
         return "needs root (to make memory cgroups)"
     cg = MemoryCgroups("strata-probe")
-    return None if cg.version else f"needs a memory cgroup: {cg.why_not}"
+    try:
+        return None if cg.version else f"needs a memory cgroup: {cg.why_not}"
+    finally:
+        cg.close()
 
 
 PREREQUISITES = {"pg": pg_available, "fuse": fuse_available, "root": root_available,

@@ -22,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from engine import Store, Timeline
 from engine.testing.faultfs import FaultFileSystem
 from pageserver.fuse.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from pageserver.pgdata.datadir import DataDir
+from pageserver.pgdata.datadir import MIN_HEADROOM, DataDir
 from pageserver.pgdata.layout import DIRECTORY, PAGE, ROOT, SYMLINK
 
 from .conftest import SMALL
@@ -95,7 +95,8 @@ class DataDirMachine(RuleBasedStateMachine):
         if self.cap is None or top not in ("base", "global") or "/" not in path:
             return False
         old = os.path.getsize(os.path.join(self.local, path))
-        return new_size > old and self.counted() + new_size - old > self.cap
+        limit = self.cap + (max(MIN_HEADROOM, self.cap // 16) if old == 0 else 0)  # (a first page: the headroom)
+        return new_size > old and self.counted() + new_size - old > limit
 
     def teardown(self) -> None:
         shutil.rmtree(self.local, ignore_errors=True)
@@ -341,6 +342,17 @@ def test_the_cap_counts_relation_files_as_they_move_and_refuses_growth_past_it(t
         dd.write(rel, 3 * PAGE, b"k" * PAGE)  # (from the kernel's cache: counted, never refused)
         assert dd.data_bytes == 4 * PAGE
         dd.truncate(rel, 3 * PAGE)
+        fsm = dd.create(db, b"16384_fsm", 0o600, 0, 0)
+        dd.write(fsm, 0, b"f" * PAGE, enforce=True)  # a first page: the headroom
+        dd.write(fsm, PAGE, b"f" * PAGE, enforce=True, lenient=True)  # a map: the headroom
+        with pytest.raises(OSError):
+            dd.write(fsm, 2 * PAGE, b"f" * MIN_HEADROOM, enforce=True, lenient=True)  # past it
+        dd.may_refuse = lambda: False  # (postgres is recovering)
+        dd.write(rel, 3 * PAGE, b"r" * PAGE, enforce=True)
+        dd.may_refuse = None
+        dd.truncate(rel, 3 * PAGE)
+        dd.unlink(db, b"16384_fsm")
+        assert dd.data_bytes == 3 * PAGE
         dd.rename(wal, b"000000010000000000000001", db, b"moved")  # into base/: counted
         assert dd.data_bytes == 13 * PAGE
         with pytest.raises(OSError):

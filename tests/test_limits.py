@@ -15,7 +15,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given
+from psycopg import sql as psql
 
+from pageserver.compute.postgres import _works_in
 from pageserver.control.limits import DEFAULTS, GiB, KiB, Limits, MiB, limits_of, parse_size
 from pageserver.errors import BadRequestError, RateLimitedError
 from pageserver.frontend.api import make_app
@@ -135,6 +137,55 @@ def test_a_cap_survives_a_restart_of_the_compute_and_counts_what_is_there(tmp_pa
 
 
 @requires_pg
+def test_there_is_no_way_around_the_cap_and_freeing_space_works_at_it(tmp_path):
+    """Temporary tables, the shared catalogs (global/) and in-place
+    tablespaces are capped too; TRUNCATE and small catalog changes still
+    work on a full branch (the headroom)."""
+    with Running(str(tmp_path / "home")) as r:
+        t = target(r, r.cp.create_database("c", limits={"max_size": "40MB"}))
+        rows, err = fill(t)
+        assert err is not None and ENOSPC.search(err)
+        with psycopg.connect(t.uri(), autocommit=True, connect_timeout=30) as conn:
+            conn.execute("CREATE TEMP TABLE scratch (pad text)")  # (a new file's first page: the headroom)
+            with pytest.raises(psycopg.errors.DiskFull, match=r'could not extend file "base/\d+/t\d+_\d+'):
+                conn.execute("INSERT INTO scratch SELECT repeat(md5(g::text), 64) FROM generate_series(1, 100000) g")
+            conn.execute("SET allow_in_place_tablespaces = on")
+            conn.execute("CREATE TABLESPACE spare LOCATION ''")
+            conn.execute("CREATE TABLE elsewhere (pad text) TABLESPACE spare")
+            with pytest.raises(psycopg.errors.DiskFull, match=r'could not extend file "pg_tblspc/'):
+                conn.execute("INSERT INTO elsewhere SELECT repeat(md5(g::text), 64) FROM generate_series(1, 100000) g")
+            conn.execute("TRUNCATE filler")  # new, empty files for it and its index
+        assert fill(t, batches=5) == (5000, None)
+        with pytest.raises(psycopg.errors.DiskFull, match=r'could not extend file "global/\d+'):
+            query(t, psql.SQL("COMMENT ON ROLE postgres IS {}").format(psql.Literal(os.urandom(24 << 20).hex())))
+        amcheck(t)
+
+
+@requires_pg
+def test_recovery_on_a_full_branch_is_never_refused(tmp_path):
+    """Replay after a crash redoes what was allowed before, on a branch that
+    is full: a dropped table's file comes back while its successor holds
+    the space. Refusing it would leave the branch unable to start."""
+    with Running(str(tmp_path / "home")) as r:
+        t = target(r, r.cp.create_database("c", limits={"max_size": "40MB"}))
+        query(t, "CREATE TABLE filler (id bigint PRIMARY KEY, pad text)")
+        query(t, "CHECKPOINT")
+        rows, err = fill(t)
+        assert err is not None and ENOSPC.search(err)
+        query(t, "DROP TABLE filler")
+        again, err = fill(t)
+        assert err is not None and ENOSPC.search(err)
+        with psycopg.connect(t.uri(), autocommit=True, connect_timeout=30) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            os.kill(backend, 9)  # postgres resets every backend and replays from the last checkpoint
+        answers_again(t, 60)
+        assert query(t, "SELECT count(*) FROM filler") == [(again,)]
+        _, err = fill(t, batches=3, start=10**9)
+        assert err is not None and ENOSPC.search(err)  # (and the cap holds again once it is up)
+        amcheck(t)
+
+
+@requires_pg
 def test_noisy_neighbour_one_database_at_its_cap_while_another_runs_pgbench(tmp_path):
     """The figures of README's reliability section come from this test (-s prints them)."""
     with Running(str(tmp_path / "home")) as r:
@@ -195,15 +246,19 @@ def test_a_database_may_take_fewer_connections_per_branch(tmp_path):
         finally:
             for c in held:
                 c.close()
-        deadline = time.monotonic() + 10
-        while True:  # (the proxy counts a connection gone when it has closed it)
-            try:
-                assert query(few, "SELECT 1") == [(1,)]
-                break
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        answers_again(few, 10)  # (the proxy counts a connection gone when it has closed it)
+
+
+def answers_again(t: ProxyTarget, within: float) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            assert query(t, "SELECT 1") == [(1,)]
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 @requires_pg
@@ -219,7 +274,8 @@ def test_a_compute_past_its_memory_limit_loses_a_backend_and_comes_back(tmp_path
         limit_file = "memory.max" if cg.version == "v2" else "memory.limit_in_bytes"
         with open(os.path.join(cg.path, limit_file)) as f:
             assert int(f.read()) == 160 * MiB
-        assert c.pid in cg.pids()
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _works_in(int(p), c.pgdata)]
+        assert c.pid in workers and set(workers) <= set(cg.pids())  # every process of the compute
         with psycopg.connect(t.uri(), autocommit=True, connect_timeout=30) as conn:
             backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
             assert backend in cg.pids()  # born in its group
@@ -228,15 +284,8 @@ def test_a_compute_past_its_memory_limit_loses_a_backend_and_comes_back(tmp_path
                 conn.execute("SELECT count(*) FROM (SELECT g, md5(g::text) AS h FROM generate_series(1, 6000000) g "
                              "ORDER BY h) s")
         assert r.cp.limit_hits()["memory"] >= 1
-        deadline = time.monotonic() + 60
-        while True:  # postgres restarts its backends after one is killed, as after any crash
-            try:
-                assert query(t, "SELECT 1") == [(1,)]
-                break
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        answers_again(t, 60)  # postgres restarts its backends after one is killed, as after any crash
+        assert r.cp.ps.compute_of(c.timeline_id) is c and c.running  # the same postmaster: only a backend died
         amcheck(t)
 
 
@@ -251,6 +300,11 @@ def test_creations_past_a_tokens_rate_get_429_with_retry_after(tmp_path):
         made = api.post("/v1/databases", json={"name": "slow", "creations_per_minute": 2}, headers=op)
         assert made.status_code == 201, made.text
         scoped = {"Authorization": f"Bearer {made.json()['token']}"}
+        # a database named like the operator has a bucket of its own (and its own rate)
+        named = api.post("/v1/databases", json={"name": "operator", "creations_per_minute": 1}, headers=op)
+        theirs = {"Authorization": f"Bearer {named.json()['token']}"}
+        assert api.post("/v1/databases/operator/branches", json={"name": "x"}, headers=theirs).status_code == 201
+        assert api.post("/v1/databases/operator/branches", json={"name": "y"}, headers=theirs).status_code == 429
         for name in ("b1", "b2"):
             assert api.post("/v1/databases/slow/branches", json={"name": name}, headers=scoped).status_code == 201
         refused = api.post("/v1/databases/slow/branches", json={"name": "b3"}, headers=scoped)
@@ -262,10 +316,15 @@ def test_creations_past_a_tokens_rate_get_429_with_retry_after(tmp_path):
         assert api.post("/v1/databases/slow/branches", json={"name": "b4"}, headers=op).status_code == 201
         r.clock.now += 30  # half a minute: one more of the two a minute
         assert api.post("/v1/databases/slow/branches", json={"name": "b3"}, headers=scoped).status_code == 201
+        r.clock.now += 30  # ... and a restore makes a branch (its backup): it counts
+        assert api.post("/v1/databases/slow/branches/main/restore", json={"lsn": r.cp.lsn("slow", "main")},
+                        headers=scoped).status_code == 200
+        assert api.post("/v1/databases/slow/branches/main/restore", json={"lsn": r.cp.lsn("slow", "main")},
+                        headers=scoped).status_code == 429
         with pytest.raises(RateLimitedError):
             r.cp.create_branch("slow", "b5", caller="slow")
-        assert r.cp.limit_hits()["rate"] == 2
-        assert 'strata_limit_hits_total{limit="rate"} 2.0' in r.cp.metrics_text()
+        assert r.cp.limit_hits()["rate"] == 4
+        assert 'strata_limit_hits_total{limit="rate"} 4.0' in r.cp.metrics_text()
         # a database's own token cannot lift its limits
         lift = api.patch("/v1/databases/slow", json={"creations_per_minute": 1000}, headers=scoped)
         assert lift.status_code == 403

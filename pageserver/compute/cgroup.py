@@ -218,6 +218,17 @@ class MemoryCgroups:
             log.info("reaped %d leftover compute cgroups in %s", n, self._parent)
         return n
 
+    def close(self) -> None:
+        """Remove the parent group if no child is left in it (else the next
+        run reaps and reuses it)."""
+        with self._lock:
+            if not self._detected or self._version is None or self._live:
+                return
+            try:
+                os.rmdir(self._parent)
+            except OSError as e:
+                log.info("cgroup %s left: %s", self._parent, e.strerror)
+
     def _release(self, compute_id: str) -> None:
         with self._lock:
             self._live.discard(compute_id)

@@ -24,11 +24,20 @@ timeline that new databases branch from. The template's `PG_VERSION` file
 version made it; every branch inherits it, and a compute runs the server
 binaries of its data directory's version (`pg_bindir(major)`), whatever
 else is installed or preferred, or is refused with that version named.
+
+Concurrency: `_mu` (an RLock) guards the tables of computes (`_computes`,
+`_by_timeline`, `_readonly`, `_cgroups`), held for their updates and for
+a compute's registration, never across a walk or a process start;
+`_hits_mu` guards the limits' counters (`storage_refusals`,
+`_ooms_before`). Order: `_hits_mu` before `_mu`; a data directory's lock
+may be held when `_hits_mu` is taken (a refused write counts itself), and
+neither node lock is held while one is taken.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -40,7 +49,7 @@ import time
 
 from engine import NotFoundError, Store, StoreConfig, Timeline
 from pageserver.compute.cgroup import Cgroup, MemoryCgroups
-from pageserver.compute.postgres import Compute, free_port, pg_bindir, reap_stale, run_as
+from pageserver.compute.postgres import Compute, free_port, pg_bindir, pidfile_ready, reap_stale, run_as
 from pageserver.errors import BranchBusyError, ComputeError, ComputeNotFoundError, UnsafeDirectoryError
 from pageserver.fuse.filesystem import Mount, unmount
 from pageserver.pgdata.datadir import DataDir
@@ -93,6 +102,10 @@ def private_dir(path: str, mode: int = 0o700) -> str:
     if stat.S_IMODE(st.st_mode) != mode:
         os.chmod(path, mode)
     return path
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_dir_for(home: str) -> str:
@@ -158,6 +171,9 @@ class Node:
                 self.stop_compute(c.id)
             except Exception:  # noqa: BLE001 - keep closing the rest
                 log.exception("stopping compute %s", c.id)
+        if os.geteuid() == 0:
+            self.cgroups.reap()  # (a group a killed compute left, once its processes are gone)
+            self.cgroups.close()
         if self.mount is not None:
             self.mount.stop()
             if not os.path.ismount(self.mountpoint):
@@ -283,8 +299,6 @@ class Node:
                 tl = self.store.branch(tl, at_lsn=lsn, durable=False)
             dd = DataDir(tl)
             dd.on_full = self._refused
-            if max_size and not read_only:
-                dd.set_max_data(max_size)
             cid = os.urandom(6).hex()
             rundir = os.path.join(self.computes_dir, cid)
             private_dir(rundir, RUN_MODE)  # the page server's; postgres owns only its socket and local files
@@ -303,6 +317,10 @@ class Node:
                 self._by_timeline[tid] = cid
         extra = [x for k, v in (settings or {}).items() for x in ("-c", f"{k}={v}")]
         try:
+            # never refused while postgres starts or recovers: replay must redo what was allowed before
+            dd.may_refuse = functools.partial(pidfile_ready, os.path.join(c.local_root, "postmaster.pid"))
+            if max_size and not read_only:
+                dd.set_max_data(max_size)  # (out of the node's lock: it walks the tree)
             c.start(extra, timeout=timeout, socket_group=self.socket_group, cgroup=self._cgroups.get(cid))
         except BaseException:
             c.stopping = True
@@ -332,8 +350,8 @@ class Node:
         started with no limit, or where the system has none, stays so)."""
         with self._mu:
             cg = self._cgroups.get(compute_id)
-        if cg is not None and memory:
-            cg.set_limit(memory)
+        if cg is not None:
+            cg.set_limit(memory or _physical_memory())  # (none: as much as the machine has)
 
     def memory_limits(self) -> str:
         """How computes' memory is limited here, for people."""
@@ -343,17 +361,18 @@ class Node:
 
     def oom_kills(self) -> int:
         """OOM kills in computes' groups since this page server opened."""
-        with self._mu:
-            live = list(self._cgroups.values())
-        with self._hits_mu:
+        with self._hits_mu:  # (with _release's move of a group's count: each is counted once)
+            with self._mu:
+                live = list(self._cgroups.values())
             return self._ooms_before + sum(cg.oom_kills() for cg in live)
 
     def data_size(self, timeline_id: str) -> int | None:
-        """The bytes of relation files of the timeline's running compute, or None."""
+        """The bytes of relation files of the timeline's running compute, if
+        it is capped (and so counts them); else None."""
         with self._mu:
             cid = self._by_timeline.get(timeline_id)
         att = self.mount.ops.attachment(cid) if cid else None
-        return att.datadir.data_bytes if att is not None else None
+        return att.datadir.counted_bytes if att is not None else None
 
     def stop_compute(self, compute_id: str) -> None:
         """Fast shutdown, unmount its data directory, and make every write durable."""
@@ -374,11 +393,12 @@ class Node:
             if self._by_timeline.get(c.timeline_id) == c.id:
                 del self._by_timeline[c.timeline_id]
         att = self.mount.ops.detach(c.id)
-        with self._mu:
-            cg = self._cgroups.pop(c.id, None)
-        if cg is not None:
-            with self._hits_mu:
+        with self._hits_mu:
+            with self._mu:
+                cg = self._cgroups.pop(c.id, None)
+            if cg is not None:
                 self._ooms_before += cg.oom_kills()
+        if cg is not None:
             cg.remove()
         if c.read_only:
             try:

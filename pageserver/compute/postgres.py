@@ -238,7 +238,7 @@ class Compute:
             if self.process.poll() is not None:
                 raise ComputeError(self.id, f"postgres exited with {self.process.returncode} while starting",
                                    self.log_tail())
-            if _pidfile_ready(pidfile):
+            if pidfile_ready(pidfile):
                 break
             if time.monotonic() > deadline:
                 self.kill()
@@ -299,7 +299,8 @@ class Compute:
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 
-def _pidfile_ready(path: str) -> bool:
+def pidfile_ready(path: str) -> bool:
+    """Does the postmaster say it is ready (not starting, recovering or stopping)?"""
     try:
         with open(path) as f:
             lines = f.read().split("\n")

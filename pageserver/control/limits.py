@@ -3,10 +3,18 @@ where each is enforced.
 
     limit                 of              enforced by
     max_size              each branch     the FUSE layer: a write that would grow the branch's
-                                          relation files (base/, global/) past it gets ENOSPC,
-                                          so PostgreSQL says "could not extend file ... No
-                                          space left on device" and rolls back; WAL and other
-                                          files are bounded by PostgreSQL (max_wal_size)
+                                          relation files (in base/, global/ and in-place
+                                          tablespaces; temporary ones too) past it gets
+                                          ENOSPC, so PostgreSQL says "could not extend file
+                                          ... No space left on device" and rolls back (a
+                                          headroom of 1/16 for first pages, maps and system
+                                          catalogs, so TRUNCATE and VACUUM work at the cap;
+                                          nothing refused while postgres recovers); WAL and
+                                          temporary files are held near it by settings on
+                                          the command line (see `Limits.settings`). Not
+                                          counted: what a superuser writes outside its
+                                          relations (COPY TO a file, a tablespace linked
+                                          elsewhere): tenants are superusers
     branch_connections    each branch     the proxy (53300 past it)
     shared_buffers,       each compute    its postgres command line (-c, which ALTER SYSTEM
     work_mem                              cannot override: shared_buffers is a ceiling, work_mem
@@ -74,12 +82,22 @@ class Limits:
         return self
 
     def settings(self) -> dict[str, str]:
-        """The postgres settings these limits set (in kB, PostgreSQL's unit)."""
+        """The postgres settings these limits set. A capped branch's WAL is
+        kept near its cap too (no WAL kept for standbys or archiving, slots
+        held to the cap, checkpoints by then), and so are its temporary files
+        (compute-local: on the page server's disk). On the command line, none
+        of these can be changed by ALTER SYSTEM, and all but temp_file_limit
+        by no one (a superuser may SET that one)."""
         out = {}
         if self.shared_buffers:
             out["shared_buffers"] = f"{self.shared_buffers // KiB}kB"
         if self.work_mem:
             out["work_mem"] = f"{self.work_mem // KiB}kB"
+        if self.max_size:
+            out.update(archive_mode="off", wal_keep_size="0",
+                       max_slot_wal_keep_size=f"{max(self.max_size // MiB, 32)}MB",
+                       max_wal_size=f"{min(max(self.max_size // MiB, 64), 1024)}MB",
+                       temp_file_limit=f"{self.max_size // KiB}kB")
         return out
 
 
@@ -121,6 +139,8 @@ def parse_size(value: int | str | None, what: str = "size") -> int | None:
         if not m or unit is None:
             raise BadRequestError(f"invalid {what} {value!r}: use bytes or a number with kB, MB, GB or TB")
         n = int(float(m.group(1)) * unit)
+        if n == 0 and float(m.group(1)) != 0:
+            raise BadRequestError(f"invalid {what} {value!r}: less than a byte")
     if n < 0:
         raise BadRequestError(f"invalid {what} {value!r}: must not be negative")
     return n
@@ -131,12 +151,11 @@ def parse_count(value: int | str | None, what: str) -> int | None:
         return None
     if isinstance(value, str) and value.strip().lower() in _NONE:
         return 0
-    try:
-        if isinstance(value, bool):
-            raise ValueError
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
         return int(value)
-    except (TypeError, ValueError):
-        raise BadRequestError(f"invalid {what} {value!r}: use a whole number") from None
+    raise BadRequestError(f"invalid {what} {value!r}: use a whole number")
 
 
 def limits_of(values: dict[str, Any] | Limits | None) -> Limits:

@@ -137,6 +137,7 @@ from pageserver.scram import make_verifier, new_password, new_salt
 log = logging.getLogger("strata.control")
 
 MAIN = "main"
+OPERATOR = "@operator"  # the caller the operator's token is (no database's name has an @)
 DEFAULT_IDLE_TIMEOUT = 300.0
 COMPUTE_MEMORY = 256 << 20  # what one compute is budgeted (shared_buffers 128 MB and the rest)
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # housekeeping's backoff for a record that fails
@@ -808,21 +809,28 @@ class ControlPlane:
         """Would a compute with these limits start as a warm one did? (The
         memory limit can be changed on a running compute; the rest cannot,
         and a cap must be there before the first file is opened.)"""
-        mine = chosen.over(self.default_limits)
-        return mine.settings() == self.default_limits.settings() and mine.max_size == self.default_limits.max_size
+        mine, defaults = chosen.over(self.default_limits), self.default_limits
+        return (mine.settings() == defaults.settings() and mine.max_size == defaults.max_size
+                and bool(mine.memory) == bool(defaults.memory))  # (a warm one has a group only if they do)
 
     def _limit_running(self, c: Compute, limits: Limits) -> None:
-        with contextlib.suppress(ComputeNotFoundError):  # (stopped meanwhile: the next start has them)
+        """Give a running compute new limits (the catalog has them already:
+        one that cannot be set now is logged, and its next start has it)."""
+        try:
             self.ps.set_max_size(c.id, limits.max_size or None)
             self.ps.set_memory(c.id, limits.memory or None)
+        except ComputeNotFoundError:
+            pass  # stopped meanwhile
+        except OSError as e:
+            log.warning("compute %s keeps its memory limit until it restarts: %s", c.id, e)
 
     def _spend(self, caller: str | None) -> None:
-        """Take one creation from `caller`'s bucket (a token's: "operator",
+        """Take one creation from `caller`'s bucket (a token's: OPERATOR,
         or the database its scoped token belongs to); RateLimitedError when
         it is empty. In-process callers (None) are not limited."""
         if caller is None:
             return
-        if caller == "operator":
+        if caller == OPERATOR:
             per_minute, who = self.default_limits.creations_per_minute or 0, "the operator's token"
         else:
             db = self.catalog.snapshot.database_named.get(caller)
@@ -832,7 +840,7 @@ class ControlPlane:
             return
         now = self._mono()
         with self._rate_mu:
-            tokens, then, was = self._buckets.get(caller, (float(per_minute), now, per_minute))
+            tokens, then, was = self._buckets.pop(caller, (float(per_minute), now, per_minute))  # (re-put: newest)
             tokens += max(0, per_minute - was)  # (a raised limit gives its room at once)
             tokens = min(float(per_minute), tokens + (now - then) * per_minute / 60.0)
             if tokens < 1.0:
@@ -867,9 +875,10 @@ class ControlPlane:
         snap = self.catalog.snapshot
         db = self._db(snap, name)
         for br in self._branches_of(snap, db):
-            c = self.ps.compute_of(br.timeline)
-            if c is not None:
-                self._limit_running(c, self._limits(br))
+            with self._lock_of(br):  # (a wake that read the old record has registered its compute by now)
+                c = self.ps.compute_of(br.timeline)
+                if c is not None:
+                    self._limit_running(c, self._limits(br))
         log.info("database %s limits: %s", name, shown(self._limits(db)))
         return self.database(name)
 
@@ -1023,14 +1032,16 @@ class ControlPlane:
 
     def restore_branch(
         self, database: str, name: str, *, lsn: int | None = None, time: str | float | dt.datetime | None = None,
+        caller: str | None = None,
     ) -> tuple[BranchInfo, BranchInfo]:
         """Take the branch back to its own state at `lsn` or `time`; what it
-        was before is kept as a new branch `NAME-backup-<UTC time>`.
-        Returns (the branch, the backup)."""
+        was before is kept as a new branch `NAME-backup-<UTC time>` (a
+        creation, for the caller's rate). Returns (the branch, the backup)."""
         if (lsn is None) == (time is None):
             raise BadRequestError("restore needs an LSN or a time (one of them)")
         when = parse_time(time, self._clock()) if time is not None else None
         br = self.resolve(f"{database}/{name}")
+        self._spend(caller)
         names: list[str] = []
         with self._lock_of(br):
             br = self._current(br, database, name)  # another reset may have replaced its timeline

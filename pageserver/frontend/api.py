@@ -32,7 +32,7 @@ from engine import (
     NotFoundError,
     StrataError,
 )
-from pageserver.control.plane import MAIN, ControlPlane
+from pageserver.control.plane import MAIN, OPERATOR, ControlPlane
 from pageserver.control.rpc import RemoteControl
 from pageserver.errors import BranchBusyError, ControlPlaneError, RateLimitedError
 
@@ -69,6 +69,8 @@ class DatabaseCreate(DatabaseLimits):
 
 
 class BranchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # (limits are its database's: a branch has none of its own)
+
     name: str
     parent: str = MAIN
     lsn: int | None = Field(None, description="branch at this LSN of the parent (default: its head)")
@@ -169,7 +171,7 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
         """Returns the database with its URI and its scoped `token` (only here)."""
         return control.create_database(req.name, ttl=req.ttl, idle_timeout=req.idle_timeout,
                                        expire_after_idle=req.expire_after_idle, limits=req.limits(),
-                                       caller="operator").to_dict()
+                                       caller=OPERATOR).to_dict()
 
     @v1.get("/databases")
     def list_databases() -> list[dict[str, Any]]:
@@ -193,7 +195,7 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
         return control.create_branch(
             db, req.name, parent=req.parent, lsn=req.lsn, time=req.time, ttl=req.ttl,
             idle_timeout=req.idle_timeout, expire_after_idle=req.expire_after_idle, protected=req.protected,
-            caller=who or "operator",
+            caller=who or OPERATOR,
         ).to_dict()
 
     @dbr.get("/databases/{db}/branches")
@@ -219,8 +221,9 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
         return control.reset_branch(db, name).to_dict()
 
     @dbr.post("/databases/{db}/branches/{name}/restore")
-    def restore_branch(db: str, name: str, req: Restore) -> dict[str, Any]:
-        branch, backup = control.restore_branch(db, name, lsn=req.lsn, time=req.time)
+    def restore_branch(db: str, name: str, req: Restore,
+                       who: str | None = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+        branch, backup = control.restore_branch(db, name, lsn=req.lsn, time=req.time, caller=who or OPERATOR)
         return {**branch.to_dict(), "backup": backup.to_dict()}
 
     @dbr.post("/databases/{db}/branches/{name}/detach")
@@ -240,7 +243,7 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
                     who: str | None = Depends(principal)) -> dict[str, Any]:  # noqa: B008
         """A new password of the branch's, in its URI (shown only here: the
         catalog keeps its SCRAM verifier)."""
-        return {"uri": control.uri(f"{db}/{name}", ttl=req.ttl, caller=who or "operator")}
+        return {"uri": control.uri(f"{db}/{name}", ttl=req.ttl, caller=who or OPERATOR)}
 
     @dbr.get("/databases/{db}/branches/{name}/lsn")
     def lsn(db: str, name: str) -> dict[str, Any]:

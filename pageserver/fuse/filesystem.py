@@ -77,7 +77,7 @@ from engine import StrataError
 from pageserver.fuse import libfuse
 from pageserver.pgdata.datadir import DataDir
 from pageserver.pgdata.layout import DIRECTORY, FILE, ROOT, SYMLINK, Inode
-from pageserver.pgdata.policy import LOCAL_DIRS, MAP_FORK, RELATION_FILE, is_local
+from pageserver.pgdata.policy import LOCAL_DIRS, RELATION_FILE, is_local, lenient
 
 libfuse.bind()  # before mfusepy is imported: it picks its library then
 import mfusepy  # noqa: E402
@@ -145,8 +145,8 @@ class _Handle:
     ino: int = 0  # a DataDir file
     fd: int = -1  # or a local file
     rel: str = ""  # its path in the data directory (for logs)
-    capped: bool = False  # a relation file of a capped branch: direct I/O, its growth counted
-    enforced: bool = False  # ... and refused past the cap (not the maps: see RELATION_FILE)
+    capped: bool = False  # a relation file of a capped branch: direct I/O, its growth checked
+    lenient: bool = False  # ... against the cap's headroom (a map or a catalog: see policy.lenient)
 
 
 class _Current(threading.local):
@@ -421,7 +421,7 @@ class StrataFS(mfusepy.Operations):
                 raise OSError(errno.ENOENT, "detached")
             fh = self._t.next_fh
             self._t.next_fh += 1
-            self._t.handles[fh] = _Handle(att, ino, fd, rel, capped, capped and MAP_FORK.search(rel) is None)
+            self._t.handles[fh] = _Handle(att, ino, fd, rel, capped, capped and lenient(rel))
             return fh
 
     def direct_io(self, fh: int) -> bool:
@@ -490,7 +490,7 @@ class StrataFS(mfusepy.Operations):
         if h.fd >= 0:
             return os.pwrite(h.fd, data, offset)
         if h.capped:  # (durable at the next sync of the branch: see pageserver.pgdata.datadir)
-            return h.att.datadir.write(h.ino, offset, data, enforce=h.enforced)
+            return h.att.datadir.write(h.ino, offset, data, enforce=True, lenient=h.lenient)
         return h.att.datadir.write(h.ino, offset, data, durable=True)
 
     @operation
@@ -500,7 +500,7 @@ class StrataFS(mfusepy.Operations):
             if h.fd >= 0:
                 os.ftruncate(h.fd, length)
             else:
-                h.att.datadir.truncate(h.ino, length, durable=True, enforce=h.enforced)
+                h.att.datadir.truncate(h.ino, length, durable=True, enforce=h.capped, lenient=h.lenient)
             return 0
         att, ino, local = self._target(path, None)
         if local is not None:

@@ -10,16 +10,21 @@ branching at any LSN gives a crash-consistent data directory.
 
 A `DataDir` opened at a past LSN is read-only (EROFS on every change).
 
-The cap (`set_max_data`): once set, the bytes of the files below `base/`
-and `global/` (PostgreSQL's relations: what its databases hold) are
-counted, and a write or truncate that would grow them past the cap gets
-ENOSPC, whole, before anything changes: PostgreSQL then fails the
-statement that extends a relation ("could not extend file ... No space
-left on device") and keeps running. Writes within a file's size, and
-every other file (WAL, pg_xact, ...), are never refused, so no commit,
-checkpoint or recovery can fail on the cap. It is counted from the tree
-when first set (one walk of those directories) and kept up to date by
-every change after.
+The cap (`set_max_data`): once set, the bytes of the files below `base/`,
+`global/` and `pg_tblspc/` (PostgreSQL's relations: what its databases
+hold) are counted, and a write or truncate the caller asks to be checked
+(`enforce`) that would grow them past the cap gets ENOSPC, whole, before
+anything changes: PostgreSQL then fails the statement that extends a
+relation ("could not extend file ... No space left on device") and keeps
+running. A file's first page, and growth the caller calls `lenient` (the
+free-space and visibility maps), may go a headroom past the cap (1/16 of
+it, at least 4 MiB), so that TRUNCATE, DROP and VACUUM, which free space,
+still work on a full branch. Writes within a file's size, and every other
+file (WAL, pg_xact, ...), are never refused, so no commit or checkpoint
+can fail on the cap; nor is anything while `may_refuse` says no (the
+compute is recovering: replay must redo what was allowed before). It is
+counted from the tree when first set (one walk of those directories) and
+kept up to date by every change after (once it is committed).
 
 Errors are `OSError` with the errno a file system would give.
 
@@ -34,7 +39,8 @@ Concurrency (libfuse calls in from up to 64 threads at once):
                   whole by a change (copy on write), never edited in place
     _pending, _committed_size, _pending_bytes, _open, _orphans, _next_ino,
     _data_bytes, _data_files, _data_dirs, max_data:
-                  only under _mu
+                  changed only under _mu (max_data and _data_bytes are read
+                  without it too: one atomic read, a hint)
 
 Readers (inode, lookup, readdir, read) take no lock when the cache holds
 what they need: a dict read is atomic, and what they get is immutable. A
@@ -85,7 +91,8 @@ _ZERO = bytes(PAGE)
 _NONE: dict[int, bytes] = {}
 PENDING_LIMIT = 64 << 20  # pending writes past this are committed (not synced)
 _FREE_CHUNK = 65536  # page tombstones per commit when a big file is freed
-DATA_ROOTS = (b"base", b"global")  # the top-level directories whose files the cap counts
+DATA_ROOTS = (b"base", b"global", b"pg_tblspc")  # the top-level directories whose files the cap counts
+MIN_HEADROOM = 4 << 20
 
 Batch = dict[int, bytes | None]
 Entry = tuple[int, int]  # (inode, kind)
@@ -124,6 +131,7 @@ class DataDir:
         self.pending_limit = PENDING_LIMIT
         self.max_data: int | None = None  # the cap (see the top); None: none
         self.on_full: Callable[[], None] | None = None  # called for each write the cap refuses
+        self.may_refuse: Callable[[], bool] | None = None  # asked before one is refused: False lets it be
         self._data_bytes: int | None = None  # counted once a cap is first set
         self._data_files: set[int] = set()
         self._data_dirs: set[int] = set()
@@ -156,6 +164,11 @@ class DataDir:
             assert self._data_bytes is not None
             return self._data_bytes
 
+    @property
+    def counted_bytes(self) -> int | None:
+        """The same, if they are counted (a cap was set); None otherwise."""
+        return self._data_bytes
+
     def _count_data(self) -> None:
         self._data_files, self._data_dirs, total = set(), set(), 0
         for name, ino, kind in self.readdir(ROOT):
@@ -170,17 +183,28 @@ class DataDir:
                     total += node.size
         self._data_bytes = total
 
-    def _grow(self, ino: int, old: int, new: int, enforce: bool = True) -> None:
-        """Count a file's change of size, or (with `enforce`) refuse it
-        (ENOSPC) if it grows the relations past the cap (caller holds the
+    def _check_growth(self, ino: int, old: int, new: int, enforce: bool, lenient: bool) -> None:
+        """Refuse (ENOSPC) growing a file from `old` to `new` bytes, if it is
+        checked and would take the relations past the cap (caller holds the
         lock, and changes nothing before this)."""
-        if self._data_bytes is None or ino not in self._data_files or new == old:
+        if not enforce or new <= old or self.max_data is None or self._data_bytes is None:
             return
-        if enforce and new > old and self.max_data is not None and self._data_bytes + new - old > self.max_data:
-            if self.on_full is not None:
-                self.on_full()
-            raise _err(errno.ENOSPC, f"the branch's cap of {self.max_data} bytes of relation data is reached")
-        self._data_bytes += new - old
+        if ino not in self._data_files:
+            return
+        limit = self.max_data
+        if lenient or old == 0:
+            limit += max(MIN_HEADROOM, self.max_data // 16)
+        if self._data_bytes + new - old <= limit:
+            return
+        if self.may_refuse is not None and not self.may_refuse():
+            return
+        if self.on_full is not None:
+            self.on_full()
+        raise _err(errno.ENOSPC, f"the branch's cap of {self.max_data} bytes of relation data is reached")
+
+    def _count_growth(self, ino: int, old: int, new: int) -> None:
+        if self._data_bytes is not None and ino in self._data_files:
+            self._data_bytes += new - old
 
     def _counted_as(self, parent: int, name: bytes, ino: int, kind: int) -> None:
         """Count a new entry in the tree the cap counts (caller holds the lock)."""
@@ -335,7 +359,7 @@ class DataDir:
         return page or _ZERO
 
     def write(self, ino: int, offset: int, data: bytes | memoryview, *, durable: bool = False,
-              enforce: bool = False) -> int:
+              enforce: bool = False, lenient: bool = False) -> int:
         """Write into the file's pending pages. They reach the timeline (in
         one commit per file) when the file is fsynced, or sooner if pending
         data passes PENDING_LIMIT: as the kernel's page cache does, and so
@@ -362,7 +386,8 @@ class DataDir:
             if node.kind != FILE:
                 raise _err(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
             if end > node.size:
-                self._grow(ino, node.size, end, enforce)
+                self._check_growth(ino, node.size, end, enforce, lenient)
+                self._count_growth(ino, node.size, end)  # (in memory from here: pending, or committed below)
             pending = self._pending.get(ino)
             if pending is None:
                 pending = self._pending[ino] = {}
@@ -432,7 +457,8 @@ class DataDir:
         if pending:
             self._commit_file(ino, pending)
 
-    def truncate(self, ino: int, size: int, *, durable: bool = False, enforce: bool = False) -> None:
+    def truncate(self, ino: int, size: int, *, durable: bool = False, enforce: bool = False,
+                 lenient: bool = False) -> None:
         self._writable()
         if size < 0 or size > MAX_FILE_SIZE:
             raise _err(errno.EFBIG if size > 0 else errno.EINVAL)
@@ -441,7 +467,7 @@ class DataDir:
             node = self.inode(ino)
             if node.kind != FILE:
                 raise _err(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
-            self._grow(ino, node.size, size, enforce)
+            self._check_growth(ino, node.size, size, enforce, lenient)
             batch: Batch = {}
             if size < node.size:
                 old_pages = (node.size + PAGE - 1) // PAGE
@@ -463,6 +489,7 @@ class DataDir:
             batch[inode_key(ino)] = new.encode()
             self._commit(batch)
             self._inodes[ino] = new
+            self._count_growth(ino, node.size, size)
             for i in range(0, len(rest), _FREE_CHUNK):
                 self._commit({page_key(ino, b): None for b in rest[i : i + _FREE_CHUNK]})
             if durable:
@@ -506,6 +533,8 @@ class DataDir:
                 new.mtime_ns = mtime_ns
             self._commit({inode_key(ino): new.encode()})
             self._inodes[ino] = new
+            if durable and self._pending:
+                self.commit_pending()
         if durable:
             self.timeline.sync()
         return new
@@ -571,7 +600,6 @@ class DataDir:
     def _drop(self, batch: Batch, ino: int, node: Inode) -> list[int]:
         """Stage removing the last link to `ino`. Returns blocks to free after
         the commit (none if the file is still open: it becomes an orphan)."""
-        self._uncount(ino, node.size)  # (out of the tree, though an orphan keeps its pages until closed)
         if self._open.get(ino):
             self._settle(ino)
             self._orphans.add(ino)
@@ -611,6 +639,7 @@ class DataDir:
             batch[inode_key(parent)] = self._touch(self.inode(parent)).encode()
             later = self._drop(batch, ino, node)
             self._commit(batch)
+            self._uncount(ino, node.size)  # (out of the tree, though an orphan keeps its pages until closed)
             self._after_drop(ino, batch)
             self._inodes[parent] = Inode.decode(batch[inode_key(parent)])  # type: ignore[arg-type]
             self._apply_entries(staged)
@@ -718,6 +747,7 @@ class DataDir:
             self._commit(batch)
             self._inodes.update(parents)
             if dst is not None:
+                self._uncount(dst, dnode.size)
                 self._after_drop(dst, batch)
             self._apply_entries(staged)
             if dst is not None:

@@ -32,14 +32,30 @@ def is_local(rel: str) -> bool:
     return any(p.startswith("pgsql_tmp") for p in parts) or parts[-1].startswith("pg_internal.init")
 
 
-# A relation's data (a fork, or a 1 GB segment of one) in a database's
-# directory: what grows with the data, and what a branch's cap checks as
-# it is written (pageserver.pgdata.datadir); not pg_filenode.map or PG_VERSION.
-RELATION_FILE = re.compile(r"^base/\d+/\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
-# ... of which the free space and visibility maps are never refused: they are a
-# small fraction of their relation, and VACUUM must be able to make them on a
-# full branch (or the rows it would free could never be reused)
-MAP_FORK = re.compile(r"_(?:fsm|vm)(?:\.\d+)?$")
+# A relation's data (a fork, or a 1 GB segment of one; a temporary
+# relation's too, t<backend>_<node>): in a database's directory, in global/
+# (the shared catalogs) or in a tablespace's. What grows with the data, and
+# what a branch's cap checks as it is written (pageserver.pgdata.datadir);
+# not pg_control, pg_filenode.map or PG_VERSION.
+_NODE = r"(?:t\d+_)?\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?"
+RELATION_FILE = re.compile(rf"^(?:base/\d+/{_NODE}|global/{_NODE}|pg_tblspc/\d+/PG_[^/]+/\d+/{_NODE})$")
+# ... of which some may take the cap's headroom (as every file's first page
+# may): the free space and visibility maps, a small fraction of their
+# relation, which VACUUM must be able to make on a full branch (or the rows
+# it would free could never be reused); and the system catalogs (their
+# initdb-given file numbers are below 16384), which TRUNCATE, DROP and
+# temporary tables grow a little
+_MAP = re.compile(r"_(?:fsm|vm)(?:\.\d+)?$")
+_MAIN = re.compile(r"/(\d+)(?:\.\d+)?$")
+FIRST_NORMAL_OID = 16384
+
+
+def lenient(rel: str) -> bool:
+    """May this relation file (RELATION_FILE) take the cap's headroom?"""
+    if _MAP.search(rel):
+        return True
+    m = _MAIN.search(rel)
+    return m is not None and int(m.group(1)) < FIRST_NORMAL_OID
 
 
 PG_CONF = """

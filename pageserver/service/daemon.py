@@ -309,10 +309,11 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
     return its state (api, proxy, token_file, pid). Safe to call from many
     processes at once: one starts it, the others wait for it. `limits` are
     the databases' defaults (`pageserver.control.limits`), checked here."""
-    if limits:
-        from pageserver.control.limits import limits_of
+    from pageserver.control.limits import DEFAULTS, limits_of
 
-        limits_of(limits)  # a bad one is refused here, not by a page server that then cannot start
+    # a bad one is refused here, not by a page server that then cannot start
+    given = {**(limits or {}), **({"branch_connections": branch_connections} if branch_connections else {})}
+    limits_of(given).over(DEFAULTS).check()
     home = os.path.realpath(home or default_home())
     state = read_state(home)
     if state is not None:
