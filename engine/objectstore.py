@@ -1,0 +1,293 @@
+"""The object-store seam (issue: beyond one disk): the few operations the
+remote tier needs, and a backend on a local file system (for tests, a NAS
+or a second disk). An S3 backend comes next, behind the same interface.
+
+    get(key) -> Object            the bytes and their ETag (ObjectNotFoundError)
+    get_range(key, start, end)    bytes [start, end), clipped at the object's end
+    put(key, data) -> etag        unconditional
+    put_if_absent(key, data)      PreconditionFailedError if the key exists
+    put_if_match(key, data, etag) PreconditionFailedError unless its ETag is `etag`
+    delete(keys)                  batched; missing keys are not an error
+    list(prefix) -> [Listed]      keys under a prefix, sorted, with their sizes
+
+Keys are what S3 takes and a file system can hold: 1-1024 bytes of UTF-8,
+`/`-separated segments of [A-Za-z0-9._=-] (no empty, `.` or `..` segment).
+The local backend cannot hold both `a` and `a/b` (S3 can): keys the remote
+tier makes never do that.
+An ETag is an opaque string with no quotes (backends that quote theirs, as
+S3 does, strip them: `normalise_etag`); here it is the xxh3_64 of the bytes,
+in hex.
+
+The local layout (versioned by its marker; objects are stored as given:
+the formats that go up carry their own checksums):
+
+    <root>/STRATA-OBJECTSTORE   "strata-objectstore 1\\n": what this directory is
+    <root>/objects/<key>        one file per object
+    <root>/tmp/                 writes in progress (removed at open)
+    <root>/lock                 flock'ed around each conditional write
+
+Every put writes a temporary file, fsyncs it, renames it into place and
+fsyncs the directory: a crash leaves the old object or the new one.
+`put_if_absent` links the temporary file into place (link fails if the
+name exists), so it needs no lock; `put_if_match` checks the ETag and
+renames under an exclusive flock of `lock`, which serialises it against
+every other conditional write of any thread or process (each call opens
+the lock file itself: flock excludes open file descriptions).
+Unconditional puts and deletes take the lock shared, so they never land
+between a conditional write's check and its rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .checksums import xxh3
+from .errors import InvalidArgumentError, StrataError
+
+MARKER = "STRATA-OBJECTSTORE"
+MARKER_TEXT = "strata-objectstore 1\n"
+MAX_KEY = 1024
+_SEGMENT = re.compile(r"^[A-Za-z0-9._=-]+$")
+
+
+class ObjectStoreError(StrataError):
+    """What an object store refused or could not do."""
+
+
+class ObjectNotFoundError(ObjectStoreError, LookupError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no object {key!r}")
+        self.key = key
+
+
+class PreconditionFailedError(ObjectStoreError):
+    """A conditional write lost: the object exists, or its ETag changed."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"conditional write of {key!r} refused: {why}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Object:
+    data: bytes
+    etag: str
+
+
+@dataclass(frozen=True)
+class Listed:
+    key: str
+    size: int
+
+
+class ObjectStore(Protocol):
+    def get(self, key: str) -> Object: ...
+    def get_range(self, key: str, start: int, end: int) -> bytes: ...
+    def put(self, key: str, data: bytes) -> str: ...
+    def put_if_absent(self, key: str, data: bytes) -> str: ...
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str: ...
+    def delete(self, keys: Sequence[str]) -> None: ...
+    def list(self, prefix: str = "") -> list[Listed]: ...
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY:
+        raise InvalidArgumentError(f"invalid object key {key!r}: use 1-{MAX_KEY} bytes")
+    for seg in key.split("/"):
+        if seg in ("", ".", "..") or not _SEGMENT.match(seg):
+            raise InvalidArgumentError(f"invalid object key {key!r}: segments of [A-Za-z0-9._=-], "
+                                       "none empty, '.' or '..'")
+    return key
+
+
+def normalise_etag(etag: str) -> str:
+    """An ETag as this interface speaks it: without quotes or a weak prefix."""
+    etag = etag.strip()
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    return etag.strip('"')
+
+
+def etag_of(data: bytes) -> str:
+    return f"{xxh3(data):016x}"
+
+
+class LocalObjectStore:
+    """An object store in a directory (see the top for its layout)."""
+
+    def __init__(self, root: str, *, create: bool = True) -> None:
+        self.root = os.path.abspath(root)
+        marker = os.path.join(self.root, MARKER)
+        if not os.path.exists(marker):
+            if not create:
+                raise ObjectStoreError(f"{self.root} is not an object store (no {MARKER})")
+            if os.path.isdir(self.root) and os.listdir(self.root):
+                raise ObjectStoreError(f"{self.root} has files and is not an object store: "
+                                       "give an empty or new directory")
+            os.makedirs(os.path.join(self.root, "objects"), mode=0o700, exist_ok=True)
+            self._write_new(marker, MARKER_TEXT.encode(), replace=True)
+        else:
+            with open(marker) as f:
+                if f.read() != MARKER_TEXT:
+                    raise ObjectStoreError(f"{marker}: unknown object store version (this is {MARKER_TEXT!r})")
+        self._tmp = os.path.join(self.root, "tmp")
+        with contextlib.suppress(FileNotFoundError):  # writes a crash interrupted
+            for name in os.listdir(self._tmp):
+                os.unlink(os.path.join(self._tmp, name))
+        os.makedirs(self._tmp, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.join(self.root, "objects"), mode=0o700, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalObjectStore({self.root!r})"
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, "objects", check_key(key))
+
+    def get(self, key: str) -> Object:
+        try:
+            with open(self._path(key), "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(key) from None
+        return Object(data, etag_of(data))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        if not 0 <= start <= end:
+            raise InvalidArgumentError(f"invalid range [{start}, {end}) of {key!r}")
+        try:
+            with open(self._path(key), "rb") as f:
+                return os.pread(f.fileno(), end - start, start)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(key) from None
+
+    def list(self, prefix: str = "") -> list[Listed]:
+        base = os.path.join(self.root, "objects")
+        out = []
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                key = os.path.relpath(path, base).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):  # (deleted meanwhile)
+                        out.append(Listed(key, os.stat(path).st_size))
+        return sorted(out, key=lambda x: x.key)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        with self._locked(fcntl.LOCK_SH):
+            self._write_new(path, data, replace=True)
+        return etag_of(data)
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        with self._locked(fcntl.LOCK_SH):
+            try:
+                self._write_new(path, data, replace=False)
+            except FileExistsError:
+                raise PreconditionFailedError(key, "it exists") from None
+        return etag_of(data)
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str:
+        path = self._path(key)
+        want = normalise_etag(etag)
+        with self._locked(fcntl.LOCK_EX):
+            try:
+                now = self._etag_at(path)
+            except FileNotFoundError:
+                raise PreconditionFailedError(key, "it does not exist") from None
+            if now != want:
+                raise PreconditionFailedError(key, f"its ETag is {now}, not {want}")
+            self._write_new(path, data, replace=True)
+        return etag_of(data)
+
+    def _etag_at(self, path: str) -> str:
+        with open(path, "rb") as f:
+            return etag_of(f.read())
+
+    def delete(self, keys: Sequence[str]) -> None:
+        paths = [self._path(k) for k in keys]  # (all checked before any is deleted)
+        with self._locked(fcntl.LOCK_SH):
+            dirs = set()
+            for p in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+                    dirs.add(os.path.dirname(p))
+            for d in dirs:
+                _sync_dir(d)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, how: int) -> Iterator[None]:
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, how)
+            yield
+        finally:
+            os.close(fd)  # (releases the flock)
+
+    def _write_new(self, path: str, data: bytes, *, replace: bool) -> None:
+        """write-temp, fsync, rename (or link, when it must not exist), fsync-directory."""
+        parent = os.path.dirname(path)
+        made = _makedirs(parent)
+        tmp = os.path.join(self.root, "tmp", secrets.token_hex(8)) if os.path.isdir(
+            os.path.join(self.root, "tmp")) else path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            if os.path.isdir(path):
+                raise InvalidArgumentError(f"{path}: a local object store cannot hold an object and keys "
+                                           "below it as one name (S3 can)")
+            if replace:
+                os.rename(tmp, path)
+            else:
+                os.link(tmp, path)  # FileExistsError if it is there: atomic
+                os.unlink(tmp)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _sync_dir(parent)
+        for d in made:  # (new directories' entries in their parents)
+            _sync_dir(os.path.dirname(d))
+
+
+def _makedirs(path: str) -> list[str]:
+    """Make `path` and its missing parents (0700); the ones made, top first."""
+    made: list[str] = []
+    p = path
+    while not os.path.isdir(p):
+        if os.path.lexists(p) and not os.path.isdir(p):  # (made meanwhile by another writer: fine)
+            raise InvalidArgumentError(f"{p}: a local object store cannot hold an object and keys "
+                                       "below it as one name (S3 can)")
+        made.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(made):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+    return list(reversed(made))
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
