@@ -131,7 +131,8 @@ class LocalObjectStore:
             if os.path.isdir(self.root) and os.listdir(self.root):
                 raise ObjectStoreError(f"{self.root} has files and is not an object store: "
                                        "give an empty or new directory")
-            os.makedirs(os.path.join(self.root, "objects"), mode=0o700, exist_ok=True)
+            for d in ("objects", "tmp"):
+                os.makedirs(os.path.join(self.root, d), mode=0o700, exist_ok=True)
             self._write_new(marker, MARKER_TEXT.encode(), replace=True)
         else:
             with open(marker) as f:
@@ -241,8 +242,7 @@ class LocalObjectStore:
         """write-temp, fsync, rename (or link, when it must not exist), fsync-directory."""
         parent = os.path.dirname(path)
         made = _makedirs(parent)
-        tmp = os.path.join(self.root, "tmp", secrets.token_hex(8)) if os.path.isdir(
-            os.path.join(self.root, "tmp")) else path + ".tmp"
+        tmp = os.path.join(self.root, "tmp", secrets.token_hex(8))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from psycopg import sql as psql
 
-from pageserver.compute.postgres import _works_in
+from pageserver.compute.postgres import processes_in
 from pageserver.control.limits import DEFAULTS, GiB, KiB, Limits, MiB, limits_of, parse_size
 from pageserver.errors import BadRequestError, RateLimitedError
 from pageserver.frontend.api import make_app
@@ -274,7 +274,7 @@ def test_a_compute_past_its_memory_limit_loses_a_backend_and_comes_back(tmp_path
         limit_file = "memory.max" if cg.version == "v2" else "memory.limit_in_bytes"
         with open(os.path.join(cg.path, limit_file)) as f:
             assert int(f.read()) == 160 * MiB
-        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _works_in(int(p), c.pgdata)]
+        workers = processes_in(c.pgdata)
         assert c.pid in workers and set(workers) <= set(cg.pids())  # every process of the compute
         with psycopg.connect(t.uri(), autocommit=True, connect_timeout=30) as conn:
             backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]

@@ -245,10 +245,8 @@ class Compute:
                 raise ComputeError(self.id, f"postgres not ready after {timeout:.0f} s", self.log_tail())
             time.sleep(0.002)
         if cgroup is not None:
-            prefix = self.pgdata.rstrip("/")
-            for entry in os.listdir("/proc"):
-                if entry.isdigit() and _works_in(int(entry), prefix):
-                    cgroup.add(int(entry))
+            for pid in processes_in(self.pgdata):
+                cgroup.add(pid)
         self.start_seconds = time.monotonic() - t0
         self._watch = threading.Thread(target=self._watcher, name=f"compute-{self.id}", daemon=True)
         self._watch.start()
@@ -384,12 +382,19 @@ def kill_compute(pid: int | None, start: int | None, pgdata: str) -> int:
     n = 0
     if pid and start is not None and signal_process(pid, signal.SIGKILL, lambda: process_start(pid) == start):
         n += 1
-    prefix = pgdata.rstrip("/")  # (canonical: the node resolves its run directory, as /proc/<pid>/cwd shows it)
+    prefix = pgdata.rstrip("/")
     spared = pid if n else None  # the postmaster, signalled above
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != spared and _works_in(int(entry), prefix):
-            n += signal_process(int(entry), signal.SIGKILL, functools.partial(_works_in, int(entry), prefix))
+    for other in processes_in(pgdata):
+        if other != spared:
+            n += signal_process(other, signal.SIGKILL, functools.partial(_works_in, other, prefix))
     return n
+
+
+def processes_in(pgdata: str) -> list[int]:
+    """The processes working in a data directory (a compute's postmaster and
+    backends: postgres runs in its data directory)."""
+    prefix = pgdata.rstrip("/")  # (canonical: the node resolves its run directory, as /proc/<pid>/cwd shows it)
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _works_in(int(e), prefix)]
 
 
 def reap_stale(computes_dir: str) -> int:
