@@ -1,6 +1,7 @@
 """The object-store seam (issue: beyond one disk): the few operations the
-remote tier needs, and a backend on a local file system (for tests, a NAS
-or a second disk). An S3 backend comes next, behind the same interface.
+remote tier needs, a backend on a local file system (for tests, a NAS or a
+second disk) and one on the S3 API (through obstore), both opened from a
+URL by `open_object_store`: `file:///path` or `s3://bucket/prefix`.
 
     get(key) -> Object            the bytes and their ETag (ObjectNotFoundError)
     get_range(key, start, end)    bytes [start, end), clipped at the object's end
@@ -8,15 +9,26 @@ or a second disk). An S3 backend comes next, behind the same interface.
     put_if_absent(key, data)      PreconditionFailedError if the key exists
     put_if_match(key, data, etag) PreconditionFailedError unless its ETag is `etag`
     delete(keys)                  batched; missing keys are not an error
-    list(prefix) -> [Listed]      keys under a prefix, sorted, with their sizes
+    list(prefix) -> [Listed]      keys below a prefix of whole segments ("a/b"
+                                  lists "a/b/c", never "a/bc"), sorted, with sizes
 
 Keys are what S3 takes and a file system can hold: 1-1024 bytes of UTF-8,
 `/`-separated segments of [A-Za-z0-9._=-] (no empty, `.` or `..` segment).
 The local backend cannot hold both `a` and `a/b` (S3 can): keys the remote
 tier makes never do that.
 An ETag is an opaque string with no quotes (backends that quote theirs, as
-S3 does, strip them: `normalise_etag`); here it is the xxh3_64 of the bytes,
-in hex.
+S3 does, strip them: `normalise_etag`); the local backend's is the xxh3_64
+of the bytes, in hex, S3's is what the server says (an MD5, for most).
+
+The S3 backend (`S3ObjectStore`) sends If-None-Match: * and If-Match, and
+relies on the server to honour them: `probe_conditional_writes` checks that
+it does (servers differ; some ignore the headers), and the remote tier
+refuses to fence with a store that fails it. obstore retries 5xx answers,
+timeouts and dropped connections itself, with backoff. A conditional PUT
+whose answer was lost is retried and refused (412) by its own success: so a
+refusal is checked by reading the object back, and a write that finds its
+own bytes in place has won. Callers make conditional bodies unique (a lease
+names its holder and a nonce), so equal bytes mean this writer's.
 
 The local layout (versioned by its marker; objects are stored as given:
 the formats that go up carry their own checksums):
@@ -40,11 +52,13 @@ between a conditional write's check and its rename.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import os
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +79,10 @@ class ObjectNotFoundError(ObjectStoreError, LookupError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no object {key!r}")
         self.key = key
+
+
+class ConditionalWritesUnsupportedError(ObjectStoreError):
+    """The store does not honour If-None-Match / If-Match: it cannot fence."""
 
 
 class PreconditionFailedError(ObjectStoreError):
@@ -105,6 +123,12 @@ def check_key(key: str) -> str:
             raise InvalidArgumentError(f"invalid object key {key!r}: segments of [A-Za-z0-9._=-], "
                                        "none empty, '.' or '..'")
     return key
+
+
+def _list_prefix(prefix: str) -> str:
+    """`prefix` as the start of the keys below it ("" or "a/b/")."""
+    prefix = prefix.rstrip("/")
+    return check_key(prefix) + "/" if prefix else ""
 
 
 def normalise_etag(etag: str) -> str:
@@ -172,12 +196,13 @@ class LocalObjectStore:
 
     def list(self, prefix: str = "") -> list[Listed]:
         base = os.path.join(self.root, "objects")
+        below = _list_prefix(prefix)
         out = []
         for dirpath, _, files in os.walk(base):
             for name in files:
                 path = os.path.join(dirpath, name)
                 key = os.path.relpath(path, base).replace(os.sep, "/")
-                if key.startswith(prefix):
+                if key.startswith(below):
                     with contextlib.suppress(FileNotFoundError):  # (deleted meanwhile)
                         out.append(Listed(key, os.stat(path).st_size))
         return sorted(out, key=lambda x: x.key)
@@ -291,3 +316,194 @@ def _sync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- S3 ---------------------------------------------------------------------------------
+
+
+def _s3_error(e: Exception, key: str, what: str) -> ObjectStoreError:
+    """An obstore error as ours, with its first line (the request, its status)
+    and never the request's headers or credentials."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ObjectStoreError(f"{what} {key!r}: {first}")
+
+
+class S3ObjectStore:
+    """An object store in an S3 bucket, under an optional prefix.
+
+    Credentials, region and endpoint come from `options` or else the usual
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    AWS_REGION or AWS_DEFAULT_REGION, AWS_ENDPOINT_URL); an http:// endpoint
+    (a test server, a store on the LAN) is allowed when it is given."""
+
+    def __init__(
+        self, bucket: str, prefix: str = "", *, options: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None, timeout_s: float = 30.0, retries: int = 4,
+    ) -> None:
+        from obstore.store import S3Store
+
+        env = os.environ if env is None else env
+        opts = dict(options or {})
+        endpoint = opts.get("endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint"] = endpoint
+        opts.setdefault("region", env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1")
+        for name, var in (("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+                          ("session_token", "AWS_SESSION_TOKEN")):
+            if var in env and name not in opts:
+                opts[name] = env[var]
+        if prefix:
+            check_key(prefix.strip("/"))
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint = endpoint or f"https://s3.{opts['region']}.amazonaws.com"
+        self._store = S3Store(
+            bucket, prefix=self.prefix or None, config=opts,  # type: ignore[arg-type]
+            client_options={
+                "allow_http": bool(endpoint and endpoint.startswith("http://")),
+                "timeout": datetime.timedelta(seconds=timeout_s),
+                "connect_timeout": datetime.timedelta(seconds=min(5.0, timeout_s)),
+            },
+            retry_config={
+                "max_retries": retries,
+                "retry_timeout": datetime.timedelta(seconds=timeout_s * 2),
+                "backoff": {"init_backoff": datetime.timedelta(milliseconds=50),
+                            "max_backoff": datetime.timedelta(seconds=2), "base": 2},
+            },
+        )
+
+    def __repr__(self) -> str:
+        return f"S3ObjectStore(s3://{self.bucket}/{self.prefix} at {self.endpoint})"
+
+    def get(self, key: str) -> Object:
+        import obstore
+
+        check_key(key)
+        try:
+            r = obstore.get(self._store, key)
+            data = bytes(r.bytes())
+        except FileNotFoundError:
+            raise ObjectNotFoundError(key) from None
+        except Exception as e:
+            raise _s3_error(e, key, "could not read") from None
+        return Object(data, normalise_etag(r.meta.get("e_tag") or ""))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        import obstore
+
+        check_key(key)
+        if not 0 <= start <= end:
+            raise InvalidArgumentError(f"invalid range [{start}, {end}) of {key!r}")
+        if start == end:
+            self.get(key)  # (an empty range of a missing object is still missing)
+            return b""
+        try:
+            return bytes(obstore.get_range(self._store, key, start=start, end=end))
+        except FileNotFoundError:
+            raise ObjectNotFoundError(key) from None
+        except Exception as e:
+            if "416 Range Not Satisfiable" in str(e):  # all of it past the end: clipped to nothing
+                return b""
+            raise _s3_error(e, key, "could not read") from None
+
+    def list(self, prefix: str = "") -> list[Listed]:
+        import obstore
+
+        below = _list_prefix(prefix)
+        try:
+            out = [Listed(m["path"], m["size"]) for batch in obstore.list(self._store, prefix=below or None)
+                   for m in batch]
+        except Exception as e:
+            raise _s3_error(e, below, "could not list") from None
+        return sorted(out, key=lambda x: x.key)
+
+    def put(self, key: str, data: bytes) -> str:
+        return self._put(key, data, "overwrite")
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        return self._put(key, data, "create")
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str:
+        return self._put(key, data, {"e_tag": f'"{normalise_etag(etag)}"'})
+
+    def _put(self, key: str, data: bytes, mode: object) -> str:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        check_key(key)
+        try:
+            r = obstore.put(self._store, key, data, mode=mode, use_multipart=False)  # type: ignore[arg-type]
+        except (AlreadyExistsError, PreconditionError, FileNotFoundError) as e:
+            # Refused: by another writer, or by this one's own lost success?
+            try:
+                now = self.get(key)
+            except ObjectNotFoundError:
+                raise PreconditionFailedError(key, "it does not exist") from None
+            if now.data == data:
+                return now.etag
+            why = "it exists" if mode == "create" else f"its ETag is {now.etag}, not {normalise_etag(mode['e_tag'])}"  # type: ignore[index]
+            raise PreconditionFailedError(key, why) from e
+        except Exception as e:
+            raise _s3_error(e, key, "could not write") from None
+        return normalise_etag(r["e_tag"] or "")
+
+    def delete(self, keys: Sequence[str]) -> None:
+        import obstore
+
+        keys = [check_key(k) for k in keys]
+        for i in range(0, len(keys), 1000):  # (S3's batch limit)
+            try:
+                obstore.delete(self._store, keys[i:i + 1000])
+            except FileNotFoundError:
+                continue
+            except Exception as e:
+                raise _s3_error(e, keys[i], "could not delete") from None
+
+
+# --- opening by URL, and probing ---------------------------------------------------------
+
+
+def open_object_store(url: str, *, env: Mapping[str, str] | None = None) -> ObjectStore:
+    """`file:///abs/path` (made if missing) or `s3://bucket[/prefix]`."""
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidArgumentError(f"a remote is a URL, file:///path or s3://bucket/prefix, got {url!r}")
+    u = urllib.parse.urlsplit(url)
+    if u.query or u.fragment:
+        raise InvalidArgumentError(f"remote URL {url!r}: no query or fragment is understood")
+    if u.scheme == "file":
+        if u.netloc not in ("", "localhost") or not u.path.startswith("/"):
+            raise InvalidArgumentError(f"remote URL {url!r}: a file URL is file:///absolute/path")
+        return LocalObjectStore(urllib.parse.unquote(u.path))
+    if u.scheme == "s3":
+        if not u.netloc or u.username or u.password:
+            raise InvalidArgumentError(f"remote URL {url!r}: s3://bucket/prefix, with credentials "
+                                       "in AWS_* variables, never in the URL")
+        return S3ObjectStore(u.netloc, u.path.strip("/"), env=env)
+    raise InvalidArgumentError(f"remote URL {url!r}: the scheme is file or s3, not {u.scheme!r}")
+
+
+def probe_conditional_writes(store: ObjectStore) -> None:
+    """Check that `store` honours put-if-absent and put-if-match (raises
+    ConditionalWritesUnsupportedError naming what it ignored). Writes and
+    deletes one object under `probe/`."""
+    key = f"probe/{secrets.token_hex(8)}"
+    try:
+        first = store.put_if_absent(key, b"probe 1 " + key.encode())
+        try:
+            store.put_if_absent(key, b"probe 2 " + key.encode())
+        except PreconditionFailedError:
+            pass
+        else:
+            raise ConditionalWritesUnsupportedError(
+                f"{store!r} ignored If-None-Match: a second put-if-absent of {key!r} overwrote the first")
+        try:
+            store.put_if_match(key, b"probe 3 " + key.encode(), etag_of(b"not this"))
+        except PreconditionFailedError:
+            pass
+        else:
+            raise ConditionalWritesUnsupportedError(f"{store!r} ignored If-Match: a stale ETag overwrote {key!r}")
+        store.put_if_match(key, b"probe 4 " + key.encode(), first)
+        if store.get(key).data != b"probe 4 " + key.encode():
+            raise ConditionalWritesUnsupportedError(f"{store!r}: put-if-match with the current ETag was lost")
+    finally:
+        store.delete([key])

@@ -71,3 +71,12 @@ def fault_fs() -> FaultFileSystem:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs():
+    """One SeaweedFS S3 server for the session (tests keep apart by prefix)."""
+    from .s3servers import SeaweedFS
+
+    with SeaweedFS() as server:
+        yield server

