@@ -73,6 +73,8 @@ def checkpoint(store: Store) -> None:
                 tl.freeze()
                 flush_timeline(store, tl)
         write_snapshot(store, new_first)
+        if store._remote is not None:
+            store._remote.before_drop(new_first)  # (what the object store lacks is shipped first)
         removed = store._log.drop_segments_before(new_first)
         log.info(
             "checkpoint at LSN %d: flushed %d timelines, removed %d log segments, in %.3fs",
@@ -112,12 +114,16 @@ def write_snapshot(store: Store, replay_from: int) -> None:
             entries.append(SnapshotEntry(tid, anc, encode_timeline(meta), err is not None))
         applied = store._log.last_lsn
         last_time = store._log.last_time_us
+        pos = store._log._written
+        held = [ly for tl in store._loaded() for ly in tl._map.layers] if store._remote is not None else []
     store._log.sync()  # the heads above are durable before the snapshot says so
     chunks = encode_snapshot(applied, last_time, replay_from, entries)
     mpath = store._manifest_path
     failpoints.hit("manifest-before-swap")
     write_atomically(store.fs, mpath, chunks)
     failpoints.hit("manifest-after-swap")
+    if store._remote is not None:  # (it holds `held`, so their files stay until uploaded)
+        store._remote.snapshot_written(b"".join(chunks), replay_from, applied, pos, held)
     with store._mu:
         store._snapshot = decode_snapshot(mpath, b"".join(chunks))
         # decoded metadata now in the snapshot can be decoded again on demand

@@ -12,6 +12,10 @@ that serves.
 4. Make the last segment durable, start a new one, and remove what the
    manifest does not list.
 
+A store just restored from its object store (`engine.remote.restore`)
+replays a log whose layer edits, up to `restored_through`, are skipped:
+they name layer files that never reached the object store.
+
 Recovery is idempotent: a crash during it is recovered the same way.
 """
 
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING
 from .errors import CorruptionError
 from .fs import TMP_SUFFIX, ensure_dir, remove_tree, write_atomically
 from .layer_file import parse_layer_name
-from .manifest import OP_CREATE, OP_DROP, apply_edit, decode_edit, decode_snapshot, encode_snapshot
+from .manifest import OP_CREATE, OP_DROP, OP_LAYERS, apply_edit, decode_edit, decode_snapshot, encode_snapshot
 from .wal import REC_COMMIT, REC_EDIT, CommitLog, Record, decode_commit, list_segments, scan_segment
 
 if TYPE_CHECKING:
@@ -154,6 +158,11 @@ def replay_edit(store: Store, rec: Record, applied_lsn: int) -> None:
         # commits of an earlier timeline with the same id are not its
         store._incarnation[tid] = max(store._incarnation.get(tid, 0), rec.lsn)
     if rec.lsn <= applied_lsn:
+        return
+    if edit.op == OP_LAYERS and rec.lsn <= store._restored_through:
+        # A restored log's layer edits name files its writer never
+        # uploaded: the layers of the index stay, and the commits they would
+        # have covered, all in the log after it, go back to memory instead.
         return
     if edit.op == OP_CREATE:
         assert edit.meta is not None

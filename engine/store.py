@@ -62,6 +62,7 @@ from .manifest import (
     edit_retention,
 )
 from .recovery import recover
+from .remote import Remote, read_local_state
 from .timeline import Timeline, TimelineUsage
 from .values import MAX_KEY
 from .wal import REC_EDIT, CommitLog
@@ -116,6 +117,8 @@ class Store:
         self._log: CommitLog = None  # type: ignore[assignment]
         self._lock: FileLock | None = None
         self._bg: Background | None = None
+        self._remote: Remote | None = None
+        self._restored_through = 0  # (engine.recovery: layer edits up to it are not replayed)
 
     # --- opening ---------------------------------------------------------------
 
@@ -128,8 +131,11 @@ class Store:
         fs: FileSystem | None = None,
         clock: Clock | None = None,
         background: bool = True,
+        remote: Remote | None = None,
     ) -> Store:
         """Open the store at `path`, creating it if missing, and recover it.
+        With `remote` (engine.remote), the store also lives in an object
+        store: opening takes the next generation there and uploads.
 
         Raises StoreLockedError if another process (or Store) has it open,
         CorruptionError if the manifest or a synced log segment is damaged."""
@@ -141,8 +147,18 @@ class Store:
         ensure_dir(fs, path)
         lock = store._lock = fs.lock(os.path.join(path, "LOCK"))
         try:
+            state = read_local_state(path)
+            store._restored_through = (state or {}).get("restored_through", 0)
             recover(store)
+            if remote is not None:
+                store._remote = remote
+                remote.attach(store)
         except BaseException:
+            if remote is not None:
+                remote.abandon()
+            if store._log is not None:
+                with contextlib.suppress(Exception):
+                    store._log.close()
             lock.release()
             raise
         if background:
@@ -241,7 +257,11 @@ class Store:
         try:
             if self._log._failed is None:
                 self.checkpoint()
+                if self._remote is not None:
+                    self._remote.wait_uploaded()
         finally:
+            if self._remote is not None:
+                self._remote.close()
             self._closed = True
             try:
                 self._log.close()
@@ -257,6 +277,8 @@ class Store:
         if self._closed:
             return
         self._stop_background()
+        if self._remote is not None:
+            self._remote.abandon()
         self._closed = True
         self._log._failed = self._log._failed or StoreClosedError(self.path)
         if self._log._file is not None:

@@ -339,6 +339,11 @@ class CommitLog:
         self._zeroed = 0  # the segment is zero-filled up to here
         self._segment_first = 0
         self._segment_size = 0
+        # first LSN of each segment this log started -> its _written at its
+        # start (so a byte at offset o of it is at position base + o - header),
+        # and of each it sealed -> the offset after its last record
+        self.bases: dict[int, int] = {}
+        self.ends: dict[int, int] = {}
         ensure_dir(fs, log_dir)
         with self._mu:
             self._start_segment()
@@ -382,6 +387,7 @@ class CommitLog:
         self._segment_size = SEGMENT_HEADER.size
         self._zeroed = SEGMENT_HEADER.size
         self.pins[first] = {}
+        self.bases[first] = self._written
 
     def _zero_fill(self, upto: int) -> None:
         """Write zeros ahead of the records, a chunk at a time: an fdatasync
@@ -474,7 +480,22 @@ class CommitLog:
             raise self._fail(e) from e
         self._synced = self._written
         self._synced_lsn = self._last_lsn
+        self.ends[self._segment_first] = self._segment_size
         self._start_segment()
+
+    def durable_extents(self) -> tuple[list[tuple[int, int]], int]:
+        """The segments this log started, each with the offset up to which it
+        is fsynced ((first LSN, end) in log order), and the position that is."""
+        with self._mu:
+            out = [(f, e) for f, e in sorted(self.ends.items())]
+            cur = self._segment_first
+            synced_in_cur = SEGMENT_HEADER.size + max(0, self._synced - self.bases[cur])
+            out.append((cur, min(synced_in_cur, self._segment_size)))
+            return out, self._synced
+
+    def position(self, first_lsn: int, offset: int) -> int:
+        """The log position of an offset in a segment this log started."""
+        return self.bases[first_lsn] + offset - SEGMENT_HEADER.size
 
     def drop_segments_before(self, first_lsn: int) -> int:
         """Delete every segment older than the one starting at `first_lsn`."""
@@ -483,6 +504,9 @@ class CommitLog:
             old = [s for s in self.pins if s < first_lsn]
             for s in old:
                 del self.pins[s]
+            for s in [s for s in self.ends if s < first_lsn]:
+                del self.ends[s]
+                self.bases.pop(s, None)
         for s, path in list_segments(self._fs, self._dir):
             if s < first_lsn:
                 try:

@@ -1,0 +1,871 @@
+"""The remote tier: a store's durable home in an object store
+(`engine.objectstore`), so that it survives the machine.
+
+What goes up, and in which order:
+
+1. The commit log, continuously (`ship_interval`, default 0.2 s): each
+   fsynced byte range of a log segment becomes one *chunk*, under the next
+   sequence number, written put-if-absent. A machine lost loses at most the
+   commits not shipped yet (about `ship_interval` plus one upload).
+2. At each checkpoint: every layer file the new manifest lists and the
+   object store lacks, then an *index*: the manifest itself (every
+   timeline's layers, ancestor and branch LSN, horizon, heads; checksummed
+   per timeline) with the size and xxh3 of each layer file and the
+   generation that uploaded it. An index goes up only after every layer it
+   lists, and after the log up to the manifest's last record.
+3. Once an index is up and the lease still ours (renewed with If-Match
+   after the upload), what no later index can need is deleted: chunks of
+   segments older than its `replay_from`, and layers the previous index
+   listed and this one does not.
+
+Fencing (two writers never both win):
+- The *lease* names the generation that may write. Opening a store with a
+  remote takes the next generation with a conditional write (If-None-Match
+  for the first, If-Match of the ETag read for the next), renews it every
+  third of `lease_s`, and gives it up on close. Taking it from a holder
+  that did not give it up waits until it has stayed unchanged for
+  `lease_s` (unless `force`: the operator knows the holder is gone); a
+  holder that cannot renew for 0.8 x `lease_s` fences itself, so it stops
+  taking writes before anyone can take over.
+- The log is fenced by its sequence numbers: the taker writes a *fence*
+  chunk at the next free number, so the old writer's next chunk, at that
+  same number, is refused (put-if-absent), and it fences itself. Every
+  chunk the taker did not read is one the old writer never saw accepted.
+- The taker uploads an index of its own generation before it serves, so an
+  index the old writer uploads later (of a lower generation) is never the
+  latest. Layers carry their generation in their key, so a stale writer
+  never overwrites one in use. Deletes come only after a renewal proved
+  the lease ours with the index that allows them already up.
+A fenced store refuses every write (StoreFailedError naming the fencing);
+reads go on.
+
+Keys (under the store's prefix)::
+
+    strata-remote                      OBJECT kind 0: {"format": 1}, made once
+    lease                              OBJECT kind 1: JSON holder, generation
+    log/<seq: 16 hex>                  OBJECT kind 2: a chunk, or a fence
+    index/<gen: 8 hex>-<applied LSN: 16 hex>   OBJECT kind 3
+    layers/<timeline>/<layer name>.<gen: 8 hex>   a layer file, as on disk
+
+OBJECT (every object but layers, which check themselves)::
+
+    0        8        10       12           16              24            32            40
+    +--------+--------+--------+------------+---------------+-------------+-------------+
+    | magic  |version | kind   | generation | body length   | body xxh3   | header xxh64|
+    |"STRATREM" u16   | u16    | u32        | u64           | u64         | of 0..32    |
+    +--------+--------+--------+------------+---------------+-------------+-------------+
+    | body                                                                               |
+
+Chunk body: seq u64 | segment first LSN u64 | offset u64 | flags u32 (1:
+fence) | zero u32, then the segment's bytes at [offset, offset + n).
+Index body: applied LSN u64 | replay_from u64 | manifest length u64 |
+n layers u64, the manifest (`engine.manifest`), then per layer: timeline
+16s | generation u32 | size u64 | xxh3 u64 | name length u16 | name.
+
+A store with a remote keeps `<store>/remote`, an OBJECT kind 4 whose JSON
+body names the node (a random id) and the generation it last held: a home
+whose generation was taken over by another node refuses to open (restore
+into a new home instead).
+
+Threads and locks: the shipper, the lease keeper and the uploader are
+threads of their own. `Remote._mu` guards `_shipped` (segment -> offset
+shipped), `_next_seq`, `_pending` (the newest checkpoint not uploaded),
+`_uploaded` (layers known to be up: key, size, xxh3), `_confirmed` (what
+the last index lists), `_chunk_heads`,
+`_fenced` and the lease's ETag; no object-store call is made under it.
+`_renew_mu` keeps one renewal at a time (the lease keeper's, or the
+uploader's before it deletes): two of one ETag, and the second would find
+the first's and fence its own node. `_ship_mu` keeps one shipping pass at a time (the thread's, or a caller's
+waiting for a checkpoint). The store calls in from a checkpoint (holding
+its checkpoint lock, not `_mu`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .checksums import check_header, seal, xxh3
+from .errors import CorruptionError, InvalidArgumentError, StrataError
+from .fs import ensure_dir, write_atomically
+from .manifest import decode_snapshot
+from .objectstore import (
+    ObjectNotFoundError,
+    ObjectStore,
+    ObjectStoreError,
+    PreconditionFailedError,
+    probe_conditional_writes,
+)
+from .wal import SEGMENT_HEADER, list_segments, scan_segment, segment_name
+
+if TYPE_CHECKING:
+    from .layer_file import Layer
+    from .store import Store
+
+log = logging.getLogger("strata.remote")
+
+MAGIC = b"STRATREM"
+VERSION = 1
+OBJECT = struct.Struct("<8sHHIQQQ")
+assert OBJECT.size == 40
+KIND_MARKER, KIND_LEASE, KIND_CHUNK, KIND_INDEX, KIND_LOCAL = 0, 1, 2, 3, 4
+CHUNK = struct.Struct("<QQQII")
+INDEX = struct.Struct("<QQQQ")
+LAYER_REF = struct.Struct("<16sIQQH")
+FLAG_FENCE = 1
+MARKER_KEY = "strata-remote"
+LEASE_KEY = "lease"
+LOCAL_STATE = "remote"
+MAX_CHUNK = 8 * 1024 * 1024
+
+
+class FencedError(StrataError):
+    """Another node holds this store's generation now: this one may not write."""
+
+
+class SupersededError(StrataError):
+    """This home's generation was taken over by another node."""
+
+
+# --- the object format ----------------------------------------------------------------
+
+
+def frame(kind: int, generation: int, body: bytes) -> bytes:
+    head = OBJECT.pack(MAGIC, VERSION, kind, generation, len(body), xxh3(body), 0)
+    return seal(head) + body
+
+
+def unframe(key: str, data: bytes, kind: int) -> tuple[int, bytes]:
+    """(generation, body) of an object, checked; CorruptionError naming the key."""
+    if len(data) < OBJECT.size:
+        raise CorruptionError(key, 0, "remote object shorter than its header", OBJECT.size, len(data))
+    check_header(key, data[: OBJECT.size], MAGIC, VERSION, "remote object")
+    _, _, got_kind, gen, n, csum, _ = OBJECT.unpack_from(data, 0)
+    if got_kind != kind:
+        raise CorruptionError(key, 10, "remote object of another kind", kind, got_kind)
+    body = data[OBJECT.size :]
+    if len(body) != n or xxh3(body) != csum:
+        raise CorruptionError(key, OBJECT.size, "remote object body damaged", csum, xxh3(body))
+    return gen, body
+
+
+def chunk_key(seq: int) -> str:
+    return f"log/{seq:016x}"
+
+
+def index_key(gen: int, applied: int) -> str:
+    return f"index/{gen:08x}-{applied:016x}"
+
+
+def layer_key(tid: bytes, name: str, gen: int) -> str:
+    return f"layers/{tid.hex()}/{name}.{gen:08x}"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: int
+    generation: int
+    segment: int
+    offset: int
+    fence: bool
+    data: bytes
+
+
+def encode_chunk(c: Chunk) -> bytes:
+    body = CHUNK.pack(c.seq, c.segment, c.offset, FLAG_FENCE if c.fence else 0, 0) + c.data
+    return frame(KIND_CHUNK, c.generation, body)
+
+
+def chunk_head(key: str, head: bytes) -> tuple[int, int, bool]:
+    """(generation, segment, fence) of a chunk, from its first bytes (the
+    object header is checked; the body is not read)."""
+    check_header(key, head[: OBJECT.size], MAGIC, VERSION, "remote object")
+    _, _, kind, gen, _, _, _ = OBJECT.unpack_from(head, 0)
+    if kind != KIND_CHUNK or len(head) < OBJECT.size + CHUNK.size:
+        raise CorruptionError(key, 10, "not a log chunk", KIND_CHUNK, kind)
+    _, seg, _, flags, _ = CHUNK.unpack_from(head, OBJECT.size)
+    return gen, seg, bool(flags & FLAG_FENCE)
+
+
+def decode_chunk(key: str, data: bytes) -> Chunk:
+    gen, body = unframe(key, data, KIND_CHUNK)
+    seq, seg, off, flags, _ = CHUNK.unpack_from(body, 0)
+    return Chunk(seq, gen, seg, off, bool(flags & FLAG_FENCE), body[CHUNK.size :])
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    timeline: bytes
+    name: str
+    generation: int
+    size: int
+    checksum: int
+
+    @property
+    def key(self) -> str:
+        return layer_key(self.timeline, self.name, self.generation)
+
+
+@dataclass
+class Index:
+    generation: int
+    applied_lsn: int
+    replay_from: int
+    manifest: bytes
+    layers: dict[tuple[bytes, str], LayerRef] = field(default_factory=dict)
+
+
+def encode_index(ix: Index) -> bytes:
+    parts = [INDEX.pack(ix.applied_lsn, ix.replay_from, len(ix.manifest), len(ix.layers)), ix.manifest]
+    for r in sorted(ix.layers.values(), key=lambda r: (r.timeline, r.name)):
+        name = r.name.encode()
+        parts.append(LAYER_REF.pack(r.timeline, r.generation, r.size, r.checksum, len(name)) + name)
+    return frame(KIND_INDEX, ix.generation, b"".join(parts))
+
+
+def decode_index(key: str, data: bytes) -> Index:
+    gen, body = unframe(key, data, KIND_INDEX)
+    applied, replay_from, mlen, n = INDEX.unpack_from(body, 0)
+    p = INDEX.size
+    manifest = body[p : p + mlen]
+    decode_snapshot(key, manifest)  # (checks it)
+    p += mlen
+    ix = Index(gen, applied, replay_from, manifest)
+    for _ in range(n):
+        tid, lgen, size, csum, nlen = LAYER_REF.unpack_from(body, p)
+        p += LAYER_REF.size
+        name = body[p : p + nlen].decode()
+        p += nlen
+        ix.layers[(tid, name)] = LayerRef(tid, name, lgen, size, csum)
+    if p != len(body):
+        raise CorruptionError(key, OBJECT.size + p, "index has bytes after its layers")
+    return ix
+
+
+@dataclass(frozen=True)
+class Lease:
+    generation: int
+    holder: str  # the node's id
+    nonce: str
+    released: bool = False
+    renewal: int = 0  # (each renewal changes the bytes, so the ETag: takers watch it)
+
+
+def encode_lease(le: Lease) -> bytes:
+    body = json.dumps({"generation": le.generation, "holder": le.holder, "nonce": le.nonce,
+                       "released": le.released, "renewal": le.renewal, "host": socket.gethostname()}).encode()
+    return frame(KIND_LEASE, le.generation, body)
+
+
+def decode_lease(data: bytes) -> Lease:
+    gen, body = unframe(LEASE_KEY, data, KIND_LEASE)
+    d = json.loads(body)
+    return Lease(gen, d["holder"], d["nonce"], bool(d.get("released")), int(d.get("renewal", 0)))
+
+
+# --- local state ------------------------------------------------------------------------
+
+
+def read_local_state(path: str) -> dict | None:
+    p = os.path.join(path, LOCAL_STATE)
+    try:
+        with open(p, "rb") as f:
+            return json.loads(unframe(p, f.read(), KIND_LOCAL)[1])
+    except FileNotFoundError:
+        return None
+
+
+def write_local_state(store_path: str, state: dict) -> None:
+    from .fs import OsFileSystem
+
+    write_atomically(OsFileSystem(), os.path.join(store_path, LOCAL_STATE),
+                     frame(KIND_LOCAL, state["generation"], json.dumps(state).encode()))
+
+
+# --- the lease --------------------------------------------------------------------------
+
+
+def take_lease(
+    objects: ObjectStore, node: str, *, lease_s: float, force: bool, wait: Callable[[float], None] = time.sleep,
+    known_generation: int | None = None,
+) -> tuple[Lease, str]:
+    """Take the next generation. Returns the lease and its ETag.
+
+    The lease of another node is taken once released, or once unchanged for
+    `lease_s` (at once with `force`); raises SupersededError if
+    `known_generation` (this home's) is older than the lease's and the
+    lease is not this node's."""
+    while True:
+        try:
+            cur = objects.get(LEASE_KEY)
+        except ObjectNotFoundError:
+            new = Lease(1, node, secrets.token_hex(8))
+            try:
+                return new, objects.put_if_absent(LEASE_KEY, encode_lease(new))
+            except PreconditionFailedError:
+                continue  # someone took the first one: read it
+        held = decode_lease(cur.data)
+        if known_generation is not None and held.generation > known_generation and held.holder != node:
+            raise SupersededError(
+                f"this home last held generation {known_generation}, and node {held.holder} has taken "
+                f"the store over (generation {held.generation}): restore into a new home to use it")
+        if held.holder != node and not held.released and not force:
+            log.info("lease held by %s (generation %d): waiting %.1fs for it to lapse",
+                     held.holder, held.generation, lease_s)
+            wait(lease_s)
+            again = objects.get(LEASE_KEY)
+            if again.etag != cur.etag:
+                continue  # renewed meanwhile: its holder lives
+        new = Lease(held.generation + 1, node, secrets.token_hex(8))
+        try:
+            return new, objects.put_if_match(LEASE_KEY, encode_lease(new), cur.etag)
+        except PreconditionFailedError:
+            continue
+
+
+def fence_log(objects: ObjectStore, generation: int) -> tuple[int, list[str]]:
+    """Write a fence chunk at the next free sequence number: the old writer's
+    next chunk is refused. Returns the fence's number and the chunk keys
+    below it."""
+    while True:
+        keys = sorted(x.key for x in objects.list("log"))
+        seq = int(keys[-1].rsplit("/", 1)[1], 16) + 1 if keys else 0
+        fence = Chunk(seq, generation, 0, 0, True, b"")
+        try:
+            objects.put_if_absent(chunk_key(seq), encode_chunk(fence))
+            return seq, keys
+        except PreconditionFailedError:
+            continue  # the old writer got one more in: read again
+
+
+def latest_index(objects: ObjectStore, below_generation: int | None = None) -> tuple[str, Index] | None:
+    keys = sorted(x.key for x in objects.list("index"))
+    for key in reversed(keys):
+        gen = int(key.split("/")[1].split("-")[0], 16)
+        if below_generation is None or gen <= below_generation:
+            return key, decode_index(key, objects.get(key).data)
+    return None
+
+
+# --- attached to a store ----------------------------------------------------------------
+
+
+@dataclass
+class RemoteStats:
+    chunks: int = 0
+    chunk_bytes: int = 0
+    layers: int = 0
+    layer_bytes: int = 0
+    indexes: int = 0
+    index_bytes: int = 0
+    deleted: int = 0
+    retries: int = 0
+    last_index_lsn: int = 0
+
+
+class Remote:
+    """A store's link to its object store. Make one, pass it to
+    `Store.open(path, remote=...)` (or `restore` into an empty path first)."""
+
+    def __init__(
+        self, objects: ObjectStore, *, lease_s: float = 10.0, ship_interval: float = 0.2,
+        force: bool = False, probe: bool = True,
+    ) -> None:
+        if lease_s <= 0 or ship_interval <= 0:
+            raise InvalidArgumentError("lease_s and ship_interval must be positive")
+        self.objects = objects
+        self.lease_s = lease_s
+        self.ship_interval = ship_interval
+        self.force = force
+        self._probe = probe
+        self.stats = RemoteStats()
+        self.generation = 0
+        self.node = ""
+        self._mu = threading.Lock()
+        self._ship_mu = threading.Lock()
+        self._renew_mu = threading.Lock()
+        self._store: Store | None = None
+        self._shipped: dict[int, int] = {}
+        self._shipped_pos = 0  # every log position below this is in the object store
+        self._next_seq = 0
+        self._pending: tuple[bytes, int, int, int, list[Layer]] | None = None
+        self._uploaded: dict[tuple[bytes, str], LayerRef] = {}  # in the object store
+        self._confirmed: dict[tuple[bytes, str], LayerRef] = {}  # what the last index lists
+        self._chunk_heads: dict[int, tuple[int, int, bool]] = {}  # seq -> (generation, segment, fence)
+        self._lease_etag = ""
+        self._lease: Lease | None = None
+        self._fenced: BaseException | None = None
+        self._stop = threading.Event()
+        self._wake_upload = threading.Event()
+        self._upload_done = threading.Condition(self._mu)
+        self._uploads = 0  # checkpoints uploaded (for waiters)
+        self._threads: list[threading.Thread] = []
+        self.error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"Remote({self.objects!r}, generation {self.generation})"
+
+    # --- attach and detach --------------------------------------------------------------
+
+    def attach(self, store: Store) -> None:
+        """Called by Store.open once recovery is done: take the lease, fence
+        the log, ship what the log holds, upload an index of this generation
+        and start the threads."""
+        if self._probe:
+            probe_conditional_writes(self.objects)
+        state = read_local_state(store.path)
+        marker = self._marker()
+        if state is None:
+            if marker and store._timelines:
+                raise InvalidArgumentError(
+                    f"{store.path} has data and {self.objects!r} holds another store's: restore into "
+                    "an empty home, or give an empty remote")
+            if marker and latest_index(self.objects) is not None:
+                raise InvalidArgumentError(
+                    f"{self.objects!r} holds a store: `restore` it into {store.path} first")
+            state = {"node": secrets.token_hex(8), "generation": 0}
+        if not marker:
+            with contextlib.suppress(PreconditionFailedError):
+                self.objects.put_if_absent(MARKER_KEY, frame(KIND_MARKER, 0, b'{"format": 1}'))
+        self.node = state["node"]
+        lease, etag = take_lease(self.objects, self.node, lease_s=self.lease_s, force=self.force,
+                                 known_generation=state["generation"] or None)
+        self._lease, self._lease_etag, self.generation = lease, etag, lease.generation
+        write_local_state(store.path, dict(state, node=self.node, generation=lease.generation))
+        self._last_renewed = time.monotonic()
+        self._next_seq, _ = fence_log(self.objects, lease.generation)
+        self._next_seq += 1
+        found = latest_index(self.objects, lease.generation)
+        if found is not None:
+            self._uploaded = dict(found[1].layers)
+            self._confirmed = dict(found[1].layers)
+        self._store = store
+        self._ship_recovered(store)
+        for name, fn in (("ship", self._ship_loop), ("lease", self._lease_loop), ("upload", self._upload_loop)):
+            t = threading.Thread(target=fn, name=f"strata-remote-{name}:{store.path}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        store.checkpoint()
+        self.wait_uploaded()
+        if "restored_through" in state:  # (the new manifest covers the restored log)
+            write_local_state(store.path, {"node": self.node, "generation": self.generation})
+        log.info("attached %s to %s as generation %d", store.path, self.objects, self.generation)
+
+    def _marker(self) -> bool:
+        try:
+            unframe(MARKER_KEY, self.objects.get(MARKER_KEY).data, KIND_MARKER)
+            return True
+        except ObjectNotFoundError:
+            return False
+
+    def close(self, release: bool = True) -> None:
+        """Stop the threads (after the store's last checkpoint went up) and
+        give the lease up."""
+        if self._store is None:
+            return
+        self._stop.set()
+        self._wake_upload.set()
+        for t in self._threads:
+            t.join(60)
+        if release and self._fenced is None and self._lease is not None:
+            gone = dataclasses.replace(self._lease, released=True, renewal=self._lease.renewal + 1)
+            with contextlib.suppress(ObjectStoreError):
+                self.objects.put_if_match(LEASE_KEY, encode_lease(gone), self._lease_etag)
+        self._store = None
+
+    def abandon(self) -> None:
+        """Stop at once, as a killed process would (no upload, lease kept)."""
+        self._stop.set()
+        self._wake_upload.set()
+        for t in self._threads:
+            t.join(60)
+        self._store = None
+
+    # --- fencing ------------------------------------------------------------------------
+
+    def _fence(self, why: str) -> None:
+        err = FencedError(f"{self!r} is fenced: {why}")
+        with self._mu:
+            if self._fenced is not None:
+                return
+            self._fenced = err
+        log.error("%s", err)
+        store = self._store
+        if store is not None:
+            store._log._fail(err)
+
+    @property
+    def fenced(self) -> BaseException | None:
+        return self._fenced
+
+    # --- the lease keeper ---------------------------------------------------------------
+
+    def _renew(self) -> bool:
+        """Renew the lease with If-Match: True if it is still ours, False if
+        the store could not be reached (fenced if another node has it)."""
+        assert self._lease is not None
+        with self._renew_mu:  # (two renewals of one ETag: the second would fence us)
+            sent = time.monotonic()
+            with self._mu:
+                self._lease = dataclasses.replace(self._lease, renewal=self._lease.renewal + 1)
+                lease, etag = self._lease, self._lease_etag
+            try:
+                etag = self.objects.put_if_match(LEASE_KEY, encode_lease(lease), etag)
+            except PreconditionFailedError:
+                self._fence("another node took the lease")
+                return False
+            except ObjectStoreError as e:
+                log.warning("could not renew the lease: %s", e)
+                self.stats.retries += 1
+                return False
+            with self._mu:
+                self._lease_etag = etag
+                self._last_renewed = sent
+            return True
+
+    def _lease_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            if self._fenced is not None:
+                return
+            self._renew()
+            if time.monotonic() - self._last_renewed > 0.8 * self.lease_s:
+                self._fence(f"the lease could not be renewed for {0.8 * self.lease_s:.1f}s")
+                return
+
+    # --- shipping the log ---------------------------------------------------------------
+
+    def _put_chunk(self, seg: int, offset: int, data: bytes) -> None:
+        while True:
+            with self._mu:
+                seq = self._next_seq
+            c = Chunk(seq, self.generation, seg, offset, False, data)
+            try:
+                self.objects.put_if_absent(chunk_key(seq), encode_chunk(c))
+            except PreconditionFailedError:
+                self._fence(f"log chunk {seq} was taken (fenced by a newer generation)")
+                raise FencedError(f"log chunk {seq} was taken") from None
+            except ObjectStoreError as e:
+                if self._stop.is_set() or self._fenced is not None:
+                    raise
+                log.warning("shipping log chunk %d failed, retrying: %s", seq, e)
+                self.stats.retries += 1
+                time.sleep(0.2)
+                continue
+            with self._mu:
+                self._next_seq = seq + 1
+                self._shipped[seg] = offset + len(data)
+                self._chunk_heads[seq] = (self.generation, seg, False)
+            self.stats.chunks += 1
+            self.stats.chunk_bytes += len(data)
+            return
+
+    def _ship_range(self, path: str, seg: int, start: int, end: int) -> None:
+        with open(path, "rb") as f:
+            while start < end:
+                n = min(MAX_CHUNK, end - start)
+                data = os.pread(f.fileno(), n, start)
+                if len(data) != n:
+                    raise CorruptionError(path, start, "log segment shorter than its durable extent", n, len(data))
+                self._put_chunk(seg, start, data)
+                start += n
+
+    def _ship_recovered(self, store: Store) -> None:
+        """Ship every segment recovery found (they are durable; what of them is
+        in the object store already is sent again, harmlessly)."""
+        started = set(store._log.bases)
+        for first, path in list_segments(store.fs, store._log_dir):
+            if first in started:
+                continue
+            end = scan_segment(store.fs, path, False).end
+            self._ship_range(path, first, 0, end)
+
+    def ship(self) -> int:
+        """Ship every fsynced byte not shipped yet; returns the log position now shipped."""
+        store = self._store
+        if self._fenced is not None:
+            raise FencedError(str(self._fenced))
+        if store is None:
+            return self._shipped_pos
+        with self._ship_mu:
+            extents, synced = store._log.durable_extents()
+            for first, end in extents:
+                with self._mu:
+                    done = self._shipped.get(first, 0)
+                if end > done:
+                    self._ship_range(os.path.join(store._log_dir, segment_name(first)), first, done, end)
+            with self._mu:
+                self._shipped_pos = max(self._shipped_pos, synced)
+                for gone in [s for s in self._shipped if s < extents[0][0]]:
+                    del self._shipped[gone]  # (dropped locally)
+            return self._shipped_pos
+
+    def _ship_loop(self) -> None:
+        while not self._stop.wait(self.ship_interval):
+            try:
+                self.ship()
+            except FencedError:
+                return
+            except BaseException as e:  # noqa: BLE001 - kept, and retried
+                self.error = e
+                log.exception("shipping the log failed")
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def before_drop(self, first_lsn: int, timeout: float = 30.0) -> None:
+        """A checkpoint is about to delete local segments below `first_lsn`:
+        ship them first (they are sealed, so durable)."""
+        deadline = time.monotonic() + timeout
+        while self._fenced is None and self._store is not None:
+            try:
+                self.ship()
+                return
+            except ObjectStoreError as e:
+                if time.monotonic() > deadline:
+                    log.error("segments below %d not shipped before their deletion: %s", first_lsn, e)
+                    return
+                time.sleep(0.2)
+
+    def snapshot_written(self, manifest: bytes, replay_from: int, applied: int, pos: int,
+                         layers: list[Layer]) -> None:
+        """A checkpoint wrote a manifest (the log synced up to `pos`):
+        upload it, with the layers it lists (`layers` holds their files)."""
+        with self._mu:
+            self._pending = (manifest, replay_from, applied, pos, layers)
+        self._wake_upload.set()
+
+    def wait_uploaded(self, timeout: float = 120.0) -> None:
+        """Wait until the newest checkpoint so far is in the object store."""
+        deadline = time.monotonic() + timeout
+        with self._mu:
+            while self._pending is not None:
+                if self._fenced is not None:
+                    raise FencedError(str(self._fenced))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ObjectStoreError(f"the checkpoint was not uploaded within {timeout}s: {self.error}")
+                self._upload_done.wait(min(left, 0.5))
+
+    def _upload_loop(self) -> None:
+        while True:
+            self._wake_upload.wait(1.0)
+            self._wake_upload.clear()
+            with self._mu:
+                job = self._pending
+            if job is None:
+                if self._stop.is_set():
+                    return
+                continue
+            try:
+                self._upload(*job)
+            except FencedError:
+                with self._mu:
+                    self._upload_done.notify_all()
+                return
+            except BaseException as e:  # noqa: BLE001 - kept, and retried
+                self.error = e
+                self.stats.retries += 1
+                log.warning("uploading a checkpoint failed, retrying: %s", e)
+                if self._stop.wait(0.5) and self._fenced is not None:
+                    return
+                self._wake_upload.set()
+                continue
+            with self._mu:
+                if self._pending is job:
+                    self._pending = None
+                self._uploads += 1
+                self._upload_done.notify_all()
+
+    def _upload(self, manifest: bytes, replay_from: int, applied: int, pos: int, layers: list[Layer]) -> None:
+        store = self._store
+        assert store is not None
+        while self.ship() < pos:  # the index never runs ahead of the log
+            if self._fenced is not None:
+                raise FencedError(str(self._fenced))
+            time.sleep(0.05)
+        snap = decode_snapshot("manifest", manifest)
+        files = {(ly.timeline, ly.desc.name): ly for ly in layers}
+        refs: dict[tuple[bytes, str], LayerRef] = {}
+        for tid in snap.table:
+            if tid in snap.damaged:
+                continue
+            meta = snap.load(tid)
+            for name in meta.layers:
+                have = self._uploaded.get((tid, name))
+                if have is None:
+                    have = self._upload_layer(store, tid, name, files.get((tid, name)))
+                refs[(tid, name)] = have
+        ix = Index(self.generation, applied, replay_from, manifest, refs)
+        data = encode_index(ix)
+        self.objects.put(index_key(self.generation, applied), data)
+        self.stats.indexes += 1
+        self.stats.index_bytes += len(data)
+        self.stats.last_index_lsn = applied
+        with self._mu:
+            self._uploaded.update(refs)
+        if not self._renew():  # (deletes only once the lease is proven ours, the index up)
+            if self._fenced is not None:
+                raise FencedError(str(self._fenced))
+            raise ObjectStoreError("the lease could not be renewed before deleting: retried later")
+        self._delete_unneeded(ix, self._confirmed)
+        with self._mu:
+            self._confirmed = refs
+            self._uploaded = dict(refs)
+
+    def _upload_layer(self, store: Store, tid: bytes, name: str, ly: Layer | None) -> LayerRef:
+        path = ly.path if ly is not None else os.path.join(store._timelines_dir, tid.hex(), name)
+        with open(path, "rb") as f:  # (`ly` keeps the file, if the layer has left the map since)
+            data = f.read()
+        ref = LayerRef(tid, name, self.generation, len(data), xxh3(data))
+        self.objects.put(ref.key, data)
+        self.stats.layers += 1
+        self.stats.layer_bytes += len(data)
+        return ref
+
+    def _delete_unneeded(self, ix: Index, previous: dict[tuple[bytes, str], LayerRef]) -> None:
+        doomed = [r.key for k, r in previous.items() if k not in ix.layers or ix.layers[k].key != r.key]
+        doomed += self._old_chunks(ix.replay_from)
+        doomed += [x.key for x in self.objects.list("index")
+                   if x.key < index_key(self.generation, ix.applied_lsn)]
+        if doomed:
+            self.objects.delete(doomed)
+            self.stats.deleted += len(doomed)
+            with self._mu:
+                for k in doomed:
+                    if k.startswith("log/"):
+                        self._chunk_heads.pop(int(k[4:], 16), None)
+
+    def _old_chunks(self, replay_from: int) -> list[str]:
+        """Chunks of segments older than `replay_from` (fences stay: a stale
+        writer's next chunk must keep finding its number taken)."""
+        out = []
+        for listed in self.objects.list("log"):
+            seq = int(listed.key[4:], 16)
+            with self._mu:
+                head = self._chunk_heads.get(seq)
+            if head is None:
+                head = chunk_head(listed.key, self.objects.get_range(listed.key, 0, OBJECT.size + CHUNK.size))
+                with self._mu:
+                    self._chunk_heads[seq] = head
+            gen, seg, fence = head
+            if not fence and seg < replay_from and gen <= self.generation:
+                out.append(listed.key)
+        return out
+
+
+# --- restore ------------------------------------------------------------------------------
+
+
+@dataclass
+class RestoreReport:
+    generation: int
+    index: str
+    timelines: int
+    layers: int
+    layer_bytes: int
+    chunks: int
+    log_bytes: int
+    seconds: float
+
+
+def restore(
+    objects: ObjectStore, path: str, *, lease_s: float = 10.0, force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> RestoreReport:
+    """Bring a store back from its object store into an empty directory:
+    take the next generation, fence the log, then write the latest index's
+    manifest, its layer files (each checked by size and xxh3, written
+    temp, fsync, rename) and the log shipped after it. `Store.open(path,
+    remote=Remote(objects))` then recovers it as after a crash."""
+    from .fs import OsFileSystem
+
+    t0 = time.monotonic()
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.listdir(path):
+        raise InvalidArgumentError(f"restore needs an empty directory, and {path} has files")
+    if not _has_marker(objects):
+        raise InvalidArgumentError(f"{objects!r} holds no Strata store (no {MARKER_KEY})")
+    node = secrets.token_hex(8)
+    lease, _ = take_lease(objects, node, lease_s=lease_s, force=force)
+    fence_seq, chunk_keys = fence_log(objects, lease.generation)
+    found = latest_index(objects, lease.generation)
+    if found is None:
+        raise CorruptionError(str(objects), 0, "the remote has no index: nothing to restore")
+    key, ix = found
+    fs = OsFileSystem()
+    ensure_dir(fs, path)
+    os.chmod(path, 0o700)
+    tdir = os.path.join(path, "timelines")
+    ensure_dir(fs, tdir)
+    total = sum(r.size for r in ix.layers.values())
+    done = 0
+    for r in ix.layers.values():
+        data = objects.get(r.key).data
+        if len(data) != r.size or xxh3(data) != r.checksum:
+            raise CorruptionError(r.key, 0, "layer in the object store does not match its index",
+                                  r.checksum, xxh3(data))
+        d = os.path.join(tdir, r.timeline.hex())
+        ensure_dir(fs, d)
+        write_atomically(fs, os.path.join(d, r.name), data)
+        done += r.size
+        if progress is not None:
+            progress(done, total)
+    # the log after the index: chunks in sequence order, each segment rebuilt
+    log_dir = os.path.join(path, "log")
+    ensure_dir(fs, log_dir)
+    segs: dict[int, bytearray] = {}
+    n_chunks = 0
+    last_gen = 0
+    for k in chunk_keys:
+        gen, seg, fence = chunk_head(k, objects.get_range(k, 0, OBJECT.size + CHUNK.size))
+        if gen < last_gen:
+            raise CorruptionError(k, 0, "log chunk of an older generation after a newer one", last_gen, gen)
+        last_gen = gen
+        if fence or seg < ix.replay_from:
+            continue
+        c = decode_chunk(k, objects.get(k).data)
+        buf = segs.setdefault(c.segment, bytearray())
+        if c.offset > len(buf):
+            log.warning("log segment %d has a gap at %d (chunk %s): later chunks of it are not used",
+                        c.segment, len(buf), k)
+            continue
+        buf[c.offset : c.offset + len(c.data)] = c.data
+        n_chunks += 1
+    log_bytes = 0
+    for first, buf in sorted(segs.items()):
+        if len(buf) < SEGMENT_HEADER.size:
+            continue
+        write_atomically(fs, os.path.join(log_dir, segment_name(first)), bytes(buf))
+        log_bytes += len(buf)
+    write_atomically(fs, os.path.join(path, "manifest"), ix.manifest)
+    through = 0
+    for _, spath in list_segments(fs, log_dir):
+        last = scan_segment(fs, spath, True).last_record
+        through = max(through, last or 0)
+    write_local_state(path, {"node": node, "generation": lease.generation, "restored_through": through})
+    # an index of this generation at once: a stale writer's later one never wins
+    objects.put(index_key(lease.generation, ix.applied_lsn), encode_index(
+        Index(lease.generation, ix.applied_lsn, ix.replay_from, ix.manifest, ix.layers)))
+    snap = decode_snapshot(key, ix.manifest)
+    report = RestoreReport(lease.generation, key, len(snap.table), len(ix.layers), total, n_chunks, log_bytes,
+                           time.monotonic() - t0)
+    log.info("restored %s from %s: %s (fence at %d)", path, objects, report, fence_seq)
+    return report
+
+
+def _has_marker(objects: ObjectStore) -> bool:
+    try:
+        objects.get(MARKER_KEY)
+        return True
+    except ObjectNotFoundError:
+        return False

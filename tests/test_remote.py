@@ -1,0 +1,355 @@
+"""The remote tier (engine.remote): a store that lives in an object store
+survives the loss of its machine, fences a stale writer, and converges
+through failed requests. Both backends: a local directory and S3 on a
+real SeaweedFS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from engine import Store
+from engine.errors import InvalidArgumentError, StoreFailedError
+from engine.objectstore import LocalObjectStore, ObjectStore, ObjectStoreError, open_object_store
+from engine.remote import (
+    LEASE_KEY,
+    FencedError,
+    Index,
+    Remote,
+    SupersededError,
+    decode_lease,
+    encode_index,
+    index_key,
+    latest_index,
+    restore,
+)
+
+from .conftest import SMALL
+from .interleave import Pause
+
+
+class Faulty:
+    """An object store that counts requests and, on demand, fails the Nth
+    (before it reaches the store, or after it succeeded: a lost answer),
+    or every request while `cut` is set."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.n = 0
+        self.fail_at: int | None = None
+        self.lose_answer = False
+        self.cut = False
+        self.mu = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Faulty({self.inner!r})"
+
+    def _call(self, name: str, *args):
+        with self.mu:
+            self.n += 1
+            hit = self.cut or self.n == self.fail_at
+        if hit and not self.lose_answer:
+            raise ObjectStoreError(f"injected failure of request {self.n} ({name})")
+        out = getattr(self.inner, name)(*args)
+        if hit:
+            raise ObjectStoreError(f"injected lost answer of request {self.n} ({name})")
+        return out
+
+    def get(self, key):
+        return self._call("get", key)
+
+    def get_range(self, key, start, end):
+        return self._call("get_range", key, start, end)
+
+    def put(self, key, data):
+        return self._call("put", key, data)
+
+    def put_if_absent(self, key, data):
+        return self._call("put_if_absent", key, data)
+
+    def put_if_match(self, key, data, etag):
+        return self._call("put_if_match", key, data, etag)
+
+    def delete(self, keys):
+        return self._call("delete", keys)
+
+    def list(self, prefix=""):
+        return self._call("list", prefix)
+
+
+@pytest.fixture(params=["local", "s3"])
+def objects(request, tmp_path):
+    if request.param == "local":
+        return LocalObjectStore(str(tmp_path / "remote"))
+    server = request.getfixturevalue("seaweedfs")
+    return open_object_store(server.url(), env=server.env())
+
+
+def remote(objects, **kw) -> Remote:
+    kw.setdefault("lease_s", 3.0)
+    kw.setdefault("ship_interval", 0.05)
+    return Remote(objects, **kw)
+
+
+def write(tl, model: dict, n: int, start: int = 0, durable: bool = True) -> list[int]:
+    lsns = []
+    for i in range(start, start + n):
+        key, value = i % 37, b"%d:" % i + os.urandom(24)
+        lsns.append(tl.commit({key: value}, durable=durable))
+        model[key] = value
+    return lsns
+
+
+def test_machine_loss_loses_nothing_shipped_and_branches_at_old_lsns_after_restore(objects, tmp_path):
+    home = str(tmp_path / "home")
+    s = Store.open(home, config=SMALL, remote=remote(objects))
+    tl = s.create_timeline()
+    model: dict[int, bytes] = {}
+    lsns = write(tl, model, 300)
+    s.compact(tl)
+    old = {k: tl.get(k, lsns[120]) for k in range(37)}
+    s.checkpoint()
+    write(tl, model, 150, start=300)
+    s._remote.ship()  # (what the shipper does every 50 ms)
+    shipped = dict(model)
+    write(tl, model, 20, start=450, durable=False)  # after the last shipment: may be lost
+    s.abandon()  # the machine is gone, and its disk with it
+    shutil.rmtree(home)
+
+    new_home = str(tmp_path / "new")
+    report = restore(objects, new_home, force=True, lease_s=3.0)
+    assert report.generation == 2 and report.timelines == 1
+    s2 = Store.open(new_home, config=SMALL, remote=remote(objects))
+    try:
+        t2 = s2.timeline(tl.id)
+        got = {k: t2.get(k) for k in range(37)}
+        for k, v in shipped.items():
+            assert got[k] == v or got[k] == model[k], k  # shipped, or newer still
+        assert s2.check().ok
+        b = s2.branch(t2, lsns[120])  # a branch at an old LSN, after the restore
+        assert {k: b.get(k) for k in range(37)} == old
+        write(b, {}, 10)
+    finally:
+        s2.close()
+    lease = decode_lease(objects.get(LEASE_KEY).data)
+    assert lease.released and lease.generation == 3
+
+
+def test_a_stale_writer_is_fenced_and_nothing_it_does_later_counts(objects, tmp_path):
+    """Node A is cut off (not dead). B restores with force: A's next chunk
+    finds its number taken, A refuses writes, and A's uploads and deletes
+    after that are never read; a third restore sees all of B's work."""
+    a = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects))
+    tl = a.create_timeline()
+    model: dict[int, bytes] = {}
+    write(tl, model, 100)
+    a.checkpoint()
+    a._remote.wait_uploaded()
+    a._remote.ship()
+    restore(objects, str(tmp_path / "b"), force=True)
+    b = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects))
+    tb = b.timeline(tl.id)
+    assert {k: tb.get(k) for k in model} == model
+    write(tb, model, 60, start=1000)
+    b.checkpoint()
+    b._remote.wait_uploaded()
+
+    # A goes on as if nothing happened: its writes are refused once it ships
+    tl.commit({1: b"from the stale node"}, durable=True)
+    with pytest.raises(FencedError):
+        a._remote.ship()
+    with pytest.raises(StoreFailedError, match="fenced"):
+        tl.commit({2: b"refused"})
+    assert a._remote.fenced is not None
+    # an index A uploads now, of generation 1 and however new, is not the latest
+    _, ours = latest_index(objects)
+    late = Index(1, 2**60, ours.replay_from, ours.manifest, ours.layers)
+    objects.put(index_key(1, 2**60), encode_index(late))
+    key, ix = latest_index(objects)
+    assert ix.generation == b._remote.generation == 3
+    a.close()
+    b.close()
+    restore(objects, str(tmp_path / "c"), force=True)
+    c = Store.open(str(tmp_path / "c"), config=SMALL, remote=remote(objects))
+    try:
+        tc = c.timeline(tl.id)
+        assert {k: tc.get(k) for k in model} == model
+        assert tc.get(1) == model.get(1)
+    finally:
+        c.close()
+
+
+def test_a_stale_writer_that_uploaded_before_the_takeover_deletes_nothing_needed(tmp_path):
+    """A is paused after uploading an index and before the renewal that
+    allows its deletes; B takes over meanwhile. A's renewal fails, so it
+    deletes nothing, and B's store is whole."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    a = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects, lease_s=30), background=False)
+    tl = a.create_timeline()
+    model: dict[int, bytes] = {}
+    write(tl, model, 120)
+    a.checkpoint()
+    a._remote.wait_uploaded()
+    with Pause(Remote, "_renew", thread=f"strata-remote-upload:{a.path}", before=True) as p:
+        a.compact(tl)
+        a.checkpoint()  # (uploads, in the upload thread, up to the renewal)
+        p.reached()
+        before = {x.key for x in objects.list()}
+        restore(objects, str(tmp_path / "b"), force=True)
+    with pytest.raises(FencedError):
+        a._remote.wait_uploaded(timeout=20)
+    assert a._remote.fenced is not None
+    after = {x.key for x in objects.list()}
+    assert not {k for k in before - after if k.startswith(("layers/", "log/"))}  # A deleted nothing
+    a.close()
+    b = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects))
+    try:
+        assert {k: b.timeline(tl.id).get(k) for k in model} == model
+        assert b.check().ok
+    finally:
+        b.close()
+    restore(objects, str(tmp_path / "c"))  # (B let the lease go: no wait)
+    c = Store.open(str(tmp_path / "c"), config=SMALL, remote=remote(objects))
+    try:
+        assert {k: c.timeline(tl.id).get(k) for k in model} == model
+        assert c.check().ok
+    finally:
+        c.close()
+
+
+def test_a_stale_writer_whose_index_went_up_after_the_takeover_deletes_nothing(tmp_path):
+    """A is paused just before it uploads an index; B restores the older
+    one meanwhile. A's index then goes up, but its renewal fails, so it
+    deletes nothing the older index (B's) needs."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    a = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects, lease_s=30), background=False)
+    tl = a.create_timeline()
+    model: dict[int, bytes] = {}
+    write(tl, model, 120)
+    a.checkpoint()
+    a._remote.wait_uploaded()
+    with Pause(objects, "put", thread=f"strata-remote-upload:{a.path}", before=True,
+               when=lambda key, data: key.startswith("index/")) as p:
+        a.compact(tl)
+        a.checkpoint()
+        p.reached()
+        restore(objects, str(tmp_path / "b"), force=True)
+    with pytest.raises(FencedError):
+        a._remote.wait_uploaded(timeout=20)
+    a.close()
+    b = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects))
+    try:
+        assert {k: b.timeline(tl.id).get(k) for k in model} == model
+        assert b.check().ok
+    finally:
+        b.close()
+    restore(objects, str(tmp_path / "c"))  # (B let the lease go: no wait)
+    c = Store.open(str(tmp_path / "c"), config=SMALL, remote=remote(objects))
+    try:
+        assert {k: c.timeline(tl.id).get(k) for k in model} == model
+        assert c.check().ok
+    finally:
+        c.close()
+
+
+def test_the_lease_of_a_live_holder_is_waited_for_and_a_released_one_taken_at_once(tmp_path):
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    a = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects, lease_s=0.6))
+    a.create_timeline()
+    waits: list[float] = []
+
+    def wait(s: float) -> None:
+        waits.append(s)
+        time.sleep(s)
+        if len(waits) >= 3:
+            raise TimeoutError("still held")
+
+    from engine.remote import take_lease
+
+    with pytest.raises(TimeoutError):
+        take_lease(objects, "node-b", lease_s=0.6, force=False, wait=wait)
+    assert len(waits) == 3  # renewed each time: its holder lives
+    a.close()  # (gives the lease up)
+    waits.clear()
+    lease, _ = take_lease(objects, "node-b", lease_s=0.6, force=False, wait=wait)
+    assert waits == [] and lease.generation == 2
+
+
+def test_a_holder_cut_off_from_the_store_fences_itself_before_the_lease_lapses(tmp_path):
+    faulty = Faulty(LocalObjectStore(str(tmp_path / "remote")))
+    s = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(faulty, lease_s=0.9))
+    tl = s.create_timeline()
+    tl.commit({1: b"x"}, durable=True)
+    faulty.cut = True
+    t0 = time.monotonic()
+    while s._remote.fenced is None and time.monotonic() - t0 < 5:
+        time.sleep(0.05)
+    assert s._remote.fenced is not None and time.monotonic() - t0 < 0.9 + 0.5
+    with pytest.raises(StoreFailedError, match="could not be renewed"):
+        tl.commit({1: b"y"})
+    assert tl.get(1) == b"x"  # reads go on
+    s.abandon()
+
+
+def test_a_home_taken_over_refuses_to_open_and_its_own_restart_does_not_wait(tmp_path):
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    home = str(tmp_path / "a")
+    a = Store.open(home, config=SMALL, remote=remote(objects, lease_s=30))
+    tl = a.create_timeline()
+    write(tl, {}, 20)
+    a.abandon()  # crashed, lease still held, 30 s to run
+    t0 = time.monotonic()
+    a = Store.open(home, config=SMALL, remote=remote(objects, lease_s=30))  # its own: no wait
+    assert time.monotonic() - t0 < 10 and a._remote.generation == 2
+    a.abandon()
+    restore(objects, str(tmp_path / "b"), force=True)
+    with pytest.raises(SupersededError, match="restore into a new home"):
+        Store.open(home, config=SMALL, remote=remote(objects))
+    with pytest.raises(InvalidArgumentError, match="restore"):
+        Store.open(str(tmp_path / "fresh"), config=SMALL, remote=remote(objects))
+    with pytest.raises(InvalidArgumentError, match="empty directory"):
+        restore(objects, home, force=True)
+
+
+@pytest.mark.parametrize("lose_answer", [False, True], ids=["failed", "answer-lost"])
+def test_fault_sweep_every_request_failed_once_loses_nothing_and_converges(tmp_path, lose_answer):
+    """For every N, the Nth object-store request of a workload fails (or
+    succeeds and its answer is lost): every durable commit is there after a
+    restore, and the store converges once the faults stop."""
+
+    def workload(objects, home, fail_at):
+        objects.fail_at = fail_at
+        try:
+            s = Store.open(home, config=SMALL, remote=remote(objects))
+        except ObjectStoreError:
+            objects.fail_at = None
+            s = Store.open(home, config=SMALL, remote=remote(objects))  # (a retry by its operator)
+        tl = s.create_timeline("0" * 32) if "0" * 32 not in s else s.timeline("0" * 32)
+        model: dict[int, bytes] = {}
+        write(tl, model, 60)
+        s.checkpoint()
+        s._remote.ship()
+        s.close()
+        return model
+
+    base = Faulty(LocalObjectStore(str(tmp_path / "count")))
+    workload(base, str(tmp_path / "count-home"), None)
+    total = base.n
+    assert total > 20
+    for n in range(1, total + 1, 2 if lose_answer else 1):
+        where = tmp_path / f"n{n}"
+        objects = Faulty(LocalObjectStore(str(where / "remote")))
+        model = workload(objects, str(where / "home"), n)
+        objects.fail_at = None
+        restore(objects, str(where / "restored"), force=True)
+        s = Store.open(str(where / "restored"), config=SMALL, remote=remote(objects))
+        try:
+            tl = s.timeline("0" * 32)
+            assert {k: tl.get(k) for k in model} == model, f"request {n} of {total} failed"
+        finally:
+            s.close()
+        shutil.rmtree(where)
