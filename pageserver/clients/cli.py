@@ -119,18 +119,57 @@ def _limits(values: dict[str, Any]) -> dict[str, Any]:
               help="Client connections the proxy takes at once, all branches (4096).")
 @click.option("--branch-connections", type=click.IntRange(min=1),
               help="Client connections per branch, at the proxy (97).")
+@click.option("--remote", help="The object store the data also lives in: s3://bucket/prefix (credentials and "
+                                "endpoint from AWS_* variables) or file:///path. Kept in the home.")
 @limit_options(branch_connections=False)
 def up(ctx: click.Context, as_json: bool, api_port: int | None, proxy_port: int | None,
        max_computes: int | None, idle_timeout: float | None, warm_pool: int | None,
-       max_connections: int | None, branch_connections: int | None, **limits: str | None) -> None:
+       max_connections: int | None, branch_connections: int | None, remote: str | None,
+       **limits: str | None) -> None:
     """Start the service in the background (if it is not running). The
     limit options set the defaults of databases that do not choose their own."""
-    state = service.start(_home(ctx), api_port=api_port, proxy_port=proxy_port, max_computes=max_computes,
-                          idle_timeout=idle_timeout, warm_pool=warm_pool, max_connections=max_connections,
-                          branch_connections=branch_connections, limits=_limits(limits) or None)
+    try:
+        state = service.start(_home(ctx), api_port=api_port, proxy_port=proxy_port, max_computes=max_computes,
+                              idle_timeout=idle_timeout, warm_pool=warm_pool, max_connections=max_connections,
+                              branch_connections=branch_connections, limits=_limits(limits) or None,
+                              remote=remote)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     out = {k: state[k] for k in ("api", "proxy", "token_file", "pid", "home")}
     _emit(as_json, out, f"Strata is up: API {out['api']}, proxy {out['proxy']} (pid {out['pid']}); "
                         f"token in {out['token_file']}")
+
+
+@command(cli, "restore")
+@click.option("--remote", required=True, help="The object store to restore from (s3://bucket/prefix, file:///path).")
+@click.option("--home", "into", help="The new home (default: the global --home); it must be empty.")
+@click.option("--force", is_flag=True, help="Take over at once: the node that held it is known to be gone "
+                                            "(default: wait until its lease lapses).")
+def restore(ctx: click.Context, as_json: bool, remote: str, into: str | None, force: bool) -> None:
+    """Bring every database and branch back from an object store into a new
+    home (names, passwords' verifiers, TTLs, history); then `strata up`."""
+    from tqdm import tqdm
+
+    from engine.objectstore import open_object_store
+    from engine.remote import restore as restore_store
+    from pageserver.compute.node import private_dir, remote_url
+
+    home = os.path.abspath(into) if into else _home(ctx)
+    if os.path.isdir(home) and os.listdir(home):
+        raise click.UsageError(f"{home} is not empty: restore into a new home")
+    objects = open_object_store(remote)
+    private_dir(home)
+    with tqdm(total=0, unit="B", unit_scale=True, desc="layers", disable=as_json or None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = restore_store(objects, os.path.join(home, "store"), force=force, progress=progress)
+    remote_url(home, remote)
+    out = {"home": home, "remote": remote, **vars(report)}
+    _emit(as_json, out, f"restored {report.timelines} timelines ({report.layers} layers, {report.layer_bytes} "
+                        f"bytes; {report.log_bytes} bytes of log) into {home} in {report.seconds:.2f}s, "
+                        f"generation {report.generation}; start it with: strata --home {home} up")
 
 
 @command(cli, "down")

@@ -117,10 +117,40 @@ def run_dir_for(home: str) -> str:
     return os.path.join(base, digest)
 
 
+REMOTE_FILE = "remote.json"
+
+
+def remote_url(home: str, given: str | None) -> str | None:
+    """The object store a home's store lives in: `given` (kept in
+    <home>/remote.json at its first use), or the one kept. A home keeps its
+    remote: another URL is refused, naming both."""
+    import json
+
+    from engine.fs import OsFileSystem, write_atomically
+    from engine.objectstore import open_object_store
+
+    path = os.path.join(home, REMOTE_FILE)
+    try:
+        with open(path) as f:
+            kept = json.load(f)["url"]
+    except FileNotFoundError:
+        kept = None
+    if given is None or given == kept:
+        return kept
+    if kept is not None:
+        raise ValueError(f"{home} lives in {kept}, not {given}: a home keeps its remote "
+                         "(restore into a new home to use another)")
+    open_object_store(given)  # (a bad URL is refused before it is kept)
+    private_dir(home)
+    write_atomically(OsFileSystem(), path, json.dumps({"url": given}).encode())
+    return given
+
+
 class Node:
     def __init__(self, home: str, *, config: StoreConfig | None = None, background: bool = True,
-                 socket_group: int | None = None) -> None:
+                 socket_group: int | None = None, remote: str | None = None) -> None:
         self.home = os.path.abspath(home)
+        self.remote_url = remote  # the object store the store lives in (engine.remote), if any
         # the front ends' group, which may enter the computes' socket directories (root only)
         self.socket_group = socket_group if os.geteuid() == 0 else None
         self.store_path = os.path.join(self.home, "store")
@@ -147,7 +177,13 @@ class Node:
     def open(self) -> Node:
         # the store's lock first: only its holder may end what an earlier page server left (a
         # page server still stopping holds it, and its computes and mount are still its own)
-        self.store = Store.open(self.store_path, config=self._config, background=self._background)
+        remote = None
+        if self.remote_url is not None:
+            from engine.objectstore import open_object_store
+            from engine.remote import Remote
+
+            remote = Remote(open_object_store(self.remote_url))
+        self.store = Store.open(self.store_path, config=self._config, background=self._background, remote=remote)
         try:
             private_dir(self.run_dir, RUN_MODE)
             reaped = reap_stale(self.computes_dir)

@@ -69,6 +69,8 @@ def open_waiting(control: ControlPlane) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pageserver.compute.node import remote_url
+
     p = argparse.ArgumentParser(prog="python -m pageserver.control", description=__doc__.splitlines()[0])
     p.add_argument("--home", required=True)
     p.add_argument("--socket", required=True, help="the control plane's Unix socket, for the front ends")
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-pool", type=int, default=0)
     p.add_argument("--limits", type=json.loads, default=None,
                    help='default limits of databases, as JSON: {"max_size": "1GB", ...}')
+    p.add_argument("--remote", help="the object store the store lives in (file:///path or s3://bucket/prefix)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it goes")
     args = p.parse_args(argv)
     os.umask(0o077)  # what this process makes is private from its first byte
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     control = ControlPlane(os.path.abspath(args.home), proxy_port=args.proxy_port, max_computes=args.max_computes,
                            socket_group=args.socket_group,
                            default_idle_timeout=args.idle_timeout or DEFAULT_IDLE_TIMEOUT,
-                           warm_pool=args.warm_pool, limits=args.limits)
+                           warm_pool=args.warm_pool, limits=args.limits,
+                           remote=remote_url(os.path.abspath(args.home), args.remote))
     open_waiting(control)
     try:
         rpc = RpcServer(control, args.socket, trusted_uids=set(args.trust_uid), group=args.socket_group)

@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-connections", type=int, help="client connections the proxy takes at once")
     p.add_argument("--branch-connections", type=int, help="client connections per branch, at the proxy")
     p.add_argument("--limits", help="databases' default limits, as JSON (see pageserver.control.limits)")
+    p.add_argument("--remote", help="the object store the store lives in: s3://bucket/prefix (with "
+                                    "AWS_* variables) or file:///path; kept in the home")
     p.add_argument("--frontend-user", help=f"who the front end runs as when started as root "
                                            f"(default ${{STRATA_FRONTEND_USER}} or {FRONTEND_USER!r})")
     args = p.parse_args(argv)
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.branch_connections:
         defaults["branch_connections"] = args.branch_connections
     options = _flags({"--max-computes": args.max_computes, "--idle-timeout": args.idle_timeout,
-                      "--warm-pool": args.warm_pool, "--limits": json.dumps(defaults) if defaults else None})
+                      "--warm-pool": args.warm_pool, "--limits": json.dumps(defaults) if defaults else None,
+                      "--remote": args.remote})
     ps_cmd = [sys.executable, "-m", "pageserver.control", "--home", home, "--socket", sock,
               "--proxy-port", str(proxy_port), "--trust-uid", str(fe_user[1]), "--socket-group", str(fe_user[2]),
               "--exit-with-parent", *options]
@@ -304,7 +307,7 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
           max_computes: int | None = None, idle_timeout: float | None = None,
           warm_pool: int | None = None, max_connections: int | None = None,
           branch_connections: int | None = None, limits: dict[str, Any] | None = None,
-          timeout: float = 180.0) -> dict[str, Any]:
+          remote: str | None = None, timeout: float = 180.0) -> dict[str, Any]:
     """Start the service for `home` in the background unless it runs;
     return its state (api, proxy, token_file, pid). Safe to call from many
     processes at once: one starts it, the others wait for it. `limits` are
@@ -315,6 +318,10 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
     given = {**(limits or {}), **({"branch_connections": branch_connections} if branch_connections else {})}
     limits_of(given).over(DEFAULTS).check()
     home = os.path.realpath(home or default_home())
+    if remote is not None:
+        from pageserver.compute.node import remote_url
+
+        remote_url(home, remote)  # (checked and kept here, before anything starts)
     state = read_state(home)
     if state is not None:
         return state
@@ -330,7 +337,8 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
         return _spawn(home, _flags({
             "--api-port": api_port, "--proxy-port": proxy_port, "--max-computes": max_computes,
             "--idle-timeout": idle_timeout, "--warm-pool": warm_pool, "--max-connections": max_connections,
-            "--branch-connections": branch_connections, "--limits": json.dumps(limits) if limits else None}),
+            "--branch-connections": branch_connections, "--limits": json.dumps(limits) if limits else None,
+            "--remote": remote}),
             timeout)
 
 

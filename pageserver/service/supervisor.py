@@ -147,9 +147,10 @@ class Supervisor:
 
     def _start(self, c: Child) -> None:
         kwargs: dict[str, Any] = {}
-        if c.role == "frontend" and os.geteuid() == 0:
-            kwargs["env"] = {**os.environ, "STRATA_FRONTEND_UID": str(self.fe_user[1]),
-                             "STRATA_FRONTEND_GID": str(self.fe_user[2])}
+        if c.role == "frontend":  # (the object store's credentials are the page server's alone)
+            kwargs["env"] = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            if os.geteuid() == 0:
+                kwargs["env"].update(STRATA_FRONTEND_UID=str(self.fe_user[1]), STRATA_FRONTEND_GID=str(self.fe_user[2]))
         proc = subprocess.Popen(c.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
                                 cwd="/", preexec_fn=_dying_with(os.getpid()), **kwargs)
         assert proc.stdin is not None and proc.stdout is not None
