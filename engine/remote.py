@@ -492,6 +492,14 @@ class Remote:
             t.join(60)
         self._store = None
 
+    def status(self, head_lsn: int) -> dict[str, object]:
+        """The generation, what went up, and the lag: LSNs of the head the
+        latest index does not hold in layers (the log holds them)."""
+        st = dataclasses.asdict(self.stats)
+        return {"generation": self.generation, "fenced": str(self._fenced) if self._fenced else None,
+                "index_lag_lsns": max(0, head_lsn - self.stats.last_index_lsn),
+                "last_error": str(self.error) if self.error else None, **st}
+
     # --- fencing ------------------------------------------------------------------------
 
     def _fence(self, why: str) -> None:

@@ -81,6 +81,8 @@ def test_machine_loss_then_restore_keeps_every_commit_older_than_the_rpo(tmp_pat
         bench = subprocess.Popen([os.path.join(pg_bindir(), "pgbench"), "-c", "4", "-j", "2", "-T", "30", "-n"],
                                  env=env_for(t), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(5)
+        rem = strata(home, "status")["remote"]
+        assert (rem["url"], rem["generation"], rem["fenced"]) == (url, 1, None) and rem["chunks"] > 10
         lost_at = time.monotonic()
         lose_the_machine(home)
         stop.set()
@@ -100,6 +102,7 @@ def test_machine_loss_then_restore_keeps_every_commit_older_than_the_rpo(tmp_pat
         assert not old_lost, f"lost commits acknowledged {old_lost[:5]} s before the loss"
         assert_invariants(t2)
         amcheck(t2)
+        assert strata(new_home, "status")["remote"]["generation"] == 3  # (restore took 2, up 3)
         # the restored database serves writes, and branches
         query(t2, "insert into acked (id) values (-1)")
         br = strata(new_home, "branch", "create", "shop/after")

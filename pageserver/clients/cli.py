@@ -209,6 +209,12 @@ def status(ctx: click.Context, as_json: bool, address: str | None) -> None:
             lines.append("database limits (defaults): " + ", ".join(f"{k} {v}" for k, v in ours["defaults"].items()))
             lines.append(f"memory limits: {ours['memory_limits']}")
             lines.append("limit hits: " + ", ".join(f"{k} {v}" for k, v in ours["hits"].items()))
+        rem = info.get("remote")
+        if isinstance(rem, dict):
+            lines.append(f"remote: {rem['url']}, generation {rem['generation']}"
+                         f"{', FENCED: ' + str(rem['fenced']) if rem['fenced'] else ''}; {rem['chunks']} log "
+                         f"chunks, {rem['layers']} layers, {rem['indexes']} indexes up; index {rem['index_lag_lsns']} "
+                         "LSNs behind the head (the log has them)")
         _emit(as_json, {**info, "processes": processes, "limits": limits}, "\n".join([text, *lines]))
         return
     db, name = _split(address)

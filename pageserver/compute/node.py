@@ -201,6 +201,13 @@ class Node:
         log.info("page server %s open (%d stale computes ended)", self.home, reaped)
         return self
 
+    def remote_status(self) -> dict[str, object] | None:
+        """Where the store also lives, and how far behind the head it is there."""
+        remote = self.store._remote if self.store is not None else None
+        if remote is None:
+            return None
+        return {"url": self.remote_url, **remote.status(self.store.last_lsn)}
+
     def close(self) -> None:
         for c in list(self._computes.values()):
             try:

@@ -1531,6 +1531,7 @@ class ControlPlane:
             "home": self.home, "store_bytes": self.ps.store.disk_usage(),
             "limits": {"defaults": shown(self.default_limits), "memory_limits": self.ps.memory_limits(),
                        "hits": self.limit_hits()},
+            "remote": self.ps.remote_status(),
         }
 
 
