@@ -248,11 +248,13 @@ class Layer:
     __slots__ = (
         "desc", "path", "timeline", "_fs", "_file", "_keys", "_index", "_times",
         "_mu", "_footer", "is_image", "complete", "lsn_start",
-        "key_first", "key_last", "_pread", "__weakref__",
+        "key_first", "key_last", "_pread", "fetch", "__weakref__",
     )
 
-    def __init__(self, fs: FileSystem, directory: str, desc: LayerDesc, timeline: bytes) -> None:
+    def __init__(self, fs: FileSystem, directory: str, desc: LayerDesc, timeline: bytes,
+                 fetch: Callable[[Layer], None] | None = None) -> None:
         self.desc = desc
+        self.fetch = fetch  # brings a missing file from the object store (engine.remote), if any
         self.path = os.path.join(directory, desc.name)
         self.timeline = timeline
         self._fs = fs
@@ -278,7 +280,10 @@ class Layer:
         try:
             f = self._fs.open_read(path)
         except FileNotFoundError:
-            raise CorruptionError(path, 0, "layer file listed in the manifest is missing") from None
+            if self.fetch is None:
+                raise CorruptionError(path, 0, "layer file listed in the manifest is missing") from None
+            self.fetch(self)  # (first read after a restore: fetched, checked, written temp, fsync, rename)
+            f = self._fs.open_read(path)
         size = f.size()
         d = self.desc
         if size != d.file_size:

@@ -71,7 +71,8 @@ Threads and locks: the shipper, the lease keeper and the uploader are
 threads of their own. `Remote._mu` guards `_shipped` (segment -> offset
 shipped), `_next_seq`, `_pending` (the newest checkpoint not uploaded),
 `_uploaded` (layers known to be up: key, size, xxh3), `_confirmed` (what
-the last index lists), `_chunk_heads`,
+the last index lists), `_chunk_heads`, `_fetching` (a lock per layer being
+fetched, held across its download so that readers of it wait for one),
 `_fenced` and the lease's ETag; no object-store call is made under it.
 `_renew_mu` keeps one renewal at a time (the lease keeper's, or the
 uploader's before it deletes): two of one ETag, and the second would find
@@ -93,6 +94,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -128,6 +130,7 @@ MARKER_KEY = "strata-remote"
 LEASE_KEY = "lease"
 LOCAL_STATE = "remote"
 MAX_CHUNK = 8 * 1024 * 1024
+FETCH_PART = 8 * 1024 * 1024  # a layer is fetched in ranged parts of this size
 
 
 class FencedError(StrataError):
@@ -370,6 +373,8 @@ class RemoteStats:
     indexes: int = 0
     index_bytes: int = 0
     deleted: int = 0
+    fetched: int = 0
+    fetched_bytes: int = 0
     retries: int = 0
     last_index_lsn: int = 0
 
@@ -403,6 +408,7 @@ class Remote:
         self._uploaded: dict[tuple[bytes, str], LayerRef] = {}  # in the object store
         self._confirmed: dict[tuple[bytes, str], LayerRef] = {}  # what the last index lists
         self._chunk_heads: dict[int, tuple[int, int, bool]] = {}  # seq -> (generation, segment, fence)
+        self._fetching: dict[tuple[bytes, str], threading.Lock] = {}  # one fetch of a layer at a time
         self._lease_etag = ""
         self._lease: Lease | None = None
         self._fenced: BaseException | None = None
@@ -499,6 +505,41 @@ class Remote:
         return {"generation": self.generation, "fenced": str(self._fenced) if self._fenced else None,
                 "index_lag_lsns": max(0, head_lsn - self.stats.last_index_lsn),
                 "last_error": str(self.error) if self.error else None, **st}
+
+    def fetch_layer(self, tid: bytes, name: str, path: str) -> None:
+        """Bring a layer file the store lists and lacks: in ranged parts (in
+        parallel), checked against the index's size and xxh3, written temp,
+        fsync, rename, fsync-directory. One fetch of a layer at a time."""
+        with self._mu:
+            ref = self._uploaded.get((tid, name))
+            lock = self._fetching.setdefault((tid, name), threading.Lock())
+        if ref is None:  # (before attach: recovery's reads)
+            found = latest_index(self.objects)
+            ref = found[1].layers.get((tid, name)) if found else None
+        if ref is None:
+            raise CorruptionError(path, 0, "layer file is missing here and in the object store's index")
+        with lock:
+            if os.path.exists(path):
+                return  # (another reader fetched it meanwhile)
+            t0 = time.monotonic()
+            parts = [(o, min(o + FETCH_PART, ref.size)) for o in range(0, ref.size, FETCH_PART)] or [(0, 0)]
+            if len(parts) == 1:
+                chunks = [self.objects.get_range(ref.key, *parts[0])]
+            else:
+                with ThreadPoolExecutor(max_workers=min(4, len(parts))) as pool:
+                    chunks = list(pool.map(lambda p: self.objects.get_range(ref.key, *p), parts))
+            data = b"".join(chunks)
+            if len(data) != ref.size or xxh3(data) != ref.checksum:
+                raise CorruptionError(ref.key, 0, "layer in the object store does not match its index",
+                                      ref.checksum, xxh3(data))
+            from .fs import OsFileSystem
+
+            fs = OsFileSystem()
+            ensure_dir(fs, os.path.dirname(path))
+            write_atomically(fs, path, data)
+            self.stats.fetched += 1
+            self.stats.fetched_bytes += len(data)
+            log.debug("fetched %s (%d bytes) in %.3fs", ref.key, len(data), time.monotonic() - t0)
 
     # --- fencing ------------------------------------------------------------------------
 
@@ -788,13 +829,14 @@ class RestoreReport:
 
 def restore(
     objects: ObjectStore, path: str, *, lease_s: float = 10.0, force: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, lazy: bool = True,
 ) -> RestoreReport:
     """Bring a store back from its object store into an empty directory:
     take the next generation, fence the log, then write the latest index's
-    manifest, its layer files (each checked by size and xxh3, written
-    temp, fsync, rename) and the log shipped after it. `Store.open(path,
-    remote=Remote(objects))` then recovers it as after a crash."""
+    manifest and the log shipped after it. `Store.open(path,
+    remote=Remote(objects))` then recovers it as after a crash, and fetches
+    each layer file on its first read (`lazy`; else they are all fetched
+    here, each checked by size and xxh3, written temp, fsync, rename)."""
     from .fs import OsFileSystem
 
     t0 = time.monotonic()
@@ -815,9 +857,9 @@ def restore(
     os.chmod(path, 0o700)
     tdir = os.path.join(path, "timelines")
     ensure_dir(fs, tdir)
-    total = sum(r.size for r in ix.layers.values())
+    total = sum(r.size for r in ix.layers.values()) if not lazy else 0
     done = 0
-    for r in ix.layers.values():
+    for r in ix.layers.values() if not lazy else ():
         data = objects.get(r.key).data
         if len(data) != r.size or xxh3(data) != r.checksum:
             raise CorruptionError(r.key, 0, "layer in the object store does not match its index",

@@ -149,9 +149,9 @@ class Store:
         try:
             state = read_local_state(path)
             store._restored_through = (state or {}).get("restored_through", 0)
+            store._remote = remote  # (before recovery builds layers: they fetch what is missing)
             recover(store)
             if remote is not None:
-                store._remote = remote
                 remote.attach(store)
         except BaseException:
             if remote is not None:
@@ -233,7 +233,12 @@ class Store:
 
     def _build(self, meta: TimelineMeta) -> Timeline:
         tdir = os.path.join(self._timelines_dir, meta.id.hex())
-        return Timeline(self, meta, [Layer(self.fs, tdir, d, meta.id) for d in meta.layers.values()])
+        fetch = self._fetch_layer if self._remote is not None else None
+        return Timeline(self, meta, [Layer(self.fs, tdir, d, meta.id, fetch) for d in meta.layers.values()])
+
+    def _fetch_layer(self, ly: Layer) -> None:
+        assert self._remote is not None
+        self._remote.fetch_layer(ly.timeline, ly.desc.name, ly.path)
 
     # --- lifecycle --------------------------------------------------------------
 

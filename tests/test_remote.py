@@ -13,7 +13,7 @@ import time
 import pytest
 
 from engine import Store
-from engine.errors import InvalidArgumentError, StoreFailedError
+from engine.errors import CorruptionError, InvalidArgumentError, StoreFailedError
 from engine.objectstore import LocalObjectStore, ObjectStore, ObjectStoreError, open_object_store
 from engine.remote import (
     LEASE_KEY,
@@ -129,6 +129,7 @@ def test_machine_loss_loses_nothing_shipped_and_branches_at_old_lsns_after_resto
         got = {k: t2.get(k) for k in range(37)}
         for k, v in shipped.items():
             assert got[k] == v or got[k] == model[k], k  # shipped, or newer still
+        assert s2._remote.stats.fetched > 0 and report.layer_bytes == 0  # (fetched on first read, not before)
         assert s2.check().ok
         b = s2.branch(t2, lsns[120])  # a branch at an old LSN, after the restore
         assert {k: b.get(k) for k in range(37)} == old
@@ -353,3 +354,33 @@ def test_fault_sweep_every_request_failed_once_loses_nothing_and_converges(tmp_p
         finally:
             s.close()
         shutil.rmtree(where)
+
+
+def test_a_layer_fetched_on_first_read_is_checked_and_a_damaged_one_refused(tmp_path):
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    s = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects), background=False)
+    tl = s.create_timeline()
+    model: dict[int, bytes] = {}
+    write(tl, model, 200)
+    s.compact(tl)
+    s.close()
+    layers = [x.key for x in objects.list("layers")]
+    assert layers
+    report = restore(objects, str(tmp_path / "b"))
+    assert not os.path.exists(os.path.join(str(tmp_path / "b"), "timelines", tl.id))  # nothing fetched yet
+    data = bytearray(objects.get(layers[0]).data)
+    data[len(data) // 2] ^= 0x40
+    objects.put(layers[0], bytes(data))  # (damaged in the object store)
+    s2 = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects), background=False)
+    try:
+        t2 = s2.timeline(tl.id)
+        with pytest.raises(CorruptionError, match="does not match its index"):
+            for k in model:
+                t2.get(k)
+        assert report.layers == len(layers)
+        objects.put(layers[0], bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0x40])
+                    + bytes(data[len(data) // 2 + 1 :]))  # (repaired)
+        assert {k: t2.get(k) for k in model} == model  # (fetched again, now whole)
+        assert s2._remote.stats.fetched == len(os.listdir(os.path.join(str(tmp_path / "b"), "timelines", tl.id)))
+    finally:
+        s2.close()

@@ -92,10 +92,13 @@ def test_machine_loss_then_restore_keeps_every_commit_older_than_the_rpo(tmp_pat
 
         t0 = time.monotonic()
         report = strata(new_home, "restore", "--remote", url, "--force")
+        t1 = time.monotonic()
         strata(new_home, "up")
         t2 = target_of(new_home, db)
+        t3 = time.monotonic()
         (n,) = query(t2, "select count(*) from acked")[0]
         restore_to_query = time.monotonic() - t0
+        steps = f"restore {t1 - t0:.2f} s, up {t3 - t1:.2f} s, first query {time.monotonic() - t3:.2f} s"
         present = {r[0] for r in query(t2, "select id from acked")}
         lost = [(i, lost_at - at) for i, at in acked if i not in present]
         old_lost = [x for x in lost if x[1] > RPO_S]
@@ -110,7 +113,7 @@ def test_machine_loss_then_restore_keeps_every_commit_older_than_the_rpo(tmp_pat
         assert query(tb, "select count(*) from acked where id = -1") == [(1,)]
         print(f"machine loss: {len(acked)} writer commits acknowledged, {len(lost)} lost (all within "
               f"{max((x[1] for x in lost), default=0):.3f} s of the loss); restore + up + first query "
-              f"{restore_to_query:.2f} s ({report['layer_bytes']} layer bytes, {report['log_bytes']} log bytes, "
+              f"{restore_to_query:.2f} s: {steps} ({report['layer_bytes']} layer bytes, {report['log_bytes']} log bytes, "
               f"{n} rows)")
     finally:
         for h in (home, new_home):
