@@ -49,6 +49,7 @@ import os
 import random
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -248,13 +249,14 @@ class Layer:
     __slots__ = (
         "desc", "path", "timeline", "_fs", "_file", "_keys", "_index", "_times",
         "_mu", "_footer", "is_image", "complete", "lsn_start",
-        "key_first", "key_last", "_pread", "fetch", "__weakref__",
+        "key_first", "key_last", "_pread", "fetch", "used", "__weakref__",
     )
 
     def __init__(self, fs: FileSystem, directory: str, desc: LayerDesc, timeline: bytes,
                  fetch: Callable[[Layer], None] | None = None) -> None:
         self.desc = desc
         self.fetch = fetch  # brings a missing file from the object store (engine.remote), if any
+        self.used = 0.0  # time.monotonic() of its last lookup (the local cache evicts the least recent)
         self.path = os.path.join(directory, desc.name)
         self.timeline = timeline
         self._fs = fs
@@ -388,6 +390,7 @@ class Layer:
     def find(self, key: int, lsn: int) -> Entry | None:
         """The newest entry for `key` (which the key bitmap holds) at or
         below `lsn`, or None."""
+        self.used = _monotonic()
         index = self._index
         if index is None:
             index = self._load_index()
@@ -403,6 +406,18 @@ class Layer:
             return last
         i = bisect.bisect_right(vs, (lsn, 1 << 64))
         return vs[i - 1] if i else None
+
+    def evict(self) -> ReadFile | None:
+        """Let go of the file, which the caller deletes; the next reader opens
+        it anew (fetched). Returns the open file, which the caller keeps
+        open a while: a reader may hold its pread (a bare descriptor, not a
+        reference), and would read a closed or reused descriptor."""
+        with self._mu:
+            f = self._file
+            self._pread = None
+            self._file = None
+            self._footer = None
+            return f
 
     def read_stored(self, e: Entry) -> bytes:
         """The stored bytes of an entry, checksum verified."""
@@ -463,6 +478,9 @@ class Layer:
                 self._file.close()
                 self._file = None
                 self._footer = None
+
+
+_monotonic = time.monotonic
 
 
 def parse_layer_name(name: str) -> bool:

@@ -375,6 +375,7 @@ class RemoteStats:
     deleted: int = 0
     fetched: int = 0
     fetched_bytes: int = 0
+    evicted: int = 0
     retries: int = 0
     last_index_lsn: int = 0
 
@@ -385,10 +386,14 @@ class Remote:
 
     def __init__(
         self, objects: ObjectStore, *, lease_s: float = 10.0, ship_interval: float = 0.2,
-        force: bool = False, probe: bool = True,
+        force: bool = False, probe: bool = True, cache_bytes: int | None = None, in_use_s: float = 1.0,
     ) -> None:
         if lease_s <= 0 or ship_interval <= 0:
             raise InvalidArgumentError("lease_s and ship_interval must be positive")
+        if cache_bytes is not None and cache_bytes <= 0:
+            raise InvalidArgumentError(f"the cache size must be positive, got {cache_bytes}")
+        self.cache_bytes = cache_bytes
+        self.in_use_s = in_use_s  # a layer read this recently is in use: not evicted
         self.objects = objects
         self.lease_s = lease_s
         self.ship_interval = ship_interval
@@ -409,6 +414,8 @@ class Remote:
         self._confirmed: dict[tuple[bytes, str], LayerRef] = {}  # what the last index lists
         self._chunk_heads: dict[int, tuple[int, int, bool]] = {}  # seq -> (generation, segment, fence)
         self._fetching: dict[tuple[bytes, str], threading.Lock] = {}  # one fetch of a layer at a time
+        self._graveyard: list[tuple[float, object]] = []  # (close after, an evicted layer's open file)
+        self._wake_evict = threading.Event()
         self._lease_etag = ""
         self._lease: Lease | None = None
         self._fenced: BaseException | None = None
@@ -458,7 +465,10 @@ class Remote:
             self._confirmed = dict(found[1].layers)
         self._store = store
         self._ship_recovered(store)
-        for name, fn in (("ship", self._ship_loop), ("lease", self._lease_loop), ("upload", self._upload_loop)):
+        loops = [("ship", self._ship_loop), ("lease", self._lease_loop), ("upload", self._upload_loop)]
+        if self.cache_bytes is not None:
+            loops.append(("cache", self._evict_loop))
+        for name, fn in loops:
             t = threading.Thread(target=fn, name=f"strata-remote-{name}:{store.path}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -482,6 +492,7 @@ class Remote:
             return
         self._stop.set()
         self._wake_upload.set()
+        self._wake_evict.set()
         for t in self._threads:
             t.join(60)
         if release and self._fenced is None and self._lease is not None:
@@ -494,6 +505,7 @@ class Remote:
         """Stop at once, as a killed process would (no upload, lease kept)."""
         self._stop.set()
         self._wake_upload.set()
+        self._wake_evict.set()
         for t in self._threads:
             t.join(60)
         self._store = None
@@ -539,7 +551,73 @@ class Remote:
             write_atomically(fs, path, data)
             self.stats.fetched += 1
             self.stats.fetched_bytes += len(data)
+        if self.cache_bytes is not None:
+            self._wake_evict.set()
             log.debug("fetched %s (%d bytes) in %.3fs", ref.key, len(data), time.monotonic() - t0)
+
+    # --- the local cache -------------------------------------------------------------
+
+    def _evict_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake_evict.wait(0.5)
+            self._wake_evict.clear()
+            try:
+                self.evict()
+            except BaseException as e:  # noqa: BLE001 - kept, and tried again
+                self.error = e
+                log.exception("evicting layers failed")
+
+    def local_layers(self) -> list[tuple[float, int, str, tuple[bytes, str], Layer | None]]:
+        """Every layer file here: (last use, size, path, (timeline, name), its open Layer)."""
+        store = self._store
+        assert store is not None
+        out: list[tuple[float, int, str, tuple[bytes, str], Layer | None]] = []
+        for tid, tl in list(store._timelines.items()):
+            if tl is not None:
+                for ly in tl._map.layers:
+                    out.append((ly.used, ly.desc.file_size, ly.path, (tid, ly.desc.name), ly))
+                continue
+            meta = store._meta_of(tid)  # (not loaded: nobody reads it)
+            for name, d in (meta.layers.items() if meta is not None else ()):
+                path = os.path.join(store._timelines_dir, tid.hex(), name)
+                out.append((0.0, d.file_size, path, (tid, name), None))
+        return [x for x in out if os.path.exists(x[2])]
+
+    def evict(self) -> int:
+        """Delete the least recently used layer files until the local ones
+        fit `cache_bytes`. Never one not in the object store yet, nor one
+        read in the last `in_use_s`. Returns the bytes freed."""
+        now = time.monotonic()
+        with self._mu:
+            keep = [(t, f) for t, f in self._graveyard if t > now]
+            done = [f for t, f in self._graveyard if t <= now]
+            self._graveyard = keep
+        for f in done:
+            with contextlib.suppress(OSError):
+                f.close()  # type: ignore[attr-defined]
+        if self.cache_bytes is None or self._store is None:
+            return 0
+        layers = self.local_layers()
+        total = sum(x[1] for x in layers)
+        freed = 0
+        for used, size, path, key, ly in sorted(layers, key=lambda x: x[0]):
+            if total - freed <= self.cache_bytes:
+                break
+            with self._mu:
+                ref = self._uploaded.get(key)
+                lock = self._fetching.setdefault(key, threading.Lock())
+            if ref is None or ref.size != size or now - used < self.in_use_s:
+                continue  # not up yet, or in use
+            with lock:
+                f = ly.evict() if ly is not None else None
+                if f is not None:
+                    with self._mu:
+                        self._graveyard.append((now + 10.0, f))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            freed += size
+            self.stats.evicted += 1
+        return freed
 
     # --- fencing ------------------------------------------------------------------------
 

@@ -384,3 +384,51 @@ def test_a_layer_fetched_on_first_read_is_checked_and_a_damaged_one_refused(tmp_
         assert s2._remote.stats.fetched == len(os.listdir(os.path.join(str(tmp_path / "b"), "timelines", tl.id)))
     finally:
         s2.close()
+
+
+def test_a_store_three_times_the_cache_reads_back_exactly_within_its_budget(tmp_path):
+    """Layers are a cache: with a budget of a third of the store, every page
+    at the head and at old LSNs reads back exactly, and what is left on
+    disk after each eviction pass fits the budget. Layers not uploaded yet
+    are never evicted."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    home = str(tmp_path / "a")
+    s = Store.open(home, config=SMALL, remote=remote(objects), background=False)
+    tl = s.create_timeline()
+    history: list[tuple[int, dict[int, bytes]]] = []
+    model: dict[int, bytes] = {}
+    for i in range(12):
+        for k in range(40):
+            model[k] = b"%d/%d:" % (i, k) + os.urandom(3000)
+        history.append((tl.commit(dict(model), durable=True), dict(model)))
+        s.flush(tl)
+    s.checkpoint()
+    s._remote.wait_uploaded()
+    s.close()
+    restore(objects, str(tmp_path / "b"), force=True)
+    total = sum(x.size for x in objects.list("layers"))
+    budget = total // 3
+    s = Store.open(str(tmp_path / "b"), config=SMALL, background=False,
+                   remote=remote(objects, cache_bytes=budget, in_use_s=0.0))
+    try:
+        r = s._remote
+        t = s.timeline(tl.id)
+        largest = max(d.file_size for d in t._meta.layers.values())
+        assert budget > largest  # (else the budget cannot hold the layer a read needs)
+        write(t, {}, 5)  # new data, in a layer not uploaded yet once flushed
+        s.flush(t)
+        unuploaded = {ly.path for ly in t._map.layers if (t._tid, ly.desc.name) not in r._uploaded}
+        assert unuploaded
+        for lsn, want in history:
+            for k, v in want.items():
+                assert t.get(k, lsn) == v
+                r.evict()
+                assert sum(x[1] for x in r.local_layers()) <= budget + sum(
+                    os.path.getsize(p) for p in unuploaded)
+                assert all(os.path.exists(p) for p in unuploaded)  # never evicted
+        assert r.stats.evicted > 0 and r.stats.fetched > len(t._meta.layers)  # (fetched again after eviction)
+        hits = 1 - r.stats.fetched / (len(history) * 40)
+        print(f"cache of a third of the store: {r.stats.fetched} fetches, {r.stats.evicted} evictions for "
+              f"{len(history) * 40} reads (hit rate {hits:.2f})")
+    finally:
+        s.close()

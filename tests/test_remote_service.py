@@ -93,7 +93,7 @@ def test_machine_loss_then_restore_keeps_every_commit_older_than_the_rpo(tmp_pat
         t0 = time.monotonic()
         report = strata(new_home, "restore", "--remote", url, "--force")
         t1 = time.monotonic()
-        strata(new_home, "up")
+        strata(new_home, "up", "--cache-size", "64MB")
         t2 = target_of(new_home, db)
         t3 = time.monotonic()
         (n,) = query(t2, "select count(*) from acked")[0]

@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limits", help="databases' default limits, as JSON (see pageserver.control.limits)")
     p.add_argument("--remote", help="the object store the store lives in: s3://bucket/prefix (with "
                                     "AWS_* variables) or file:///path; kept in the home")
+    p.add_argument("--cache-size", type=int, help="bytes of layer files kept on local disk (with --remote)")
     p.add_argument("--frontend-user", help=f"who the front end runs as when started as root "
                                            f"(default ${{STRATA_FRONTEND_USER}} or {FRONTEND_USER!r})")
     args = p.parse_args(argv)
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         defaults["branch_connections"] = args.branch_connections
     options = _flags({"--max-computes": args.max_computes, "--idle-timeout": args.idle_timeout,
                       "--warm-pool": args.warm_pool, "--limits": json.dumps(defaults) if defaults else None,
-                      "--remote": args.remote})
+                      "--remote": args.remote, "--cache-size": args.cache_size})
     ps_cmd = [sys.executable, "-m", "pageserver.control", "--home", home, "--socket", sock,
               "--proxy-port", str(proxy_port), "--trust-uid", str(fe_user[1]), "--socket-group", str(fe_user[2]),
               "--exit-with-parent", *options]
@@ -307,7 +308,7 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
           max_computes: int | None = None, idle_timeout: float | None = None,
           warm_pool: int | None = None, max_connections: int | None = None,
           branch_connections: int | None = None, limits: dict[str, Any] | None = None,
-          remote: str | None = None, timeout: float = 180.0) -> dict[str, Any]:
+          remote: str | None = None, cache_size: int | None = None, timeout: float = 180.0) -> dict[str, Any]:
     """Start the service for `home` in the background unless it runs;
     return its state (api, proxy, token_file, pid). Safe to call from many
     processes at once: one starts it, the others wait for it. `limits` are
@@ -338,7 +339,7 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
             "--api-port": api_port, "--proxy-port": proxy_port, "--max-computes": max_computes,
             "--idle-timeout": idle_timeout, "--warm-pool": warm_pool, "--max-connections": max_connections,
             "--branch-connections": branch_connections, "--limits": json.dumps(limits) if limits else None,
-            "--remote": remote}),
+            "--remote": remote, "--cache-size": cache_size}),
             timeout)
 
 
