@@ -387,12 +387,15 @@ class Remote:
     def __init__(
         self, objects: ObjectStore, *, lease_s: float = 10.0, ship_interval: float = 0.2,
         force: bool = False, probe: bool = True, cache_bytes: int | None = None, in_use_s: float = 1.0,
+        durable: bool = False,
     ) -> None:
         if lease_s <= 0 or ship_interval <= 0:
             raise InvalidArgumentError("lease_s and ship_interval must be positive")
         if cache_bytes is not None and cache_bytes <= 0:
             raise InvalidArgumentError(f"the cache size must be positive, got {cache_bytes}")
         self.cache_bytes = cache_bytes
+        self.durable_all = durable  # every timeline in durable mode
+        self._durable: frozenset[bytes] = frozenset()  # these too (replaced whole: read without a lock)
         self.in_use_s = in_use_s  # a layer read this recently is in use: not evicted
         self.objects = objects
         self.lease_s = lease_s
@@ -514,7 +517,10 @@ class Remote:
         """The generation, what went up, and the lag: LSNs of the head the
         latest index does not hold in layers (the log holds them)."""
         st = dataclasses.asdict(self.stats)
-        return {"generation": self.generation, "fenced": str(self._fenced) if self._fenced else None,
+        store = self._store
+        lag = max(0, store._log._synced - self._shipped_pos) if store is not None else 0
+        return {"generation": self.generation, "durable": self.durable_all, "ship_lag_bytes": lag,
+                "fenced": str(self._fenced) if self._fenced else None,
                 "index_lag_lsns": max(0, head_lsn - self.stats.last_index_lsn),
                 "last_error": str(self.error) if self.error else None, **st}
 
@@ -736,6 +742,31 @@ class Remote:
                 for gone in [s for s in self._shipped if s < extents[0][0]]:
                     del self._shipped[gone]  # (dropped locally)
             return self._shipped_pos
+
+    # --- durable mode ---------------------------------------------------------------------
+
+    def is_durable(self, tid: bytes) -> bool:
+        return self.durable_all or tid in self._durable
+
+    def set_durable(self, timeline_ids: set[bytes] | frozenset[bytes]) -> None:
+        """The timelines whose syncs wait for the object store (besides all, with `durable`)."""
+        self._durable = frozenset(timeline_ids)
+
+    def wait_shipped(self, pos: int) -> None:
+        """Return once the log up to position `pos` (fsynced) is in the object
+        store. Group commit: one waiter ships for every other (`_ship_mu`),
+        and those behind it find their bytes shipped. FencedError if fenced."""
+        while True:
+            with self._mu:
+                if self._shipped_pos >= pos:
+                    return
+            if self._store is None:
+                raise FencedError(f"{self!r} is closed: the log was not shipped up to {pos}")
+            try:
+                self.ship()
+            except ObjectStoreError as e:
+                log.warning("shipping for a durable commit failed, retrying: %s", e)
+                time.sleep(0.05)
 
     def _ship_loop(self) -> None:
         while not self._stop.wait(self.ship_interval):

@@ -176,14 +176,21 @@ class Timeline:
                 self._freeze_locked()
         if durable:
             log.sync(pos)
+            if store._remote is not None and store._remote.is_durable(self._tid):
+                store._remote.wait_shipped(pos)
         if full:
             store._frozen(self)
         return lsn
 
     def sync(self) -> None:
-        """Make every commit so far durable (of this and every other timeline)."""
-        self._store._check_open()
-        self._store._log.sync()
+        """Make every commit so far durable (of this and every other timeline);
+        in the object store too, for a timeline in durable mode (engine.remote)."""
+        store = self._store
+        store._check_open()
+        pos = store._log._written
+        store._log.sync()
+        if store._remote is not None and store._remote.is_durable(self._tid):
+            store._remote.wait_shipped(pos)
 
     def _freeze_locked(self) -> None:
         m = self._map

@@ -432,3 +432,31 @@ def test_a_store_three_times_the_cache_reads_back_exactly_within_its_budget(tmp_
               f"{len(history) * 40} reads (hit rate {hits:.2f})")
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "async"])
+def test_durable_mode_loses_no_acknowledged_commit_with_the_machine(objects, tmp_path, durable):
+    """In durable mode a durable commit returns once the object store has
+    it: the machine lost right after, every one is there. The shipper is
+    slowed to a minute, so that in the default mode the same run loses them."""
+    s = Store.open(str(tmp_path / "a"), config=SMALL, background=False,
+                   remote=remote(objects, ship_interval=60.0, durable=durable))
+    tl = s.create_timeline()
+    model: dict[int, bytes] = {}
+    threads = [threading.Thread(target=write, args=(tl, model, 25, i * 100)) for i in range(4)]
+    for t in threads:  # (concurrent commits share shipments: group commit)
+        t.start()
+    for t in threads:
+        t.join(60)
+    chunks = s._remote.stats.chunks
+    s.abandon()
+    restore(objects, str(tmp_path / "b"), force=True)
+    s2 = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects), background=False)
+    try:
+        got = {k: s2.timeline(tl.id).get(k) if tl.id in s2 else None for k in model}
+    finally:
+        s2.close()
+    if durable:
+        assert got == model and chunks < 100  # (100 commits, fewer shipments)
+    else:
+        assert got != model

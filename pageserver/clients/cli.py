@@ -123,23 +123,28 @@ def _limits(values: dict[str, Any]) -> dict[str, Any]:
                                 "endpoint from AWS_* variables) or file:///path. Kept in the home.")
 @click.option("--cache-size", help="With --remote: local disk kept for layer files (512MB, 10GB); the least "
                                     "recently read ones beyond it are evicted (fetched again when read).")
+@click.option("--durable", is_flag=True, help="With --remote: every commit waits for the object store "
+                                            "(nothing acknowledged is lost with the machine; slower).")
 @limit_options(branch_connections=False)
 def up(ctx: click.Context, as_json: bool, api_port: int | None, proxy_port: int | None,
        max_computes: int | None, idle_timeout: float | None, warm_pool: int | None,
        max_connections: int | None, branch_connections: int | None, remote: str | None,
-       cache_size: str | None, **limits: str | None) -> None:
+       cache_size: str | None, durable: bool, **limits: str | None) -> None:
     """Start the service in the background (if it is not running). The
     limit options set the defaults of databases that do not choose their own."""
     from pageserver.control.limits import parse_size
 
     try:
         cache = (parse_size(cache_size, "cache size") or None) if cache_size is not None else None  # (none: no bound)
-        if cache is not None and remote is None and not os.path.exists(os.path.join(_home(ctx), "remote.json")):
+        kept = os.path.exists(os.path.join(_home(ctx), "remote.json"))
+        if cache is not None and remote is None and not kept:
             raise click.UsageError("--cache-size needs --remote: without one, every layer is kept here")
+        if durable and remote is None and not kept:
+            raise click.UsageError("--durable needs --remote: it makes commits wait for the object store")
         state = service.start(_home(ctx), api_port=api_port, proxy_port=proxy_port, max_computes=max_computes,
                               idle_timeout=idle_timeout, warm_pool=warm_pool, max_connections=max_connections,
                               branch_connections=branch_connections, limits=_limits(limits) or None,
-                              remote=remote, cache_size=cache)
+                              remote=remote, cache_size=cache, durable=durable)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     out = {k: state[k] for k in ("api", "proxy", "token_file", "pid", "home")}

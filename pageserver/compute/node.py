@@ -149,10 +149,11 @@ def remote_url(home: str, given: str | None) -> str | None:
 class Node:
     def __init__(self, home: str, *, config: StoreConfig | None = None, background: bool = True,
                  socket_group: int | None = None, remote: str | None = None,
-                 cache_size: int | None = None) -> None:
+                 cache_size: int | None = None, durable: bool = False) -> None:
         self.home = os.path.abspath(home)
         self.remote_url = remote  # the object store the store lives in (engine.remote), if any
         self.cache_size = cache_size  # bytes of layer files kept here, with a remote (None: all)
+        self.durable = durable  # every sync waits for the object store (engine.remote durable mode)
         # the front ends' group, which may enter the computes' socket directories (root only)
         self.socket_group = socket_group if os.geteuid() == 0 else None
         self.store_path = os.path.join(self.home, "store")
@@ -184,7 +185,7 @@ class Node:
             from engine.objectstore import open_object_store
             from engine.remote import Remote
 
-            remote = Remote(open_object_store(self.remote_url), cache_bytes=self.cache_size)
+            remote = Remote(open_object_store(self.remote_url), cache_bytes=self.cache_size, durable=self.durable)
         self.store = Store.open(self.store_path, config=self._config, background=self._background, remote=remote)
         try:
             private_dir(self.run_dir, RUN_MODE)

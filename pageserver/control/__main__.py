@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                    help='default limits of databases, as JSON: {"max_size": "1GB", ...}')
     p.add_argument("--remote", help="the object store the store lives in (file:///path or s3://bucket/prefix)")
     p.add_argument("--cache-size", type=int, help="bytes of layer files kept on local disk (with --remote)")
+    p.add_argument("--durable", action="store_true", help="every fsync waits for the object store")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it goes")
     args = p.parse_args(argv)
     os.umask(0o077)  # what this process makes is private from its first byte
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                            socket_group=args.socket_group,
                            default_idle_timeout=args.idle_timeout or DEFAULT_IDLE_TIMEOUT,
                            warm_pool=args.warm_pool, limits=args.limits,
-                           remote=remote_url(os.path.abspath(args.home), args.remote), cache_size=args.cache_size)
+                           remote=remote_url(os.path.abspath(args.home), args.remote), cache_size=args.cache_size,
+                           durable=args.durable)
     open_waiting(control)
     try:
         rpc = RpcServer(control, args.socket, trusted_uids=set(args.trust_uid), group=args.socket_group)

@@ -188,6 +188,7 @@ class ControlPlane:
         limits: Limits | dict[str, Any] | None = None,
         remote: str | None = None,
         cache_size: int | None = None,
+        durable: bool = False,
     ) -> None:
         self.home = os.path.abspath(home)
         self.default_limits = limits_of(limits).over(DEFAULTS).check()  # what a database gets unless it chooses
@@ -199,7 +200,8 @@ class ControlPlane:
         self.default_idle_timeout = default_idle_timeout
         self._clock = clock  # wall clock: deadlines kept in the catalog
         self._mono = monotonic  # idle timers
-        self.ps = Node(self.home, config=config, socket_group=socket_group, remote=remote, cache_size=cache_size)  # (the front ends' group)
+        self.ps = Node(self.home, config=config, socket_group=socket_group, remote=remote, cache_size=cache_size,
+                       durable=durable)  # (the front ends' group)
         self._locks_mu = threading.Lock()
         self._branch_mu: dict[int, threading.Lock] = {}  # under _locks_mu
         self._use_mu = threading.Lock()

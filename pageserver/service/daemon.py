@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--remote", help="the object store the store lives in: s3://bucket/prefix (with "
                                     "AWS_* variables) or file:///path; kept in the home")
     p.add_argument("--cache-size", type=int, help="bytes of layer files kept on local disk (with --remote)")
+    p.add_argument("--durable", action="store_true", help="with --remote: every fsync waits for the object store")
     p.add_argument("--frontend-user", help=f"who the front end runs as when started as root "
                                            f"(default ${{STRATA_FRONTEND_USER}} or {FRONTEND_USER!r})")
     args = p.parse_args(argv)
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     options = _flags({"--max-computes": args.max_computes, "--idle-timeout": args.idle_timeout,
                       "--warm-pool": args.warm_pool, "--limits": json.dumps(defaults) if defaults else None,
                       "--remote": args.remote, "--cache-size": args.cache_size})
+    if args.durable:
+        options.append("--durable")
     ps_cmd = [sys.executable, "-m", "pageserver.control", "--home", home, "--socket", sock,
               "--proxy-port", str(proxy_port), "--trust-uid", str(fe_user[1]), "--socket-group", str(fe_user[2]),
               "--exit-with-parent", *options]
@@ -308,7 +311,8 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
           max_computes: int | None = None, idle_timeout: float | None = None,
           warm_pool: int | None = None, max_connections: int | None = None,
           branch_connections: int | None = None, limits: dict[str, Any] | None = None,
-          remote: str | None = None, cache_size: int | None = None, timeout: float = 180.0) -> dict[str, Any]:
+          remote: str | None = None, cache_size: int | None = None, durable: bool = False,
+          timeout: float = 180.0) -> dict[str, Any]:
     """Start the service for `home` in the background unless it runs;
     return its state (api, proxy, token_file, pid). Safe to call from many
     processes at once: one starts it, the others wait for it. `limits` are
@@ -335,7 +339,7 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
             return state
         if service_pid(home) is not None:  # one holds the home but does not serve yet (starting, stopping)
             return _await_service(home, timeout)
-        return _spawn(home, _flags({
+        return _spawn(home, (["--durable"] if durable else []) + _flags({
             "--api-port": api_port, "--proxy-port": proxy_port, "--max-computes": max_computes,
             "--idle-timeout": idle_timeout, "--warm-pool": warm_pool, "--max-connections": max_connections,
             "--branch-connections": branch_connections, "--limits": json.dumps(limits) if limits else None,
