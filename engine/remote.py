@@ -137,6 +137,10 @@ class FencedError(StrataError):
     """Another node holds this store's generation now: this one may not write."""
 
 
+class _Superseded(Exception):
+    """An upload job names what is gone since: a newer checkpoint replaces it."""
+
+
 class SupersededError(StrataError):
     """This home's generation was taken over by another node."""
 
@@ -468,7 +472,8 @@ class Remote:
             self._confirmed = dict(found[1].layers)
         self._store = store
         self._ship_recovered(store)
-        loops = [("ship", self._ship_loop), ("lease", self._lease_loop), ("upload", self._upload_loop)]
+        loops = [("ship", self._ship_loop), ("lease", self._lease_loop), ("watchdog", self._watchdog_loop),
+                 ("upload", self._upload_loop)]
         if self.cache_bytes is not None:
             loops.append(("cache", self._evict_loop))
         for name, fn in loops:
@@ -656,8 +661,11 @@ class Remote:
             try:
                 etag = self.objects.put_if_match(LEASE_KEY, encode_lease(lease), etag)
             except PreconditionFailedError:
-                self._fence("another node took the lease")
-                return False
+                mine = self._own_lease(lease)  # (an earlier renewal whose answer was lost?)
+                if mine is None:
+                    self._fence("another node took the lease")
+                    return False
+                etag = mine
             except ObjectStoreError as e:
                 log.warning("could not renew the lease: %s", e)
                 self.stats.retries += 1
@@ -667,12 +675,31 @@ class Remote:
                 self._last_renewed = sent
             return True
 
+    def _own_lease(self, sent: Lease) -> str | None:
+        """The lease's ETag if what it holds is ours (this renewal, or the one
+        before it, whose answer was lost); else None."""
+        try:
+            cur = self.objects.get(LEASE_KEY)
+            held = decode_lease(cur.data)
+        except (ObjectStoreError, CorruptionError):
+            return None
+        ours = (held.generation, held.holder, held.nonce) == (sent.generation, sent.holder, sent.nonce)
+        return cur.etag if ours and not held.released and held.renewal in (sent.renewal, sent.renewal - 1) else None
+
     def _lease_loop(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        while not self._stop.wait(self.lease_s / 4):
             if self._fenced is not None:
                 return
             self._renew()
-            if time.monotonic() - self._last_renewed > 0.8 * self.lease_s:
+
+    def _watchdog_loop(self) -> None:
+        """Fence once the last renewal that landed was sent 0.8 x lease_s ago,
+        however long a renewal in flight takes: a taker waits a whole
+        lease_s of an unchanged lease, so this node stops first."""
+        while not self._stop.wait(self.lease_s / 20):
+            with self._mu:
+                since = time.monotonic() - self._last_renewed
+            if since > 0.8 * self.lease_s:
                 self._fence(f"the lease could not be renewed for {0.8 * self.lease_s:.1f}s")
                 return
 
@@ -830,11 +857,20 @@ class Remote:
                 with self._mu:
                     self._upload_done.notify_all()
                 return
+            except _Superseded as e:  # a newer checkpoint replaces this one
+                log.info("checkpoint upload superseded: %s", e)
+                try:
+                    self._store.checkpoint() if self._store is not None else None
+                except StrataError as e2:
+                    self.error = e2
+                    if self._stop.wait(0.5):
+                        return
+                continue
             except BaseException as e:  # noqa: BLE001 - kept, and retried
                 self.error = e
                 self.stats.retries += 1
                 log.warning("uploading a checkpoint failed, retrying: %s", e)
-                if self._stop.wait(0.5) and self._fenced is not None:
+                if self._stop.wait(0.5) or self._fenced is not None:
                     return
                 self._wake_upload.set()
                 continue
@@ -882,8 +918,13 @@ class Remote:
 
     def _upload_layer(self, store: Store, tid: bytes, name: str, ly: Layer | None) -> LayerRef:
         path = ly.path if ly is not None else os.path.join(store._timelines_dir, tid.hex(), name)
-        with open(path, "rb") as f:  # (`ly` keeps the file, if the layer has left the map since)
-            data = f.read()
+        try:
+            with open(path, "rb") as f:  # (`ly` keeps the file, if the layer has left the map since)
+                data = f.read()
+        except FileNotFoundError:
+            if tid not in store._timelines:
+                raise _Superseded(f"timeline {tid.hex()} was deleted after this checkpoint") from None
+            raise
         ref = LayerRef(tid, name, self.generation, len(data), xxh3(data))
         self.objects.put(ref.key, data)
         self.stats.layers += 1

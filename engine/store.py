@@ -467,6 +467,12 @@ class Store:
                 self._discard_files(tl, written)
                 raise
             self._replace_layers(tl, written, [], detach=True)
+        if self._remote is not None:
+            # A restored log's layer edits are skipped (engine.recovery): a
+            # detach counts only once an index holds it, before its parent
+            # may go.
+            self.checkpoint()
+            self._remote.wait_uploaded()
         log.info(
             "detached timeline %s from %s at LSN %d: %d images, %d bytes, in %.2fs",
             tl.id, anc.id, at, len(written), sum(d.file_size for d in written), time.monotonic() - t0,

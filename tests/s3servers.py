@@ -122,3 +122,80 @@ class SeaweedFS:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of an S3 server that, for the request numbered
+    `fail_at` (counting from 1; or every request while `cut`), answers 503
+    SlowDown without forwarding it (`mode="503"`), or forwards it and then
+    drops the connection without an answer (`mode="drop"`: the request took
+    effect, its answer was lost). Requests keep their Host header, so SigV4
+    signatures still verify upstream."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.n = 0
+        self.fail_at: int | None = None
+        self.mode = "503"
+        self.cut = False
+        self.faults = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _any(self) -> None:
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.n += 1
+                hit = proxy.cut or proxy.n == proxy.fail_at
+                if hit and proxy.mode == "503":
+                    proxy.faults += 1
+                    msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                r = conn.getresponse()
+                data = r.read()
+                conn.close()
+                if hit:  # (it took effect upstream; the answer is lost)
+                    proxy.faults += 1
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        import threading
+
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
