@@ -185,6 +185,20 @@ def test_a_stale_writer_is_fenced_and_nothing_it_does_later_counts(objects, tmp_
         c.close()
 
 
+def whole_in_b_and_after(objects, tmp_path, tid: str, model: dict) -> None:
+    """The store restored into tmp_path/b is whole, and so is a restore of
+    what B then left in the object store (into tmp_path/c)."""
+    for home in ("b", "c"):
+        if home == "c":
+            restore(objects, str(tmp_path / "c"))  # (B let the lease go: no wait)
+        s = Store.open(str(tmp_path / home), config=SMALL, remote=remote(objects))
+        try:
+            assert {k: s.timeline(tid).get(k) for k in model} == model, home
+            assert s.check().ok
+        finally:
+            s.close()
+
+
 def test_a_stale_writer_that_uploaded_before_the_takeover_deletes_nothing_needed(tmp_path):
     """A is paused after uploading an index and before the renewal that
     allows its deletes; B takes over meanwhile. A's renewal fails, so it
@@ -208,19 +222,7 @@ def test_a_stale_writer_that_uploaded_before_the_takeover_deletes_nothing_needed
     after = {x.key for x in objects.list()}
     assert not {k for k in before - after if k.startswith(("layers/", "log/"))}  # A deleted nothing
     a.close()
-    b = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects))
-    try:
-        assert {k: b.timeline(tl.id).get(k) for k in model} == model
-        assert b.check().ok
-    finally:
-        b.close()
-    restore(objects, str(tmp_path / "c"))  # (B let the lease go: no wait)
-    c = Store.open(str(tmp_path / "c"), config=SMALL, remote=remote(objects))
-    try:
-        assert {k: c.timeline(tl.id).get(k) for k in model} == model
-        assert c.check().ok
-    finally:
-        c.close()
+    whole_in_b_and_after(objects, tmp_path, tl.id, model)
 
 
 def test_a_stale_writer_whose_index_went_up_after_the_takeover_deletes_nothing(tmp_path):
@@ -243,19 +245,7 @@ def test_a_stale_writer_whose_index_went_up_after_the_takeover_deletes_nothing(t
     with pytest.raises(FencedError):
         a._remote.wait_uploaded(timeout=20)
     a.close()
-    b = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects))
-    try:
-        assert {k: b.timeline(tl.id).get(k) for k in model} == model
-        assert b.check().ok
-    finally:
-        b.close()
-    restore(objects, str(tmp_path / "c"))  # (B let the lease go: no wait)
-    c = Store.open(str(tmp_path / "c"), config=SMALL, remote=remote(objects))
-    try:
-        assert {k: c.timeline(tl.id).get(k) for k in model} == model
-        assert c.check().ok
-    finally:
-        c.close()
+    whole_in_b_and_after(objects, tmp_path, tl.id, model)
 
 
 def test_the_lease_of_a_live_holder_is_waited_for_and_a_released_one_taken_at_once(tmp_path):
