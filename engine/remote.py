@@ -482,9 +482,29 @@ class Remote:
             self._threads.append(t)
         store.checkpoint()
         self.wait_uploaded()
+        self._collect_orphans()
         if "restored_through" in state:  # (the new manifest covers the restored log)
             write_local_state(store.path, {"node": self.node, "generation": self.generation})
         log.info("attached %s to %s as generation %d", store.path, self.objects, self.generation)
+
+    def _collect_orphans(self) -> None:
+        """Delete the layers of older generations that this generation's
+        index does not list: uploads a crash or a stale writer left without
+        an index that counts. (Once this generation's index is up and the
+        lease renewed: every later index descends from it.)"""
+        if not self._renew():
+            return  # (tried again at the next start)
+        with self._mu:
+            listed = {r.key for r in self._confirmed.values()}
+        doomed = []
+        for x in self.objects.list("layers"):
+            gen = x.key.rsplit(".", 1)[-1]
+            if x.key not in listed and len(gen) == 8 and int(gen, 16) < self.generation:
+                doomed.append(x.key)
+        if doomed:
+            self.objects.delete(doomed)
+            self.stats.deleted += len(doomed)
+            log.info("deleted %d layers of older generations that no index lists", len(doomed))
 
     def _marker(self) -> bool:
         try:
