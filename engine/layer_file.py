@@ -390,7 +390,8 @@ class Layer:
     def find(self, key: int, lsn: int) -> Entry | None:
         """The newest entry for `key` (which the key bitmap holds) at or
         below `lsn`, or None."""
-        self.used = _monotonic()
+        if self.fetch is not None:  # (only a cached layer, with a remote, needs its last use)
+            self.used = _monotonic()
         index = self._index
         if index is None:
             index = self._load_index()

@@ -202,10 +202,9 @@ def whole_in_b_and_after(objects, tmp_path, tid: str, model: dict) -> None:
             s.close()
 
 
-def test_a_stale_writer_that_uploaded_before_the_takeover_deletes_nothing_needed(tmp_path):
-    """A is paused after uploading an index and before the renewal that
-    allows its deletes; B takes over meanwhile. A's renewal fails, so it
-    deletes nothing, and B's store is whole."""
+def node_a_uploaded(tmp_path):
+    """Node A (no background thread: checkpoints only when asked) with 120
+    commits in an index that is up."""
     objects = LocalObjectStore(str(tmp_path / "remote"))
     a = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects, lease_s=30), background=False)
     tl = a.create_timeline()
@@ -213,6 +212,14 @@ def test_a_stale_writer_that_uploaded_before_the_takeover_deletes_nothing_needed
     write(tl, model, 120)
     a.checkpoint()
     a._remote.wait_uploaded()
+    return objects, a, tl, model
+
+
+def test_a_stale_writer_that_uploaded_before_the_takeover_deletes_nothing_needed(tmp_path):
+    """A is paused after uploading an index and before the renewal that
+    allows its deletes; B takes over meanwhile. A's renewal fails, so it
+    deletes nothing, and B's store is whole."""
+    objects, a, tl, model = node_a_uploaded(tmp_path)
     with Pause(Remote, "_renew", thread=f"strata-remote-upload:{a.path}", before=True) as p:
         a.compact(tl)
         a.checkpoint()  # (uploads, in the upload thread, up to the renewal)
@@ -232,13 +239,7 @@ def test_a_stale_writer_whose_index_went_up_after_the_takeover_deletes_nothing(t
     """A is paused just before it uploads an index; B restores the older
     one meanwhile. A's index then goes up, but its renewal fails, so it
     deletes nothing the older index (B's) needs."""
-    objects = LocalObjectStore(str(tmp_path / "remote"))
-    a = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects, lease_s=30), background=False)
-    tl = a.create_timeline()
-    model: dict[int, bytes] = {}
-    write(tl, model, 120)
-    a.checkpoint()
-    a._remote.wait_uploaded()
+    objects, a, tl, model = node_a_uploaded(tmp_path)
     with Pause(objects, "put", thread=f"strata-remote-upload:{a.path}", before=True,
                when=lambda key, data: key.startswith("index/")) as p:
         a.compact(tl)
