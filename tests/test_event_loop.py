@@ -25,7 +25,10 @@ from pageserver.service import daemon as service
 
 from .pg import requires_pg
 
-LAG_P99_LIMIT = 0.020
+# A call that blocks the loop (a create's RPC or fsync run on it) shows as a
+# lag of hundreds of ms; scheduling noise on a shared 2-core box reached 20.8 ms
+# (p99 is printed as a figure): the bound is for the first, with room for the second.
+LAG_P99_LIMIT = 0.050
 CREATES = 40
 ROUNDS = 10  # bursts of CREATES, for enough samples (p99 is then the 5th worst of ~500)
 TIMER = 0.002
