@@ -544,7 +544,8 @@ class Remote:
         st = dataclasses.asdict(self.stats)
         store = self._store
         lag = max(0, store._log._synced - self._shipped_pos) if store is not None else 0
-        return {"generation": self.generation, "durable": self.durable_all, "ship_lag_bytes": lag,
+        return {"generation": self.generation, "durable": self.durable_all,
+                "durable_timelines": len(self._durable), "ship_lag_bytes": lag,
                 "fenced": str(self._fenced) if self._fenced else None,
                 "index_lag_lsns": max(0, head_lsn - self.stats.last_index_lsn),
                 "last_error": str(self.error) if self.error else None, **st}

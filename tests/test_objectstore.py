@@ -1,5 +1,5 @@
 """The object-store seam: both backends (a local directory, and S3 on a real
-SeaweedFS) against one model, their conditional writes under races, the
+SeaweedFS and on moto's server) against one model, their conditional writes under races, the
 local one's crash leftovers, bad keys and URLs, and the probe of a server's
 conditional-write support."""
 
@@ -123,10 +123,10 @@ LocalMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=3
 test_local_object_store_against_a_model = LocalMachine.TestCase
 
 
-def test_s3_object_store_against_the_same_model(seaweedfs):
+def test_s3_object_store_against_the_same_model(s3server):
     class S3Machine(ObjectStoreMachine):
-        opener = staticmethod(lambda url: open_object_store(url, env=seaweedfs.env()))
-        make_where = staticmethod(seaweedfs.url)
+        opener = staticmethod(lambda url: open_object_store(url, env=s3server.env()))
+        make_where = staticmethod(s3server.url)
 
     S3Machine.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
     S3Machine.TestCase().runTest()
@@ -223,12 +223,12 @@ def test_bad_keys_and_ranges_are_refused_naming_them(tmp_path):
     assert normalise_etag('W/"abc"') == "abc" and normalise_etag(' "abc" ') == "abc"
 
 
-def test_s3_conditional_writes_race_and_a_lost_answer_still_wins(seaweedfs):
+def test_s3_conditional_writes_race_and_a_lost_answer_still_wins(s3server):
     """Eight writers of one key with If-None-Match: exactly one wins. A
     writer whose answer was lost, retried and refused by its own success,
     finds its bytes there and has won; a writer with other bytes has not."""
-    url = seaweedfs.url()
-    stores = [open_object_store(url, env=seaweedfs.env()) for _ in range(8)]
+    url = s3server.url()
+    stores = [open_object_store(url, env=s3server.env()) for _ in range(8)]
     wins: list[int] = []
     go = threading.Barrier(8)
 
@@ -285,9 +285,9 @@ def test_wrong_credentials_get_a_clear_error_and_no_secret_in_it(seaweedfs):
     assert seaweedfs.secret_key not in str(e.value)
 
 
-def test_the_probe_passes_real_servers_and_fails_one_that_ignores_conditions(tmp_path, seaweedfs):
+def test_the_probe_passes_real_servers_and_fails_one_that_ignores_conditions(tmp_path, s3server):
     probe_conditional_writes(LocalObjectStore(str(tmp_path / "s")))
-    s3 = open_object_store(seaweedfs.url(), env=seaweedfs.env())
+    s3 = open_object_store(s3server.url(), env=s3server.env())
     probe_conditional_writes(s3)
     assert s3.list() == []  # (it cleans up after itself)
 

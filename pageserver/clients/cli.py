@@ -249,15 +249,28 @@ def db() -> None:
 @click.option("--ttl", help="Delete after this long (seconds, or 90s, 15m, 1h, 2d).")
 @click.option("--idle-timeout", help="Suspend its branches after this long without connections.")
 @click.option("--expire-after-idle", help="Delete it when unused this long.")
+@click.option("--durable", is_flag=True, help="Its commits return once the object store has them "
+              "(the service needs --remote).")
 @limit_options(branch_connections=True)
 def db_create(ctx: click.Context, as_json: bool, name: str | None, ttl: str | None,
-              idle_timeout: str | None, expire_after_idle: str | None, **limits: Any) -> None:
+              idle_timeout: str | None, expire_after_idle: str | None, durable: bool, **limits: Any) -> None:
     """Create a database (a branch of the template: no initdb). The limit
     options override the service's defaults for it."""
     d = _client(ctx).create_database(name, ttl=ttl, idle_timeout=idle_timeout,
-                                     expire_after_idle=expire_after_idle, **_limits(limits))
+                                     expire_after_idle=expire_after_idle, durable=durable, **_limits(limits))
     _emit(as_json, {"name": d.database, "branch": "main", "uri": d.uri, "token": d.token,
-                    "limits": d.info.get("limits")}, d.uri)
+                    "limits": d.info.get("limits"), "durable": d.info.get("durable")}, d.uri)
+
+
+@command(db, "durable")
+@click.argument("name")
+@click.argument("mode", required=False, type=click.Choice(["on", "off"]))
+def db_durable(ctx: click.Context, as_json: bool, name: str, mode: str | None) -> None:
+    """Show a database's durable mode, or turn it on or off: on, its commits
+    return once the object store has them (the service needs --remote)."""
+    d = _client(ctx).database(name)
+    now = bool(d.info["durable"]) if mode is None else d.set_durable(mode == "on")
+    _emit(as_json, {"name": name, "durable": now}, f"{name}: durable {'on' if now else 'off'}")
 
 
 @command(db, "limit")

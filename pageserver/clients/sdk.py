@@ -104,12 +104,15 @@ class Strata:
 
     def create_database(self, name: str | None = None, *, ttl: float | str | None = None,
                         idle_timeout: float | str | None = None,
-                        expire_after_idle: float | str | None = None, **limits: int | str) -> Database:
+                        expire_after_idle: float | str | None = None, durable: bool = False,
+                        **limits: int | str) -> Database:
         """`limits` (max_size="1GB", branch_connections=10, shared_buffers, work_mem,
         memory, creations_per_minute) override the service's defaults for
-        this database (`pageserver.control.limits`)."""
+        this database (`pageserver.control.limits`). `durable` (the service
+        needs a remote): its commits return once the object store has them."""
         info = self.call("POST", "/databases", {"name": name, "ttl": ttl, "idle_timeout": idle_timeout,
-                                                "expire_after_idle": expire_after_idle, **limits})
+                                                "expire_after_idle": expire_after_idle, "durable": durable,
+                                                **limits})
         return Database(self, info["name"], info["uri"], info)
 
     def database(self, name: str) -> Database:
@@ -238,6 +241,15 @@ class Database(Branch):
     def set_limits(self, **limits: int | str) -> dict[str, int]:
         """Change its limits (operator token): a raised cap reaches its running computes at once."""
         return dict(self.client.call("PATCH", f"/databases/{self.database}", limits)["limits"])
+
+    @property
+    def durable(self) -> bool:
+        """Do its commits return only once the object store has them?"""
+        return bool(self.client.call("GET", f"/databases/{self.database}")["durable"])
+
+    def set_durable(self, durable: bool = True) -> bool:
+        """Turn its durable mode on or off (operator token; the service needs a remote)."""
+        return bool(self.client.call("PATCH", f"/databases/{self.database}", {"durable": durable})["durable"])
 
     def branches(self) -> list[Branch]:
         return [Branch(self.client, self.database, b["name"], b["uri"], b)

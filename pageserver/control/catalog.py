@@ -31,6 +31,13 @@ object of `pageserver.control.limits.Limits`; a record without one chose
 none): the database's, and a copy in each of its branches, rewritten
 together.
 
+A durable database (`durable`, with a remote: `engine.remote`'s durable
+mode) has every timeline of its branches in the remote's durable set, so
+that an fsync of its compute returns once the object store has it; and a
+change of its records (or of its branches') returns once the object store
+has that too. The set is replaced under `_mu` with the snapshot that
+changed it, so a branch is durable from the moment its record exists.
+
 Object ids are never reused. A record names its objects by id (a branch's
 database and parent), so renaming nothing ever rewrites more than one
 record. Timelines are created before the record that points at them and
@@ -123,6 +130,7 @@ class DatabaseRecord:
     last_used: float = 0.0
     token_sha256: str | None = None  # of the API token scoped to this database
     limits: Limits = field(default_factory=Limits)  # those it chose (the rest: the service's defaults)
+    durable: bool = False  # with a remote: its commits, and its records here, wait for the object store
 
     def __post_init__(self) -> None:
         _limits_from_json(self)
@@ -238,6 +246,21 @@ class Snapshot:
 Change = Callable[[Snapshot], tuple[Sequence[Record], Sequence[Record]]]
 
 
+def is_durable(snap: Snapshot, rec: Record) -> bool:
+    """Is `rec` (as given, or as `snap` has it) a durable database, or a branch of one in `snap`?"""
+    if isinstance(rec, DatabaseRecord):
+        db = snap.databases.get(rec.id)
+        return rec.durable or (db is not None and db.durable)
+    db = snap.databases.get(rec.database)
+    return db is not None and db.durable
+
+
+def durable_timelines(snap: Snapshot) -> frozenset[bytes]:
+    """The timelines of every branch of every durable database."""
+    return frozenset(bytes.fromhex(br.timeline) for db in snap.databases.values() if db.durable
+                     for br in snap.branches_in.get(db.id, _EMPTY).values())
+
+
 class Catalog:
     """Databases and branches, loaded whole at open (a record is a few
     hundred bytes: 10,000 branches are a few MB and load in well under a
@@ -265,6 +288,8 @@ class Catalog:
             elif kind == KIND_BRANCH:
                 records.append(_from(BranchRecord, body))
         self.snapshot: Snapshot = Snapshot().with_changes(put=records)  # readers: take it, don't lock
+        if store._remote is not None:
+            store._remote.set_durable(durable_timelines(self.snapshot))
 
     @property
     def timeline_id(self) -> str:
@@ -292,10 +317,16 @@ class Catalog:
                 batch[self._key(rec)] = None
             for rec in put:
                 batch[self._key(rec)] = encode_record(asdict(rec))
-            new = self.snapshot.with_changes(put, delete)
+            old = self.snapshot
+            new = old.with_changes(put, delete)
             self._tl.commit(batch)
             self.snapshot = new
-        self._tl.sync()  # also makes durable every earlier record of the store's log
+            remote = self._store._remote
+            shipped = remote is not None and any(
+                is_durable(snap, rec) for rec in [*put, *delete] for snap in (old, new))
+            if shipped:
+                remote.set_durable(durable_timelines(new))  # type: ignore[union-attr]
+        self._tl.sync(shipped=shipped)  # also makes durable every earlier record of the store's log
         return new
 
     def write(self, put: Sequence[Record] = (), delete: Sequence[Record] = ()) -> Snapshot:

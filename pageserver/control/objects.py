@@ -114,6 +114,7 @@ class DatabaseInfo:
     last_used: str | None
     branches: list[str]
     limits: dict[str, int] = field(default_factory=dict)  # defaults filled in (0: none)
+    durable: bool = False  # its commits return once the object store has them (with a remote)
     token: str | None = None  # the database-scoped API token: only in the creation's answer
     password: str | None = None  # of its main branch: only in the creation's answer (then also in `uri`)
 

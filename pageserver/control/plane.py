@@ -542,14 +542,15 @@ class ControlPlane:
     def create_database(
         self, name: str | None = None, *, ttl: float | str | None = None,
         idle_timeout: float | str | None = None, expire_after_idle: float | str | None = None,
-        limits: Limits | dict[str, Any] | None = None, caller: str | None = None,
+        limits: Limits | dict[str, Any] | None = None, caller: str | None = None, durable: bool = False,
     ) -> DatabaseInfo:
         """A new database (a branch of the template: O(1), no initdb) with a
         root branch `main`, suspended until its first connection (or served
         at once by a compute of the warm pool). Its `token` (returned here
         only) manages this database's branches and nothing else. `limits`
         are those it chooses (the rest are the service's defaults);
-        `caller` (the API's: whose token) is rate-limited."""
+        `caller` (the API's: whose token) is rate-limited. `durable` (with
+        a remote): its commits return once the object store has them."""
         t0 = time.monotonic()
         if name is None:
             name = f"db-{secrets.token_hex(4)}"
@@ -559,6 +560,7 @@ class ControlPlane:
         expire_s = parse_duration(expire_after_idle, "expire-after-idle")
         chosen = limits_of(limits)
         chosen.over(self.default_limits).check()  # (together with the defaults)
+        self._check_durable(durable)
         now = self._clock()
         self._spend(caller)
         with self._reserve(("database", name)):
@@ -572,7 +574,7 @@ class ControlPlane:
                 db = DatabaseRecord(
                     id=self.catalog.new_id(), name=name, created_at=now, expires_at=now + ttl_s if ttl_s else None,
                     idle_timeout=idle_s, expire_after_idle=expire_s, last_used=now, token_sha256=sha256(token),
-                    limits=chosen,
+                    limits=chosen, durable=bool(durable),
                 )
                 main = BranchRecord(
                     id=self.catalog.new_id(), database=db.id, name=MAIN, timeline=tl_id, created_at=now,
@@ -606,6 +608,13 @@ class ControlPlane:
         info.uri = self._uri(main, password)
         return info
 
+    def _check_durable(self, durable: object) -> None:
+        if not isinstance(durable, bool):
+            raise BadRequestError(f"durable must be true or false, not {durable!r}")
+        if durable and self.ps.remote_url is None:
+            raise BadRequestError("durable needs a remote: it makes commits wait for the object store "
+                                  "(start the service with --remote)")
+
     def database(self, name: str) -> DatabaseInfo:
         snap = self.catalog.snapshot
         db = self._db(snap, name)
@@ -616,7 +625,7 @@ class ControlPlane:
             expires_at=iso(db.expires_at), idle_timeout=db.idle_timeout or self.default_idle_timeout,
             expire_after_idle=db.expire_after_idle,
             last_used=iso(max([db.last_used] + [self._last_used(b) for b in branches])),
-            branches=[b.name for b in branches], limits=self._limits(db).given(),
+            branches=[b.name for b in branches], limits=self._limits(db).given(), durable=db.durable,
         )
 
     def databases(self) -> list[DatabaseInfo]:
@@ -862,17 +871,22 @@ class ControlPlane:
             rate = self._rate_hits
         return {"storage": self.ps.storage_refusals, "rate": rate, "memory": self.ps.oom_kills()}
 
-    def update_database(self, name: str, *, limits: Limits | dict[str, Any] | None = None) -> DatabaseInfo:
+    def update_database(self, name: str, *, limits: Limits | dict[str, Any] | None = None,
+                        durable: bool | None = None) -> DatabaseInfo:
         """Change the limits a database chose (those not given stay as they
         are). Its running computes take a new cap and memory limit at once;
-        shared_buffers and work_mem at their next start."""
+        shared_buffers and work_mem at their next start. `durable` (with a
+        remote) turns its durable mode on or off, for its running computes'
+        next commits too."""
         chosen = limits_of(limits)
+        if durable is not None:
+            self._check_durable(durable)
 
         def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
             db = self._db(snap, name)
             merged = Limits(**{**db.limits.given(), **chosen.given()})
             merged.over(self.default_limits).check()
-            db = replace(db, limits=merged)
+            db = replace(db, limits=merged, durable=db.durable if durable is None else bool(durable))
             return [db, *(replace(b, limits=merged) for b in snap.branches_in.get(db.id, {}).values())], []
 
         self.catalog.change(change)
@@ -883,7 +897,7 @@ class ControlPlane:
                 c = self.ps.compute_of(br.timeline)
                 if c is not None:
                     self._limit_running(c, self._limits(br))
-        log.info("database %s limits: %s", name, shown(self._limits(db)))
+        log.info("database %s limits: %s%s", name, shown(self._limits(db)), ", durable" if db.durable else "")
         return self.database(name)
 
     def update_branch(

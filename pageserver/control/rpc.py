@@ -94,7 +94,7 @@ CALLS = frozenset({
     "database_for_token", "resolve", "route", "status", "metrics_text", "check", "uri", "endpoint",
 })  # (connection_opened and connection_closed go on the subscription: see RpcServer._subscribed)
 SLOW_CALLS = frozenset({"route", "start", "create_database", "create_branch", "check", "delete_database",
-                        "delete_branch", "reset_branch", "restore_branch", "detach_branch", "suspend"})
+                        "update_database", "delete_branch", "reset_branch", "restore_branch", "detach_branch", "suspend"})
 CALL_TIMEOUT, SLOW_CALL_TIMEOUT = 60.0, 900.0  # seconds before a call is given up (the page server hangs)
 SUBSCRIBE_WAIT = 10.0  # seconds a connection count waits for the subscription (after a page server restart)
 

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from engine import (
     AlreadyExistsError,
@@ -57,15 +57,21 @@ class DatabaseLimits(BaseModel):
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
+    def limits(self) -> dict[str, Any]:
+        """The limits given (not a subclass's other fields)."""
+        return {k: v for k, v in self.given().items() if k in DatabaseLimits.model_fields}
+
 
 class DatabaseCreate(DatabaseLimits):
     name: str | None = Field(None, description="1-63 of [a-z0-9_-]; generated when absent")
     ttl: Duration = Field(None, description="delete after this long: seconds, or 90s, 15m, 1h, 2d")
     idle_timeout: Duration = Field(None, description="suspend branches idle this long (default 300 s)")
     expire_after_idle: Duration = Field(None, description="delete when unused this long")
+    durable: StrictBool = Field(False, description="with a remote: commits return once the object store has them")
 
-    def limits(self) -> dict[str, Any]:
-        return {k: v for k, v in self.given().items() if k in DatabaseLimits.model_fields}
+
+class DatabaseUpdate(DatabaseLimits):
+    durable: StrictBool | None = Field(None, description="turn durable mode on or off (absent: as it is)")
 
 
 class BranchCreate(BaseModel):
@@ -171,7 +177,7 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
         """Returns the database with its URI and its scoped `token` (only here)."""
         return control.create_database(req.name, ttl=req.ttl, idle_timeout=req.idle_timeout,
                                        expire_after_idle=req.expire_after_idle, limits=req.limits(),
-                                       caller=OPERATOR).to_dict()
+                                       caller=OPERATOR, durable=req.durable).to_dict()
 
     @v1.get("/databases")
     def list_databases() -> list[dict[str, Any]]:
@@ -182,9 +188,10 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
         return control.database(db).to_dict()
 
     @v1.patch("/databases/{db}")
-    def update_database(db: str, req: DatabaseLimits) -> dict[str, Any]:
-        """Change the limits it chose (the operator's: a database's own token cannot lift them)."""
-        return control.update_database(db, limits=req.given()).to_dict()
+    def update_database(db: str, req: DatabaseUpdate) -> dict[str, Any]:
+        """Change the limits it chose, or its durable mode (the operator's:
+        a database's own token cannot lift them)."""
+        return control.update_database(db, limits=req.limits(), durable=req.durable).to_dict()
 
     @v1.delete("/databases/{db}", status_code=204)
     def delete_database(db: str) -> None:
