@@ -18,14 +18,16 @@ all: venv
 
 # System packages the page server and its tests need: FUSE 3 and PostgreSQL 15;
 # libfuse 2 as well, so that the suite shows Strata loads libfuse 3 where both
-# are installed (as on many desktops).
+# are installed (as on many desktops); Ceph's monitor, OSD and RADOS Gateway, the
+# third S3 server the object-store tests run against (tests/s3servers.py).
 system:
 	@if ! command -v fusermount3 >/dev/null || ! [ -e /usr/include/fuse3/fuse.h ] \
 	   || ! /sbin/ldconfig -p | grep -q 'libfuse\.so\.2' \
-	   || ! [ -x "$(PG_BIN)/postgres" ] || ! [ -x "$(PG_BIN)/pg_amcheck" ]; then \
-	  echo "installing fuse3, libfuse3-dev, libfuse2 and PostgreSQL 15 (apt)"; \
+	   || ! [ -x "$(PG_BIN)/postgres" ] || ! [ -x "$(PG_BIN)/pg_amcheck" ] \
+	   || ! command -v radosgw >/dev/null || ! command -v ceph-osd >/dev/null; then \
+	  echo "installing fuse3, libfuse3-dev, libfuse2, PostgreSQL 15 and Ceph RGW (apt)"; \
 	  $(SUDO) apt-get update -qq && $(APT) fuse3 libfuse3-dev libfuse2 postgresql-15 postgresql-client-15 \
-	    postgresql-contrib; fi
+	    postgresql-contrib ceph-mon ceph-osd radosgw ceph-common; fi
 
 venv: $(STAMP)
 
@@ -55,7 +57,8 @@ bench: venv system
 
 torture: venv system
 	TORTURE=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fault_sweep.py tests/test_failpoints.py \
-	  tests/test_kill_service.py tests/test_gc_pressure.py tests/test_datadir_races.py tests/test_control_stress.py
+	  tests/test_kill_service.py tests/test_gc_pressure.py tests/test_datadir_races.py tests/test_control_stress.py \
+	  tests/test_remote.py tests/test_remote_service.py
 
 lint: venv
 	$(BIN)/ruff check engine pageserver tests bench

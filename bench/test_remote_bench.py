@@ -6,7 +6,9 @@ bytes written to local disk (the page server process's write_bytes, from
 /proc) and to the object store (chunks, layers, indexes) per byte
 PostgreSQL wrote (its WAL, pg_stat_wal, and the data pages written out,
 pg_stat_bgwriter), over pgbench and a checkpoint, then over a
-DDL-heavy loop (create, fill, index, drop tables).
+DDL-heavy loop (create, fill, index, drop tables); and the upload lag
+during pgbench, as p50 and p99 of samples every 0.1 s: bytes of the log
+not yet shipped, and LSNs of the head no uploaded index holds.
 
     pgbench -c 4 -j 2, scale 5, SECONDS per run; each mode its own home.
 """
@@ -14,11 +16,14 @@ DDL-heavy loop (create, fill, index, drop tables).
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
+import threading
 import time
 
 import pytest
 
+from pageserver.clients.sdk import Strata
 from pageserver.compute.postgres import pg_bindir
 from pageserver.service import daemon as service
 from tests.pg import ProxyTarget, env_for, pg_available, query, strata
@@ -60,6 +65,43 @@ def up_bytes(rem: dict) -> int:
     return int(rem.get("chunk_bytes", 0) + rem.get("layer_bytes", 0) + rem.get("index_bytes", 0))
 
 
+class LagSampler:
+    """Samples the remote's lag every 0.1 s while it runs: bytes of the
+    fsynced log not yet in the object store, and LSNs of the head that no
+    uploaded index holds in layers (the log holds them)."""
+
+    def __init__(self, home: str) -> None:
+        self.client = Strata(home, start=False)
+        self.ship: list[int] = []
+        self.index: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            rem = self.client.call("GET", "/status").get("remote") or {}
+            if rem:
+                self.ship.append(int(rem["ship_lag_bytes"]))
+                self.index.append(int(rem["index_lag_lsns"]))
+
+    def __enter__(self) -> LagSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.client.close()
+
+    def percentiles(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, xs in (("ship_lag_bytes", self.ship), ("index_lag_lsns", self.index)):
+            if len(xs) >= 2:
+                q = statistics.quantiles(xs, n=100, method="inclusive")
+                out[f"{name} p50"], out[f"{name} p99"] = q[49], q[98]
+        return out
+
+
 def run_mode(home: str, extra: list[str], label: str) -> dict:
     strata(home, "up", *extra)
     try:
@@ -75,9 +117,11 @@ def run_mode(home: str, extra: list[str], label: str) -> dict:
             w0, d0, r0 = pg_bytes(t), write_bytes(ps), up_bytes(remote_up(home))
             t0 = time.monotonic()
             if cmd is not None:
-                r = subprocess.run(cmd, env=env_for(t), check=True, capture_output=True, text=True)
+                with LagSampler(home) as lag:
+                    r = subprocess.run(cmd, env=env_for(t), check=True, capture_output=True, text=True)
                 tps = float(next(line for line in r.stdout.splitlines() if line.startswith("tps")).split()[2])
                 out["tps"] = tps
+                out["lag"] = lag.percentiles()
             else:
                 for _ in range(3):
                     query(t, DDL)
@@ -111,6 +155,9 @@ def test_tpcb_with_a_remote_and_in_durable_mode_and_write_amplification(benchmar
     report(b, "TPC-B, no remote", base, "tps")
     report(b, "TPC-B, --remote (async, ~0.2 s RPO) / no remote", results["remote"]["tps"] / base, "x")
     report(b, "TPC-B, --remote --durable / no remote", results["durable"]["tps"] / base, "x")
+    for mode in ("remote", "durable"):
+        for name, v in results[mode]["lag"].items():
+            report(b, f"upload lag during TPC-B, {mode}: {name}", v, "")
     for mode in ("local", "remote", "durable"):
         for phase in ("pgbench", "DDL"):
             r = results[mode][phase]

@@ -1,7 +1,9 @@
 """The store's background thread: flushes, checkpoints, compaction, GC.
 
 Frozen in-memory layers are flushed as soon as they appear; a checkpoint
-runs when the log grows past `log_checkpoint_bytes`; every
+runs when the log grows past `log_checkpoint_bytes`, and, with a remote,
+once the log has been idle `idle_checkpoint_s` since it last grew (so the
+remote's index soon covers what an idle store holds); every
 `background_interval`, timelines whose layers changed are compacted and the
 timelines in use are garbage collected; every `full_gc_interval`, all of
 them. Timelines nobody has used since the store opened cost nothing.
@@ -47,8 +49,11 @@ class Background:
         store = self._store
         cfg = store.config
         last_maint = last_full = time.monotonic()
+        idle = _Idle(store._log._written)
+        remote = store._remote is not None
+        wait = min(cfg.background_interval, cfg.idle_checkpoint_s / 2) if remote else cfg.background_interval
         while not self._stop.is_set():
-            self._wake.wait(cfg.background_interval)
+            self._wake.wait(wait)
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -57,9 +62,11 @@ class Background:
                     if tl._map.frozen:
                         with _unless_deleted():
                             flush_timeline(store, tl)
-                if store._log.segment_bytes_total() > cfg.log_checkpoint_bytes:
-                    store.checkpoint()
                 now = time.monotonic()
+                if store._log.segment_bytes_total() > cfg.log_checkpoint_bytes or (
+                        remote and idle.due(store._log._written, now, cfg.idle_checkpoint_s)):
+                    store.checkpoint()
+                    idle.checkpointed(store._log._written)
                 if now - last_maint >= cfg.background_interval:
                     last_maint = now
                     for tl in store._loaded():
@@ -80,6 +87,23 @@ class Background:
             except Exception as e:  # keep serving; say what went wrong
                 self.error = e
                 log.exception("background pass failed: %s", e)
+
+
+class _Idle:
+    """When the log last grew, and where it stood at the last checkpoint
+    (the background thread's own: not shared)."""
+
+    def __init__(self, pos: int) -> None:
+        self.pos, self.since, self.done = pos, time.monotonic(), pos
+
+    def due(self, pos: int, now: float, idle_s: float) -> bool:
+        """Has the log grown since the last checkpoint, and not for `idle_s`?"""
+        if pos != self.pos:
+            self.pos, self.since = pos, now
+        return pos != self.done and now - self.since >= idle_s
+
+    def checkpointed(self, pos: int) -> None:
+        self.pos = self.done = pos
 
 
 @contextlib.contextmanager

@@ -69,7 +69,12 @@ def _check_files(store: Store, tl: Timeline, report: CheckReport) -> None:
         report.layers += 1
         path = os.path.join(tdir, ly.desc.name)
         try:
-            size = store.fs.file_size(path)
+            try:
+                size = store.fs.file_size(path)
+            except FileNotFoundError:
+                if ly.fetch is None:
+                    raise
+                size = ly.desc.file_size  # (not cached here: checked as read from the object store)
             if size != ly.desc.file_size:
                 report.problems.append(f"{path}: {size} bytes, the manifest says {ly.desc.file_size}")
                 continue

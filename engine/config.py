@@ -61,6 +61,10 @@ class StoreConfig:
     background_interval: float = 10.0
     # Seconds between GC passes over every timeline, used or not.
     full_gc_interval: float = 600.0
+    # With a remote (engine.remote): checkpoint once the log has taken no
+    # write for this long since the last checkpoint, so that the object
+    # store's index holds everything and a restore replays no log.
+    idle_checkpoint_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -70,5 +74,8 @@ class StoreConfig:
             v = getattr(self, name)
             if type(v) is not int or v < 1:
                 raise InvalidArgumentError(f"StoreConfig.{name} must be a positive int, got {v!r}")
+        if not (type(self.idle_checkpoint_s) in (int, float) and 0 < self.idle_checkpoint_s < 86400):
+            raise InvalidArgumentError(
+                f"StoreConfig.idle_checkpoint_s must be seconds in (0, 86400), got {self.idle_checkpoint_s!r}")
         if self.merge_threshold < 2:
             raise InvalidArgumentError("StoreConfig.merge_threshold must be at least 2")

@@ -249,13 +249,15 @@ class Layer:
     __slots__ = (
         "desc", "path", "timeline", "_fs", "_file", "_keys", "_index", "_times",
         "_mu", "_footer", "is_image", "complete", "lsn_start",
-        "key_first", "key_last", "_pread", "fetch", "used", "__weakref__",
+        "key_first", "key_last", "_pread", "fetch", "used", "_epoch", "__weakref__",
     )
 
     def __init__(self, fs: FileSystem, directory: str, desc: LayerDesc, timeline: bytes,
-                 fetch: Callable[[Layer], None] | None = None) -> None:
+                 fetch: Callable[[Layer], ReadFile | None] | None = None) -> None:
         self.desc = desc
-        self.fetch = fetch  # brings a missing file from the object store (engine.remote), if any
+        # a missing file, from the object store (engine.remote), if any: a file to read it
+        # through meanwhile, or None once it is here
+        self.fetch = fetch
         self.used = 0.0  # time.monotonic() of its last lookup (the local cache evicts the least recent)
         self.path = os.path.join(directory, desc.name)
         self.timeline = timeline
@@ -266,7 +268,8 @@ class Layer:
         self._times: list[tuple[int, int]] | None = None
         self._footer: tuple[int, ...] | None = None
         self._pread: Callable[[int, int], bytes] | None = None  # (length, offset) -> bytes
-        self._mu = threading.Lock()
+        self._epoch = 0  # bumped by reopen(): a file opened before it is not kept
+        self._mu = threading.RLock()  # (re-entered: _open under keys and _load_index)
         self.is_image = desc.kind == KIND_IMAGE
         self.complete = desc.complete
         self.lsn_start = desc.lsn_start
@@ -279,13 +282,14 @@ class Layer:
         if self._file is not None and self._footer is not None:
             return self._file, self._footer
         path = self.path
+        epoch, got = self._epoch, None
         try:
             f = self._fs.open_read(path)
         except FileNotFoundError:
             if self.fetch is None:
                 raise CorruptionError(path, 0, "layer file listed in the manifest is missing") from None
-            self.fetch(self)  # (first read after a restore: fetched, checked, written temp, fsync, rename)
-            f = self._fs.open_read(path)
+            got = self.fetch(self)  # (first read after a restore: read in ranges, or fetched here)
+            f = got if got is not None else self._fs.open_read(path)
         size = f.size()
         d = self.desc
         if size != d.file_size:
@@ -309,7 +313,9 @@ class Layer:
             raise CorruptionError(path, foot_off, "layer footer does not match the manifest")
         if index_off + n * INDEX_ENTRY.size + blen + tlen != foot_off or index_off < HEADER.size:
             raise CorruptionError(path, foot_off, "layer footer section sizes do not add up")
-        self._file, self._footer = f, fields
+        with self._mu:
+            if got is None or self._epoch == epoch:  # (not a ranged reader the download made stale)
+                self._file, self._footer = f, fields
         return f, fields
 
     def _section(self, off: int, length: int, expected: int, what: str) -> bytes:
@@ -408,6 +414,15 @@ class Layer:
         i = bisect.bisect_right(vs, (lsn, 1 << 64))
         return vs[i - 1] if i else None
 
+    def reopen(self) -> None:
+        """Its file is here now (it was read from the object store): the next
+        read opens it. Readers holding the old file's pread finish on it."""
+        with self._mu:
+            self._epoch += 1
+            self._file = None
+            self._footer = None
+            self._pread = None
+
     def evict(self) -> ReadFile | None:
         """Let go of the file, which the caller deletes; the next reader opens
         it anew (fetched). Returns the open file, which the caller keeps
@@ -446,7 +461,8 @@ class Layer:
 
     def _opened_pread(self) -> Callable[[int, int], bytes]:
         f, _ = self._open()
-        self._pread = f.pread
+        if self._file is f:  # (kept: not a stale ranged reader)
+            self._pread = f.pread
         return f.pread
 
     def _bad_value(self, data: bytes, e: Entry) -> NoReturn:

@@ -23,7 +23,10 @@ of the bytes, in hex, S3's is what the server says (an MD5, for most).
 The S3 backend (`S3ObjectStore`) sends If-None-Match: * and If-Match, and
 relies on the server to honour them: `probe_conditional_writes` checks that
 it does (servers differ; some ignore the headers), and the remote tier
-refuses to fence with a store that fails it. obstore retries 5xx answers,
+refuses to fence with a store that fails it. If-Match goes as RFC 9110
+writes it, the ETag in quotes; a server that refuses its own current ETag
+so quoted (Ceph RGW, which compares the header's text with its unquoted
+ETag) is sent it unquoted from then on. obstore retries 5xx answers,
 timeouts and dropped connections itself, with backoff. A conditional PUT
 whose answer was lost is retried and refused (412) by its own success: so a
 refusal is checked by reading the object back, and a write that finds its
@@ -88,9 +91,10 @@ class ConditionalWritesUnsupportedError(ObjectStoreError):
 class PreconditionFailedError(ObjectStoreError):
     """A conditional write lost: the object exists, or its ETag changed."""
 
-    def __init__(self, key: str, why: str) -> None:
+    def __init__(self, key: str, why: str, current: str | None = None) -> None:
         super().__init__(f"conditional write of {key!r} refused: {why}")
         self.key = key
+        self.current = current  # the object's ETag as read after the refusal, when it was read
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,9 @@ class S3ObjectStore:
             check_key(prefix.strip("/"))
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        # If-Match with the ETag quoted (RFC 9110), until the server refuses its own current ETag so
+        # (Ceph RGW matches the unquoted text); then unquoted. One flag, flipped once: no lock.
+        self.quote_if_match = True
         self.endpoint = endpoint or f"https://s3.{opts['region']}.amazonaws.com"
         self._store = S3Store(
             bucket, prefix=self.prefix or None, config=opts,  # type: ignore[arg-type]
@@ -424,7 +431,23 @@ class S3ObjectStore:
         return self._put(key, data, "create")
 
     def put_if_match(self, key: str, data: bytes, etag: str) -> str:
-        return self._put(key, data, {"e_tag": f'"{normalise_etag(etag)}"'})
+        etag = normalise_etag(etag)
+        quoted = self.quote_if_match
+        try:
+            return self._put(key, data, {"e_tag": f'"{etag}"' if quoted else etag})
+        except PreconditionFailedError as e:
+            if not (quoted and e.current == etag):
+                raise
+        # refused though its ETag is the one given: the server wants it unquoted (still conditional)
+        try:
+            out = self._put(key, data, {"e_tag": etag})
+        except PreconditionFailedError as e:
+            if e.current == etag:
+                raise ConditionalWritesUnsupportedError(
+                    f"{self!r} refuses If-Match with the object's own ETag {etag}, quoted or not") from None
+            raise
+        self.quote_if_match = False
+        return out
 
     def _put(self, key: str, data: bytes, mode: object) -> str:
         import obstore
@@ -442,7 +465,7 @@ class S3ObjectStore:
             if now.data == data:
                 return now.etag
             why = "it exists" if mode == "create" else f"its ETag is {now.etag}, not {normalise_etag(mode['e_tag'])}"  # type: ignore[index]
-            raise PreconditionFailedError(key, why) from e
+            raise PreconditionFailedError(key, why, current=now.etag) from e
         except Exception as e:
             raise _s3_error(e, key, "could not write") from None
         return normalise_etag(r["e_tag"] or "")

@@ -88,6 +88,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import secrets
 import socket
 import struct
@@ -103,6 +104,7 @@ from .errors import CorruptionError, InvalidArgumentError, StrataError
 from .fs import ensure_dir, write_atomically
 from .manifest import decode_snapshot
 from .objectstore import (
+    Listed,
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreError,
@@ -112,6 +114,7 @@ from .objectstore import (
 from .wal import SEGMENT_HEADER, list_segments, scan_segment, segment_name
 
 if TYPE_CHECKING:
+    from .fs import ReadFile
     from .layer_file import Layer
     from .store import Store
 
@@ -131,6 +134,7 @@ LEASE_KEY = "lease"
 LOCAL_STATE = "remote"
 MAX_CHUNK = 8 * 1024 * 1024
 FETCH_PART = 8 * 1024 * 1024  # a layer is fetched in ranged parts of this size
+RESTORE_FETCHES = 16  # log chunks a restore fetches at once
 
 
 class FencedError(StrataError):
@@ -341,17 +345,17 @@ def take_lease(
             continue
 
 
-def fence_log(objects: ObjectStore, generation: int) -> tuple[int, list[str]]:
+def fence_log(objects: ObjectStore, generation: int) -> tuple[int, list[Listed]]:
     """Write a fence chunk at the next free sequence number: the old writer's
-    next chunk is refused. Returns the fence's number and the chunk keys
-    below it."""
+    next chunk is refused. Returns the fence's number and the chunks below
+    it, in sequence order."""
     while True:
-        keys = sorted(x.key for x in objects.list("log"))
-        seq = int(keys[-1].rsplit("/", 1)[1], 16) + 1 if keys else 0
+        chunks = sorted(objects.list("log"), key=lambda x: x.key)
+        seq = int(chunks[-1].key.rsplit("/", 1)[1], 16) + 1 if chunks else 0
         fence = Chunk(seq, generation, 0, 0, True, b"")
         try:
             objects.put_if_absent(chunk_key(seq), encode_chunk(fence))
-            return seq, keys
+            return seq, chunks
         except PreconditionFailedError:
             continue  # the old writer got one more in: read again
 
@@ -382,6 +386,36 @@ class RemoteStats:
     evicted: int = 0
     retries: int = 0
     last_index_lsn: int = 0
+    ranged_reads: int = 0  # reads of a layer not here yet, from the object store
+    ranged_bytes: int = 0
+
+
+class RangedObjectFile:
+    """A layer file read from the object store in ranges (a ReadFile), while
+    it is not here: each read is one ranged GET."""
+
+    def __init__(self, objects: ObjectStore, key: str, size: int, path: str, stats: RemoteStats) -> None:
+        self.path = path
+        self._objects, self._key, self._size, self._stats = objects, key, size, stats
+        self.pread: Callable[[int, int], bytes] = self._pread
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self._size)
+        if end <= offset:
+            return b""
+        data = self._objects.get_range(self._key, offset, end)
+        self._stats.ranged_reads += 1
+        self._stats.ranged_bytes += len(data)
+        return data
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        return self.read_at(offset, length)
+
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        pass
 
 
 class Remote:
@@ -391,7 +425,7 @@ class Remote:
     def __init__(
         self, objects: ObjectStore, *, lease_s: float = 10.0, ship_interval: float = 0.2,
         force: bool = False, probe: bool = True, cache_bytes: int | None = None, in_use_s: float = 1.0,
-        durable: bool = False,
+        durable: bool = False, ranged_reads: bool = True,
     ) -> None:
         if lease_s <= 0 or ship_interval <= 0:
             raise InvalidArgumentError("lease_s and ship_interval must be positive")
@@ -401,6 +435,7 @@ class Remote:
         self.durable_all = durable  # every timeline in durable mode
         self._durable: frozenset[bytes] = frozenset()  # these too (replaced whole: read without a lock)
         self.in_use_s = in_use_s  # a layer read this recently is in use: not evicted
+        self.ranged_reads = ranged_reads  # a missing layer is read in ranges while it downloads
         self.objects = objects
         self.lease_s = lease_s
         self.ship_interval = ship_interval
@@ -421,6 +456,8 @@ class Remote:
         self._confirmed: dict[tuple[bytes, str], LayerRef] = {}  # what the last index lists
         self._chunk_heads: dict[int, tuple[int, int, bool]] = {}  # seq -> (generation, segment, fence)
         self._fetching: dict[tuple[bytes, str], threading.Lock] = {}  # one fetch of a layer at a time
+        self._to_fetch: queue.Queue[Layer] = queue.Queue()  # read in ranges: downloaded in the background
+        self._queued: set[tuple[bytes, str]] = set()
         self._graveyard: list[tuple[float, object]] = []  # (close after, an evicted layer's open file)
         self._wake_evict = threading.Event()
         self._lease_etag = ""
@@ -473,7 +510,7 @@ class Remote:
         self._store = store
         self._ship_recovered(store)
         loops = [("ship", self._ship_loop), ("lease", self._lease_loop), ("watchdog", self._watchdog_loop),
-                 ("upload", self._upload_loop)]
+                 ("upload", self._upload_loop), ("fetch", self._fetch_loop)]
         if self.cache_bytes is not None:
             loops.append(("cache", self._evict_loop))
         for name, fn in loops:
@@ -550,18 +587,56 @@ class Remote:
                 "index_lag_lsns": max(0, head_lsn - self.stats.last_index_lsn),
                 "last_error": str(self.error) if self.error else None, **st}
 
-    def fetch_layer(self, tid: bytes, name: str, path: str) -> None:
-        """Bring a layer file the store lists and lacks: in ranged parts (in
-        parallel), checked against the index's size and xxh3, written temp,
-        fsync, rename, fsync-directory. One fetch of a layer at a time."""
+    def open_layer(self, ly: Layer) -> ReadFile | None:
+        """A layer file the store lists and lacks, on its first read: a file
+        that reads it from the object store in ranges at once, while the
+        fetch thread downloads it whole (`ranged_reads`, once attached; the
+        layer checks each section and value it reads by its checksum); or
+        None, once it is fetched here (`fetch_layer`)."""
+        key = (ly.timeline, ly.desc.name)
+        if not self.ranged_reads or self._store is None or self._stop.is_set():
+            self.fetch_layer(ly.timeline, ly.desc.name, ly.path)
+            return None
+        ref = self._ref(ly.timeline, ly.desc.name, ly.path)
+        with self._mu:
+            if key not in self._queued:
+                self._queued.add(key)
+                self._to_fetch.put(ly)
+        return RangedObjectFile(self.objects, ref.key, ref.size, ly.path, self.stats)
+
+    def _fetch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ly = self._to_fetch.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self.fetch_layer(ly.timeline, ly.desc.name, ly.path)
+                ly.reopen()  # (its next read opens the file here)
+            except BaseException as e:  # noqa: BLE001 - it stays read in ranges; logged
+                log.warning("downloading %s failed (it is read from the object store meanwhile): %s",
+                            ly.path, e)
+            finally:
+                with self._mu:
+                    self._queued.discard((ly.timeline, ly.desc.name))
+
+    def _ref(self, tid: bytes, name: str, path: str) -> LayerRef:
         with self._mu:
             ref = self._uploaded.get((tid, name))
-            lock = self._fetching.setdefault((tid, name), threading.Lock())
         if ref is None:  # (before attach: recovery's reads)
             found = latest_index(self.objects)
             ref = found[1].layers.get((tid, name)) if found else None
         if ref is None:
             raise CorruptionError(path, 0, "layer file is missing here and in the object store's index")
+        return ref
+
+    def fetch_layer(self, tid: bytes, name: str, path: str) -> None:
+        """Bring a layer file the store lists and lacks: in ranged parts (in
+        parallel), checked against the index's size and xxh3, written temp,
+        fsync, rename, fsync-directory. One fetch of a layer at a time."""
+        ref = self._ref(tid, name, path)
+        with self._mu:
+            lock = self._fetching.setdefault((tid, name), threading.Lock())
         with lock:
             if os.path.exists(path):
                 return  # (another reader fetched it meanwhile)
@@ -1018,7 +1093,7 @@ def restore(
         raise InvalidArgumentError(f"{objects!r} holds no Strata store (no {MARKER_KEY})")
     node = secrets.token_hex(8)
     lease, _ = take_lease(objects, node, lease_s=lease_s, force=force)
-    fence_seq, chunk_keys = fence_log(objects, lease.generation)
+    fence_seq, chunks = fence_log(objects, lease.generation)
     found = latest_index(objects, lease.generation)
     if found is None:
         raise CorruptionError(str(objects), 0, "the remote has no index: nothing to restore")
@@ -1028,7 +1103,7 @@ def restore(
     os.chmod(path, 0o700)
     tdir = os.path.join(path, "timelines")
     ensure_dir(fs, tdir)
-    total = sum(r.size for r in ix.layers.values()) if not lazy else 0
+    layer_bytes = total = sum(r.size for r in ix.layers.values()) if not lazy else 0
     done = 0
     for r in ix.layers.values() if not lazy else ():
         data = objects.get(r.key).data
@@ -1041,27 +1116,32 @@ def restore(
         done += r.size
         if progress is not None:
             progress(done, total)
-    # the log after the index: chunks in sequence order, each segment rebuilt
+    # the log after the index: chunks fetched in parallel, used in sequence order, each segment rebuilt
     log_dir = os.path.join(path, "log")
     ensure_dir(fs, log_dir)
     segs: dict[int, bytearray] = {}
     n_chunks = 0
     last_gen = 0
-    for k in chunk_keys:
-        gen, seg, fence = chunk_head(k, objects.get_range(k, 0, OBJECT.size + CHUNK.size))
-        if gen < last_gen:
-            raise CorruptionError(k, 0, "log chunk of an older generation after a newer one", last_gen, gen)
-        last_gen = gen
-        if fence or seg < ix.replay_from:
-            continue
-        c = decode_chunk(k, objects.get(k).data)
-        buf = segs.setdefault(c.segment, bytearray())
-        if c.offset > len(buf):
-            log.warning("log segment %d has a gap at %d (chunk %s): later chunks of it are not used",
-                        c.segment, len(buf), k)
-            continue
-        buf[c.offset : c.offset + len(c.data)] = c.data
-        n_chunks += 1
+    total += sum(x.size for x in chunks)
+    with ThreadPoolExecutor(max_workers=RESTORE_FETCHES) as pool:
+        for x, data in zip(chunks, pool.map(lambda x: objects.get(x.key).data, chunks), strict=True):
+            done += x.size
+            if progress is not None:
+                progress(done, total)
+            c = decode_chunk(x.key, data)
+            if c.generation < last_gen:
+                raise CorruptionError(x.key, 0, "log chunk of an older generation after a newer one",
+                                      last_gen, c.generation)
+            last_gen = c.generation
+            if c.fence or c.segment < ix.replay_from:
+                continue
+            buf = segs.setdefault(c.segment, bytearray())
+            if c.offset > len(buf):
+                log.warning("log segment %d has a gap at %d (chunk %s): later chunks of it are not used",
+                            c.segment, len(buf), x.key)
+                continue
+            buf[c.offset : c.offset + len(c.data)] = c.data
+            n_chunks += 1
     log_bytes = 0
     for first, buf in sorted(segs.items()):
         if len(buf) < SEGMENT_HEADER.size:
@@ -1078,7 +1158,7 @@ def restore(
     objects.put(index_key(lease.generation, ix.applied_lsn), encode_index(
         Index(lease.generation, ix.applied_lsn, ix.replay_from, ix.manifest, ix.layers)))
     snap = decode_snapshot(key, ix.manifest)
-    report = RestoreReport(lease.generation, key, len(snap.table), len(ix.layers), total, n_chunks, log_bytes,
+    report = RestoreReport(lease.generation, key, len(snap.table), len(ix.layers), layer_bytes, n_chunks, log_bytes,
                            time.monotonic() - t0)
     log.info("restored %s from %s: %s (fence at %d)", path, objects, report, fence_seq)
     return report

@@ -45,7 +45,7 @@ from .errors import (
     NotFoundError,
     StoreClosedError,
 )
-from .fs import FileLock, FileSystem, OsFileSystem, ensure_dir, remove_tree
+from .fs import FileLock, FileSystem, OsFileSystem, ReadFile, ensure_dir, remove_tree
 from .gc import GcResult, gc_timeline, needed_layers
 from .inmemory_layer import InMemoryLayer
 from .keyspace import partitions
@@ -236,9 +236,9 @@ class Store:
         fetch = self._fetch_layer if self._remote is not None else None
         return Timeline(self, meta, [Layer(self.fs, tdir, d, meta.id, fetch) for d in meta.layers.values()])
 
-    def _fetch_layer(self, ly: Layer) -> None:
+    def _fetch_layer(self, ly: Layer) -> ReadFile | None:
         assert self._remote is not None
-        self._remote.fetch_layer(ly.timeline, ly.desc.name, ly.path)
+        return self._remote.open_layer(ly)
 
     # --- lifecycle --------------------------------------------------------------
 

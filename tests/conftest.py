@@ -95,3 +95,18 @@ def moto():
 def s3server(request):
     """Each real S3 server in turn."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def ceph():
+    """One Ceph RGW for the session (tests keep apart by prefix)."""
+    from .s3servers import CephRGW
+
+    with CephRGW() as server:
+        yield server
+
+
+@pytest.fixture(params=["seaweedfs", "moto", pytest.param("ceph", marks=pytest.mark.needs("ceph"))])
+def any_s3server(request):
+    """Each S3 server in turn, Ceph RGW too (slower: for the short tests)."""
+    return request.getfixturevalue(request.param)

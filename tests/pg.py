@@ -60,8 +60,14 @@ def memory_cgroup_available() -> str | None:
         cg.close()
 
 
+def ceph_available() -> str | None:
+    from .s3servers import ceph_missing
+
+    return ceph_missing()
+
+
 PREREQUISITES = {"pg": pg_available, "fuse": fuse_available, "root": root_available,
-                 "memory-cgroup": memory_cgroup_available}
+                 "memory-cgroup": memory_cgroup_available, "ceph": ceph_available}
 requires_pg = pytest.mark.needs("pg")
 requires_root = pytest.mark.needs("root")
 requires_fuse = pytest.mark.needs("fuse")

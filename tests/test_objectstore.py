@@ -21,6 +21,7 @@ from engine.errors import InvalidArgumentError
 from engine.objectstore import (
     ConditionalWritesUnsupportedError,
     LocalObjectStore,
+    Object,
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreError,
@@ -223,10 +224,11 @@ def test_bad_keys_and_ranges_are_refused_naming_them(tmp_path):
     assert normalise_etag('W/"abc"') == "abc" and normalise_etag(' "abc" ') == "abc"
 
 
-def test_s3_conditional_writes_race_and_a_lost_answer_still_wins(s3server):
+def test_s3_conditional_writes_race_and_a_lost_answer_still_wins(any_s3server):
     """Eight writers of one key with If-None-Match: exactly one wins. A
     writer whose answer was lost, retried and refused by its own success,
     finds its bytes there and has won; a writer with other bytes has not."""
+    s3server = any_s3server
     url = s3server.url()
     stores = [open_object_store(url, env=s3server.env()) for _ in range(8)]
     wins: list[int] = []
@@ -285,11 +287,15 @@ def test_wrong_credentials_get_a_clear_error_and_no_secret_in_it(seaweedfs):
     assert seaweedfs.secret_key not in str(e.value)
 
 
-def test_the_probe_passes_real_servers_and_fails_one_that_ignores_conditions(tmp_path, s3server):
+def test_the_probe_passes_real_servers_and_fails_one_that_ignores_conditions(tmp_path, any_s3server):
+    from .s3servers import CephRGW
+
     probe_conditional_writes(LocalObjectStore(str(tmp_path / "s")))
-    s3 = open_object_store(s3server.url(), env=s3server.env())
+    s3 = open_object_store(any_s3server.url(), env=any_s3server.env())
     probe_conditional_writes(s3)
     assert s3.list() == []  # (it cleans up after itself)
+    # If-Match as RFC 9110 writes it (quoted), but for Ceph RGW, which matches only the bare ETag
+    assert s3.quote_if_match is not isinstance(any_s3server, CephRGW)
 
     class IgnoresIfNoneMatch(LocalObjectStore):
         def put_if_absent(self, key, data):
@@ -303,3 +309,30 @@ def test_the_probe_passes_real_servers_and_fails_one_that_ignores_conditions(tmp
         probe_conditional_writes(IgnoresIfNoneMatch(str(tmp_path / "a")))
     with pytest.raises(ConditionalWritesUnsupportedError, match="ignored If-Match"):
         probe_conditional_writes(IgnoresIfMatch(str(tmp_path / "b")))
+
+
+def test_if_match_goes_unquoted_to_a_server_that_refuses_it_quoted_and_never_unconditionally(seaweedfs):
+    """A server that refuses its own current ETag in quotes (as Ceph RGW
+    does) gets it bare from then on, still conditional: a stale ETag is
+    refused either way. One that refuses If-Match whatever its form fails
+    the probe, naming why."""
+    from .s3servers import FaultProxy
+
+    proxy = FaultProxy(seaweedfs.endpoint)
+    try:
+        env = dict(seaweedfs.env(), AWS_ENDPOINT_URL=proxy.endpoint)
+        proxy.refuse_if_match = "quoted"
+        s3 = open_object_store(seaweedfs.url(), env=env)
+        probe_conditional_writes(s3)
+        assert s3.quote_if_match is False
+        first = s3.put_if_absent("lease", b"holder 1")
+        second = s3.put_if_match("lease", b"holder 2", first)
+        with pytest.raises(PreconditionFailedError, match="ETag"):
+            s3.put_if_match("lease", b"holder 3", first)  # (stale: refused, bare as it is)
+        assert s3.get("lease") == Object(b"holder 2", second)
+        proxy.refuse_if_match = "all"
+        s3 = open_object_store(seaweedfs.url(), env=env)
+        with pytest.raises(ConditionalWritesUnsupportedError, match="refuses If-Match with the object's own ETag"):
+            probe_conditional_writes(s3)
+    finally:
+        proxy.close()

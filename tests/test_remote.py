@@ -1,7 +1,9 @@
 """The remote tier (engine.remote): a store that lives in an object store
 survives the loss of its machine, fences a stale writer, and converges
 through failed requests. Both backends: a local directory and S3 on a
-real SeaweedFS."""
+real SeaweedFS (and moto's server, behind a fault-injecting proxy).
+`TORTURE=1` (make torture) fails every N in the sweeps, and triples the
+cache test."""
 
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from engine.remote import (
 
 from .conftest import SMALL
 from .interleave import Pause
+
+TORTURE = bool(os.environ.get("TORTURE"))  # (make torture: every N of each fault sweep, a bigger cache test)
 
 
 class Faulty:
@@ -83,11 +87,12 @@ class Faulty:
         return self._call("list", prefix)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", pytest.param("ceph", marks=pytest.mark.needs("ceph"))])
 def objects(request, tmp_path):
+    """A local directory, S3 on SeaweedFS, and S3 on Ceph RGW."""
     if request.param == "local":
         return LocalObjectStore(str(tmp_path / "remote"))
-    server = request.getfixturevalue("seaweedfs")
+    server = request.getfixturevalue("seaweedfs" if request.param == "s3" else request.param)
     return open_object_store(server.url(), env=server.env())
 
 
@@ -131,7 +136,7 @@ def test_machine_loss_loses_nothing_shipped_and_branches_at_old_lsns_after_resto
         got = {k: t2.get(k) for k in range(37)}
         for k, v in shipped.items():
             assert got[k] == v or got[k] == model[k], k  # shipped, or newer still
-        assert s2._remote.stats.fetched > 0 and report.layer_bytes == 0  # (fetched on first read, not before)
+        assert s2._remote.stats.ranged_reads > 0 and report.layer_bytes == 0  # (read on first read, not before)
         assert s2.check().ok
         b = s2.branch(t2, lsns[120])  # a branch at an old LSN, after the restore
         assert {k: b.get(k) for k in range(37)} == old
@@ -336,7 +341,7 @@ def test_fault_sweep_every_request_failed_once_loses_nothing_and_converges(tmp_p
     workload(base, str(tmp_path / "count-home"), None)
     total = base.n
     assert total > 20
-    for n in range(1, total + 1, 2 if lose_answer else 1):
+    for n in range(1, total + 1, 1 if TORTURE or not lose_answer else 2):
         where = tmp_path / f"n{n}"
         objects = Faulty(LocalObjectStore(str(where / "remote")))
         model = workload(objects, str(where / "home"), n)
@@ -351,7 +356,11 @@ def test_fault_sweep_every_request_failed_once_loses_nothing_and_converges(tmp_p
         shutil.rmtree(where)
 
 
-def test_a_layer_fetched_on_first_read_is_checked_and_a_damaged_one_refused(tmp_path):
+@pytest.mark.parametrize("ranged", [False, True], ids=["fetched", "ranged"])
+def test_a_layer_fetched_on_first_read_is_checked_and_a_damaged_one_refused(tmp_path, ranged):
+    """Fetched whole on its first read, a layer is checked against the
+    index's xxh3; read in ranges meanwhile, each value by its own checksum
+    (and the download behind it by the index's)."""
     objects = LocalObjectStore(str(tmp_path / "remote"))
     s = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects), background=False)
     tl = s.create_timeline()
@@ -366,17 +375,19 @@ def test_a_layer_fetched_on_first_read_is_checked_and_a_damaged_one_refused(tmp_
     data = bytearray(objects.get(layers[0]).data)
     data[len(data) // 2] ^= 0x40
     objects.put(layers[0], bytes(data))  # (damaged in the object store)
-    s2 = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects), background=False)
+    s2 = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects, ranged_reads=ranged),
+                    background=False)
     try:
         t2 = s2.timeline(tl.id)
-        with pytest.raises(CorruptionError, match="does not match its index"):
+        with pytest.raises(CorruptionError, match="checksum mismatch" if ranged else "does not match its index"):
             for k in model:
                 t2.get(k)
         assert report.layers == len(layers)
         objects.put(layers[0], bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0x40])
                     + bytes(data[len(data) // 2 + 1 :]))  # (repaired)
-        assert {k: t2.get(k) for k in model} == model  # (fetched again, now whole)
-        assert s2._remote.stats.fetched == len(os.listdir(os.path.join(str(tmp_path / "b"), "timelines", tl.id)))
+        assert {k: t2.get(k) for k in model} == model  # (fetched again, now whole; or read in ranges)
+        if not ranged:
+            assert s2._remote.stats.fetched == len(os.listdir(os.path.join(str(tmp_path / "b"), "timelines", tl.id)))
     finally:
         s2.close()
 
@@ -392,7 +403,7 @@ def test_a_store_three_times_the_cache_reads_back_exactly_within_its_budget(tmp_
     tl = s.create_timeline()
     history: list[tuple[int, dict[int, bytes]]] = []
     model: dict[int, bytes] = {}
-    for i in range(12):
+    for i in range(48 if TORTURE else 12):
         for k in range(40):
             model[k] = b"%d/%d:" % (i, k) + os.urandom(3000)
         history.append((tl.commit(dict(model), durable=True), dict(model)))
@@ -403,8 +414,8 @@ def test_a_store_three_times_the_cache_reads_back_exactly_within_its_budget(tmp_
     restore(objects, str(tmp_path / "b"), force=True)
     total = sum(x.size for x in objects.list("layers"))
     budget = total // 3
-    s = Store.open(str(tmp_path / "b"), config=SMALL, background=False,
-                   remote=remote(objects, cache_bytes=budget, in_use_s=0.0))
+    s = Store.open(str(tmp_path / "b"), config=SMALL, background=False,  # (each read fetches what it needs)
+                   remote=remote(objects, cache_bytes=budget, in_use_s=0.0, ranged_reads=False))
     try:
         r = s._remote
         t = s.timeline(tl.id)
@@ -459,7 +470,8 @@ def test_durable_mode_loses_no_acknowledged_commit_with_the_machine(objects, tmp
 
 @pytest.mark.parametrize("mode", ["503", "drop"])
 def test_s3_fault_sweep_503s_and_lost_answers_lose_nothing(s3server, tmp_path, mode):
-    """On the wire, through a proxy in front of SeaweedFS or moto: for every N, the
+    """On the wire, through a proxy in front of SeaweedFS or moto: for every N
+    (make torture; a sixth of them per server and mode in make test), the
     Nth HTTP request of a workload is answered 503 SlowDown, or takes effect
     and loses its answer. obstore retries; a conditional write refused by
     its own earlier success has won; every durable commit survives a restore."""
@@ -482,8 +494,11 @@ def test_s3_fault_sweep_503s_and_lost_answers_lose_nothing(s3server, tmp_path, m
         workload(s3server.url(), str(tmp_path / "count"))
         total = proxy.n
         assert total > 20
-        first = 1 if isinstance(s3server, SeaweedFS) else 2  # (between them, two thirds of every N)
-        for n in range(first, total + 1, 3):
+        # make test: every sixth N, each server and mode from its own start (between them, a third of
+        # every N for each mode); make torture: every N
+        first = (1 if isinstance(s3server, SeaweedFS) else 4) + (2 if mode == "drop" else 0)
+        ns = range(1, total + 1) if TORTURE else range(first, total + 1, 6)
+        for n in ns:
             url, where = s3server.url(), tmp_path / f"n{n}"
             proxy.n, proxy.fail_at, proxy.mode = 0, n, mode
             model = workload(url, str(where / "home"))
@@ -496,7 +511,7 @@ def test_s3_fault_sweep_503s_and_lost_answers_lose_nothing(s3server, tmp_path, m
                 assert {k: tl.get(k) for k in model} == model, f"request {n} of {total} ({mode})"
             finally:
                 s.close()
-        assert proxy.faults >= total // 3
+        assert proxy.faults >= len(ns) - 1  # (each N was reached)
     finally:
         proxy.close()
 
@@ -686,3 +701,122 @@ def test_layers_no_index_lists_are_collected_by_the_next_generation(tmp_path):
         assert {k: b.timeline(tl.id).get(k) for k in model} == model and b.check().ok
     finally:
         b.close()
+
+
+def test_an_idle_store_checkpoints_so_a_restore_replays_no_log(tmp_path):
+    """Once the log has taken no write for `idle_checkpoint_s`, the store
+    checkpoints and its index goes up: the object store then holds the head
+    in layers, and a restore downloads no log. A store that stays idle does
+    not checkpoint again."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    config = dataclasses.replace(SMALL, idle_checkpoint_s=0.4, log_checkpoint_bytes=1 << 30)
+    s = Store.open(str(tmp_path / "a"), config=config, remote=remote(objects))
+    try:
+        tl = s.create_timeline()
+        model: dict[int, bytes] = {}
+        write(tl, model, 50)
+        head = s.last_lsn
+        deadline = time.monotonic() + 20
+        while s._remote.stats.last_index_lsn < head:
+            assert time.monotonic() < deadline, f"no index holds LSN {head}: {s._remote.status(head)}"
+            time.sleep(0.05)
+        indexes = s._remote.stats.indexes
+        time.sleep(1.5)  # (idle, with nothing new: no checkpoint, no index)
+        assert s._remote.stats.indexes == indexes
+    finally:
+        s.abandon()
+    report = restore(objects, str(tmp_path / "b"), force=True)
+    assert report.log_bytes <= 4096, report  # (a segment header, at most: nothing to replay)
+    s = Store.open(str(tmp_path / "b"), config=config, remote=remote(objects))
+    try:
+        assert {k: s.timeline(tl.id).get(k) for k in model} == model
+    finally:
+        s.close()
+
+
+def test_a_missing_layer_is_read_in_ranges_at_once_and_downloaded_behind(tmp_path):
+    """After a restore, the first read of a layer does not wait for its
+    download: it reads what it needs from the object store in ranges (the
+    download held back here), and once the fetch thread has the file here,
+    reads use it."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    s = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects), background=False)
+    tl = s.create_timeline()
+    model: dict[int, bytes] = {}
+    write(tl, model, 200)
+    s.compact(tl)
+    s.close()
+    restore(objects, str(tmp_path / "b"))
+    home = os.path.abspath(str(tmp_path / "b"))
+    r = remote(objects)
+    with Pause(Remote, "fetch_layer", thread=f"strata-remote-fetch:{home}", before=True) as p:
+        s2 = Store.open(home, config=SMALL, remote=r, background=False)
+        t2 = s2.timeline(tl.id)
+        assert {k: t2.get(k) for k in model} == model
+        p.reached()  # (the download waits)
+        assert r.stats.ranged_reads > 0 and r.stats.fetched == 0
+        assert not os.path.exists(os.path.join(home, "timelines", tl.id))
+    try:
+        layers = [ly.path for ly in t2._map.layers]
+        deadline = time.monotonic() + 20
+        while not all(os.path.exists(x) for x in layers):
+            assert time.monotonic() < deadline, "the fetch thread did not download the layers"
+            time.sleep(0.02)
+        time.sleep(0.1)  # (the last one reopened)
+        n = r.stats.ranged_reads
+        assert {k: t2.get(k) for k in model} == model and r.stats.ranged_reads == n  # (read here now)
+    finally:
+        s2.close()
+
+
+def test_a_reader_that_got_a_ranged_file_as_the_download_landed_does_not_keep_it(tmp_path):
+    """The race between a read of an evicted layer and the download behind
+    it: the reader is handed a file that reads from the object store, and
+    stops before it keeps it; the download lands and reopens the layer;
+    the reader goes on. It answers from the ranged file once, and the
+    next read uses the file here (kept, it would read from the object
+    store for good)."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    s = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects), background=False)
+    tl = s.create_timeline()
+    model: dict[int, bytes] = {}
+    write(tl, model, 60)
+    s.compact(tl)
+    s.close()
+    restore(objects, str(tmp_path / "b"))
+    r = remote(objects)
+    s2 = Store.open(str(tmp_path / "b"), config=SMALL, remote=r, background=False)
+    try:
+        t2 = s2.timeline(tl.id)
+        assert {k: t2.get(k) for k in model} == model
+
+        def reopened(ly) -> None:  # (downloaded, and the layer reopened: its next read opens it here)
+            deadline = time.monotonic() + 20
+            while not os.path.exists(ly.path) or ly._file is not None and not os.path.exists(ly._file.path):
+                assert time.monotonic() < deadline, "the fetch thread did not download the layer"
+                time.sleep(0.01)
+            while ly._epoch == epochs.get(ly.path, 0):
+                assert time.monotonic() < deadline, "the layer was not reopened"
+                time.sleep(0.01)
+
+        epochs: dict[str, int] = {}
+        for ly in t2._map.layers:
+            reopened(ly)
+        ly = t2._map.layers[0]
+        ly.evict()  # (as the cache does: its keys and index stay loaded)
+        os.remove(ly.path)
+        epochs[ly.path] = ly._epoch
+        got: dict[int, bytes | None] = {}
+        reader = threading.Thread(target=lambda: got.update({k: t2.get(k) for k in model}), name="reader")
+        with Pause(r, "open_layer", thread="reader") as p:  # (after it: the ranged file in hand, not kept)
+            reader.start()
+            p.reached()
+            assert p.result is not None and p.result.path == ly.path
+            reopened(ly)
+        reader.join(20)
+        assert got == model
+        n = r.stats.ranged_reads
+        assert {k: t2.get(k) for k in model} == model
+        assert r.stats.ranged_reads == n, "a stale ranged file was kept after the download"
+    finally:
+        s2.close()
