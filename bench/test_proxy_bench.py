@@ -25,7 +25,7 @@ import time
 import psycopg
 import pytest
 
-from pageserver.compute.node import run_dir_for
+from pageserver.compute.paths import run_dir_for
 from pageserver.compute.postgres import pg_bindir
 from pageserver.service import daemon as service
 from tests.pg import pg_available, strata

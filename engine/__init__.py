@@ -10,8 +10,9 @@
 See docs/architecture.md for how the pieces fit.
 """
 
+from typing import TYPE_CHECKING
+
 from .clock import Clock, ManualClock
-from .compaction import CompactionResult
 from .config import KEEP_ALL, Retention, StoreConfig
 from .errors import (
     AlreadyExistsError,
@@ -25,10 +26,31 @@ from .errors import (
     StoreLockedError,
     StrataError,
 )
-from .gc import GcResult
-from .store import Store
-from .timeline import Timeline, TimelineUsage
 from .values import MAX_KEY, MAX_VALUE_SIZE, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .compaction import CompactionResult
+    from .gc import GcResult
+    from .store import Store
+    from .timeline import Timeline, TimelineUsage
+
+# The store and what it returns are imported on first use (PEP 562): a process
+# that needs only the errors or a file helper (the CLI, the supervisor) does
+# not pay for the whole engine.
+_LAZY = {"CompactionResult": "compaction", "GcResult": "gc", "Store": "store", "Timeline": "timeline",
+         "TimelineUsage": "timeline"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AlreadyExistsError",

@@ -27,7 +27,8 @@ import psycopg
 
 from engine import Store
 from pageserver.clients.sdk import ApiError, Strata
-from pageserver.compute.node import TEMPLATE_ID, pg_version_of, run_dir_for
+from pageserver.compute.node import TEMPLATE_ID, pg_version_of
+from pageserver.compute.paths import run_dir_for
 from pageserver.control.catalog import CATALOG_ID, Catalog, Snapshot
 from pageserver.errors import (
     BadRequestError,

@@ -23,7 +23,8 @@ import pytest
 
 from engine import NotFoundError
 from pageserver.compute import postgres as compute_module
-from pageserver.compute.node import Node, run_dir_for
+from pageserver.compute.node import Node
+from pageserver.compute.paths import run_dir_for
 from pageserver.compute.postgres import pg_bindir, reap_stale
 from pageserver.errors import (
     BranchBusyError,

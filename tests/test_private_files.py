@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from engine import Store
-from pageserver.compute.node import private_dir
+from pageserver.compute.paths import private_dir
 from pageserver.errors import UnsafeDirectoryError
 from pageserver.service import daemon
 

@@ -19,7 +19,8 @@ import time
 import psycopg
 import pytest
 
-from pageserver.compute.node import reap_stale, run_dir_for
+from pageserver.compute.node import reap_stale
+from pageserver.compute.paths import run_dir_for
 from pageserver.fuse.filesystem import unmount
 from pageserver.service import daemon as service
 
@@ -27,6 +28,7 @@ from .pg import ProxyTarget, amcheck, assert_invariants, env_for, pg_bindir, que
 
 pytestmark = requires_pg
 RPO_S = 1.0  # acknowledged this long before the loss: must survive it
+LOAD_S = 60 if os.environ.get("TORTURE") else 5  # seconds of pgbench and writers before the loss (make torture)
 
 
 def lose_the_machine(home: str) -> None:
@@ -84,9 +86,10 @@ def test_machine_loss_then_restore_keeps_every_commit_older_than_the_rpo(tmp_pat
         writers = [threading.Thread(target=writer, args=a, daemon=True) for a in ((t, acked), (tl, durably))]
         for w in writers:
             w.start()
-        bench = subprocess.Popen([os.path.join(pg_bindir(), "pgbench"), "-c", "4", "-j", "2", "-T", "30", "-n"],
+        bench = subprocess.Popen([os.path.join(pg_bindir(), "pgbench"), "-c", "4", "-j", "2", "-T",
+                                  str(LOAD_S + 25), "-n"],
                                  env=env_for(t), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(5)
+        time.sleep(LOAD_S)
         rem = strata(home, "status")["remote"]
         assert (rem["url"], rem["generation"], rem["fenced"]) == (url, 1, None) and rem["chunks"] > 10
         lost_at = time.monotonic()

@@ -15,7 +15,7 @@ import pytest
 
 from engine import Store
 from pageserver.clients.sdk import Strata
-from pageserver.compute.node import run_dir_for
+from pageserver.compute.paths import run_dir_for
 from pageserver.control.catalog import (
     CATALOG_ID,
     KIND_DATABASE,

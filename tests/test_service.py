@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from pageserver.clients.sdk import Strata
-from pageserver.compute.node import RUN_MODE, run_dir_for
+from pageserver.compute.paths import RUN_MODE, run_dir_for
 from pageserver.errors import ProtectedError, ServiceNotRunningError, UnknownObjectError
 from pageserver.service import daemon as service
 from pageserver.service.supervisor import frontend_identity

@@ -14,14 +14,16 @@ import sys
 import urllib.parse
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from engine import StrataError
-from pageserver.clients.sdk import Strata
 from pageserver.errors import ServiceNotRunningError
 from pageserver.service import daemon as service
+
+if TYPE_CHECKING:
+    from pageserver.clients.sdk import Strata
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 
@@ -32,6 +34,8 @@ def _home(ctx: click.Context) -> str:
 
 def _client(ctx: click.Context) -> Strata:
     if "client" not in ctx.obj:
+        from pageserver.clients.sdk import Strata  # (httpx and psycopg: not for up, down, restore)
+
         ctx.obj["client"] = Strata(_home(ctx), start=False)
     client: Strata = ctx.obj["client"]
     return client
@@ -164,14 +168,14 @@ def restore(ctx: click.Context, as_json: bool, remote: str, into: str | None, fo
 
     from engine.objectstore import open_object_store
     from engine.remote import restore as restore_store
-    from pageserver.compute.node import private_dir, remote_url
+    from pageserver.compute.paths import private_dir, remote_url
 
     home = os.path.abspath(into) if into else _home(ctx)
     if os.path.isdir(home) and os.listdir(home):
         raise click.UsageError(f"{home} is not empty: restore into a new home")
     objects = open_object_store(remote)
     private_dir(home)
-    with tqdm(total=0, unit="B", unit_scale=True, desc="layers", disable=as_json or None) as bar:
+    with tqdm(total=0, unit="B", unit_scale=True, desc="log and layers", disable=as_json or None) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)

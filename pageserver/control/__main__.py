@@ -69,7 +69,7 @@ def open_waiting(control: ControlPlane) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pageserver.compute.node import remote_url
+    from pageserver.compute.paths import remote_url
 
     p = argparse.ArgumentParser(prog="python -m pageserver.control", description=__doc__.splitlines()[0])
     p.add_argument("--home", required=True)

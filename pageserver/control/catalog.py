@@ -66,13 +66,16 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from immutables import Map
 
-from engine import CorruptionError, Store, Timeline
+from engine import CorruptionError
 from engine.checksums import xxh64
 from pageserver.control.limits import Limits
+
+if TYPE_CHECKING:
+    from engine import Store, Timeline
 
 CATALOG_ID = "7374726174612d636174616c6f670000"  # "strata-catalog" in hex
 MAGIC = b"STCR"

@@ -8,10 +8,15 @@ import datetime as dt
 import hashlib
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.check import CheckReport
 from pageserver.errors import BadRequestError
+
+if TYPE_CHECKING:
+    from engine.check import CheckReport
+
+MAIN = "main"  # every database's first branch
+OPERATOR = "@operator"  # the caller the operator's token is (no database's name has an @)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 

@@ -98,7 +98,8 @@ from engine import (
     StoreConfig,
     Timeline,
 )
-from pageserver.compute.node import TEMPLATE_ID, Node, private_dir
+from pageserver.compute.node import TEMPLATE_ID, Node
+from pageserver.compute.paths import private_dir
 from pageserver.compute.postgres import Compute
 from pageserver.control.catalog import (
     CATALOG_ID,
@@ -113,6 +114,8 @@ from pageserver.control.catalog import (
 from pageserver.control.limits import DEFAULTS, Limits, limits_of, shown
 from pageserver.control.metrics import Metrics
 from pageserver.control.objects import (
+    MAIN,
+    OPERATOR,
     BranchInfo,
     DatabaseInfo,
     check_name,
@@ -136,8 +139,6 @@ from pageserver.scram import make_verifier, new_password, new_salt
 
 log = logging.getLogger("strata.control")
 
-MAIN = "main"
-OPERATOR = "@operator"  # the caller the operator's token is (no database's name has an @)
 DEFAULT_IDLE_TIMEOUT = 300.0
 COMPUTE_MEMORY = 256 << 20  # what one compute is budgeted (shared_buffers 128 MB and the rest)
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # housekeeping's backoff for a record that fails

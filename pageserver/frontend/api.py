@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,9 +32,12 @@ from engine import (
     NotFoundError,
     StrataError,
 )
-from pageserver.control.plane import MAIN, OPERATOR, ControlPlane
+from pageserver.control.objects import MAIN, OPERATOR
 from pageserver.control.rpc import RemoteControl
 from pageserver.errors import BranchBusyError, ControlPlaneError, RateLimitedError
+
+if TYPE_CHECKING:
+    from pageserver.control.plane import ControlPlane
 
 Duration = float | str | None
 Size = int | str | None

@@ -17,15 +17,17 @@ import gc
 import logging
 import signal
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from pageserver.control.metrics import LAG_BUCKETS
-from pageserver.control.plane import ControlPlane
 from pageserver.control.rpc import RemoteControl
 from pageserver.frontend.api import make_app
 from pageserver.proxy.server import Proxy, ProxyLimits
+
+if TYPE_CHECKING:
+    from pageserver.control.plane import ControlPlane
 
 log = logging.getLogger("strata.frontend")
 
@@ -88,7 +90,7 @@ async def serve(control: ControlPlane | RemoteControl, token: str, api_port: int
         tasks: list[asyncio.Task[Any]] = []
 
         async def housekeeping() -> None:
-            assert isinstance(control, ControlPlane)
+            assert not isinstance(control, RemoteControl)
             while True:
                 await asyncio.sleep(1.0)
                 try:
@@ -116,7 +118,7 @@ async def serve(control: ControlPlane | RemoteControl, token: str, api_port: int
             if started is not None:
                 started(loop)
 
-        if isinstance(control, ControlPlane):
+        if not isinstance(control, RemoteControl):  # (the plane in this process: its housekeeping too)
             tasks.append(asyncio.create_task(housekeeping()))
         tasks += [asyncio.create_task(announce()), asyncio.create_task(lag_monitor())]
         try:

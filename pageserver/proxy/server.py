@@ -58,12 +58,11 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from pageserver.control.catalog import BranchRecord
-from pageserver.control.plane import ControlPlane
 from pageserver.control.rpc import RemoteControl
 from pageserver.errors import (
     BadRequestError,
@@ -92,6 +91,9 @@ from pageserver.proxy.protocol import (
     take_endpoint,
 )
 from pageserver.scram import MECHANISM, ScramError, ScramServer
+
+if TYPE_CHECKING:
+    from pageserver.control.plane import ControlPlane
 
 log = logging.getLogger("strata.proxy")
 

@@ -57,7 +57,7 @@ def tighten(home: str) -> int:
     it wider): the home and every directory in it 0700, every file 0600.
     Symbolic links are not followed, other users' files are left alone.
     Returns how many modes it changed."""
-    from pageserver.compute.node import private_dir
+    from pageserver.compute.paths import private_dir
 
     changed = 0
     uid = os.geteuid()
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)  # whatever this process and its children make is private from the start
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s supervisor %(name)s %(levelname)s %(message)s")
-    from pageserver.compute.node import private_dir
+    from pageserver.compute.paths import private_dir
 
     try:
         hold_service_lock(private_dir(home))  # held until this process ends: its liveness
@@ -288,7 +288,7 @@ def _flags(values: dict[str, Any]) -> list[str]:
 def _control_socket(home: str, group: int) -> str:
     """The page server's RPC socket, in a directory of the run directory
     that only the service's user and the front end's group can enter."""
-    from pageserver.compute.node import private_dir, run_dir_for
+    from pageserver.compute.paths import private_dir, run_dir_for
 
     d = private_dir(run_dir_for(home) + ".rpc", 0o750)
     if os.geteuid() == 0:
@@ -324,13 +324,13 @@ def start(home: str | None = None, *, api_port: int | None = None, proxy_port: i
     limits_of(given).over(DEFAULTS).check()
     home = os.path.realpath(home or default_home())
     if remote is not None:
-        from pageserver.compute.node import remote_url
+        from pageserver.compute.paths import remote_url
 
         remote_url(home, remote)  # (checked and kept here, before anything starts)
     state = read_state(home)
     if state is not None:
         return state
-    from pageserver.compute.node import private_dir
+    from pageserver.compute.paths import private_dir
 
     private_dir(home)
     with file_lock(os.path.join(home, ".start.lock")):

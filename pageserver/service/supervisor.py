@@ -140,19 +140,36 @@ class Supervisor:
     # --- starting ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the page server, then the front end; each must say it is ready."""
-        for role in ("pageserver", "frontend"):
-            self._start(self.children[role])
+        """Start the page server and the front end together: the front end
+        imports what it needs while the page server opens its store, then
+        waits for its token on stdin, written once the page server is ready.
+        Each must say it is ready."""
+        fe = self.children["frontend"]
+        proc = self._spawn(fe)
+        try:
+            self._start(self.children["pageserver"])
+            self._handshake(fe, proc)
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
         self.publish()
 
     def _start(self, c: Child) -> None:
+        self._handshake(c, self._spawn(c))
+
+    def _spawn(self, c: Child) -> subprocess.Popen[bytes]:
         kwargs: dict[str, Any] = {}
         if c.role == "frontend":  # (the object store's credentials are the page server's alone)
             kwargs["env"] = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
             if os.geteuid() == 0:
                 kwargs["env"].update(STRATA_FRONTEND_UID=str(self.fe_user[1]), STRATA_FRONTEND_GID=str(self.fe_user[2]))
-        proc = subprocess.Popen(c.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
+        return subprocess.Popen(c.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
                                 cwd="/", preexec_fn=_dying_with(os.getpid()), **kwargs)
+
+    def _handshake(self, c: Child, proc: subprocess.Popen[bytes]) -> None:
+        """Give a spawned child its stdin and wait until it says it is ready."""
         assert proc.stdin is not None and proc.stdout is not None
         with contextlib.suppress(BrokenPipeError):
             if c.stdin:
