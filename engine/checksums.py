@@ -17,6 +17,7 @@ import xxhash
 from .errors import CorruptionError
 
 xxh3 = xxhash.xxh3_64_intdigest
+Xxh3 = xxhash.xxh3_64  # the same, fed in parts: Xxh3().update(part) ... .intdigest()
 xxh64 = xxhash.xxh64_intdigest
 _U64 = struct.Struct("<Q")
 _VERSION = struct.Struct("<H")

@@ -194,6 +194,9 @@ class OsWriteFile:
             # Log appends go straight to the OS so that a process crash after
             # the call returns does not lose them.
             _write_all(self._fd, data)
+        elif len(data) >= self._FLUSH_AT:  # (large: written as it is, not copied into the buffer)
+            self._flush()
+            _write_all(self._fd, data)
         else:
             self._buf += data
             if len(self._buf) >= self._FLUSH_AT:

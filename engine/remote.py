@@ -73,7 +73,10 @@ shipped), `_next_seq`, `_pending` (the newest checkpoint not uploaded),
 `_uploaded` (layers known to be up: key, size, xxh3), `_confirmed` (what
 the last index lists), `_chunk_heads`, `_fetching` (a lock per layer being
 fetched, held across its download so that readers of it wait for one),
-`_fenced` and the lease's ETag; no object-store call is made under it.
+`_fenced`, the lease's ETag, and `_queued` and `_fetch_seq` (layers
+waiting for the fetch thread's download); no object-store call is made
+under it. A Layer's reader that holds a file reading it in ranges keeps
+it only if no download reopened the layer meanwhile (`Layer._epoch`).
 `_renew_mu` keeps one renewal at a time (the lease keeper's, or the
 uploader's before it deletes): two of one ETag, and the second would find
 the first's and fence its own node. `_ship_mu` keeps one shipping pass at a time (the thread's, or a caller's
@@ -99,9 +102,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .checksums import check_header, seal, xxh3
+from .checksums import Xxh3, check_header, seal, xxh3
 from .errors import CorruptionError, InvalidArgumentError, StrataError
-from .fs import ensure_dir, write_atomically
+from .fs import TMP_SUFFIX, OsFileSystem, ensure_dir, write_atomically
 from .manifest import decode_snapshot
 from .objectstore import (
     Listed,
@@ -134,6 +137,7 @@ LEASE_KEY = "lease"
 LOCAL_STATE = "remote"
 MAX_CHUNK = 8 * 1024 * 1024
 FETCH_PART = 8 * 1024 * 1024  # a layer is fetched in ranged parts of this size
+FETCH_WHOLE = 4 * 1024 * 1024  # a layer no bigger is fetched whole on its first read, not read in ranges
 RESTORE_FETCHES = 16  # log chunks a restore fetches at once
 
 
@@ -298,8 +302,6 @@ def read_local_state(path: str) -> dict | None:
 
 
 def write_local_state(store_path: str, state: dict) -> None:
-    from .fs import OsFileSystem
-
     write_atomically(OsFileSystem(), os.path.join(store_path, LOCAL_STATE),
                      frame(KIND_LOCAL, state["generation"], json.dumps(state).encode()))
 
@@ -425,7 +427,7 @@ class Remote:
     def __init__(
         self, objects: ObjectStore, *, lease_s: float = 10.0, ship_interval: float = 0.2,
         force: bool = False, probe: bool = True, cache_bytes: int | None = None, in_use_s: float = 1.0,
-        durable: bool = False, ranged_reads: bool = True,
+        durable: bool = False, ranged_reads: bool = True, fetch_whole_bytes: int = FETCH_WHOLE,
     ) -> None:
         if lease_s <= 0 or ship_interval <= 0:
             raise InvalidArgumentError("lease_s and ship_interval must be positive")
@@ -436,6 +438,7 @@ class Remote:
         self._durable: frozenset[bytes] = frozenset()  # these too (replaced whole: read without a lock)
         self.in_use_s = in_use_s  # a layer read this recently is in use: not evicted
         self.ranged_reads = ranged_reads  # a missing layer is read in ranges while it downloads
+        self.fetch_whole_bytes = fetch_whole_bytes  # ... unless it is this small: fetched whole at once
         self.objects = objects
         self.lease_s = lease_s
         self.ship_interval = ship_interval
@@ -456,7 +459,9 @@ class Remote:
         self._confirmed: dict[tuple[bytes, str], LayerRef] = {}  # what the last index lists
         self._chunk_heads: dict[int, tuple[int, int, bool]] = {}  # seq -> (generation, segment, fence)
         self._fetching: dict[tuple[bytes, str], threading.Lock] = {}  # one fetch of a layer at a time
-        self._to_fetch: queue.Queue[Layer] = queue.Queue()  # read in ranges: downloaded in the background
+        # read in ranges: downloaded in the background, smallest first: (size, seq, layer)
+        self._to_fetch: queue.PriorityQueue[tuple[int, int, Layer]] = queue.PriorityQueue()
+        self._fetch_seq = 0
         self._queued: set[tuple[bytes, str]] = set()
         self._graveyard: list[tuple[float, object]] = []  # (close after, an evicted layer's open file)
         self._wake_evict = threading.Event()
@@ -590,24 +595,29 @@ class Remote:
     def open_layer(self, ly: Layer) -> ReadFile | None:
         """A layer file the store lists and lacks, on its first read: a file
         that reads it from the object store in ranges at once, while the
-        fetch thread downloads it whole (`ranged_reads`, once attached; the
-        layer checks each section and value it reads by its checksum); or
-        None, once it is fetched here (`fetch_layer`)."""
+        fetch thread downloads it whole, smallest layers first (`ranged_reads`,
+        once attached; the layer checks each section and value it reads by
+        its checksum); or None, once it is fetched here (`fetch_layer`): a
+        layer of at most `fetch_whole_bytes` costs one GET, about what a few
+        ranged reads do. Measured on a restored 1 GB database, the first
+        query took 1.0-1.3 s so, 2.7-3.4 s with every layer read in ranges
+        and nothing downloaded."""
         key = (ly.timeline, ly.desc.name)
-        if not self.ranged_reads or self._store is None or self._stop.is_set():
-            self.fetch_layer(ly.timeline, ly.desc.name, ly.path)
-            return None
         ref = self._ref(ly.timeline, ly.desc.name, ly.path)
+        if not self.ranged_reads or self._store is None or self._stop.is_set() or ref.size <= self.fetch_whole_bytes:
+            self.fetch_layer(ly.timeline, ly.desc.name, ly.path)  # (small: one GET, as a few ranged reads cost)
+            return None
         with self._mu:
             if key not in self._queued:
                 self._queued.add(key)
-                self._to_fetch.put(ly)
+                self._fetch_seq += 1
+                self._to_fetch.put((ref.size, self._fetch_seq, ly))
         return RangedObjectFile(self.objects, ref.key, ref.size, ly.path, self.stats)
 
     def _fetch_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                ly = self._to_fetch.get(timeout=0.5)
+                _, _, ly = self._to_fetch.get(timeout=0.5)
             except queue.Empty:
                 continue
             try:
@@ -642,25 +652,34 @@ class Remote:
                 return  # (another reader fetched it meanwhile)
             t0 = time.monotonic()
             parts = [(o, min(o + FETCH_PART, ref.size)) for o in range(0, ref.size, FETCH_PART)] or [(0, 0)]
-            if len(parts) == 1:
-                chunks = [self.objects.get_range(ref.key, *parts[0])]
-            else:
-                with ThreadPoolExecutor(max_workers=min(4, len(parts))) as pool:
-                    chunks = list(pool.map(lambda p: self.objects.get_range(ref.key, *p), parts))
-            data = b"".join(chunks)
-            if len(data) != ref.size or xxh3(data) != ref.checksum:
-                raise CorruptionError(ref.key, 0, "layer in the object store does not match its index",
-                                      ref.checksum, xxh3(data))
-            from .fs import OsFileSystem
-
             fs = OsFileSystem()
             ensure_dir(fs, os.path.dirname(path))
-            write_atomically(fs, path, data)
+            tmp = path + TMP_SUFFIX
+            f = fs.open_write(tmp)
+            h, size = Xxh3(), 0
+            try:  # each part written as it comes, in order (never the whole layer in memory)
+                with ThreadPoolExecutor(max_workers=min(4, len(parts))) as pool:
+                    for part in pool.map(lambda p: self.objects.get_range(ref.key, *p), parts):
+                        h.update(part)
+                        size += len(part)
+                        f.write(part)
+                if size != ref.size or h.intdigest() != ref.checksum:
+                    raise CorruptionError(ref.key, 0, "layer in the object store does not match its index",
+                                          (ref.size, ref.checksum), (size, h.intdigest()))
+                f.sync()
+            except BaseException:
+                f.close()
+                with contextlib.suppress(OSError):
+                    fs.remove(tmp)
+                raise
+            f.close()
+            fs.rename(tmp, path)
+            fs.sync_dir(os.path.dirname(path))
             self.stats.fetched += 1
-            self.stats.fetched_bytes += len(data)
+            self.stats.fetched_bytes += size
         if self.cache_bytes is not None:
             self._wake_evict.set()
-            log.debug("fetched %s (%d bytes) in %.3fs", ref.key, len(data), time.monotonic() - t0)
+        log.debug("fetched %s (%d bytes) in %.3fs", ref.key, size, time.monotonic() - t0)
 
     # --- the local cache -------------------------------------------------------------
 
@@ -1083,7 +1102,6 @@ def restore(
     remote=Remote(objects))` then recovers it as after a crash, and fetches
     each layer file on its first read (`lazy`; else they are all fetched
     here, each checked by size and xxh3, written temp, fsync, rename)."""
-    from .fs import OsFileSystem
 
     t0 = time.monotonic()
     path = os.path.abspath(path)

@@ -98,6 +98,7 @@ def objects(request, tmp_path):
 
 def remote(objects, **kw) -> Remote:
     kw.setdefault("lease_s", 3.0)
+    kw.setdefault("fetch_whole_bytes", 0)  # (these layers are tiny: read in ranges, as big ones are)
     kw.setdefault("ship_interval", 0.05)
     return Remote(objects, **kw)
 
@@ -820,3 +821,29 @@ def test_a_reader_that_got_a_ranged_file_as_the_download_landed_does_not_keep_it
         assert r.stats.ranged_reads == n, "a stale ranged file was kept after the download"
     finally:
         s2.close()
+
+
+def test_a_small_layer_is_fetched_whole_on_its_first_read_and_a_big_one_read_in_ranges(tmp_path):
+    """A layer no bigger than `fetch_whole_bytes` costs one download on its
+    first read, which then reads the file here; a bigger one is read in
+    ranges at once."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    s = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects), background=False)
+    tl = s.create_timeline()
+    model: dict[int, bytes] = {}
+    write(tl, model, 60)
+    s.compact(tl)
+    s.close()
+    sizes = sorted(x.size for x in objects.list("layers"))
+    for limit, ranged in ((sizes[-1], False), (sizes[0] - 1, True)):
+        home = str(tmp_path / f"b{limit}")
+        restore(objects, home, force=True)
+        r = remote(objects, fetch_whole_bytes=limit)
+        s2 = Store.open(home, config=SMALL, remote=r, background=False)
+        try:
+            assert {k: s2.timeline(tl.id).get(k) for k in model} == model
+            assert (r.stats.ranged_reads > 0) is ranged
+            if not ranged:
+                assert r.stats.fetched == len(sizes)
+        finally:
+            s2.close()
