@@ -33,7 +33,7 @@ from pageserver.control.rpc import RemoteControl
 from pageserver.control.supervised import exit_with_parent
 from pageserver.errors import BadRequestError
 from pageserver.frontend.serve import HOST, serve
-from pageserver.proxy.server import ProxyLimits
+from pageserver.proxy.limits import ProxyLimits
 
 SHUTDOWN_REQUESTED = 75
 log = logging.getLogger("strata.frontend")

@@ -57,7 +57,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -65,12 +64,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from pageserver.control.catalog import BranchRecord
 from pageserver.control.rpc import RemoteControl
 from pageserver.errors import (
-    BadRequestError,
     ComputeLimitError,
     ControlPlaneError,
     ServiceNotRunningError,
     UnknownObjectError,
 )
+from pageserver.proxy.limits import ProxyLimits
 from pageserver.proxy.protocol import (
     AUTH_SASL_CONTINUE,
     AUTH_SASL_FINAL,
@@ -101,32 +100,10 @@ ENDING_GRACE = 1.0  # seconds a query in flight may finish before an ending sess
 ENDING_LIMIT = 3.0  # ... and before it is closed without a message
 WAKE_THREADS = 64  # wakes wait in threads of their own (for a start, or behind a branch lock)
 CALL_THREADS = 8  # resolve and connection counts
-COMPUTE_MAX_CONNECTIONS = 100  # PostgreSQL's default, which computes keep
-SUPERUSER_RESERVED = 3  # ... of which the page server's own connections need these (tenants are superusers)
 KEEPALIVE = (60, 10, 6)  # idle seconds, interval, probes: a vanished idle peer is closed after 2 minutes
 OVER_CAP = 64  # connections over the cap whose startup is read (a cancel among them goes through)
 OVER_CAP_WAIT = 2.0  # ... for at most this long
 BACKLOG = 4096  # accepts waiting: a burst of connections is not dropped (clients would retry after 1 s)
-
-
-@dataclass(frozen=True)
-class ProxyLimits:
-    """What one client, or one branch's clients, may take of the proxy."""
-
-    max_connections: int = 4096  # client connections at once, all branches (each holds two descriptors)
-    branch_connections: int = COMPUTE_MAX_CONNECTIONS - SUPERUSER_RESERVED  # per branch
-    startup_timeout: float = 10.0  # to send the whole startup packet (SSL negotiation included)
-    auth_timeout: float = 60.0  # from the startup packet reaching the compute to its first ReadyForQuery
-
-    def __post_init__(self) -> None:
-        for name in ("max_connections", "branch_connections"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise BadRequestError(f"proxy limit {name} must be a whole number of at least 1, "
-                                      f"not {getattr(self, name)!r}")
-        for name in ("startup_timeout", "auth_timeout"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise BadRequestError(f"proxy limit {name} must be a number of seconds above 0, not {v!r}")
 
 
 class ProxyMetrics:

@@ -244,12 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     fe_cmd = [sys.executable, "-m", "pageserver.frontend", "--control-socket", sock,
               "--api-port", str(api_port), "--proxy-port", str(proxy_port), "--host", HOST, "--exit-with-parent",
               *_flags({"--max-connections": args.max_connections, "--branch-connections": args.branch_connections})]
-    from pageserver.proxy.server import ProxyLimits
-
-    proxy = ProxyLimits()
-    limits = {"proxy_connections": args.max_connections or proxy.max_connections,
-              "branch_connections": args.branch_connections or proxy.branch_connections,
-              "startup_timeout_s": proxy.startup_timeout, "auth_timeout_s": proxy.auth_timeout}
+    limits: dict[str, Any] = {}  # the proxy's, for service.json (filled once the children start)
     serving = threading.Event()
 
     def on_state(processes: dict[str, Any]) -> None:
@@ -268,6 +263,12 @@ def main(argv: list[str] | None = None) -> None:
             sup.stop("could not start")
             sup.run()
             sys.exit(0 if sup.why_down == "asked to stop" else 1)
+        from pageserver.proxy.limits import ProxyLimits
+
+        proxy = ProxyLimits()
+        limits.update(proxy_connections=args.max_connections or proxy.max_connections,
+                      branch_connections=args.branch_connections or proxy.branch_connections,
+                      startup_timeout_s=proxy.startup_timeout, auth_timeout_s=proxy.auth_timeout)
         serving.set()
         sup.publish()
         log.info("serving: API http://%s:%d, proxy %s:%d (front end as %s)", HOST, api_port, HOST, proxy_port,
