@@ -3,7 +3,8 @@
 Frozen in-memory layers are flushed as soon as they appear; a checkpoint
 runs when the log grows past `log_checkpoint_bytes`, and, with a remote,
 once the log has been idle `idle_checkpoint_s` since it last grew (so the
-remote's index soon covers what an idle store holds); every
+remote's index soon covers what an idle store holds), at most once per
+`idle_checkpoint_gap_s` (a trickle of writes makes no layer per pause); every
 `background_interval`, timelines whose layers changed are compacted and the
 timelines in use are garbage collected; every `full_gc_interval`, all of
 them. Timelines nobody has used since the store opened cost nothing.
@@ -63,10 +64,12 @@ class Background:
                         with _unless_deleted():
                             flush_timeline(store, tl)
                 now = time.monotonic()
-                if store._log.segment_bytes_total() > cfg.log_checkpoint_bytes or (
-                        remote and idle.due(store._log._written, now, cfg.idle_checkpoint_s)):
+                if store._log.segment_bytes_total() > cfg.log_checkpoint_bytes:
                     store.checkpoint()
                     idle.checkpointed(store._log._written)
+                elif remote and idle.due(store._log._written, now, cfg.idle_checkpoint_s, cfg.idle_checkpoint_gap_s):
+                    store.checkpoint()
+                    idle.checkpointed(store._log._written, now)
                 if now - last_maint >= cfg.background_interval:
                     last_maint = now
                     for tl in store._loaded():
@@ -90,20 +93,26 @@ class Background:
 
 
 class _Idle:
-    """When the log last grew, and where it stood at the last checkpoint
-    (the background thread's own: not shared)."""
+    """When the log last grew, where it stood at the last checkpoint, and
+    when the last idle checkpoint ran (the background thread's own: not
+    shared)."""
 
-    def __init__(self, pos: int) -> None:
-        self.pos, self.since, self.done = pos, time.monotonic(), pos
+    def __init__(self, pos: int, now: float | None = None) -> None:
+        self.pos, self.since, self.done = pos, time.monotonic() if now is None else now, pos
+        self.last_idle = float("-inf")
 
-    def due(self, pos: int, now: float, idle_s: float) -> bool:
-        """Has the log grown since the last checkpoint, and not for `idle_s`?"""
+    def due(self, pos: int, now: float, idle_s: float, gap_s: float) -> bool:
+        """Has the log grown since the last checkpoint, and not for `idle_s`,
+        and is the last idle checkpoint `gap_s` ago?"""
         if pos != self.pos:
             self.pos, self.since = pos, now
-        return pos != self.done and now - self.since >= idle_s
+        return pos != self.done and now - self.since >= idle_s and now - self.last_idle >= gap_s
 
-    def checkpointed(self, pos: int) -> None:
+    def checkpointed(self, pos: int, idle_at: float | None = None) -> None:
+        """A checkpoint covered the log to `pos` (an idle one, at `idle_at`)."""
         self.pos = self.done = pos
+        if idle_at is not None:
+            self.last_idle = idle_at
 
 
 @contextlib.contextmanager

@@ -65,6 +65,10 @@ class StoreConfig:
     # write for this long since the last checkpoint, so that the object
     # store's index holds everything and a restore replays no log.
     idle_checkpoint_s: float = 2.0
+    # ... but no sooner than this after the last idle checkpoint: a trickle of
+    # writes with pauses longer than idle_checkpoint_s would otherwise upload
+    # a tiny layer and an index at every pause.
+    idle_checkpoint_gap_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -77,5 +81,8 @@ class StoreConfig:
         if not (type(self.idle_checkpoint_s) in (int, float) and 0 < self.idle_checkpoint_s < 86400):
             raise InvalidArgumentError(
                 f"StoreConfig.idle_checkpoint_s must be seconds in (0, 86400), got {self.idle_checkpoint_s!r}")
+        if not (type(self.idle_checkpoint_gap_s) in (int, float) and 0 <= self.idle_checkpoint_gap_s < 86400):
+            raise InvalidArgumentError(
+                f"StoreConfig.idle_checkpoint_gap_s must be seconds in [0, 86400), got {self.idle_checkpoint_gap_s!r}")
         if self.merge_threshold < 2:
             raise InvalidArgumentError("StoreConfig.merge_threshold must be at least 2")

@@ -249,7 +249,7 @@ class Layer:
     __slots__ = (
         "desc", "path", "timeline", "_fs", "_file", "_keys", "_index", "_times",
         "_mu", "_footer", "is_image", "complete", "lsn_start",
-        "key_first", "key_last", "_pread", "fetch", "used", "_epoch", "__weakref__",
+        "key_first", "key_last", "_pread", "fetch", "used", "_epoch", "retired", "__weakref__",
     )
 
     def __init__(self, fs: FileSystem, directory: str, desc: LayerDesc, timeline: bytes,
@@ -258,7 +258,9 @@ class Layer:
         # a missing file, from the object store (engine.remote), if any: a file to read it
         # through meanwhile, or None once it is here
         self.fetch = fetch
-        self.used = 0.0  # time.monotonic() of its last lookup (the local cache evicts the least recent)
+        # time.monotonic() of its last lookup (the local cache evicts the least recent; a new one is recent)
+        self.used = _monotonic() if fetch is not None else 0.0
+        self.retired = False  # out of its timeline's layer map (set once)
         self.path = os.path.join(directory, desc.name)
         self.timeline = timeline
         self._fs = fs
@@ -435,6 +437,16 @@ class Layer:
             self._footer = None
             return f
 
+    def try_evict(self) -> tuple[bool, ReadFile | None]:
+        """`evict`, unless a reader holds the layer's lock (loading it, or
+        fetching its file): (False, None) then, without waiting."""
+        if not self._mu.acquire(blocking=False):
+            return False, None
+        try:
+            return True, self.evict()
+        finally:
+            self._mu.release()
+
     def read_stored(self, e: Entry) -> bytes:
         """The stored bytes of an entry, checksum verified."""
         pread = self._pread or self._opened_pread()
@@ -486,6 +498,7 @@ class Layer:
         """The layer left its timeline's layer map. Readers that picked it up
         before may still be using it: `on_release` (deleting the file) runs
         once the last of them lets go of this object."""
+        self.retired = True
         weakref.finalize(self, on_release)
 
     def close(self) -> None:

@@ -519,14 +519,20 @@ def probe_conditional_writes(store: ObjectStore) -> None:
         else:
             raise ConditionalWritesUnsupportedError(
                 f"{store!r} ignored If-None-Match: a second put-if-absent of {key!r} overwrote the first")
+        # the current ETag first: a server that wants it bare switches the client to bare (S3ObjectStore),
+        # and the stale one is then tried in the form every later write uses
         try:
-            store.put_if_match(key, b"probe 3 " + key.encode(), etag_of(b"not this"))
+            store.put_if_match(key, b"probe 3 " + key.encode(), first)
+        except PreconditionFailedError as e:
+            raise ConditionalWritesUnsupportedError(
+                f"{store!r} refused If-Match with the ETag its own put-if-absent answered: {e}") from None
+        try:
+            store.put_if_match(key, b"probe 4 " + key.encode(), etag_of(b"not this"))
         except PreconditionFailedError:
             pass
         else:
             raise ConditionalWritesUnsupportedError(f"{store!r} ignored If-Match: a stale ETag overwrote {key!r}")
-        store.put_if_match(key, b"probe 4 " + key.encode(), first)
-        if store.get(key).data != b"probe 4 " + key.encode():
+        if store.get(key).data != b"probe 3 " + key.encode():
             raise ConditionalWritesUnsupportedError(f"{store!r}: put-if-match with the current ETag was lost")
     finally:
         store.delete([key])

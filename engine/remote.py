@@ -77,6 +77,10 @@ fetched, held across its download so that readers of it wait for one),
 waiting for the fetch thread's download); no object-store call is made
 under it. A Layer's reader that holds a file reading it in ranges keeps
 it only if no download reopened the layer meanwhile (`Layer._epoch`).
+Lock order: a Layer's lock, then its fetch lock (a reader fetching the
+file); the cache, holding a fetch lock, only tries a Layer's lock
+(`Layer.try_evict`) and skips the layer if it is held. A download holds at
+most FETCH_WINDOW parts in memory and stops between parts once closing.
 `_renew_mu` keeps one renewal at a time (the lease keeper's, or the
 uploader's before it deletes): two of one ETag, and the second would find
 the first's and fence its own node. `_ship_mu` keeps one shipping pass at a time (the thread's, or a caller's
@@ -86,6 +90,7 @@ its checkpoint lock, not `_mu`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -97,13 +102,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .checksums import Xxh3, check_header, seal, xxh3
-from .errors import CorruptionError, InvalidArgumentError, StrataError
+from .errors import CorruptionError, InvalidArgumentError, StoreClosedError, StrataError
 from .fs import TMP_SUFFIX, OsFileSystem, ensure_dir, write_atomically
 from .manifest import decode_snapshot
 from .objectstore import (
@@ -137,6 +142,7 @@ LEASE_KEY = "lease"
 LOCAL_STATE = "remote"
 MAX_CHUNK = 8 * 1024 * 1024
 FETCH_PART = 8 * 1024 * 1024  # a layer is fetched in ranged parts of this size
+FETCH_WINDOW = 4  # parts of one layer fetched at once (at most this many parts in memory)
 FETCH_WHOLE = 4 * 1024 * 1024  # a layer no bigger is fetched whole on its first read, not read in ranges
 RESTORE_FETCHES = 16  # log chunks a restore fetches at once
 
@@ -512,6 +518,9 @@ class Remote:
         if found is not None:
             self._uploaded = dict(found[1].layers)
             self._confirmed = dict(found[1].layers)
+        fs = OsFileSystem()
+        for tid in list(store._timelines):  # (after this, a fetch never makes one: it was deleted)
+            ensure_dir(fs, os.path.join(store._timelines_dir, tid.hex()))
         self._store = store
         self._ship_recovered(store)
         loops = [("ship", self._ship_loop), ("lease", self._lease_loop), ("watchdog", self._watchdog_loop),
@@ -621,14 +630,17 @@ class Remote:
             except queue.Empty:
                 continue
             try:
-                self.fetch_layer(ly.timeline, ly.desc.name, ly.path)
-                ly.reopen()  # (its next read opens the file here)
-            except BaseException as e:  # noqa: BLE001 - it stays read in ranges; logged
-                log.warning("downloading %s failed (it is read from the object store meanwhile): %s",
+                if not ly.retired:  # (compacted away meanwhile: nobody needs it here)
+                    self.fetch_layer(ly.timeline, ly.desc.name, ly.path)
+            except BaseException as e:  # noqa: BLE001 - read in ranges meanwhile; logged
+                log.warning("downloading %s failed (its next read reads it in ranges and asks again): %s",
                             ly.path, e)
             finally:
                 with self._mu:
                     self._queued.discard((ly.timeline, ly.desc.name))
+                # its next read opens the file here, or (the download failed) asks for it again
+                ly.reopen()
+            del ly  # (a retired layer's file goes once the last holder lets go)
 
     def _ref(self, tid: bytes, name: str, path: str) -> LayerRef:
         with self._mu:
@@ -641,9 +653,11 @@ class Remote:
         return ref
 
     def fetch_layer(self, tid: bytes, name: str, path: str) -> None:
-        """Bring a layer file the store lists and lacks: in ranged parts (in
-        parallel), checked against the index's size and xxh3, written temp,
-        fsync, rename, fsync-directory. One fetch of a layer at a time."""
+        """Bring a layer file the store lists and lacks: in ranged parts (at
+        most FETCH_WINDOW in flight, each written as it comes, in order: never
+        the whole layer in memory), checked against the index's size and
+        xxh3, written temp, fsync, rename, fsync-directory. One fetch of a
+        layer at a time. Stops between parts once the remote closes."""
         ref = self._ref(tid, name, path)
         with self._mu:
             lock = self._fetching.setdefault((tid, name), threading.Lock())
@@ -651,15 +665,17 @@ class Remote:
             if os.path.exists(path):
                 return  # (another reader fetched it meanwhile)
             t0 = time.monotonic()
-            parts = [(o, min(o + FETCH_PART, ref.size)) for o in range(0, ref.size, FETCH_PART)] or [(0, 0)]
             fs = OsFileSystem()
-            ensure_dir(fs, os.path.dirname(path))
+            directory = os.path.dirname(path)
+            if self._store is None:  # (recovery's reads, before attach: a restore makes no directories)
+                ensure_dir(fs, directory)
+            # (once attached, attach made every timeline's; a missing one was deleted: not made again)
             tmp = path + TMP_SUFFIX
             f = fs.open_write(tmp)
             h, size = Xxh3(), 0
-            try:  # each part written as it comes, in order (never the whole layer in memory)
-                with ThreadPoolExecutor(max_workers=min(4, len(parts))) as pool:
-                    for part in pool.map(lambda p: self.objects.get_range(ref.key, *p), parts):
+            try:
+                with contextlib.closing(self._parts(ref)) as parts:
+                    for part in parts:
                         h.update(part)
                         size += len(part)
                         f.write(part)
@@ -674,12 +690,36 @@ class Remote:
                 raise
             f.close()
             fs.rename(tmp, path)
-            fs.sync_dir(os.path.dirname(path))
+            fs.sync_dir(directory)
             self.stats.fetched += 1
             self.stats.fetched_bytes += size
         if self.cache_bytes is not None:
             self._wake_evict.set()
         log.debug("fetched %s (%d bytes) in %.3fs", ref.key, size, time.monotonic() - t0)
+
+    def _parts(self, ref: LayerRef) -> Generator[bytes, None, None]:
+        """The layer's bytes in FETCH_PART ranges, in order, at most
+        FETCH_WINDOW of them fetched ahead at once; StoreClosedError once
+        the remote is stopping (after attach)."""
+        spans = [(o, min(o + FETCH_PART, ref.size)) for o in range(0, ref.size, FETCH_PART)] or [(0, 0)]
+        attached = self._store
+        with ThreadPoolExecutor(max_workers=min(FETCH_WINDOW, len(spans)), thread_name_prefix="strata-fetch-part") as pool:
+            ahead: collections.deque[Future[bytes]] = collections.deque()
+            try:
+                for span in spans:
+                    ahead.append(pool.submit(self.objects.get_range, ref.key, *span))
+                    if len(ahead) == FETCH_WINDOW:
+                        yield self._next_part(ahead, attached, ref)
+                while ahead:
+                    yield self._next_part(ahead, attached, ref)
+            finally:
+                for fut in ahead:
+                    fut.cancel()
+
+    def _next_part(self, ahead: collections.deque[Future[bytes]], attached: Store | None, ref: LayerRef) -> bytes:
+        if attached is not None and self._stop.is_set():
+            raise StoreClosedError(attached.path)  # (the download of ref stops: the remote is closing)
+        return ahead.popleft().result()
 
     # --- the local cache -------------------------------------------------------------
 
@@ -735,7 +775,12 @@ class Remote:
             if ref is None or ref.size != size or now - used < self.in_use_s:
                 continue  # not up yet, or in use
             with lock:
-                f = ly.evict() if ly is not None else None
+                if not os.path.exists(path):
+                    continue  # (retired and deleted meanwhile)
+                # (a reader holding the layer's lock may be waiting for this fetch lock: not waited for)
+                ok, f = ly.try_evict() if ly is not None else (True, None)
+                if not ok:
+                    continue  # in use
                 if f is not None:
                     with self._mu:
                         self._graveyard.append((now + 10.0, f))

@@ -513,7 +513,8 @@ class Store:
             old_anc = meta.ancestor
             apply_edit(meta, decode_edit(payload, "", 0))
             tl._layers_gen += 1
-            new = [Layer(self.fs, tl._dir, d, tl._tid) for d in added]
+            fetch = self._fetch_layer if self._remote is not None else None  # (evicted later, fetched back)
+            new = [Layer(self.fs, tl._dir, d, tl._tid, fetch) for d in added]
             with tl._write_mu:
                 cur = tl._map
                 keep = [ly for ly in cur.layers if ly.desc.name not in gone]

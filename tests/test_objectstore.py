@@ -305,10 +305,25 @@ def test_the_probe_passes_real_servers_and_fails_one_that_ignores_conditions(tmp
         def put_if_match(self, key, data, etag):
             return self.put(key, data)
 
+    class IgnoresIfMatchOnceAccepted(LocalObjectStore):
+        """Honours If-Match until one has matched (as a client switched to a
+        form its server ignores would): the stale ETag must be tried after."""
+
+        matched = False
+
+        def put_if_match(self, key, data, etag):
+            if self.matched:
+                return self.put(key, data)
+            out = super().put_if_match(key, data, etag)
+            self.matched = True
+            return out
+
     with pytest.raises(ConditionalWritesUnsupportedError, match="ignored If-None-Match"):
         probe_conditional_writes(IgnoresIfNoneMatch(str(tmp_path / "a")))
     with pytest.raises(ConditionalWritesUnsupportedError, match="ignored If-Match"):
         probe_conditional_writes(IgnoresIfMatch(str(tmp_path / "b")))
+    with pytest.raises(ConditionalWritesUnsupportedError, match="ignored If-Match"):
+        probe_conditional_writes(IgnoresIfMatchOnceAccepted(str(tmp_path / "c")))
 
 
 def test_if_match_goes_unquoted_to_a_server_that_refuses_it_quoted_and_never_unconditionally(seaweedfs):

@@ -152,3 +152,40 @@ def test_children_do_not_outlive_a_killed_supervisor(tmp_path):
         assert answers(uri, "select count(*) from t") == [(1,)]
     finally:
         service.stop(home)
+
+
+def test_a_front_end_dying_while_the_page_server_starts_is_said_at_once(tmp_path, monkeypatch):
+    """The supervisor starts the front end beside the page server: a front
+    end that dies (here, at once) is reported as soon as it dies, naming
+    it, and the page server (here, one that would open its store for
+    minutes) is stopped; not found only once the page server is ready."""
+    import pwd
+    import sys
+
+    from pageserver.service import supervisor as sup_mod
+
+    monkeypatch.setattr(sup_mod, "START_TIMEOUT", 20.0)
+    pid_file = tmp_path / "pageserver.pid"
+    slow = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    me = pwd.getpwuid(os.geteuid())
+    with open(tmp_path / "log", "w") as log_file:
+        sup = sup_mod.Supervisor(pageserver_cmd=[sys.executable, "-c", slow],
+                                 frontend_cmd=[sys.executable, "-c", "import sys; sys.exit(3)"],
+                                 frontend_user=(me.pw_name, me.pw_uid, me.pw_gid), token="t",
+                                 log_file=log_file, on_state=lambda states: None)
+        try:
+            sup.start()
+        except RuntimeError as e:
+            assert str(e) == "the frontend exited with status 3 while the pageserver started", e
+        else:
+            raise AssertionError("the supervisor started with its front end dead")
+    left = [p for p in os.listdir("/proc") if p.isdigit() and alive(int(p)) and str(pid_file) in cmdline(p)]
+    assert not left, "the page server was left running"
+
+
+def cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import shutil
 import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import Store
 from engine.errors import CorruptionError, InvalidArgumentError, StoreFailedError
@@ -735,6 +738,35 @@ def test_an_idle_store_checkpoints_so_a_restore_replays_no_log(tmp_path):
         s.close()
 
 
+@settings(max_examples=200, deadline=None)
+@given(gaps=st.lists(st.floats(0.0, 40.0), min_size=1, max_size=60))
+def test_idle_checkpoints_are_a_gap_apart_and_the_last_write_is_covered(gaps):
+    """The background thread's idle rule, on a clock of its own: writes come
+    `gaps` seconds apart, and it looks every 0.5 s. An idle checkpoint
+    comes only after `idle_s` without a write, never within `gap_s` of the
+    last one (a trickle of writes with 2.5 s pauses used to make one at
+    every pause), and the last write is covered within idle_s + gap_s."""
+    from engine.background import _Idle
+
+    idle_s, gap_s, tick = 2.0, 30.0, 0.5
+    idle, now, pos = _Idle(0, now=0.0), 0.0, 0
+    writes = list(itertools.accumulate(gaps))
+    done: list[float] = []
+    last_write = writes[-1]
+    while now <= last_write + idle_s + gap_s + tick:
+        while writes and writes[0] <= now:
+            writes.pop(0)
+            pos += 1
+            wrote_at = now
+        if idle.due(pos, now, idle_s, gap_s):
+            assert now - wrote_at >= idle_s
+            idle.checkpointed(pos, now)
+            done.append(now)
+        now += tick
+    assert all(b - a >= gap_s for a, b in itertools.pairwise(done)), done
+    assert idle.done == pos, "the last write was never checkpointed"
+
+
 def test_a_missing_layer_is_read_in_ranges_at_once_and_downloaded_behind(tmp_path):
     """After a restore, the first read of a layer does not wait for its
     download: it reads what it needs from the object store in ranges (the
@@ -756,7 +788,7 @@ def test_a_missing_layer_is_read_in_ranges_at_once_and_downloaded_behind(tmp_pat
         assert {k: t2.get(k) for k in model} == model
         p.reached()  # (the download waits)
         assert r.stats.ranged_reads > 0 and r.stats.fetched == 0
-        assert not os.path.exists(os.path.join(home, "timelines", tl.id))
+        assert not os.listdir(os.path.join(home, "timelines", tl.id))  # (nothing downloaded)
     try:
         layers = [ly.path for ly in t2._map.layers]
         deadline = time.monotonic() + 20
@@ -847,3 +879,169 @@ def test_a_small_layer_is_fetched_whole_on_its_first_read_and_a_big_one_read_in_
                 assert r.stats.fetched == len(sizes)
         finally:
             s2.close()
+
+
+def restored(tmp_path, objects: ObjectStore | None = None, n: int = 60) -> tuple[ObjectStore, str, str, dict]:
+    """A store of `n` writes, compacted, closed and restored into a new home
+    (whose layers are all in the object store only): (objects, home,
+    timeline id, model)."""
+    objects = objects or LocalObjectStore(str(tmp_path / "remote"))
+    s = Store.open(str(tmp_path / "a"), config=SMALL, remote=remote(objects), background=False)
+    tl = s.create_timeline()
+    model: dict[int, bytes] = {}
+    write(tl, model, n)
+    s.compact(tl)
+    s.close()
+    home = os.path.abspath(str(tmp_path / "b"))
+    restore(objects, home, force=True)
+    return objects, home, tl.id, model
+
+
+def wait_for(what: str, done, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.01)
+
+
+def test_layers_written_here_are_evicted_once_up_and_fetched_back(tmp_path):
+    """A layer a flush or compaction wrote here is, once uploaded, a cache
+    entry like a fetched one: evicted under the budget, and fetched back on
+    its next read (it used to be unreadable once evicted)."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    s = Store.open(str(tmp_path / "a"), config=SMALL, background=False,
+                   remote=remote(objects, cache_bytes=1, in_use_s=0.0, ranged_reads=False))
+    try:
+        tl = s.create_timeline()
+        model: dict[int, bytes] = {}
+        write(tl, model, 80)
+        s.compact(tl)
+        s.checkpoint()
+        r = s._remote
+        r.wait_uploaded()
+        assert r.evict() > 0
+        assert not [x for x in r.local_layers()], "every uploaded layer is evicted under a budget of 1 byte"
+        assert {k: tl.get(k) for k in model} == model
+        assert r.stats.fetched > 0
+    finally:
+        s.close()
+
+
+def test_a_failed_download_is_asked_for_again_by_the_next_read(tmp_path):
+    """The fetch thread's download of a layer read in ranges fails once:
+    the layer is not left read from the object store for good; its next
+    read asks for the download again, which lands."""
+    objects, home, tid, model = restored(tmp_path)
+    r = remote(objects)
+    real, failed, go = r.fetch_layer, [], threading.Event()
+
+    def fails_once(tid, name, path):
+        if threading.current_thread().name.startswith("strata-remote-fetch") and not failed:
+            go.wait(20)  # (once the reads are done)
+            failed.append(path)
+            raise ObjectStoreError("injected: the download failed")
+        return real(tid, name, path)
+
+    r.fetch_layer = fails_once
+    s = Store.open(home, config=SMALL, remote=r, background=False)
+    try:
+        t = s.timeline(tid)
+        assert {k: t.get(k) for k in model} == model
+        go.set()
+        wait_for("the injected failure", lambda: failed and not r._queued)
+        assert not os.path.exists(failed[0])
+
+        def read_all() -> bool:  # (a read asks again)
+            assert {k: t.get(k) for k in model} == model
+            return all(os.path.exists(ly.path) for ly in t._map.layers)
+
+        wait_for("every layer downloaded", read_all)
+    finally:
+        s.close()
+
+
+def test_close_stops_a_download_between_parts_with_a_few_parts_in_flight(tmp_path, monkeypatch):
+    """A download holds at most FETCH_WINDOW parts in flight (never the whole
+    layer in memory), and closing the store stops it between parts: the
+    rest is not fetched, and no file or temporary is left."""
+    import engine.remote as remote_mod
+
+    monkeypatch.setattr(remote_mod, "FETCH_PART", 512)
+    objects, home, tid, model = restored(tmp_path, n=200)
+    first_part, started = threading.Event(), []
+    mu = threading.Lock()
+
+    class Slow(Faulty):
+        def get_range(self, key, start, end):
+            if key.startswith("layers/") and threading.current_thread() is not threading.main_thread():
+                with mu:
+                    started.append((key, start))
+                if start == 0:  # (the first part of a download waits)
+                    first_part.set()
+                    time.sleep(0.5)
+            return self.inner.get_range(key, start, end)
+
+    r = remote(Slow(objects))
+    s = Store.open(home, config=SMALL, remote=r, background=False)
+    t = s.timeline(tid)
+    assert {k: t.get(k) for k in model} == model
+    big = max(t._map.layers, key=lambda ly: ly.desc.file_size)
+    assert big.desc.file_size > 512 * 4 * remote_mod.FETCH_WINDOW
+    assert first_part.wait(20)
+    time.sleep(0.2)  # (time for a download that fetched every part ahead to show it)
+    with mu:
+        assert len(started) <= remote_mod.FETCH_WINDOW, started
+    s.close()
+    parts = sum(-(-ly.desc.file_size // 512) for ly in t._map.layers)
+    assert len(started) < parts, "the download went on after close"
+    leftovers = [f for _, _, fs in os.walk(home) for f in fs if f.endswith(".layer") or f.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_a_download_of_a_deleted_timelines_layer_makes_no_directory(tmp_path):
+    """The fetch thread's download of a layer whose timeline is deleted
+    while it waits leaves nothing behind: the timeline's directory is not
+    made again (it used to be, with the layer file in it)."""
+    objects, home, tid, model = restored(tmp_path)
+    r = remote(objects)
+    s = Store.open(home, config=SMALL, remote=r, background=False)
+    try:
+        with Pause(Remote, "fetch_layer", thread=f"strata-remote-fetch:{home}", before=True) as p:
+            t = s.timeline(tid)
+            assert {k: t.get(k) for k in model} == model
+            p.reached()
+            s.delete_timeline(tid)
+        wait_for("the fetch queue drained", lambda: not r._queued)
+        assert os.listdir(os.path.join(home, "timelines")) == []
+    finally:
+        s.close()
+
+
+def test_eviction_skips_a_layer_whose_reader_waits_for_its_fetch(tmp_path):
+    """A reader holds a layer's lock while it waits for the layer's fetch
+    lock, which the cache holds while it evicts that layer: the cache must
+    not wait for the layer's lock then (both would wait for good)."""
+    objects, home, tid, model = restored(tmp_path)
+    r = remote(objects, cache_bytes=1, in_use_s=0.0, ranged_reads=False)
+    s = Store.open(home, config=SMALL, remote=r, background=False)
+    try:
+        t = s.timeline(tid)
+        ly = t._map.layers[0]
+        r.fetch_layer(ly.timeline, ly.desc.name, ly.path)  # (here, so the cache may evict it)
+        ly.evict()
+        os.remove(ly.path)
+        reader = threading.Thread(target=lambda: ly.keys, name="reader")
+        evictor = threading.Thread(target=r.evict, name="evictor")
+        with Pause(Remote, "fetch_layer", thread="reader", before=True) as reads:
+            reader.start()
+            reads.reached()  # (the reader holds the layer's lock, its file missing)
+            r.fetch_layer(ly.timeline, ly.desc.name, ly.path)  # (another read brought it meanwhile)
+            evictor.start()  # (it takes the layer's fetch lock, to evict it)
+            evictor.join(2)
+        # (the reader goes on: it waits for the fetch lock, holding the layer's lock)
+        evictor.join(10)
+        reader.join(10)
+        assert not evictor.is_alive() and not reader.is_alive(), "the reader and the evictor wait for each other"
+        assert {k: t.get(k) for k in model} == model
+    finally:
+        s.close()

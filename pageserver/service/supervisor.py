@@ -147,7 +147,8 @@ class Supervisor:
         fe = self.children["frontend"]
         proc = self._spawn(fe)
         try:
-            self._start(self.children["pageserver"])
+            ps = self.children["pageserver"]
+            self._handshake(ps, self._spawn(ps), partner=(fe, proc))  # (a front end dying meanwhile: said at once)
             self._handshake(fe, proc)
         except BaseException:
             if proc.poll() is None:
@@ -168,19 +169,25 @@ class Supervisor:
         return subprocess.Popen(c.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
                                 cwd="/", preexec_fn=_dying_with(os.getpid()), **kwargs)
 
-    def _handshake(self, c: Child, proc: subprocess.Popen[bytes]) -> None:
-        """Give a spawned child its stdin and wait until it says it is ready."""
+    def _handshake(self, c: Child, proc: subprocess.Popen[bytes],
+                   partner: tuple[Child, subprocess.Popen[bytes]] | None = None) -> None:
+        """Give a spawned child its stdin and wait until it says it is ready
+        (or until `partner`, started beside it, dies)."""
         assert proc.stdin is not None and proc.stdout is not None
         with contextlib.suppress(BrokenPipeError):
             if c.stdin:
                 proc.stdin.write(c.stdin)
             proc.stdin.close()
-        ready = _read_ready(proc, START_TIMEOUT, lambda: self._stop_asked)
+        partner_died = (lambda: partner[1].poll() is not None) if partner is not None else (lambda: False)
+        ready = _read_ready(proc, START_TIMEOUT, lambda: self._stop_asked or partner_died())
         if ready is None:
             code = proc.poll()
             if code is None:
                 proc.kill()
                 proc.wait()
+                if partner is not None and partner_died():
+                    raise RuntimeError(f"the {partner[0].role} {describe_exit(partner[1].poll() or 0)} while "
+                                       f"the {c.role} started")
                 if self._stop_asked:
                     raise RuntimeError(f"the service was stopped while the {c.role} started")
                 raise RuntimeError(f"the {c.role} did not say it was ready within {START_TIMEOUT:.0f} s")
