@@ -152,3 +152,28 @@ def test_a_catalog_with_plaintext_passwords_is_rewritten_and_its_uris_still_work
     assert not any("password" in b for b in bodies)
     assert legacy not in repr(bodies)
     assert sum(len(b.get("credentials", ())) for b in bodies) >= 2  # one per branch, from the password
+
+
+def test_the_api_made_before_its_token_refuses_every_bearer_until_it_has_one():
+    """The service's front end makes its API while the page server starts,
+    and gets the operator token after: until then no bearer (the empty
+    one included) is the operator's; once it has it, only that one is."""
+    from fastapi.testclient import TestClient
+
+    from pageserver.frontend.api import make_app
+
+    class Control:
+        def database_for_token(self, token):
+            return None
+
+        def status(self):
+            return {"ok": True}
+
+    box: list[str] = []
+    client = TestClient(make_app(Control(), lambda: box[0] if box else ""))
+    for bearer in ("", "anything", "s3cret"):
+        assert client.get("/v1/status", headers={"Authorization": f"Bearer {bearer}"}).status_code == 401
+    box.append("s3cret")
+    assert client.get("/v1/status", headers={"Authorization": "Bearer anything"}).status_code == 401
+    r = client.get("/v1/status", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and r.json() == {"ok": True}

@@ -7,7 +7,9 @@ over the page server's control plane on the Unix socket S. It holds no
 state: a restart loses only the connections it was relaying. The
 operator's token comes on stdin (one line), so that the front end, which
 runs as an unprivileged user when the service is started as root, never
-needs to read the service's home. Started as root with STRATA_FRONTEND_UID and
+needs to read the service's home. It makes its proxy and API (imports,
+schema) before it reads that line, while the page server opens its store,
+and connects to the page server after. Started as root with STRATA_FRONTEND_UID and
 STRATA_FRONTEND_GID set, it binds its ports, imports what it needs, and
 drops to that user before it says it is ready. Prints
 `{"ready": true, "pid": PID, "uid": UID}` on stdout once it serves; exits with status 75 (SHUTDOWN_REQUESTED) after
@@ -32,7 +34,7 @@ import time
 from pageserver.control.rpc import RemoteControl
 from pageserver.control.supervised import exit_with_parent
 from pageserver.errors import BadRequestError
-from pageserver.frontend.serve import HOST, serve
+from pageserver.frontend.serve import HOST, Frontend
 from pageserver.proxy.limits import ProxyLimits
 
 SHUTDOWN_REQUESTED = 75
@@ -124,14 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s frontend %(name)s %(levelname)s %(message)s")
     _enough_descriptors(2 * limits.max_connections + 256)
+    import uvloop
+
+    # made while the page server opens its store (the supervisor starts both at once): the token
+    # comes once it is ready
+    control = RemoteControl(args.control_socket)  # (connects on first use)
+    token_box: list[str] = []
+    frontend = Frontend(control, lambda: token_box[0] if token_box else "", args.api_port, args.proxy_port,
+                        host=args.host, limits=limits)
     token = sys.stdin.readline().strip()
     if not token:
         print("python -m pageserver.frontend: the operator token must come on stdin", file=sys.stderr)
         return 2
+    token_box.append(token)
     if args.exit_with_parent:
         exit_with_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     wait_for_ports(args.host, [args.api_port, args.proxy_port])
-    control = RemoteControl(args.control_socket)
     control.subscribe()
     asked: list[bool] = []
     tasks: list[asyncio.Task[None]] = []
@@ -145,11 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tasks.append(loop.create_task(ready()))  # held: the loop keeps only a weak reference
 
-    import uvloop
-
     try:
-        uvloop.run(serve(control, token, args.api_port, args.proxy_port, host=args.host, started=started,
-                     on_shutdown=lambda: asked.append(True), limits=limits))
+        uvloop.run(frontend.serve(started=started, on_shutdown=lambda: asked.append(True)))
     finally:
         control.close()
     return SHUTDOWN_REQUESTED if asked else 0

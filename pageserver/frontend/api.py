@@ -118,8 +118,11 @@ def status_of(e: StrataError) -> int:
     return 500
 
 
-def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: Any = None,
+def make_app(control: ControlPlane | RemoteControl, token: str | Callable[[], str], *, on_shutdown: Any = None,
              extra_metrics: Callable[[], str] | None = None) -> FastAPI:
+    """The API over `control`; `token` is the operator's (or a callable
+    that returns it: the front end makes the app before it has it)."""
+    operator_token = token if callable(token) else (lambda: token)
     app = FastAPI(title="Strata", version="1", openapi_url="/v1/openapi.json", docs_url=None,
                   redoc_url=None, description="Branchable, scale-to-zero PostgreSQL databases.")
     bearer = HTTPBearer(auto_error=False)
@@ -127,7 +130,8 @@ def make_app(control: ControlPlane | RemoteControl, token: str, *, on_shutdown: 
     def principal(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:  # noqa: B008
         """None for the operator, else the database the token is scoped to."""
         if cred is not None:
-            if secrets.compare_digest(cred.credentials.encode(), token.encode()):
+            known = operator_token()
+            if known and secrets.compare_digest(cred.credentials.encode(), known.encode()):
                 return None
             scoped = control.database_for_token(cred.credentials)
             if scoped is not None:

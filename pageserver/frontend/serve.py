@@ -47,84 +47,111 @@ class FrontendMetrics:
         return generate_latest(self.registry).decode()
 
 
-async def serve(control: ControlPlane | RemoteControl, token: str, api_port: int, proxy_port: int, *,
-                host: str = HOST, signals: bool = True,
-                started: Callable[[asyncio.AbstractEventLoop], None] | None = None,
-                on_shutdown: Callable[[], None] | None = None, limits: ProxyLimits | None = None) -> None:
-    """Serve until shut down (SIGTERM, SIGINT or POST /v1/shutdown, which
-    also calls `on_shutdown`); `started` is called once both listen."""
-    import anyio.to_thread
-    import uvicorn
+class Frontend:
+    """The front ends, made (imports, the proxy, the API and its schema)
+    before they serve: the service's front end makes them while the page
+    server opens its store, and gets its token only then (`token` may be a
+    callable, read on each request)."""
 
-    metrics = FrontendMetrics()
-    proxy = Proxy(control, host, proxy_port, limits=limits, registry=metrics.registry)
-    server: uvicorn.Server | None = None
-    try:
-        await proxy.start()
+    def __init__(self, control: ControlPlane | RemoteControl, token: str | Callable[[], str], api_port: int,
+                 proxy_port: int, *, host: str = HOST, limits: ProxyLimits | None = None) -> None:
+        import anyio.to_thread  # noqa: F401 - (imported here, not on the loop)
+        import uvicorn
 
-        def stop() -> None:
-            if on_shutdown is not None:
-                on_shutdown()
-            if server is not None:
-                server.should_exit = True
+        self.control, self.host, self.api_port, self.proxy_port = control, host, api_port, proxy_port
+        self.metrics = FrontendMetrics()
+        self.proxy = Proxy(control, host, proxy_port, limits=limits, registry=self.metrics.registry)
+        self.server: uvicorn.Server | None = None
+        self._on_shutdown: Callable[[], None] | None = None
+        self.app = make_app(control, token, on_shutdown=self._shutdown, extra_metrics=self.metrics.text)
+        self.app.openapi()  # (its schema, built once and kept: not on the first request)
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
                 yield  # ours are below: uvicorn's would re-raise SIGTERM before the cleanup
 
-        loop = asyncio.get_running_loop()
-        # the API's routes run in this many threads (anyio's default is 40): more only
-        # contend for the GIL with the loop (measured 40, 16, 8: README, reliability)
-        anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
-        def exit_now() -> None:
-            if server is not None:
-                server.should_exit = True
+        self._server_class = Server
+        self._config = uvicorn.Config(self.app, host=host, port=api_port, log_level="warning", lifespan="off",
+                                      access_log=False)
 
-        if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, exit_now)
-        app = make_app(control, token, on_shutdown=stop, extra_metrics=metrics.text)
-        server = Server(uvicorn.Config(app, host=host, port=api_port, log_level="warning",
-                                       lifespan="off", access_log=False))
-        tasks: list[asyncio.Task[Any]] = []
+    def _shutdown(self) -> None:
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+        if self.server is not None:
+            self.server.should_exit = True
 
-        async def housekeeping() -> None:
-            assert not isinstance(control, RemoteControl)
-            while True:
-                await asyncio.sleep(1.0)
-                try:
-                    done = await asyncio.to_thread(control.maintain)
-                    for what, names in done.items():
-                        if names:
-                            log.info("%s: %s", what, ", ".join(names))
-                except Exception:  # noqa: BLE001 - keep serving; say what went wrong
-                    log.exception("housekeeping")
+    async def serve(self, *, signals: bool = True, started: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+                    on_shutdown: Callable[[], None] | None = None) -> None:
+        """Serve until shut down (SIGTERM, SIGINT or POST /v1/shutdown, which
+        also calls `on_shutdown`); `started` is called once both listen."""
+        import anyio.to_thread
 
-        async def lag_monitor() -> None:
-            while True:
-                t0 = loop.time()
-                await asyncio.sleep(LAG_INTERVAL)
-                metrics.loop_lag.observe(max(0.0, loop.time() - t0 - LAG_INTERVAL))
-
-        async def announce() -> None:
-            while not server.started:
-                await asyncio.sleep(0.02)
-            log.info("serving: API http://%s:%d, proxy %s:%d", host, api_port, host, proxy_port)
-            # What start-up made (modules, the API's schemas) lives as long as the process: out
-            # of the collector's way, so that a full collection, which stops every thread,
-            # scans only what came after (measured: 77 ms -> see README, reliability)
-            gc.freeze()
-            if started is not None:
-                started(loop)
-
-        if not isinstance(control, RemoteControl):  # (the plane in this process: its housekeeping too)
-            tasks.append(asyncio.create_task(housekeeping()))
-        tasks += [asyncio.create_task(announce()), asyncio.create_task(lag_monitor())]
+        control, host, api_port, proxy_port = self.control, self.host, self.api_port, self.proxy_port
+        metrics, proxy = self.metrics, self.proxy
+        self._on_shutdown = on_shutdown
         try:
-            await server.serve()
+            await proxy.start()
+            loop = asyncio.get_running_loop()
+            # the API's routes run in this many threads (anyio's default is 40): more only
+            # contend for the GIL with the loop (measured 40, 16, 8: README, reliability)
+            anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
+
+            def exit_now() -> None:
+                if self.server is not None:
+                    self.server.should_exit = True
+
+            if signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, exit_now)
+            server = self.server = self._server_class(self._config)
+            tasks: list[asyncio.Task[Any]] = []
+
+            async def housekeeping() -> None:
+                assert not isinstance(control, RemoteControl)
+                while True:
+                    await asyncio.sleep(1.0)
+                    try:
+                        done = await asyncio.to_thread(control.maintain)
+                        for what, names in done.items():
+                            if names:
+                                log.info("%s: %s", what, ", ".join(names))
+                    except Exception:  # noqa: BLE001 - keep serving; say what went wrong
+                        log.exception("housekeeping")
+
+            async def lag_monitor() -> None:
+                while True:
+                    t0 = loop.time()
+                    await asyncio.sleep(LAG_INTERVAL)
+                    metrics.loop_lag.observe(max(0.0, loop.time() - t0 - LAG_INTERVAL))
+
+            async def announce() -> None:
+                while not server.started:
+                    await asyncio.sleep(0.02)
+                log.info("serving: API http://%s:%d, proxy %s:%d", host, api_port, host, proxy_port)
+                # What start-up made (modules, the API's schemas) lives as long as the process: out
+                # of the collector's way, so that a full collection, which stops every thread,
+                # scans only what came after (measured: 77 ms -> see README, reliability)
+                gc.freeze()
+                if started is not None:
+                    started(loop)
+
+            if not isinstance(control, RemoteControl):  # (the plane in this process: its housekeeping too)
+                tasks.append(asyncio.create_task(housekeeping()))
+            tasks += [asyncio.create_task(announce()), asyncio.create_task(lag_monitor())]
+            try:
+                await server.serve()
+            finally:
+                for t in tasks:
+                    t.cancel()
         finally:
-            for t in tasks:
-                t.cancel()
-    finally:
-        await proxy.stop()
+            await proxy.stop()
+
+
+async def serve(control: ControlPlane | RemoteControl, token: str, api_port: int, proxy_port: int, *,
+                host: str = HOST, signals: bool = True,
+                started: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+                on_shutdown: Callable[[], None] | None = None, limits: ProxyLimits | None = None) -> None:
+    """Make the front ends (`Frontend`) and serve them until shut down."""
+    fe = Frontend(control, token, api_port, proxy_port, host=host, limits=limits)
+    await fe.serve(signals=signals, started=started, on_shutdown=on_shutdown)
