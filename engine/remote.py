@@ -73,14 +73,16 @@ shipped), `_next_seq`, `_pending` (the newest checkpoint not uploaded),
 `_uploaded` (layers known to be up: key, size, xxh3), `_confirmed` (what
 the last index lists), `_chunk_heads`, `_fetching` (a lock per layer being
 fetched, held across its download so that readers of it wait for one),
-`_fenced`, the lease's ETag, and `_queued` and `_fetch_seq` (layers
-waiting for the fetch thread's download); no object-store call is made
+`_fenced`, the lease's ETag, and `_queued`, `_fetch_seq`, `_retry` and
+`_failures` (layers waiting for the fetch thread's download, or for its
+next try after a failed one); no object-store call is made
 under it. A Layer's reader that holds a file reading it in ranges keeps
 it only if no download reopened the layer meanwhile (`Layer._epoch`).
 Lock order: a Layer's lock, then its fetch lock (a reader fetching the
 file); the cache, holding a fetch lock, only tries a Layer's lock
 (`Layer.try_evict`) and skips the layer if it is held. A download holds at
-most FETCH_WINDOW parts in memory and stops between parts once closing.
+most FETCH_WINDOW parts in memory; the fetch thread's stops once closing,
+without waiting for the GETs in flight (a reader's own fetch goes on).
 `_renew_mu` keeps one renewal at a time (the lease keeper's, or the
 uploader's before it deletes): two of one ETag, and the second would find
 the first's and fence its own node. `_ship_mu` keeps one shipping pass at a time (the thread's, or a caller's
@@ -93,6 +95,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import heapq
 import json
 import logging
 import os
@@ -104,6 +107,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -142,6 +146,9 @@ LEASE_KEY = "lease"
 LOCAL_STATE = "remote"
 MAX_CHUNK = 8 * 1024 * 1024
 FETCH_PART = 8 * 1024 * 1024  # a layer is fetched in ranged parts of this size
+FETCH_RETRIES = 10  # a background download that failed this often is given up (the layer stays read in ranges)
+FETCH_RETRY_S = 0.5  # ... tried again after this, doubled after each failure
+FETCH_RETRY_MAX_S = 60.0
 FETCH_WINDOW = 4  # parts of one layer fetched at once (at most this many parts in memory)
 FETCH_WHOLE = 4 * 1024 * 1024  # a layer no bigger is fetched whole on its first read, not read in ranges
 RESTORE_FETCHES = 16  # log chunks a restore fetches at once
@@ -468,7 +475,9 @@ class Remote:
         # read in ranges: downloaded in the background, smallest first: (size, seq, layer)
         self._to_fetch: queue.PriorityQueue[tuple[int, int, Layer]] = queue.PriorityQueue()
         self._fetch_seq = 0
-        self._queued: set[tuple[bytes, str]] = set()
+        self._queued: set[tuple[bytes, str]] = set()  # queued, downloading, or waiting to retry
+        self._retry: list[tuple[float, int, Layer]] = []  # failed downloads: (due, seq, layer), a heap
+        self._failures: dict[tuple[bytes, str], int] = {}  # failed attempts of a queued layer
         self._graveyard: list[tuple[float, object]] = []  # (close after, an evicted layer's open file)
         self._wake_evict = threading.Event()
         self._lease_etag = ""
@@ -518,9 +527,10 @@ class Remote:
         if found is not None:
             self._uploaded = dict(found[1].layers)
             self._confirmed = dict(found[1].layers)
-        fs = OsFileSystem()
         for tid in list(store._timelines):  # (after this, a fetch never makes one: it was deleted)
-            ensure_dir(fs, os.path.join(store._timelines_dir, tid.hex()))
+            tdir = os.path.join(store._timelines_dir, tid.hex())
+            if not store.fs.isdir(tdir):  # (a restored home's: a stat each, not an fsync each)
+                ensure_dir(store.fs, tdir)
         self._store = store
         self._ship_recovered(store)
         loops = [("ship", self._ship_loop), ("lease", self._lease_loop), ("watchdog", self._watchdog_loop),
@@ -625,22 +635,56 @@ class Remote:
 
     def _fetch_loop(self) -> None:
         while not self._stop.is_set():
+            now = time.monotonic()
+            with self._mu:
+                while self._retry and self._retry[0][0] <= now:
+                    _, seq, ly = heapq.heappop(self._retry)
+                    self._to_fetch.put((ly.desc.file_size, seq, ly))
             try:
-                _, _, ly = self._to_fetch.get(timeout=0.5)
+                _, _, ly = self._to_fetch.get(timeout=0.2)
             except queue.Empty:
                 continue
-            try:
-                if not ly.retired:  # (compacted away meanwhile: nobody needs it here)
-                    self.fetch_layer(ly.timeline, ly.desc.name, ly.path)
-            except BaseException as e:  # noqa: BLE001 - read in ranges meanwhile; logged
-                log.warning("downloading %s failed (its next read reads it in ranges and asks again): %s",
-                            ly.path, e)
-            finally:
-                with self._mu:
-                    self._queued.discard((ly.timeline, ly.desc.name))
-                # its next read opens the file here, or (the download failed) asks for it again
-                ly.reopen()
+            self._download(ly)
             del ly  # (a retired layer's file goes once the last holder lets go)
+
+    def _download(self, ly: Layer) -> None:
+        """The fetch thread's download of a layer read in ranges meanwhile:
+        once it lands, the layer is reopened (its next read uses the file
+        here); a failed one is tried again after a backoff (FETCH_RETRIES
+        times, then it stays read in ranges); one no longer needed (retired
+        by a compaction, its timeline deleted) is dropped, its readers kept
+        on their ranged file."""
+        key = (ly.timeline, ly.desc.name)
+        store = self._store
+        if ly.retired or store is None or ly.timeline not in store._timelines:
+            with self._mu:
+                self._queued.discard(key)
+                self._failures.pop(key, None)
+            return
+        try:
+            self.fetch_layer(ly.timeline, ly.desc.name, ly.path, stoppable=True)
+        except BaseException as e:  # noqa: BLE001 - read in ranges meanwhile; logged, tried again
+            if self._stop.is_set():
+                return
+            with self._mu:
+                n = self._failures[key] = self._failures.get(key, 0) + 1
+                if n < FETCH_RETRIES:
+                    self._fetch_seq += 1
+                    delay = min(FETCH_RETRY_MAX_S, FETCH_RETRY_S * 2 ** (n - 1))
+                    heapq.heappush(self._retry, (time.monotonic() + delay, self._fetch_seq, ly))
+                else:
+                    self._queued.discard(key)
+                    self._failures.pop(key, None)
+            if n < FETCH_RETRIES:
+                log.warning("downloading %s failed (read in ranges meanwhile; tried again in %.1f s): %s",
+                            ly.path, delay, e)
+            else:
+                log.error("downloading %s failed %d times: it stays read in ranges (%s)", ly.path, n, e)
+            return
+        with self._mu:
+            self._queued.discard(key)
+            self._failures.pop(key, None)
+        ly.reopen()  # (its next read opens the file here)
 
     def _ref(self, tid: bytes, name: str, path: str) -> LayerRef:
         with self._mu:
@@ -652,12 +696,14 @@ class Remote:
             raise CorruptionError(path, 0, "layer file is missing here and in the object store's index")
         return ref
 
-    def fetch_layer(self, tid: bytes, name: str, path: str) -> None:
+    def fetch_layer(self, tid: bytes, name: str, path: str, *, stoppable: bool = False) -> None:
         """Bring a layer file the store lists and lacks: in ranged parts (at
         most FETCH_WINDOW in flight, each written as it comes, in order: never
         the whole layer in memory), checked against the index's size and
         xxh3, written temp, fsync, rename, fsync-directory. One fetch of a
-        layer at a time. Stops between parts once the remote closes."""
+        layer at a time. A `stoppable` one (the fetch thread's) stops once
+        the remote closes (StoreClosedError), without waiting for the GETs
+        in flight; a reader's goes on."""
         ref = self._ref(tid, name, path)
         with self._mu:
             lock = self._fetching.setdefault((tid, name), threading.Lock())
@@ -674,7 +720,7 @@ class Remote:
             f = fs.open_write(tmp)
             h, size = Xxh3(), 0
             try:
-                with contextlib.closing(self._parts(ref)) as parts:
+                with contextlib.closing(self._parts(ref, stoppable)) as parts:
                     for part in parts:
                         h.update(part)
                         size += len(part)
@@ -697,29 +743,43 @@ class Remote:
             self._wake_evict.set()
         log.debug("fetched %s (%d bytes) in %.3fs", ref.key, size, time.monotonic() - t0)
 
-    def _parts(self, ref: LayerRef) -> Generator[bytes, None, None]:
+    def _parts(self, ref: LayerRef, stoppable: bool) -> Generator[bytes, None, None]:
         """The layer's bytes in FETCH_PART ranges, in order, at most
-        FETCH_WINDOW of them fetched ahead at once; StoreClosedError once
-        the remote is stopping (after attach)."""
+        FETCH_WINDOW of them fetched ahead at once."""
         spans = [(o, min(o + FETCH_PART, ref.size)) for o in range(0, ref.size, FETCH_PART)] or [(0, 0)]
-        attached = self._store
-        with ThreadPoolExecutor(max_workers=min(FETCH_WINDOW, len(spans)), thread_name_prefix="strata-fetch-part") as pool:
-            ahead: collections.deque[Future[bytes]] = collections.deque()
-            try:
-                for span in spans:
-                    ahead.append(pool.submit(self.objects.get_range, ref.key, *span))
-                    if len(ahead) == FETCH_WINDOW:
-                        yield self._next_part(ahead, attached, ref)
-                while ahead:
-                    yield self._next_part(ahead, attached, ref)
-            finally:
-                for fut in ahead:
-                    fut.cancel()
+        pool = ThreadPoolExecutor(max_workers=min(FETCH_WINDOW, len(spans)), thread_name_prefix="strata-fetch-part")
+        ahead: collections.deque[Future[bytes]] = collections.deque()
+        stopped = False
+        try:
+            for span in spans:
+                self._check_stop(stoppable)
+                ahead.append(pool.submit(self.objects.get_range, ref.key, *span))
+                if len(ahead) == FETCH_WINDOW:
+                    yield self._next_part(ahead, stoppable)
+            while ahead:
+                yield self._next_part(ahead, stoppable)
+        except BaseException:
+            stopped = True
+            raise
+        finally:  # (stopped or failed: the GETs in flight are not waited for, their answers dropped)
+            pool.shutdown(wait=not stopped, cancel_futures=True)
 
-    def _next_part(self, ahead: collections.deque[Future[bytes]], attached: Store | None, ref: LayerRef) -> bytes:
-        if attached is not None and self._stop.is_set():
-            raise StoreClosedError(attached.path)  # (the download of ref stops: the remote is closing)
-        return ahead.popleft().result()
+    def _check_stop(self, stoppable: bool) -> None:
+        store = self._store
+        if stoppable and self._stop.is_set():
+            raise StoreClosedError(store.path if store is not None else "?")
+
+    def _next_part(self, ahead: collections.deque[Future[bytes]], stoppable: bool) -> bytes:
+        fut = ahead[0]
+        while True:
+            self._check_stop(stoppable)
+            try:
+                data = fut.result(timeout=0.1)
+                break
+            except FuturesTimeout:
+                continue
+        ahead.popleft()
+        return data
 
     # --- the local cache -------------------------------------------------------------
 

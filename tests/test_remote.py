@@ -927,20 +927,22 @@ def test_layers_written_here_are_evicted_once_up_and_fetched_back(tmp_path):
         s.close()
 
 
-def test_a_failed_download_is_asked_for_again_by_the_next_read(tmp_path):
+def test_a_failed_background_download_is_tried_again_after_a_backoff(tmp_path):
     """The fetch thread's download of a layer read in ranges fails once:
-    the layer is not left read from the object store for good; its next
-    read asks for the download again, which lands."""
+    the layer is not left read from the object store for good; the
+    download is tried again after a backoff, lands, and reads use it."""
     objects, home, tid, model = restored(tmp_path)
     r = remote(objects)
-    real, failed, go = r.fetch_layer, [], threading.Event()
+    real, failed, go, calls = r.fetch_layer, [], threading.Event(), []
 
-    def fails_once(tid, name, path):
-        if threading.current_thread().name.startswith("strata-remote-fetch") and not failed:
-            go.wait(20)  # (once the reads are done)
-            failed.append(path)
-            raise ObjectStoreError("injected: the download failed")
-        return real(tid, name, path)
+    def fails_once(tid, name, path, **kw):
+        if threading.current_thread().name.startswith("strata-remote-fetch"):
+            calls.append(path)
+            if not failed:
+                go.wait(20)  # (once the reads are done)
+                failed.append(path)
+                raise ObjectStoreError("injected: the download failed")
+        return real(tid, name, path, **kw)
 
     r.fetch_layer = fails_once
     s = Store.open(home, config=SMALL, remote=r, background=False)
@@ -948,27 +950,26 @@ def test_a_failed_download_is_asked_for_again_by_the_next_read(tmp_path):
         t = s.timeline(tid)
         assert {k: t.get(k) for k in model} == model
         go.set()
-        wait_for("the injected failure", lambda: failed and not r._queued)
-        assert not os.path.exists(failed[0])
-
-        def read_all() -> bool:  # (a read asks again)
-            assert {k: t.get(k) for k in model} == model
-            return all(os.path.exists(ly.path) for ly in t._map.layers)
-
-        wait_for("every layer downloaded", read_all)
+        wait_for("every layer downloaded", lambda: all(os.path.exists(ly.path) for ly in t._map.layers))
+        wait_for("every layer reopened", lambda: not r._queued)
+        assert calls.count(failed[0]) == 2  # (failed, then tried again)
+        n = r.stats.ranged_reads
+        assert {k: t.get(k) for k in model} == model
+        assert r.stats.ranged_reads == n  # (every read here now)
     finally:
         s.close()
 
 
 def test_close_stops_a_download_between_parts_with_a_few_parts_in_flight(tmp_path, monkeypatch):
     """A download holds at most FETCH_WINDOW parts in flight (never the whole
-    layer in memory), and closing the store stops it between parts: the
-    rest is not fetched, and no file or temporary is left."""
+    layer in memory), and closing the store stops it, without waiting for
+    a GET that hangs: the rest is not fetched, and no file or temporary
+    is left."""
     import engine.remote as remote_mod
 
     monkeypatch.setattr(remote_mod, "FETCH_PART", 512)
     objects, home, tid, model = restored(tmp_path, n=200)
-    first_part, started = threading.Event(), []
+    first_part, hung, started = threading.Event(), threading.Event(), []
     mu = threading.Lock()
 
     class Slow(Faulty):
@@ -976,9 +977,9 @@ def test_close_stops_a_download_between_parts_with_a_few_parts_in_flight(tmp_pat
             if key.startswith("layers/") and threading.current_thread() is not threading.main_thread():
                 with mu:
                     started.append((key, start))
-                if start == 0:  # (the first part of a download waits)
+                if start == 0:  # (the first part of a download waits: a GET that hangs)
                     first_part.set()
-                    time.sleep(0.5)
+                    hung.wait(30)
             return self.inner.get_range(key, start, end)
 
     r = remote(Slow(objects))
@@ -991,7 +992,11 @@ def test_close_stops_a_download_between_parts_with_a_few_parts_in_flight(tmp_pat
     time.sleep(0.2)  # (time for a download that fetched every part ahead to show it)
     with mu:
         assert len(started) <= remote_mod.FETCH_WINDOW, started
-    s.close()
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    closer.join(10)
+    hung.set()
+    assert not closer.is_alive(), "close waited for a GET in flight"
     parts = sum(-(-ly.desc.file_size // 512) for ly in t._map.layers)
     assert len(started) < parts, "the download went on after close"
     leftovers = [f for _, _, fs in os.walk(home) for f in fs if f.endswith(".layer") or f.endswith(".tmp")]
