@@ -452,13 +452,20 @@ def test_durable_mode_loses_no_acknowledged_commit_with_the_machine(objects, tmp
     s = Store.open(str(tmp_path / "a"), config=SMALL, background=False,
                    remote=remote(objects, ship_interval=60.0, durable=durable))
     tl = s.create_timeline()
-    model: dict[int, bytes] = {}
-    threads = [threading.Thread(target=write, args=(tl, model, 25, i * 100)) for i in range(4)]
-    for t in threads:  # (concurrent commits share shipments: group commit)
+    models: list[dict[int, bytes]] = [{} for _ in range(4)]
+
+    def commits(i: int) -> None:  # (keys of their own: each thread's model is in commit order)
+        for j in range(25):
+            models[i][i * 100 + j] = v = b"%d/%d:" % (i, j) + os.urandom(24)
+            tl.commit({i * 100 + j: v}, durable=True)
+
+    threads = [threading.Thread(target=commits, args=(i,)) for i in range(4)]
+    for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    chunks = s._remote.stats.chunks
+    model = {k: v for m in models for k, v in m.items()}
+    assert len(model) == 100
     s.abandon()
     restore(objects, str(tmp_path / "b"), force=True)
     s2 = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects), background=False)
@@ -467,9 +474,53 @@ def test_durable_mode_loses_no_acknowledged_commit_with_the_machine(objects, tmp
     finally:
         s2.close()
     if durable:
-        assert got == model and chunks < 100  # (100 commits, fewer shipments)
+        assert got == model
     else:
         assert got != model
+
+
+def test_durable_commits_waiting_behind_a_shipment_share_the_next_one(tmp_path):
+    """Group commit: while one durable commit's log chunk is on its way
+    (paused), three more commit and wait; once it lands, one shipment
+    carries all three: two chunks for four commits, each commit there."""
+    objects = LocalObjectStore(str(tmp_path / "remote"))
+    s = Store.open(str(tmp_path / "a"), config=SMALL, background=False,
+                   remote=remote(objects, ship_interval=60.0, durable=True))
+    tl = s.create_timeline()
+    r = s._remote
+    waiting, real_wait = [], r.wait_shipped
+
+    def counted(pos: int) -> None:
+        waiting.append(pos)
+        real_wait(pos)
+
+    r.wait_shipped = counted  # type: ignore[method-assign]
+    before = r.stats.chunks
+    lsns: dict[int, int] = {}
+
+    def commit(i: int) -> None:
+        lsns[i] = tl.commit({i: b"v%d" % i}, durable=True)
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(4)]
+    with Pause(objects, "put_if_absent", before=True, when=lambda key, data: key.startswith("log/")) as p:
+        threads[0].start()
+        p.reached()  # (the first commit's chunk is on its way)
+        for t in threads[1:]:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(waiting) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(waiting) == 4  # (all three fsynced locally and wait for the object store)
+    for t in threads:
+        t.join(30)
+    assert len(lsns) == 4 and r.stats.chunks - before == 2
+    s.abandon()
+    restore(objects, str(tmp_path / "b"), force=True)
+    s2 = Store.open(str(tmp_path / "b"), config=SMALL, remote=remote(objects), background=False)
+    try:
+        assert {i: s2.timeline(tl.id).get(i) for i in range(4)} == {i: b"v%d" % i for i in range(4)}
+    finally:
+        s2.close()
 
 
 @pytest.mark.parametrize("mode", ["503", "drop"])

@@ -60,11 +60,12 @@ class Frontend:
 
         self.control, self.host, self.api_port, self.proxy_port = control, host, api_port, proxy_port
         self.metrics = FrontendMetrics()
-        self.proxy = Proxy(control, host, proxy_port, limits=limits, registry=self.metrics.registry)
         self.server: uvicorn.Server | None = None
         self._on_shutdown: Callable[[], None] | None = None
         self.app = make_app(control, token, on_shutdown=self._shutdown, extra_metrics=self.metrics.text)
         self.app.openapi()  # (its schema, built once and kept: not on the first request)
+        # last: it registers with the control plane and starts thread pools (nothing to undo if the app failed)
+        self.proxy = Proxy(control, host, proxy_port, limits=limits, registry=self.metrics.registry)
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager
