@@ -131,7 +131,7 @@ def version_id(tl: Timeline, key: int, lsn: int) -> VersionId:
     src, v = f
     if src is None:  # an in-memory version: (lsn, flags, raw_len, stored, checksum)
         return v[1], v[2], v[4]  # type: ignore[return-value]
-    return v[5], v[3], v[4]  # a layer entry: (lsn, offset, stored_len, raw_len, checksum, flags)
+    return v[5], v[3], v[4]  # type: ignore[misc,return-value]  # a layer entry: (lsn, offset, stored_len, raw_len, checksum, flags)
 
 
 def read(tl: Timeline, key: int, lsn: int) -> bytes | None:
