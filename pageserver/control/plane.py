@@ -1122,6 +1122,15 @@ class ControlPlane:
         log.info("branch %s/%s detached", database, name)
         return self.branch(database, name)
 
+    def diff(self, a: str, b: str, *, rows: bool = True, schema: bool = False,
+             max_pages: int | None = None) -> dict[str, Any]:
+        """What changed between two points (`DB/BRANCH[@LSN|@TIME]`): relations
+        and pages, rows, schema. See `pageserver.control.diff`."""
+        from pageserver.control import diff
+
+        return diff.diff(self, a, b, rows=rows, schema=schema,
+                         max_pages=diff.DEFAULT_MAX_PAGES if max_pages is None else max_pages)
+
     def lsn(self, database: str, name: str) -> int:
         return int(self._reading(database, name, lambda _, br: self._timeline(br).head_lsn))
 

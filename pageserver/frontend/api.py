@@ -106,6 +106,16 @@ class Restore(BaseModel):
     time: str | None = None
 
 
+class DiffRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    a: str = Field(description="DB/BRANCH, DB/BRANCH@LSN or DB/BRANCH@TIME")
+    b: str = Field(description="the same, the other side")
+    rows: bool = Field(True, description="row diff of the tables whose pages changed")
+    schema_: bool = Field(False, alias="schema", description="pg_dump --schema-only diff (if a catalog changed)")
+    max_pages: int | None = Field(None, ge=0, description="read no table whose diff needs more blocks")
+
+
 def status_of(e: StrataError) -> int:
     if isinstance(e, ControlPlaneError):
         return e.status
@@ -262,6 +272,11 @@ def make_app(control: ControlPlane | RemoteControl, token: str | Callable[[], st
     @dbr.get("/databases/{db}/branches/{name}/lsn")
     def lsn(db: str, name: str) -> dict[str, Any]:
         return {"lsn": control.lsn(db, name)}
+
+    @v1.post("/diff")
+    def diff(req: DiffRequest) -> dict[str, Any]:
+        """What changed between two points: relations and pages, rows, schema."""
+        return control.diff(req.a, req.b, rows=req.rows, schema=req.schema_, max_pages=req.max_pages)
 
     @v1.post("/check")
     def check() -> dict[str, Any]:

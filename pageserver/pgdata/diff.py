@@ -204,7 +204,7 @@ def diff_pages(a: Point, b: Point, *, engine_diff: Diff | None = None) -> PageDi
             f = FileDiff(name, status, a_size, b_size)
             for block in range(max(_blocks(a_size), _blocks(b_size))):
                 _compare(f, d, sa, sb, ia, ib, block, block < _blocks(a_size), block < _blocks(b_size))
-        if f.blocks or f.status != "modified" or a_size != b_size:
+        if f.blocks or f.status in ("created", "dropped") or a_size != b_size:  # (replaced, same bytes: none)
             files.append(f)
     return PageDiff(a, b, d.base, files, _relations(files), d.candidates, time.perf_counter() - t0)
 

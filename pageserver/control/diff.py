@@ -1,0 +1,337 @@
+"""What changed between two branches (or two points of one): relations and
+pages from the engine, then rows and schema from PostgreSQL itself.
+
+    plane.diff("shop/main", "shop/feature@12345", rows=True, schema=True)
+
+A point is `DB/BRANCH` (its head), `DB/BRANCH@LSN` or `DB/BRANCH@TIME`
+(ISO 8601 or epoch seconds). The two may be of different databases: each
+database is a branch of the template, which is then their common point.
+
+How (each step reads only what changed):
+
+1. *Points that PostgreSQL agrees with.* A running compute keeps recent
+   changes in its buffers and WAL: it is checkpointed first, and its
+   head is the point. A point a compute is needed at (rows, schema) and
+   that has none running (a suspended head, an LSN, a time) gets a
+   throwaway read-only compute (an O(1) branch at the point; recovery
+   replays what its WAL holds), checkpointed too; its branch's head is
+   the point then. With pages only (`rows=False, schema=False`) no
+   compute is started: a past point is diffed as its files stand.
+2. *Pages and relations* (`pageserver.pgdata.diff`): from the engine alone.
+3. *Rows*, per table whose heap changed: on each side, the visible rows
+   of only the changed blocks (a TID range scan per run of blocks), as
+   multisets of the columns' text forms; those that differ are paired by
+   primary key (or a unique index over NOT NULL columns) into added,
+   removed and modified rows. A table rewritten (a new relfilenode on one
+   side: TRUNCATE, VACUUM FULL, a type change) or new on one side is read
+   whole, and said so; past `max_pages` blocks a table is not read at all,
+   and said so.
+4. *Schema*: only if a catalog relation changed, `pg_dump --schema-only`
+   of each database on each side and a unified diff.
+
+Not exact, and said in the result: rows whose pages did not change but
+whose visibility did (a transaction in flight at the branch point that
+committed on one side only); a diff of a live head races its writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import re
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engine import LsnOutOfRangeError, NotFoundError, Timeline
+from engine.diff import Point, point
+from pageserver.compute.postgres import Compute
+from pageserver.control.objects import parse_time
+from pageserver.errors import BadRequestError
+from pageserver.pgdata.diff import PageDiff, RelationDiff, diff_pages
+
+if TYPE_CHECKING:
+    from pageserver.control.plane import ControlPlane
+
+log = logging.getLogger("strata.diff")
+
+DEFAULT_MAX_PAGES = 100_000  # blocks of one table a row diff reads at most (800 MiB)
+MAX_ROWS_SHOWN = 1000  # rows listed per table and kind; the counts are always whole
+_ADDRESS = re.compile(r"^(?P<db>[^/@\s]+)/(?P<branch>[^/@\s]+)(?:@(?P<at>.+))?$")
+
+
+@dataclass
+class _Side:
+    address: str
+    timeline: Timeline
+    lsn: int | None  # None: the head
+    compute: Compute | None = None  # a live or a throwaway compute
+    throwaway: bool = False
+    point: Point | None = None
+    dbs: dict[int, str] = field(default_factory=dict)  # database oid -> name
+
+    def describe(self) -> dict[str, Any]:
+        assert self.point is not None
+        return {"address": self.address, "timeline": self.timeline.id, "lsn": self.point.lsn,
+                "via": "throwaway compute" if self.throwaway else "live compute" if self.compute else "pages"}
+
+
+def _resolve(plane: ControlPlane, address: str) -> _Side:
+    m = _ADDRESS.match(address or "")
+    if m is None:
+        raise BadRequestError(f"a diff point is DB/BRANCH, DB/BRANCH@LSN or DB/BRANCH@TIME, got {address!r}")
+    db, name, at = m.group("db"), m.group("branch"), m.group("at")
+    br = plane._branch(plane.catalog.snapshot, db, name)  # UnknownObjectError names it
+    tl = plane._timeline(br)
+    lsn = None
+    if at is not None:
+        try:
+            lsn = int(at) if at.isdigit() else tl.lsn_at(parse_time(at, plane._clock()))
+            point(tl, lsn)
+        except LsnOutOfRangeError as e:
+            raise BadRequestError(f"{address}: {e}") from e
+        except (ValueError, BadRequestError) as e:
+            raise BadRequestError(f"{address}: not an LSN or a time ({e})") from e
+    return _Side(address, tl, lsn)
+
+
+def _sql(c: Compute, query: str, params: tuple[Any, ...] = (), dbname: str = "postgres") -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(c.local_conninfo(dbname), autocommit=True, connect_timeout=30) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+@contextlib.contextmanager
+def _prepared(plane: ControlPlane, sides: list[_Side], computes: bool) -> Iterator[None]:
+    """Fix each side's point (step 1 at the top); throwaway computes stop on the way out."""
+    try:
+        for s in sides:
+            live = plane.ps.compute_of(s.timeline) if s.lsn is None else None
+            if live is not None and live.running:
+                s.compute = live
+            elif computes:
+                at = s.lsn if s.lsn is not None else s.timeline.head_lsn
+                s.compute = plane.ps.start_compute(s.timeline, lsn=at)
+                s.throwaway = True
+            if s.compute is not None:
+                _sql(s.compute, "CHECKPOINT")
+                tl = plane.ps.store.timeline(s.compute.timeline_id)
+                s.point = point(tl)
+                s.dbs = {int(oid): name for oid, name in _sql(
+                    s.compute, "SELECT oid, datname FROM pg_database WHERE datallowconn")}
+            else:
+                s.point = point(s.timeline, s.lsn)
+        yield
+    finally:
+        for s in sides:
+            if s.throwaway and s.compute is not None:
+                with contextlib.suppress(Exception):
+                    plane.ps.stop_compute(s.compute.id)
+
+
+def diff(plane: ControlPlane, a: str, b: str, *, rows: bool = True, schema: bool = False,
+         max_pages: int = DEFAULT_MAX_PAGES) -> dict[str, Any]:
+    """See the top. Returns a JSON-able report."""
+    if not isinstance(max_pages, int) or isinstance(max_pages, bool) or max_pages < 0:
+        raise BadRequestError(f"max_pages is a count of blocks, got {max_pages!r}")
+    t0 = time.perf_counter()
+    sa, sb = _resolve(plane, a), _resolve(plane, b)
+    try:
+        with _prepared(plane, [sa, sb], rows or schema):
+            assert sa.point is not None and sb.point is not None
+            pd = diff_pages(sa.point, sb.point)
+            out: dict[str, Any] = {"a": sa.describe(), "b": sb.describe(), "pages": pd.as_dict()}
+            if rows:
+                out["rows"] = _rows(sa, sb, pd, max_pages)
+            if schema:
+                out["schema"] = _schema(sa, sb, pd)
+    except NotFoundError as e:
+        raise BadRequestError(f"a branch changed while it was diffed ({e}); try again") from e
+    out["exact"] = all(s.compute is None or s.throwaway for s in (sa, sb))
+    out["notes"] = ([] if out["exact"] else
+                    ["a live head was diffed: writes made meanwhile may show in part"]) + [
+        "rows of transactions in flight at the branch point that committed on one side only are not checked"]
+    out["seconds"] = round(time.perf_counter() - t0, 4)
+    log.info("diff %s %s: %d relations in %.0f ms", a, b, len(pd.relations), out["seconds"] * 1e3)
+    return out
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Table:
+    oid: int
+    schema: str
+    name: str
+    relfilenode: int
+    columns: list[str]
+    key: list[str]  # primary key (or NOT NULL unique) columns; [] if none
+
+
+_TABLES = """
+SELECT c.oid, n.nspname, c.relname, pg_relation_filenode(c.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm') AND (pg_relation_filenode(c.oid) = ANY(%s) OR c.oid = ANY(%s))
+"""
+_COLUMNS = """
+SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum
+"""
+_KEY = """
+SELECT i.indisprimary, array_agg(a.attname ORDER BY k.ord)
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+GROUP BY i.indexrelid, i.indisprimary
+HAVING bool_and(a.attnotnull)
+ORDER BY i.indisprimary DESC, count(*), i.indexrelid
+"""
+
+
+def _tables(s: _Side, dbname: str, nodes: list[int], oids: list[int]) -> dict[int, _Table]:
+    assert s.compute is not None
+    out = {}
+    for oid, nsp, rel, node in _sql(s.compute, _TABLES, (nodes, oids), dbname):
+        cols = [r[0] for r in _sql(s.compute, _COLUMNS, (oid,), dbname)]
+        keys = _sql(s.compute, _KEY, (oid,), dbname)
+        out[int(oid)] = _Table(int(oid), nsp, rel, int(node), cols, list(keys[0][1]) if keys else [])
+    return out
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """[first, end) ranges of consecutive blocks."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + 1)
+        else:
+            out.append((b, b + 1))
+    return out
+
+
+def _read(s: _Side, dbname: str, t: _Table, columns: list[str], blocks: list[int] | None) -> Counter[tuple]:
+    """The visible rows of `blocks` (None: all) as a multiset of text tuples."""
+    from psycopg import sql
+
+    assert s.compute is not None
+    cols = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns) if columns \
+        else sql.SQL("1")
+    rel = sql.Identifier(t.schema, t.name)
+    if blocks is None:
+        q = sql.SQL("SELECT {} FROM ONLY {}").format(cols, rel)
+    else:
+        parts = [sql.SQL("SELECT {} FROM ONLY {} WHERE ctid >= {}::tid AND ctid < {}::tid").format(
+            cols, rel, sql.Literal(f"({lo},0)"), sql.Literal(f"({hi},0)")) for lo, hi in _runs(blocks)]
+        if not parts:
+            return Counter()
+        q = sql.SQL(" UNION ALL ").join(parts)
+    import psycopg
+
+    with psycopg.connect(s.compute.local_conninfo(dbname), autocommit=False, connect_timeout=30) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        return Counter(tuple(r) for r in conn.execute(q).fetchall())
+
+
+def _rows(sa: _Side, sb: _Side, pd: PageDiff, max_pages: int) -> list[dict[str, Any]]:
+    by_db: dict[int, list[RelationDiff]] = {}
+    for r in pd.relations:
+        if r.db and not r.catalog and (r.blocks or r.status in ("created", "dropped", "replaced")):
+            by_db.setdefault(r.db, []).append(r)
+    out = []
+    for db, rels in sorted(by_db.items()):
+        name = sb.dbs.get(db) or sa.dbs.get(db)
+        if name is None:
+            continue  # (a template, or a database dropped on both sides)
+        nodes = [r.relfilenode for r in rels]
+        ta = _tables(sa, name, nodes, []) if db in sa.dbs else {}
+        tb = _tables(sb, name, nodes, []) if db in sb.dbs else {}
+        # (a table rewritten on one side has both its files in `rels`: found by oid on each side)
+        for oid in sorted(set(ta) | set(tb)):
+            out.append(_table_rows(sa, sb, name, ta.get(oid), tb.get(oid), pd, db, max_pages))
+    return out
+
+
+def _table_rows(sa: _Side, sb: _Side, dbname: str, ta: _Table | None, tb: _Table | None, pd: PageDiff,
+                db: int, max_pages: int) -> dict[str, Any]:
+    t = tb or ta
+    assert t is not None
+    res: dict[str, Any] = {"database": dbname, "table": f"{t.schema}.{t.name}", "oid": t.oid}
+    if ta is None or tb is None:
+        res["status"] = "created" if ta is None else "dropped"
+    elif ta.relfilenode != tb.relfilenode:
+        res["status"] = "rewritten"
+    else:
+        res["status"] = "modified"
+    rel = pd.relation(db, t.relfilenode)
+    if res["status"] == "modified":
+        assert rel is not None
+        blocks_a: list[int] | None = rel.blocks
+        blocks_b: list[int] | None = rel.blocks
+        cost = len(rel.blocks)
+    else:
+        ra = pd.relation(db, ta.relfilenode) if ta else None
+        rb = pd.relation(db, tb.relfilenode) if tb else None
+        blocks_a = blocks_b = None  # whole
+        cost = (ra.a_blocks if ra else 0) + (rb.b_blocks if rb else 0)
+    res["pages_read"] = cost
+    if cost > max_pages:
+        res["skipped"] = f"{cost} pages to read, more than max_pages ({max_pages})"
+        return res
+    columns = [c for c in (tb or ta).columns if ta is None or tb is None or c in ta.columns]  # type: ignore[union-attr]
+    if ta and tb and ta.columns != tb.columns:
+        res["columns"] = {"added": [c for c in tb.columns if c not in ta.columns],
+                          "dropped": [c for c in ta.columns if c not in tb.columns]}
+    rows_a = _read(sa, dbname, ta, columns, blocks_a) if ta else Counter()
+    rows_b = _read(sb, dbname, tb, columns, blocks_b) if tb else Counter()
+    removed, added = rows_a - rows_b, rows_b - rows_a
+    key = (tb or ta).key  # type: ignore[union-attr]
+    key_at = [columns.index(k) for k in key] if key and all(k in columns for k in key) else None
+    modified = []
+    if key_at is not None:
+        old = {tuple(r[i] for i in key_at): r for r in removed.elements()}
+        new = {tuple(r[i] for i in key_at): r for r in added.elements()}
+        for k in sorted(old.keys() & new.keys(), key=repr):
+            was, now = old[k], new[k]
+            modified.append({"key": dict(zip(key, k, strict=True)), "changes": {
+                c: {"from_": was[i], "to_": now[i]} for i, c in enumerate(columns) if was[i] != now[i]}})
+            removed[was] -= 1
+            added[now] -= 1
+        removed, added = +removed, +added
+    res["key"] = key if key_at is not None else None
+    res["counts"] = {"added": sum(added.values()), "removed": sum(removed.values()), "modified": len(modified)}
+    res["added"] = [dict(zip(columns, r, strict=True)) for r in list(added.elements())[:MAX_ROWS_SHOWN]]
+    res["removed"] = [dict(zip(columns, r, strict=True)) for r in list(removed.elements())[:MAX_ROWS_SHOWN]]
+    res["modified"] = modified[:MAX_ROWS_SHOWN]
+    return res
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+def _dump(s: _Side, dbname: str) -> list[str]:
+    assert s.compute is not None
+    exe = os.path.join(s.compute.bindir, "pg_dump")
+    p = subprocess.run([exe, "--schema-only", "--no-owner", "--no-privileges", "-h", s.compute.socket_dir,
+                        "-p", str(s.compute.port), "-U", "postgres", dbname],
+                       capture_output=True, text=True, timeout=300, check=False)
+    if p.returncode != 0:
+        raise BadRequestError(f"pg_dump of {dbname} at {s.address} failed: {p.stderr.strip()[-500:]}")
+    return [ln for ln in p.stdout.splitlines(keepends=True) if not ln.startswith("-- Dumped")]
+
+
+def _schema(sa: _Side, sb: _Side, pd: PageDiff) -> dict[str, Any]:
+    if not pd.catalog_changed:
+        return {"changed": False, "diff": "", "skipped": "no catalog relation changed"}
+    parts: list[str] = []
+    for name in sorted((set(sa.dbs.values()) | set(sb.dbs.values())) - {"template0", "template1"}):
+        da = _dump(sa, name) if name in sa.dbs.values() else []
+        db_ = _dump(sb, name) if name in sb.dbs.values() else []
+        parts += difflib.unified_diff(da, db_, f"{sa.address}/{name}", f"{sb.address}/{name}")
+    text = "".join(parts)
+    return {"changed": bool(text), "diff": text}
