@@ -93,6 +93,38 @@ def test_the_cli_end_to_end(up):
     assert "app" not in [d["name"] for d in strata(home, "db", "list")["databases"]]
 
 
+def test_strata_diff_from_the_cli_and_the_api(up):
+    home, state = up
+    db = strata(home, "db", "create", "dif", "--ttl", "1h")
+    with psycopg.connect(db["uri"], autocommit=True) as conn:
+        conn.execute("create table t(id int primary key, v text)")
+        conn.execute("insert into t select i, 'v' || i from generate_series(1, 500) i")
+    br = strata(home, "branch", "create", "dif/feature")
+    with psycopg.connect(br["uri"], autocommit=True) as conn:
+        conn.execute("update t set v = 'changed' where id = 7")
+        conn.execute("insert into t values (501, 'new')")
+    out = strata(home, "diff", "dif/main", "dif/feature")
+    (t,) = [x for x in out["rows"] if x["table"] == "public.t"]
+    assert t["counts"] == {"added": 1, "removed": 0, "modified": 1}
+    assert t["modified"][0]["changes"] == {"v": {"from_": "v7", "to_": "changed"}}
+    text = subprocess.run([*STRATA, "--home", home, "diff", "dif/main", "dif/feature"], capture_output=True,
+                          text=True, timeout=300, check=True).stdout
+    assert "public.t" in text and "+1 -0 ~1" in text and "v 'v7' -> 'changed'" in text
+    stat = strata(home, "diff", "dif/main", "dif/feature", "--stat")
+    assert "rows" not in stat and stat["pages"]["relations"]
+    err = strata(home, "diff", "dif/main", "dif/nope", check=False)
+    assert err["error"] == "UnknownObjectError" and "dif/nope" in err["message"]
+    token = open(state["token_file"]).read().strip()
+    r = httpx.post(state["api"] + "/v1/diff", json={"a": "dif/main", "b": "dif/feature", "rows": False},
+                   headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["pages"]["relations"]
+    bad = httpx.post(state["api"] + "/v1/diff", json={"a": "dif", "b": "dif/main"},
+                     headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert bad.status_code == 400 and "DB/BRANCH" in bad.text
+    assert httpx.post(state["api"] + "/v1/diff", json={"a": "dif/main", "b": "dif/main"}).status_code == 401
+    strata(home, "db", "delete", "dif")
+
+
 def test_the_sdk_in_three_lines(up):
     home, _ = up
     os.environ["STRATA_HOME"] = home
