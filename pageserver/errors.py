@@ -12,6 +12,7 @@
           +-- ObjectExistsError        a name already taken (409)
           +-- BadRequestError          a malformed or contradictory request (400)
           +-- ProtectedError           a protected branch cannot be deleted or reset (409)
+          +-- MergeConflictError       rows changed on both sides of a merge: nothing merged (409)
           +-- ComputeLimitError        every compute slot is busy (503)
           +-- RateLimitedError         a token made too much too fast (429, with retry_after)
           +-- ServiceNotRunningError   no service to talk to (client side)
@@ -116,6 +117,10 @@ class ProtectedError(ControlPlaneError):
     def __init__(self, name: str, action: str) -> None:
         super().__init__(f"branch {name} is protected: it cannot be {action} (unprotect it first)")
         self.name = name
+
+
+class MergeConflictError(ControlPlaneError):
+    status = 409
 
 
 class ComputeLimitError(ControlPlaneError):

@@ -12,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from pageserver.errors import BadRequestError, UnknownObjectError
+from pageserver.errors import BadRequestError, MergeConflictError, UnknownObjectError
 
 from .conftest import in_ci
 from .pg import Running, requires_pg, sql
@@ -220,3 +220,91 @@ def test_row_diff_state_machine(env):
     RowDiffMachine.cp = env.cp
     run_state_machine_as_test(RowDiffMachine, settings=settings(
         max_examples=4 if in_ci() else 8, stateful_step_count=6, deadline=None))
+
+
+def rows_of(uri: str, table: str) -> Counter:
+    return Counter(sql(uri, f"select t::text from {table} t"))
+
+
+def test_a_fast_forward_merge_leaves_the_target_equal_to_the_source(env):
+    cp = env.cp
+    db = cp.create_database("ff", ttl="1h")
+    sql(db.uri, "create table t(id int primary key, v text)")
+    sql(db.uri, "insert into t select i, 'v' || i from generate_series(1, 300) i")
+    cp.suspend("ff", "main")  # (the target stays as it was: no write on it after the branch point)
+    feature = cp.create_branch("ff", "feature")
+    sql(feature.uri, "update t set v = 'changed' where id <= 10")
+    sql(feature.uri, "create table extra as select 1 as x")  # (a schema change: a fast-forward takes it too)
+    before = rows_of(cp.uri("ff/main"), "t")
+    cp.suspend("ff", "main")
+    dry = cp.merge("ff/feature", "ff/main", dry_run=True)
+    assert dry["mode"] == "fast-forward" and rows_of(cp.uri("ff/main"), "t") == before
+    cp.suspend("ff", "main")
+    out = cp.merge("ff/feature", "ff/main")
+    assert out["mode"] == "fast-forward"
+    main = cp.uri("ff/main")
+    assert rows_of(main, "t") == rows_of(feature.uri, "t") and sql(main, "select x from extra") == [(1,)]
+    assert rows_of(cp.uri(f"ff/{out['backup']}"), "t") == before  # (what main was is kept)
+    cp.delete_database("ff")
+
+
+def test_a_row_patch_merges_both_sides_and_a_conflict_is_refused_whole(env):
+    cp = env.cp
+    db = cp.create_database("pm", ttl="1h")
+    sql(db.uri, "create table t(id int primary key, v text, n numeric)")
+    sql(db.uri, "create table bag(v text)")
+    sql(db.uri, "insert into t select i, 'v' || i, i / 3.0 from generate_series(1, 300) i")
+    sql(db.uri, "insert into bag select 'b' || (i % 5) from generate_series(1, 50) i")
+    feature = cp.create_branch("pm", "feature")
+    sql(feature.uri, "update t set v = 'feature', n = 0.5 where id in (5, 6)")
+    sql(feature.uri, "delete from t where id = 7")
+    sql(feature.uri, "insert into t values (1000, 'from feature', null)")
+    sql(feature.uri, "insert into bag values ('b1'); delete from bag where ctid = (select min(ctid) from bag "
+                     "where v = 'b2')")
+    sql(db.uri, "update t set v = 'main' where id = 200")  # (main moves on: no fast-forward)
+
+    dry = cp.merge("pm/feature", "pm/main", dry_run=True)
+    assert dry["mode"] == "patch" and not dry["conflicts"] and dry["statements"] == 6
+    assert "UPDATE ONLY" in dry["patch"] and "'from feature'" in dry["patch"]
+    assert sql(db.uri, "select v from t where id = 5") == [("v5",)]  # (a dry run changes nothing)
+
+    out = cp.merge("pm/feature", "pm/main")
+    assert out["mode"] == "patch" and not out["conflicts"]
+    assert sql(db.uri, "select id, v, n::text from t where id in (5, 6, 7, 200, 1000) order by id") == [
+        (5, "feature", "0.5"), (6, "feature", "0.5"), (200, "main", "66.6666666666666667"),
+        (1000, "from feature", None)]
+    assert rows_of(db.uri, "bag") == rows_of(feature.uri, "bag")
+
+    # now both change row 1: refused whole, naming the row; nothing of the patch is applied
+    sql(feature.uri, "update t set v = 'feature again' where id in (1, 2)")
+    sql(db.uri, "update t set v = 'main again' where id = 1")
+    before = rows_of(db.uri, "t")
+    with pytest.raises(MergeConflictError, match=r"public\.t update \{'id': '1'\}"):
+        cp.merge("pm/feature", "pm/main")
+    assert rows_of(db.uri, "t") == before
+    again = cp.merge("pm/feature", "pm/main", dry_run=True)
+    assert [c["row"] for c in again["conflicts"]] == [{"id": "1"}]
+    assert again["already_applied"] == 6  # (the first merge's: merging again re-applies nothing)
+    sql(db.uri, "update t set v = 'feature again' where id = 1")  # (resolved by hand: now it merges)
+    assert not cp.merge("pm/feature", "pm/main")["conflicts"]
+    assert sql(db.uri, "select v from t where id = 2") == [("feature again",)]
+
+
+def test_merges_that_are_not_row_changes_are_refused(env):
+    cp = env.cp
+    db = cp.create_database("nm", ttl="1h")
+    sql(db.uri, "create table t(id int primary key)")
+    ddl = cp.create_branch("nm", "ddl")
+    sql(ddl.uri, "alter table t add column v text")
+    sql(db.uri, "insert into t values (1)")
+    with pytest.raises(BadRequestError, match="changed the schema"):
+        cp.merge("nm/ddl", "nm/main")
+    other = cp.create_database("nm2", ttl="1h")
+    with pytest.raises(BadRequestError, match="two databases"):
+        cp.merge("nm2/main", "nm/main")
+    with pytest.raises(BadRequestError, match="DB/BRANCH"):
+        cp.merge("nm/ddl@5", "nm/main")
+    with pytest.raises(UnknownObjectError):
+        cp.merge("nm/nope", "nm/main")
+    cp.delete_database(other.name)
+    cp.delete_database("nm")

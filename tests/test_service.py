@@ -122,6 +122,21 @@ def test_strata_diff_from_the_cli_and_the_api(up):
                      headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert bad.status_code == 400 and "DB/BRANCH" in bad.text
     assert httpx.post(state["api"] + "/v1/diff", json={"a": "dif/main", "b": "dif/main"}).status_code == 401
+    # merge: a dry run shows the patch, a conflict is refused by name with 409, then a clean merge
+    dry = strata(home, "merge", "dif/feature", "dif/main", "--dry-run")
+    assert dry["mode"] == "patch" or dry["mode"] == "fast-forward"
+    with psycopg.connect(db["uri"], autocommit=True) as conn:
+        conn.execute("update t set v = 'main' where id = 7")
+    err = strata(home, "merge", "dif/feature", "dif/main", check=False)
+    assert err["error"] == "MergeConflictError" and "'id': '7'" in err["message"]
+    r = httpx.post(state["api"] + "/v1/merge", json={"source": "dif/feature", "target": "dif/main"},
+                   headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    assert r.status_code == 409
+    with psycopg.connect(db["uri"], autocommit=True) as conn:
+        conn.execute("update t set v = 'changed' where id = 7")  # (resolved by hand)
+    assert strata(home, "merge", "dif/feature", "dif/main")["conflicts"] == []
+    with psycopg.connect(db["uri"]) as conn:
+        assert conn.execute("select v from t where id in (7, 501) order by id").fetchall() == [("changed",), ("new",)]
     strata(home, "db", "delete", "dif")
 
 

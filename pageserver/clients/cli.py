@@ -456,6 +456,27 @@ def _diff_text(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@command(cli, "merge")
+@click.argument("source")
+@click.argument("target")
+@click.option("--dry-run", is_flag=True, help="Show the patch and its conflicts; change nothing.")
+@click.option("--max-pages", type=click.IntRange(min=0), default=None)
+def merge(ctx: click.Context, as_json: bool, source: str, target: str, dry_run: bool,
+          max_pages: int | None) -> None:
+    """Merge SOURCE into TARGET (DB/BRANCH each): fast-forward, or a row patch."""
+    out = _client(ctx).call("POST", "/merge", {"source": source, "target": target, "dry_run": dry_run,
+                                               "max_pages": max_pages})
+    if out["mode"] == "fast-forward":
+        text = (f"{target} would fast-forward to {source}" if dry_run else
+                f"{target} fast-forwarded to {source}; its previous state is {out['backup']}")
+    else:
+        text = (out.get("patch", "") + "\n" if dry_run else "") + (
+            f"{out['statements']} statements, {len(out['conflicts'])} conflicts"
+            + ("" if dry_run else f": {source} merged into {target}"))
+        text += "".join(f"\n  conflict: {c['table']} {c['statement']} {c['row']}" for c in out["conflicts"])
+    _emit(as_json, out, text)
+
+
 @command(cli, "lsn")
 @click.argument("address")
 def lsn(ctx: click.Context, as_json: bool, address: str) -> None:

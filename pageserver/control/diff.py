@@ -239,7 +239,8 @@ def _read(s: _Side, dbname: str, t: _Table, columns: list[str], blocks: list[int
         return Counter(tuple(r) for r in conn.execute(q).fetchall())
 
 
-def _rows(sa: _Side, sb: _Side, pd: PageDiff, max_pages: int) -> list[dict[str, Any]]:
+def _rows(sa: _Side, sb: _Side, pd: PageDiff, max_pages: int, shown: int | None = MAX_ROWS_SHOWN
+          ) -> list[dict[str, Any]]:
     by_db: dict[int, list[RelationDiff]] = {}
     for r in pd.relations:
         if r.db and not r.catalog and (r.blocks or r.status in ("created", "dropped", "replaced")):
@@ -254,12 +255,12 @@ def _rows(sa: _Side, sb: _Side, pd: PageDiff, max_pages: int) -> list[dict[str, 
         tb = _tables(sb, name, nodes, []) if db in sb.dbs else {}
         # (a table rewritten on one side has both its files in `rels`: found by oid on each side)
         for oid in sorted(set(ta) | set(tb)):
-            out.append(_table_rows(sa, sb, name, ta.get(oid), tb.get(oid), pd, db, max_pages))
+            out.append(_table_rows(sa, sb, name, ta.get(oid), tb.get(oid), pd, db, max_pages, shown))
     return out
 
 
 def _table_rows(sa: _Side, sb: _Side, dbname: str, ta: _Table | None, tb: _Table | None, pd: PageDiff,
-                db: int, max_pages: int) -> dict[str, Any]:
+                db: int, max_pages: int, shown: int | None) -> dict[str, Any]:
     t = tb or ta
     assert t is not None
     res: dict[str, Any] = {"database": dbname, "table": f"{t.schema}.{t.name}", "oid": t.oid}
@@ -300,15 +301,17 @@ def _table_rows(sa: _Side, sb: _Side, dbname: str, ta: _Table | None, tb: _Table
         for k in sorted(old.keys() & new.keys(), key=repr):
             was, now = old[k], new[k]
             modified.append({"key": dict(zip(key, k, strict=True)), "changes": {
-                c: {"from_": was[i], "to_": now[i]} for i, c in enumerate(columns) if was[i] != now[i]}})
+                c: {"from_": was[i], "to_": now[i]} for i, c in enumerate(columns) if was[i] != now[i]},
+                "from_": dict(zip(columns, was, strict=True))})
             removed[was] -= 1
             added[now] -= 1
         removed, added = +removed, +added
     res["key"] = key if key_at is not None else None
     res["counts"] = {"added": sum(added.values()), "removed": sum(removed.values()), "modified": len(modified)}
-    res["added"] = [dict(zip(columns, r, strict=True)) for r in list(added.elements())[:MAX_ROWS_SHOWN]]
-    res["removed"] = [dict(zip(columns, r, strict=True)) for r in list(removed.elements())[:MAX_ROWS_SHOWN]]
-    res["modified"] = modified[:MAX_ROWS_SHOWN]
+    res["added"] = [dict(zip(columns, r, strict=True)) for r in list(added.elements())[:shown]]
+    res["removed"] = [dict(zip(columns, r, strict=True)) for r in list(removed.elements())[:shown]]
+    res["modified"] = modified[:shown]
+    res["columns_compared"] = columns
     return res
 
 

@@ -1059,18 +1059,32 @@ class ControlPlane:
         if (lsn is None) == (time is None):
             raise BadRequestError("restore needs an LSN or a time (one of them)")
         when = parse_time(time, self._clock()) if time is not None else None
+
+        def make(old: Timeline) -> Timeline:
+            try:
+                at = old.lsn_at(when) if when is not None else lsn
+                return self._new_timeline(old, at_lsn=at)
+            except (LsnOutOfRangeError, InvalidArgumentError) as e:
+                raise BadRequestError(f"cannot restore {database}/{name} there: {e}") from e
+
+        branch, backup = self._replace_timeline(database, name, make, "restored", caller)
+        log.info("branch %s/%s restored to %s; its previous state is branch %s",
+                 database, name, f"LSN {lsn}" if lsn is not None else when, backup.name)
+        return branch, backup
+
+    def _replace_timeline(self, database: str, name: str, make: Callable[[Timeline], Timeline], why: str,
+                          caller: str | None) -> tuple[BranchInfo, BranchInfo]:
+        """Stop the branch, point it at the timeline `make(its timeline)`
+        returns (a new one, held since `_new_timeline`), and keep what it
+        was as a new branch `NAME-backup-<UTC time>` (a creation, for the
+        caller's rate). Returns (the branch, the backup)."""
         br = self.resolve(f"{database}/{name}")
         self._spend(caller)
         names: list[str] = []
         with self._lock_of(br):
             br = self._current(br, database, name)  # another reset may have replaced its timeline
-            self._stop_locked(br, why=f"branch {database}/{name} was restored")
-            old = self._timeline(br)  # the branch lock keeps its timeline (reset and restore take it)
-            try:
-                at = old.lsn_at(when) if when is not None else lsn
-                tl = self._new_timeline(old, at_lsn=at)
-            except (LsnOutOfRangeError, InvalidArgumentError) as e:
-                raise BadRequestError(f"cannot restore {database}/{name} there: {e}") from e
+            self._stop_locked(br, why=f"branch {database}/{name} was {why}")
+            tl = make(self._timeline(br))  # (the branch lock keeps its timeline: reset and restore take it)
             stamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC).strftime("%Y%m%dt%H%M%S")
             backup_id = self.catalog.new_id()
 
@@ -1088,8 +1102,6 @@ class ControlPlane:
                 return [backup, replace(current, timeline=tl.id), *moved], []
 
             self._commit_pointing_at(tl, check)
-        log.info("branch %s/%s restored to LSN %d; its previous state is branch %s",
-                 database, name, tl.branch_lsn, names[0])
         return self.branch(database, name), self.branch(database, names[0])
 
     def detach_branch(self, database: str, name: str) -> BranchInfo:
@@ -1130,6 +1142,16 @@ class ControlPlane:
 
         return diff.diff(self, a, b, rows=rows, schema=schema,
                          max_pages=diff.DEFAULT_MAX_PAGES if max_pages is None else max_pages)
+
+    def merge(self, source: str, target: str, *, dry_run: bool = False, max_pages: int | None = None,
+              caller: str | None = None) -> dict[str, Any]:
+        """Merge branch `source` into `target` (`DB/BRANCH`, one database):
+        fast-forward in O(1) if the target changed nothing since their common
+        point, else a row patch guarded row by row. See `pageserver.control.merge`."""
+        from pageserver.control import diff, merge
+
+        return merge.merge(self, source, target, dry_run=dry_run, caller=caller,
+                           max_pages=diff.DEFAULT_MAX_PAGES if max_pages is None else max_pages)
 
     def lsn(self, database: str, name: str) -> int:
         return int(self._reading(database, name, lambda _, br: self._timeline(br).head_lsn))

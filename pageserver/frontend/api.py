@@ -116,6 +116,15 @@ class DiffRequest(BaseModel):
     max_pages: int | None = Field(None, ge=0, description="read no table whose diff needs more blocks")
 
 
+class MergeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="DB/BRANCH whose changes are merged")
+    target: str = Field(description="DB/BRANCH that receives them (same database)")
+    dry_run: bool = Field(False, description="show the patch and its conflicts, change nothing")
+    max_pages: int | None = Field(None, ge=0)
+
+
 def status_of(e: StrataError) -> int:
     if isinstance(e, ControlPlaneError):
         return e.status
@@ -277,6 +286,12 @@ def make_app(control: ControlPlane | RemoteControl, token: str | Callable[[], st
     def diff(req: DiffRequest) -> dict[str, Any]:
         """What changed between two points: relations and pages, rows, schema."""
         return control.diff(req.a, req.b, rows=req.rows, schema=req.schema_, max_pages=req.max_pages)
+
+    @v1.post("/merge")
+    def merge(req: MergeRequest, who: str | None = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+        """Merge a branch into another: fast-forward, or a row patch refused whole on a conflict."""
+        return control.merge(req.source, req.target, dry_run=req.dry_run, max_pages=req.max_pages,
+                             caller=who or OPERATOR)
 
     @v1.post("/check")
     def check() -> dict[str, Any]:
