@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import psycopg
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -89,6 +90,35 @@ def test_rows_of_two_branches_paired_by_key_agree_with_except(env, shop):
     user = [r for r in stat["pages"]["relations"] if not r["catalog"]]
     assert user and all(r["status"] == "modified" and r["b_wrote"] for r in user)
     assert "pg_wal" in str(stat["pages"]["files"])  # (files outside relations are listed too)
+
+
+def test_a_transaction_in_flight_at_the_branch_point_is_named(env):
+    """Its rows were written before the branch point; it commits on the
+    parent after it, and the branch's recovery aborts it: the pages may
+    not change, so the diff must say the row diff is not exact there."""
+    cp = env.cp
+    db = cp.create_database("inf", ttl="1h")
+    sql(db.uri, "create table t(id int primary key)")
+    with psycopg.connect(db.uri) as conn:
+        conn.execute("insert into t values (1)")
+        (xid,), = conn.execute("select txid_current()").fetchall()
+        sql(db.uri, "checkpoint")  # (its page reaches storage before the branch point)
+        cp.create_branch("inf", "b")
+        conn.commit()
+    out = cp.diff("inf/main", "inf/b")
+    assert out["in_flight"]["checked"] and out["in_flight"]["differ"] == [
+        {"xid": str(xid), "a": "committed", "b": "aborted"}]
+    assert not out["exact"] and any("ended differently" in n for n in out["notes"])
+    # nothing in flight: exact, and said so
+    cp.suspend("inf", "main")
+    sql(db.uri, "select 1")
+    cp.create_branch("inf", "c")
+    quiet = cp.diff("inf/main", "inf/c")
+    assert quiet["in_flight"] == {"checked": True, "xids": 0} or not quiet["in_flight"]["differ"]
+    # branched at an LSN: nothing recorded, and said so
+    cp.create_branch("inf", "d", lsn=cp.lsn("inf", "main"))
+    assert not cp.diff("inf/main", "inf/d")["in_flight"]["checked"]
+    cp.delete_database("inf")
 
 
 def test_hint_bits_and_vacuum_alone_show_no_rows(env, shop):

@@ -111,6 +111,7 @@ from pageserver.control.catalog import (
     Record,
     Snapshot,
 )
+from pageserver.control.diff import in_flight, in_flight_between
 from pageserver.control.limits import DEFAULTS, Limits, limits_of, shown
 from pageserver.control.metrics import Metrics
 from pageserver.control.objects import (
@@ -705,6 +706,8 @@ class ControlPlane:
                 if (db.id, name) in snap.branch_named:
                     raise ObjectExistsError("branch", f"{database}/{name}")
                 src = self._branch(snap, db, parent)
+                live = self.ps.compute_of(src.timeline) if when is None and lsn is None else None
+                before = in_flight(live) if live is not None else None
                 try:
                     src_tl = self._timeline(src)
                     at = src_tl.lsn_at(when) if when is not None else lsn
@@ -713,9 +716,12 @@ class ControlPlane:
                     raise BadRequestError(f"cannot branch {database}/{parent} there: {e}") from e
                 except NotFoundError:
                     continue  # the parent was reset or restored meanwhile: its timeline is gone
+                after = in_flight(live) if before is not None and live is not None else None
+                extra = {"in_flight": {"timeline": src_tl.id, "lsn": tl.branch_lsn,
+                                       "xids": in_flight_between(before, after)}} if before and after else {}
                 br = BranchRecord(
                     id=self.catalog.new_id(), database=db.id, name=name, timeline=tl.id, created_at=now,
-                    parent=src.id, expires_at=now + ttl_s if ttl_s else None,
+                    parent=src.id, expires_at=now + ttl_s if ttl_s else None, extra=extra,
                     idle_timeout=idle_s if idle_s is not None else db.idle_timeout,
                     expire_after_idle=expire_s if expire_s is not None else db.expire_after_idle,
                     protected=bool(protected), last_used=now, limits=db.limits,
