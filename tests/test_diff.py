@@ -143,6 +143,12 @@ def test_a_schema_change_shows_in_the_dump_diff(env, shop):
     out = cp.diff("shop/main", "shop/migration", rows=False, schema=True)
     assert out["pages"]["catalog_changed"]
     assert "+    price numeric DEFAULT 0" in out["schema"]["diff"]
+    migration = out["schema"]["migration"]
+    assert 'add column "price" numeric default 0' in migration.lower().replace("\n", " ")
+    # the migration, run on main, gives main migration's schema
+    sql(shop.uri, migration)
+    after = cp.diff("shop/main", "shop/migration", rows=False, schema=True)["schema"]
+    assert after["changed"] is False, (migration, after["diff"])
     assert cp.diff("shop/main", "shop/main", rows=False, schema=True)["schema"]["changed"] is False
 
 
