@@ -74,6 +74,27 @@ class _Side:
     throwaway: bool = False
     point: Point | None = None
     dbs: dict[int, str] = field(default_factory=dict)  # database oid -> name
+    conns: dict[str, Any] = field(default_factory=dict)  # database name -> open connection (autocommit)
+
+    def conn(self, dbname: str = "postgres") -> Any:
+        """A connection to the side's compute, opened once per database."""
+        c = self.conns.get(dbname)
+        if c is None:
+            import psycopg
+
+            assert self.compute is not None
+            c = self.conns[dbname] = psycopg.connect(self.compute.local_conninfo(dbname), autocommit=True,
+                                                      connect_timeout=30)
+        return c
+
+    def sql(self, query: Any, params: tuple[Any, ...] = (), dbname: str = "postgres") -> list[tuple[Any, ...]]:
+        cur = self.conn(dbname).execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            c.close()
+        self.conns.clear()
 
     def describe(self) -> dict[str, Any]:
         assert self.point is not None
@@ -100,14 +121,6 @@ def _resolve(plane: ControlPlane, address: str) -> _Side:
     return _Side(address, tl, lsn)
 
 
-def _sql(c: Compute, query: str, params: tuple[Any, ...] = (), dbname: str = "postgres") -> list[tuple[Any, ...]]:
-    import psycopg
-
-    with psycopg.connect(c.local_conninfo(dbname), autocommit=True, connect_timeout=30) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
-
-
 @contextlib.contextmanager
 def _prepared(plane: ControlPlane, sides: list[_Side], computes: bool) -> Iterator[None]:
     """Fix each side's point (step 1 at the top); throwaway computes stop on the way out."""
@@ -121,16 +134,17 @@ def _prepared(plane: ControlPlane, sides: list[_Side], computes: bool) -> Iterat
                 s.compute = plane.ps.start_compute(s.timeline, lsn=at)
                 s.throwaway = True
             if s.compute is not None:
-                _sql(s.compute, "CHECKPOINT")
+                s.sql("CHECKPOINT")
                 tl = plane.ps.store.timeline(s.compute.timeline_id)
                 s.point = point(tl)
-                s.dbs = {int(oid): name for oid, name in _sql(
-                    s.compute, "SELECT oid, datname FROM pg_database WHERE datallowconn")}
+                s.dbs = {int(oid): name for oid, name in s.sql(
+                    "SELECT oid, datname FROM pg_database WHERE datallowconn")}
             else:
                 s.point = point(s.timeline, s.lsn)
         yield
     finally:
         for s in sides:
+            s.close()
             if s.throwaway and s.compute is not None:
                 with contextlib.suppress(Exception):
                     plane.ps.stop_compute(s.compute.id)
@@ -221,8 +235,8 @@ def _in_flight_check(plane: ControlPlane, sa: _Side, sb: _Side, base: Point | No
     if sa.compute is None or sb.compute is None or not xids:
         return {"checked": not xids, "xids": len(xids)}
     status = "SELECT x::text, pg_xact_status(x::text::xid8) FROM unnest(%s::bigint[]) x"
-    on_a = dict(_sql(sa.compute, status, (xids,)))
-    on_b = dict(_sql(sb.compute, status, (xids,)))
+    on_a = dict(sa.sql(status, (xids,)))
+    on_b = dict(sb.sql(status, (xids,)))
     differ = [{"xid": x, "a": on_a.get(x), "b": on_b.get(x)} for x in sorted(on_a, key=int)
               if on_a.get(x) != on_b.get(x)]
     return {"checked": True, "xids": len(xids), "differ": differ}
@@ -263,9 +277,9 @@ ORDER BY i.indisprimary DESC, count(*), i.indexrelid
 def _tables(s: _Side, dbname: str, nodes: list[int], oids: list[int]) -> dict[int, _Table]:
     assert s.compute is not None
     out = {}
-    for oid, nsp, rel, node in _sql(s.compute, _TABLES, (nodes, oids), dbname):
-        cols = [r[0] for r in _sql(s.compute, _COLUMNS, (oid,), dbname)]
-        keys = _sql(s.compute, _KEY, (oid,), dbname)
+    for oid, nsp, rel, node in s.sql(_TABLES, (nodes, oids), dbname):
+        cols = [r[0] for r in s.sql(_COLUMNS, (oid,), dbname)]
+        keys = s.sql(_KEY, (oid,), dbname)
         out[int(oid)] = _Table(int(oid), nsp, rel, int(node), cols, list(keys[0][1]) if keys else [])
     return out
 
@@ -297,9 +311,8 @@ def _read(s: _Side, dbname: str, t: _Table, columns: list[str], blocks: list[int
         if not parts:
             return Counter()
         q = sql.SQL(" UNION ALL ").join(parts)
-    import psycopg
-
-    with psycopg.connect(s.compute.local_conninfo(dbname), autocommit=False, connect_timeout=30) as conn:
+    conn = s.conn(dbname)
+    with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         return Counter(tuple(r) for r in conn.execute(q).fetchall())
 
@@ -398,17 +411,13 @@ def _dump(s: _Side, dbname: str) -> list[str]:
 def _migration(sa: _Side, sb: _Side, dbname: str) -> str:
     """SQL that takes the schema of `dbname` from side a to side b (`results`,
     migra's successor); raises what it cannot express."""
-    import psycopg
     from results.dbdiff import Migration
     from results.schemainspect import PostgreSQL
 
-    assert sa.compute is not None and sb.compute is not None
-    with psycopg.connect(sa.compute.local_conninfo(dbname), autocommit=True) as ca, \
-            psycopg.connect(sb.compute.local_conninfo(dbname), autocommit=True) as cb:
-        m = Migration(PostgreSQL(ca.cursor()), PostgreSQL(cb.cursor()))
-        m.set_safety(False)  # (drops included: the caller reads them before running anything)
-        m.add_all_changes_ordered()
-        return str(m.statements.sql)
+    m = Migration(PostgreSQL(sa.conn(dbname).cursor()), PostgreSQL(sb.conn(dbname).cursor()))
+    m.set_safety(False)  # (drops included: the caller reads them before running anything)
+    m.add_all_changes_ordered()
+    return str(m.statements.sql)
 
 
 def _schema(sa: _Side, sb: _Side, pd: PageDiff) -> dict[str, Any]:

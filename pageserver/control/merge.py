@@ -194,11 +194,13 @@ def _patch(plane: ControlPlane, source: str, target: str, base: Point, dry_run: 
 
 
 def _types(compute: Any, dbname: str, nsp: str, rel: str) -> dict[str, str]:
-    from pageserver.control.diff import _sql
+    import psycopg
 
-    rows = _sql(compute, "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
-                         "(quote_ident(%s) || '.' || quote_ident(%s))::regclass AND attnum > 0 AND NOT attisdropped",
-                (nsp, rel), dbname)
+    with psycopg.connect(compute.local_conninfo(dbname), autocommit=True, connect_timeout=30) as conn:
+        rows = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+            "(quote_ident(%s) || '.' || quote_ident(%s))::regclass AND attnum > 0 AND NOT attisdropped",
+            (nsp, rel)).fetchall()
     return dict(rows)
 
 
@@ -270,7 +272,6 @@ def _counted(t: dict[str, Any], ident: psql.Composable, cols: list[str], value: 
 def _copies(base: _Side, t: dict[str, Any]) -> list[tuple[tuple[str | None, ...], int, int]]:
     """For a table without a key: each distinct row the source added or
     removed, with its copies at the common point and on the source."""
-    import psycopg
     from psycopg import sql
 
     cols: list[str] = t["columns_compared"]
@@ -288,7 +289,6 @@ def _copies(base: _Side, t: dict[str, Any]) -> list[tuple[tuple[str | None, ...]
         q = sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(sql.Identifier(nsp, rel), sql.SQL(" AND ").join(
             sql.SQL("{}::text IS NOT DISTINCT FROM {}").format(sql.Identifier(c), sql.Literal(v))
             for c, v in zip(cols, r, strict=True)))
-        with psycopg.connect(base.compute.local_conninfo(t["database"]), autocommit=True) as conn:
-            (n,), = conn.execute(q).fetchall()
+        (n,), = base.sql(q, (), t["database"])
         out.append((r, int(n), int(n) + d))
     return out

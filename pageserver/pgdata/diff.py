@@ -41,6 +41,7 @@ from typing import Any
 from engine.diff import Diff, Point, diff, read, version_id
 from pageserver.pgdata.heap import heap_mask
 from pageserver.pgdata.layout import (
+    BUCKETS,
     DIRECTORY,
     KIND_DIR,
     KIND_INODE,
@@ -142,8 +143,10 @@ class _Side:
         return read(self.p.timeline, key, self.p.lsn)
 
     def _list(self, ino: int, prefix: str) -> None:
-        first, last = dir_key(ino, 0), dir_key(ino, 63)
-        for _, raw in self.p.timeline.scan(self.p.lsn, first, last):
+        for bucket in range(BUCKETS):  # (a read each, not a scan: a scan's cost grows with the data)
+            raw = self.get(dir_key(ino, bucket))
+            if raw is None:
+                continue
             for name, (child, kind) in decode_bucket(raw).items():
                 path = prefix + name.decode("utf-8", "surrogateescape")
                 self.paths[child] = path
