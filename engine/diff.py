@@ -16,7 +16,15 @@ in the window). Images are skipped: GC deletes a delta only once images
 at or below the horizon cover it, so above the horizon every write is
 still in a delta. Only a window that starts below its timeline's horizon
 (a common point at a branch point that GC has since passed) takes the
-keys of the images in it too, a superset. Candidate keys are then
+keys of the images in it too, a superset, and for a complete image (which
+leaves out keys deleted before it) every key its timeline had at the
+window's start in the image's range.
+
+Keys both sides wrote to the same version after the common point
+(*twins*: the same bytes, say the same insert run on two branches) are
+kept apart: their values are equal, but a row on such a page can still
+be visible on one side only, if its transaction ended differently there
+(PostgreSQL's commit log is another file). The row diff reads them. Candidate keys are then
 compared by their stored versions (flags, length, xxh3 of the stored
 bytes): equal means equal, without reading the value; a change written
 and undone again drops out here. Values are read only where a caller
@@ -93,6 +101,7 @@ def written(tl: Timeline, after: int, upto: int) -> BitMap64:
         else:
             keys.update([k for k, vs in list(mem.versions.items()) if any(after < v[0] <= upto for v in vs)])
     gone = after < tl.horizon  # (GC may have dropped deltas above `after` that images cover)
+    present: BitMap64 | None = None
     for layer in m.layers:
         first, last = layer.desc.lsn_start, layer.desc.lsn_end - 1  # (an image at L: [L, L])
         if last <= after or first > upto:
@@ -100,6 +109,10 @@ def written(tl: Timeline, after: int, upto: int) -> BitMap64:
         if layer.is_image:
             if gone:
                 keys |= layer.keys
+                if layer.complete:  # (a key deleted before the image is not in it: every key there at `after`)
+                    if present is None:
+                        present = tl._candidate_keys(after, 0, MAX_KEY, True)
+                    keys |= clip(BitMap64(present), layer.key_first, layer.key_last)
         elif first > after and last <= upto:
             keys |= layer.keys
         else:
@@ -154,6 +167,7 @@ class Diff:
     a_wrote: BitMap64  # of `keys`: a's value is not the common point's
     b_wrote: BitMap64  # of `keys`: b's value is not the common point's
     candidates: int  # keys compared (what the diff cost)
+    twins: BitMap64  # equal on both sides, and written by both after the common point
 
     def values(self, key: int) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(at the common point, at a, at b); None where absent."""
@@ -177,11 +191,15 @@ def diff(a: Point, b: Point, first: int = 0, last: int = MAX_KEY) -> Diff:
     else:
         side_a, side_b = _side(a, base), _side(b, base)
     cands = clip(side_a | side_b, first, last)
-    keys, a_wrote, b_wrote = BitMap64(), BitMap64(), BitMap64()
+    keys, a_wrote, b_wrote, twins = BitMap64(), BitMap64(), BitMap64(), BitMap64()
+    both = side_a & side_b
     for key in cands:
         va = version_id(a.timeline, key, a.lsn)
         vb = version_id(b.timeline, key, b.lsn)
         if va == vb:
+            if va is not None and key in both and base is not None and va != version_id(
+                    base.timeline, key, base.lsn):
+                twins.add(key)
             continue
         keys.add(key)
         vbase = version_id(base.timeline, key, base.lsn) if base is not None else None
@@ -189,4 +207,4 @@ def diff(a: Point, b: Point, first: int = 0, last: int = MAX_KEY) -> Diff:
             a_wrote.add(key)
         if vb != vbase:
             b_wrote.add(key)
-    return Diff(a, b, base, keys, a_wrote, b_wrote, len(cands))
+    return Diff(a, b, base, keys, a_wrote, b_wrote, len(cands), twins)

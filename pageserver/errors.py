@@ -13,6 +13,8 @@
           +-- BadRequestError          a malformed or contradictory request (400)
           +-- ProtectedError           a protected branch cannot be deleted or reset (409)
           +-- MergeConflictError       rows changed on both sides of a merge: nothing merged (409)
+          +-- MergeFailedError         the target refused the patch (a constraint, a dropped column): nothing merged (409)
+          +-- DiffFailedError          a compute a diff or merge read from failed or stopped meanwhile (503)
           +-- ComputeLimitError        every compute slot is busy (503)
           +-- RateLimitedError         a token made too much too fast (429, with retry_after)
           +-- ServiceNotRunningError   no service to talk to (client side)
@@ -121,6 +123,14 @@ class ProtectedError(ControlPlaneError):
 
 class MergeConflictError(ControlPlaneError):
     status = 409
+
+
+class MergeFailedError(ControlPlaneError):
+    status = 409
+
+
+class DiffFailedError(ControlPlaneError):
+    status = 503
 
 
 class ComputeLimitError(ControlPlaneError):

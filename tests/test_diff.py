@@ -121,6 +121,42 @@ def test_a_transaction_in_flight_at_the_branch_point_is_named(env):
     cp.delete_database("inf")
 
 
+def test_the_same_insert_committed_on_one_branch_and_rolled_back_on_the_other(env):
+    """Two branches of a stopped parent hand out the same transaction ids:
+    the same insert writes the same bytes on both, and only the commit log
+    says which side kept the row. The diff still finds it."""
+    cp = env.cp
+    db = cp.create_database("tw", ttl="1h")
+    sql(db.uri, "create table t(id int primary key, v text)")
+    cp.suspend("tw", "main")
+    kept, undone = cp.create_branch("tw", "kept"), cp.create_branch("tw", "undone")
+    for br, end in ((kept, "commit"), (undone, "rollback")):
+        with psycopg.connect(br.uri) as conn:
+            conn.execute("insert into t values (1, 'the same row')")
+            getattr(conn, end)()
+    out = cp.diff("tw/undone", "tw/kept")
+    (t,) = [x for x in out["rows"] if x["table"] == "public.t"]
+    assert t["counts"] == {"added": 1, "removed": 0, "modified": 0}
+    cp.delete_database("tw")
+
+
+def test_catalogs_rewritten_by_vacuum_full_are_still_catalogs(env):
+    """VACUUM FULL gives the catalogs relfilenodes above 16384: their rows are
+    never shown as a user table's, and a later DDL still shows in the schema."""
+    cp = env.cp
+    db = cp.create_database("vf", ttl="1h")
+    sql(db.uri, "create table t(id int primary key)")
+    sql(db.uri, "vacuum full")
+    ddl = cp.create_branch("vf", "ddl")
+    sql(ddl.uri, "alter table t add column note text; create index on t(note)")
+    out = cp.diff("vf/main", "vf/ddl", schema=True)
+    assert {x["table"] for x in out["rows"]} <= {"public.t"}
+    assert "note text" in out["schema"]["diff"]
+    with pytest.raises(BadRequestError, match="changed the schema"):
+        cp.merge("vf/ddl", "vf/main")
+    cp.delete_database("vf")
+
+
 def test_hint_bits_and_vacuum_alone_show_no_rows(env, shop):
     cp = env.cp
     cp.create_branch("shop", "quiet")
@@ -324,6 +360,42 @@ def test_a_row_patch_merges_both_sides_and_a_conflict_is_refused_whole(env):
     sql(db.uri, "update t set v = 'feature again' where id = 1")  # (resolved by hand: now it merges)
     assert not cp.merge("pm/feature", "pm/main")["conflicts"]
     assert sql(db.uri, "select v from t where id = 2") == [("feature again",)]
+
+
+def test_a_patch_merge_with_identity_keys_foreign_keys_and_two_databases(env):
+    """Inserts into a GENERATED ALWAYS identity key, a parent and child
+    inserted and deleted in an order their foreign key accepts, and a
+    second database; a conflict in one database leaves the other unmerged."""
+    cp = env.cp
+    db = cp.create_database("fk", ttl="1h")
+    sql(db.uri, "create table parent(id int generated always as identity primary key, v text)")
+    sql(db.uri, "create table child(id int primary key, parent int not null references parent(id))")
+    sql(db.uri, "insert into parent(v) select 'p' || i from generate_series(1, 20) i")
+    sql(db.uri, "insert into child select i, i from generate_series(1, 20) i")
+    sql(db.uri, "create database second")
+    second = db.uri.replace("/postgres?", "/second?")
+    sql(second, "create table s(id int primary key, v text)")
+    sql(second, "insert into s select i, 's' from generate_series(1, 10) i")
+    feature = cp.create_branch("fk", "feature")
+    feature_second = feature.uri.replace("/postgres?", "/second?")
+    sql(feature.uri, "insert into parent(v) values ('new parent')")
+    sql(feature.uri, "insert into child values (100, (select max(id) from parent))")
+    sql(feature.uri, "delete from child where id = 5; delete from parent where id = 5")
+    sql(feature_second, "update s set v = 'feature' where id = 3")
+    sql(db.uri, "update parent set v = 'main' where id = 1")  # (no fast-forward)
+    sql(second, "update s set v = 'main' where id = 3")  # (a conflict in the second database)
+    before = rows_of(db.uri, "parent"), rows_of(db.uri, "child")
+    with pytest.raises(MergeConflictError, match=r"public\.s update \{'id': '3'\}"):
+        cp.merge("fk/feature", "fk/main")
+    assert (rows_of(db.uri, "parent"), rows_of(db.uri, "child")) == before  # (the first database too)
+    sql(second, "update s set v = 'feature' where id = 3")  # (resolved)
+    out = cp.merge("fk/feature", "fk/main")
+    assert not out["conflicts"]
+    assert sql(db.uri, "select count(*) from child where id = 100 or id = 5") == [(1,)]
+    new_id = sql(feature.uri, "select id from parent where v = 'new parent'")
+    assert sql(db.uri, "select id from parent where v = 'new parent'") == new_id  # (the identity's value kept)
+    assert sql(db.uri, "select v from parent where id in (1, 5) order by id") == [("main",)]
+    cp.delete_database("fk")
 
 
 def test_merges_that_are_not_row_changes_are_refused(env):

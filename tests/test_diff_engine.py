@@ -180,3 +180,42 @@ def test_writes_gc_folded_into_images_past_a_branch_point_still_show(tmp_path):
         assert set(d.keys) == full(point(child), point(root), d.base)[0]
     finally:
         s.close()
+
+
+def test_a_delete_gc_folded_into_a_complete_image_still_shows(tmp_path):
+    """A root's complete image leaves a deleted key out: once GC dropped the
+    delta with the delete, the diff must still find it (every key there at
+    the common point is a candidate)."""
+    s = Store.open(str(tmp_path / "s"), config=dataclasses.replace(SMALL, merge_threshold=1000), background=False)
+    try:
+        root = s.create_timeline()
+        root.commit({k: b"v1-%d" % k for k in range(10)})
+        s.flush(root)
+        child = s.branch(root)
+        root.commit({3: None})
+        for i in range(40):
+            root.commit({20 + i % 4: os.urandom(400)})
+        root.set_retention(Retention(period=None, lsn_distance=1))
+        s.compact(root, force_images=True)
+        for _ in range(3):
+            root.commit({15: os.urandom(400)})
+        s.gc(root)
+        assert root.horizon > child.branch_lsn and root.get(3) is None and child.get(3) == b"v1-3"
+        d = diff(point(child), point(root))
+        assert 3 in d.keys and 3 in d.b_wrote
+        assert set(d.keys) == full(point(child), point(root), d.base)[0]
+    finally:
+        s.close()
+
+
+def test_twins_are_keys_both_sides_wrote_alike(store):
+    """The same bytes written on two branches: not a difference, but kept
+    apart (a row there may be visible on one side only)."""
+    root = store.create_timeline()
+    root.commit({1: b"base", 2: b"base"})
+    left, right = store.branch(root), store.branch(root)
+    for tl in (left, right):
+        tl.commit({1: b"same on both", 3: b"new on both"})
+    left.commit({2: b"left only"})
+    d = diff(point(left), point(right))
+    assert set(d.keys) == {2} and set(d.twins) == {1, 3}

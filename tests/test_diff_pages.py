@@ -134,3 +134,43 @@ def test_a_truncated_relation_says_so(tree):
 
     (r,) = diff_pages(point(root), point(child)).relations
     assert (r.status, r.a_blocks, r.b_blocks, r.blocks) == ("truncated", 3, 1, [1, 2])
+
+
+def test_a_relation_growing_into_a_new_segment_is_extended_not_created(tree):
+    store, root, db, files = tree
+    child = store.branch(root)
+    dd = DataDir(child)
+    seg = dd.create(db, b"16384.1", 0o600, 0, 0)
+    for blk in range(2):
+        dd.write(seg, blk * PAGE, heap_page([b"in segment 1"]))
+    dd.fsync()
+
+    from pageserver.pgdata.diff import SEGMENT_BLOCKS, diff_pages
+
+    (r,) = diff_pages(point(root), point(child)).relations
+    assert (r.status, r.a_blocks, r.b_blocks) == ("extended", 3, 5)
+    assert r.blocks == [SEGMENT_BLOCKS, SEGMENT_BLOCKS + 1]
+
+
+def test_pages_both_sides_wrote_alike_are_twins_only_where_a_transaction_ended_differently(tree):
+    """The same insert on two branches writes the same bytes with the same
+    transaction id (100); committed on one side, aborted on the other, its
+    row shows on one side only: the page is kept for the row diff. A page
+    whose ids ended alike is not."""
+    store, root, db, files = tree
+    left, right = store.branch(root), store.branch(root)
+    for tl, status in ((left, 1), (right, 2)):  # (pg_xact: 2 bits a transaction; 1 committed, 2 aborted)
+        dd = DataDir(tl)
+        dd.write(files[b"16384"], PAGE, heap_page([b"the same insert on both"]))  # (xmin 100)
+        dd.write(files[b"16384"], 2 * PAGE, heap_page([b"settled"], infomask=0x0100))
+        xact = dd.mkdir(ROOT, b"pg_xact", 0o700, 0, 0)
+        clog = bytearray(PAGE)
+        clog[100 // 4] = status << ((100 % 4) * 2)
+        dd.write(dd.create(xact, b"0000", 0o600, 0, 0), 0, bytes(clog))
+        dd.fsync()
+
+    from pageserver.pgdata.diff import diff_pages
+
+    d = diff_pages(point(left), point(right))
+    (r,) = [r for r in d.relations if r.relfilenode == 16384]
+    assert r.blocks == [] and r.twins == [1]  # (block 2: its xmin's hint bit says committed on both)

@@ -51,8 +51,9 @@ from typing import TYPE_CHECKING, Any
 from engine import LsnOutOfRangeError, NotFoundError, Timeline
 from engine.diff import Point, point
 from pageserver.compute.postgres import Compute
+from pageserver.control.catalog import BranchRecord
 from pageserver.control.objects import parse_time
-from pageserver.errors import BadRequestError
+from pageserver.errors import BadRequestError, DiffFailedError
 from pageserver.pgdata.diff import PageDiff, RelationDiff, diff_pages
 
 if TYPE_CHECKING:
@@ -70,8 +71,10 @@ class _Side:
     address: str
     timeline: Timeline
     lsn: int | None  # None: the head
+    branch: BranchRecord | None = None
     compute: Compute | None = None  # a live or a throwaway compute
     throwaway: bool = False
+    counted: bool = False  # as a connection of the branch's (so that it is not suspended meanwhile)
     point: Point | None = None
     dbs: dict[int, str] = field(default_factory=dict)  # database oid -> name
     conns: dict[str, Any] = field(default_factory=dict)  # database name -> open connection (autocommit)
@@ -118,7 +121,13 @@ def _resolve(plane: ControlPlane, address: str) -> _Side:
             raise BadRequestError(f"{address}: {e}") from e
         except (ValueError, BadRequestError) as e:
             raise BadRequestError(f"{address}: not an LSN or a time ({e})") from e
-    return _Side(address, tl, lsn)
+    return _Side(address, tl, lsn, br)
+
+
+def psycopg_errors() -> type[Exception]:
+    import psycopg
+
+    return psycopg.Error
 
 
 @contextlib.contextmanager
@@ -126,6 +135,9 @@ def _prepared(plane: ControlPlane, sides: list[_Side], computes: bool) -> Iterat
     """Fix each side's point (step 1 at the top); throwaway computes stop on the way out."""
     try:
         for s in sides:
+            if s.lsn is None and s.branch is not None:  # (counted first: a suspension re-checks under its lock)
+                plane.connection_opened(s.branch)
+                s.counted = True
             live = plane.ps.compute_of(s.timeline) if s.lsn is None else None
             if live is not None and live.running:
                 s.compute = live
@@ -142,9 +154,13 @@ def _prepared(plane: ControlPlane, sides: list[_Side], computes: bool) -> Iterat
             else:
                 s.point = point(s.timeline, s.lsn)
         yield
+    except psycopg_errors() as e:
+        raise DiffFailedError(f"a compute stopped or failed while it was read ({e}); try again") from e
     finally:
         for s in sides:
             s.close()
+            if s.counted and s.branch is not None:
+                plane.connection_closed(s.branch)
             if s.throwaway and s.compute is not None:
                 with contextlib.suppress(Exception):
                     plane.ps.stop_compute(s.compute.id)
@@ -231,10 +247,17 @@ def _in_flight_check(plane: ControlPlane, sa: _Side, sb: _Side, base: Point | No
     if base is None or rec is None:
         return {"checked": False, "why": "no snapshot was recorded at the common point "
                                          "(the parent was not running, or it was branched at an LSN or time)"}
-    xids = rec.get("xids") or []
-    if sa.compute is None or sb.compute is None or not xids:
-        return {"checked": not xids, "xids": len(xids)}
-    status = "SELECT x::text, pg_xact_status(x::text::xid8) FROM unnest(%s::bigint[]) x"
+    xids = rec.get("xids")
+    if xids is None:
+        return {"checked": False, "why": f"more than {IN_FLIGHT_RANGE} transactions began while the branch was "
+                                         "made: the set was not recorded"}
+    if not xids:
+        return {"checked": True, "xids": 0, "differ": []}
+    if sa.compute is None or sb.compute is None:
+        return {"checked": False, "why": "no compute to ask"}
+    # (an id a side has not handed out yet is not asked about: PostgreSQL refuses ids in its future)
+    status = ("SELECT x::text, CASE WHEN x::text::xid8 < pg_snapshot_xmax(pg_current_snapshot()) "
+              "THEN pg_xact_status(x::text::xid8) ELSE 'in progress or unused' END FROM unnest(%s::bigint[]) x")
     on_a = dict(sa.sql(status, (xids,)))
     on_b = dict(sb.sql(status, (xids,)))
     differ = [{"xid": x, "a": on_a.get(x), "b": on_b.get(x)} for x in sorted(on_a, key=int)
@@ -257,7 +280,7 @@ class _Table:
 _TABLES = """
 SELECT c.oid, n.nspname, c.relname, pg_relation_filenode(c.oid)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'm') AND (pg_relation_filenode(c.oid) = ANY(%s) OR c.oid = ANY(%s))
+WHERE c.relkind IN ('r', 'm') AND c.oid >= 16384 AND (pg_relation_filenode(c.oid) = ANY(%s) OR c.oid = ANY(%s))
 """
 _COLUMNS = """
 SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum
@@ -295,33 +318,46 @@ def _runs(blocks: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _read(s: _Side, dbname: str, t: _Table, columns: list[str], blocks: list[int] | None) -> Counter[tuple]:
-    """The visible rows of `blocks` (None: all) as a multiset of text tuples."""
+RUNS_PER_QUERY = 200  # TID range scans joined in one statement (PostgreSQL's parser nests UNION ALL)
+
+
+def _read(s: _Side, dbname: str, t: _Table, columns: list[str], blocks: list[int] | None,
+          nblocks: int = 0) -> Counter[tuple]:
+    """The visible rows of `blocks` (None: all) as a multiset of text
+    tuples, in one snapshot: a TID range scan per run of blocks, or, when
+    they are over a quarter of the table's `nblocks`, one sequential scan
+    filtered by block (cheaper than that many range scans)."""
     from psycopg import sql
 
-    assert s.compute is not None
     cols = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns) if columns \
         else sql.SQL("1")
     rel = sql.Identifier(t.schema, t.name)
-    if blocks is None:
-        q = sql.SQL("SELECT {} FROM ONLY {}").format(cols, rel)
-    else:
-        parts = [sql.SQL("SELECT {} FROM ONLY {} WHERE ctid >= {}::tid AND ctid < {}::tid").format(
-            cols, rel, sql.Literal(f"({lo},0)"), sql.Literal(f"({hi},0)")) for lo, hi in _runs(blocks)]
-        if not parts:
-            return Counter()
-        q = sql.SQL(" UNION ALL ").join(parts)
     conn = s.conn(dbname)
+    out: Counter[tuple] = Counter()
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        return Counter(tuple(r) for r in conn.execute(q).fetchall())
+        if blocks is None:
+            out.update(tuple(r) for r in conn.execute(sql.SQL("SELECT {} FROM ONLY {}").format(cols, rel)))
+        elif nblocks and len(blocks) * 4 > nblocks:
+            wanted = set(blocks)
+            q = sql.SQL("SELECT (ctid::text::point)[0]::bigint, {} FROM ONLY {}").format(cols, rel)
+            out.update(tuple(r[1:]) for r in conn.execute(q) if r[0] in wanted)
+        else:
+            runs = _runs(blocks)
+            for i in range(0, len(runs), RUNS_PER_QUERY):
+                q = sql.SQL(" UNION ALL ").join(
+                    sql.SQL("SELECT {} FROM ONLY {} WHERE ctid >= {}::tid AND ctid < {}::tid").format(
+                        cols, rel, sql.Literal(f"({lo},0)"), sql.Literal(f"({hi},0)"))
+                    for lo, hi in runs[i : i + RUNS_PER_QUERY])
+                out.update(tuple(r) for r in conn.execute(q))
+    return out
 
 
 def _rows(sa: _Side, sb: _Side, pd: PageDiff, max_pages: int, shown: int | None = MAX_ROWS_SHOWN
           ) -> list[dict[str, Any]]:
     by_db: dict[int, list[RelationDiff]] = {}
-    for r in pd.relations:
-        if r.db and not r.catalog and (r.blocks or r.status in ("created", "dropped", "replaced")):
+    for r in pd.relations:  # (catalogs, by oid below 16384 whatever their relfilenode, are left out below)
+        if r.db and (r.blocks or r.twins or r.status in ("created", "dropped", "replaced")):
             by_db.setdefault(r.db, []).append(r)
     out = []
     for db, rels in sorted(by_db.items()):
@@ -331,9 +367,20 @@ def _rows(sa: _Side, sb: _Side, pd: PageDiff, max_pages: int, shown: int | None 
         nodes = [r.relfilenode for r in rels]
         ta = _tables(sa, name, nodes, []) if db in sa.dbs else {}
         tb = _tables(sb, name, nodes, []) if db in sb.dbs else {}
-        # (a table rewritten on one side has both its files in `rels`: found by oid on each side)
-        for oid in sorted(set(ta) | set(tb)):
-            out.append(_table_rows(sa, sb, name, ta.get(oid), tb.get(oid), pd, db, max_pages, shown))
+        # Tables are paired by name: two branches hand out the same next oid to different tables, and a
+        # table dropped and made again is the same table to its users. (One rewritten on one side has both
+        # its files in `rels`, so it is found on each side.) Left over, one oid on both sides: renamed.
+        by_name_a = {(t.schema, t.name): t for t in ta.values()}
+        by_name_b = {(t.schema, t.name): t for t in tb.values()}
+        pairs = [(by_name_a.get(n), by_name_b.get(n)) for n in sorted(by_name_a.keys() | by_name_b.keys())]
+        lone_b = {b.oid: i for i, (a, b) in enumerate(pairs) if a is None and b is not None}
+        for i, (a, b) in enumerate(pairs):
+            j = lone_b.get(a.oid) if a is not None and b is None else None
+            if j is not None:
+                pairs[i], pairs[j] = (a, pairs[j][1]), (None, None)
+        for a, b in pairs:
+            if a is not None or b is not None:
+                out.append(_table_rows(sa, sb, name, a, b, pd, db, max_pages, shown))
     return out
 
 
@@ -341,19 +388,24 @@ def _table_rows(sa: _Side, sb: _Side, dbname: str, ta: _Table | None, tb: _Table
                 db: int, max_pages: int, shown: int | None) -> dict[str, Any]:
     t = tb or ta
     assert t is not None
-    res: dict[str, Any] = {"database": dbname, "table": f"{t.schema}.{t.name}", "oid": t.oid}
+    res: dict[str, Any] = {"database": dbname, "table": f"{t.schema}.{t.name}", "schema": t.schema,
+                           "name": t.name, "oid": t.oid}
     if ta is None or tb is None:
         res["status"] = "created" if ta is None else "dropped"
-    elif ta.relfilenode != tb.relfilenode:
-        res["status"] = "rewritten"
+    elif ta.relfilenode != tb.relfilenode or ta.oid != tb.oid:
+        res["status"] = "rewritten"  # (or dropped and made again: read whole on each side)
     else:
         res["status"] = "modified"
+    if ta is not None and tb is not None and (ta.schema, ta.name) != (tb.schema, tb.name):
+        res["renamed_from"] = f"{ta.schema}.{ta.name}"
     rel = pd.relation(db, t.relfilenode)
     if res["status"] == "modified":
         assert rel is not None
-        blocks_a: list[int] | None = rel.blocks
-        blocks_b: list[int] | None = rel.blocks
-        cost = len(rel.blocks)
+        # (twins too: pages written alike on both sides whose rows' transactions may have ended differently)
+        read = sorted(set(rel.blocks) | set(rel.twins))
+        blocks_a: list[int] | None = read
+        blocks_b: list[int] | None = read
+        cost = len(read)
     else:
         ra = pd.relation(db, ta.relfilenode) if ta else None
         rb = pd.relation(db, tb.relfilenode) if tb else None
@@ -367,8 +419,8 @@ def _table_rows(sa: _Side, sb: _Side, dbname: str, ta: _Table | None, tb: _Table
     if ta and tb and ta.columns != tb.columns:
         res["columns"] = {"added": [c for c in tb.columns if c not in ta.columns],
                           "dropped": [c for c in ta.columns if c not in tb.columns]}
-    rows_a = _read(sa, dbname, ta, columns, blocks_a) if ta else Counter()
-    rows_b = _read(sb, dbname, tb, columns, blocks_b) if tb else Counter()
+    rows_a = _read(sa, dbname, ta, columns, blocks_a, rel.a_blocks if rel else 0) if ta else Counter()
+    rows_b = _read(sb, dbname, tb, columns, blocks_b, rel.b_blocks if rel else 0) if tb else Counter()
     removed, added = rows_a - rows_b, rows_b - rows_a
     key = (tb or ta).key  # type: ignore[union-attr]
     key_at = [columns.index(k) for k in key] if key and all(k in columns for k in key) else None
@@ -398,8 +450,11 @@ def _table_rows(sa: _Side, sb: _Side, dbname: str, ta: _Table | None, tb: _Table
 def _dump(s: _Side, dbname: str) -> list[str]:
     assert s.compute is not None
     exe = os.path.join(s.compute.bindir, "pg_dump")
-    p = subprocess.run([exe, "--schema-only", "--no-owner", "--no-privileges", "-h", s.compute.socket_dir,
-                        "-p", str(s.compute.port), "-U", "postgres", dbname],
+    from psycopg.conninfo import make_conninfo
+
+    # (the name inside a quoted conninfo: a database named "-f/x" or "host=..." is only a name)
+    target = make_conninfo(host=s.compute.socket_dir, port=s.compute.port, user="postgres", dbname=dbname)
+    p = subprocess.run([exe, "--schema-only", "--no-owner", "--no-privileges", f"--dbname={target}"],
                        capture_output=True, text=True, timeout=300, check=False)
     if p.returncode != 0:
         raise BadRequestError(f"pg_dump of {dbname} at {s.address} failed: {p.stderr.strip()[-500:]}")
@@ -420,8 +475,22 @@ def _migration(sa: _Side, sb: _Side, dbname: str) -> str:
     return str(m.statements.sql)
 
 
-def _schema(sa: _Side, sb: _Side, pd: PageDiff) -> dict[str, Any]:
-    if not pd.catalog_changed:
+def _catalog_changed(sa: _Side, sb: _Side, pd: PageDiff) -> bool:
+    """Whether a catalog changed: by relfilenode (pd), or, for a catalog
+    that VACUUM FULL moved to a higher one, by its oid on either side."""
+    if pd.catalog_changed:
+        return True
+    for side, dbs in ((sa, sa.dbs), (sb, sb.dbs)):
+        for db, name in dbs.items():
+            nodes = [r.relfilenode for r in pd.relations if r.db == db]
+            if nodes and side.sql("SELECT 1 FROM pg_class WHERE oid < 16384 AND pg_relation_filenode(oid) = ANY(%s)"
+                                  " LIMIT 1", (nodes,), name):
+                return True
+    return False
+
+
+def _schema(sa: _Side, sb: _Side, pd: PageDiff, *, always: bool = False) -> dict[str, Any]:
+    if not always and not _catalog_changed(sa, sb, pd):
         return {"changed": False, "diff": "", "migration": "", "skipped": "no catalog relation changed"}
     parts: list[str] = []
     migrations: list[str] = []

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.diff import Point, common_point
-from pageserver.control.diff import DEFAULT_MAX_PAGES, _prepared, _rows, _schema, _Side
-from pageserver.errors import BadRequestError, MergeConflictError
+from pageserver.control.diff import DEFAULT_MAX_PAGES, _prepared, _resolve, _rows, _schema, _Side
+from pageserver.errors import BadRequestError, DiffFailedError, MergeConflictError, MergeFailedError
 from pageserver.pgdata.diff import diff_pages
 
 if TYPE_CHECKING:
@@ -127,58 +127,46 @@ def _patch(plane: ControlPlane, source: str, target: str, base: Point, dry_run: 
     import psycopg
 
     base_side = _Side(f"{source} (common point)", base.timeline, base.lsn)
-    src = _Side(source, plane._timeline(plane.resolve(source)), None)
+    src = _resolve(plane, source)
     with _prepared(plane, [base_side, src], computes=True):
         assert base_side.point is not None and src.point is not None
         pd = diff_pages(base_side.point, src.point)
-        schema = _schema(base_side, src, pd)
+        schema = _schema(base_side, src, pd, always=True)  # (by the dumps: whatever a catalog's relfilenode)
         if schema["changed"]:
             raise BadRequestError(f"{source} changed the schema since the common point; a merge applies row "
                                   f"changes only:\n{schema['diff'][:4000]}")
         tables = _rows(base_side, src, pd, max_pages, shown=None)
         for t in tables:
-            if not t.get("key") and "counts" in t:
+            if "skipped" in t:
+                raise BadRequestError(f"{t['table']}: {t['skipped']}; merge with a larger max_pages")
+            if t["status"] != "modified" or "columns" in t:
+                raise BadRequestError(f"{source} {t['status']} table {t['table']}: a merge applies row changes only")
+            if not t.get("key"):
                 t["copies"] = _copies(base_side, t)
-    for t in tables:
-        if "skipped" in t:
-            raise BadRequestError(f"{t['table']}: {t['skipped']}; merge with a larger max_pages")
-        if t["status"] != "modified" or "columns" in t:
-            raise BadRequestError(f"{source} {t['status']} table {t['table']}: a merge applies row changes only")
-    compute = plane.wake(plane.resolve(target))
-    statements = list(_statements(compute, tables))
-    conflicts: list[dict[str, Any]] = []
-    by_db: dict[str, list[_Statement]] = {}
-    for st, dbname in statements:
-        by_db.setdefault(dbname, []).append(st)
-    rendered: list[str] = []
-    already = 0
-    for dbname, sts in sorted(by_db.items()):  # (one transaction per database: PostgreSQL has no other)
-        with psycopg.connect(compute.local_conninfo(dbname), autocommit=False, connect_timeout=30) as conn:
-            try:
-                for st in sts:
-                    rendered.append(st.query.as_string(conn) + ";")
-                    if st.counted is not None:
-                        count, was, now = st.counted
-                        (n,), = conn.execute(count).fetchall()
-                        if n == was and conn.execute(st.query).rowcount == abs(now - was):
-                            continue
-                        if n == now:
-                            already += 1
-                            continue
-                    elif conn.execute(st.query).rowcount == 1:
-                        continue
-                    if st.applied is not None and conn.execute(st.applied).fetchone() is not None:
-                        already += 1  # (merged before: the common point does not move with a patch)
-                        continue
-                    conflicts.append({"database": dbname, "table": st.table, "statement": st.what, "row": st.row})
-            except psycopg.Error as e:
-                conn.rollback()
-                raise MergeConflictError(f"the patch from {source} failed on {target}, and nothing was merged: "
-                                         f"{st.table} {st.what} {st.row}: {e}") from e
+    tbr = plane.resolve(target)
+    compute = plane.wake(tbr)
+    plane.connection_opened(tbr)  # (not suspended while the patch runs)
+    conns: dict[str, Any] = {}
+    try:
+        by_db: dict[str, list[dict[str, Any]]] = {}
+        for t in tables:
+            by_db.setdefault(t["database"], []).append(t)
+        for dbname in by_db:
+            conns[dbname] = psycopg.connect(compute.local_conninfo(dbname), autocommit=False, connect_timeout=30)
+        rendered, already, conflicts = _apply(conns, by_db, source, target)
+        # every database's statements ran; commit only if all are clean (a failed commit is the one gap)
+        for conn in conns.values():
             if conflicts or dry_run:
                 conn.rollback()
             else:
                 conn.commit()
+    except psycopg.OperationalError as e:
+        raise DiffFailedError(f"the compute of {target} stopped or failed during the merge ({e}); nothing was "
+                              "merged") from e
+    finally:
+        for conn in conns.values():
+            conn.close()
+        plane.connection_closed(tbr)
     out: dict[str, Any] = {"mode": "patch", "dry_run": dry_run, "statements": len(rendered),
                            "already_applied": already, "common_lsn": base.lsn, "conflicts": conflicts}
     if dry_run:
@@ -193,58 +181,146 @@ def _patch(plane: ControlPlane, source: str, target: str, base: Point, dry_run: 
     return out
 
 
-def _types(compute: Any, dbname: str, nsp: str, rel: str) -> dict[str, str]:
+def _apply(conns: dict[str, Any], by_db: dict[str, list[dict[str, Any]]], source: str, target: str
+           ) -> tuple[list[str], int, list[dict[str, Any]]]:
+    """Run every statement, each database in its own open transaction; the
+    caller commits or rolls back. Returns (the SQL, effects the target held
+    already, conflicts)."""
     import psycopg
 
-    with psycopg.connect(compute.local_conninfo(dbname), autocommit=True, connect_timeout=30) as conn:
-        rows = conn.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
-            "(quote_ident(%s) || '.' || quote_ident(%s))::regclass AND attnum > 0 AND NOT attisdropped",
-            (nsp, rel)).fetchall()
-    return dict(rows)
+    rendered: list[str] = []
+    already = 0
+    conflicts: list[dict[str, Any]] = []
+    for dbname, tables in sorted(by_db.items()):
+        conn = conns[dbname]
+        statements = _statements(conn, tables)
+        for st in statements:
+            rendered.append(st.query.as_string(conn) + ";")
+            try:
+                if st.counted is not None:
+                    count, was, now = st.counted
+                    (n,), = conn.execute(count).fetchall()
+                    if n == was and conn.execute(st.query).rowcount == abs(now - was):
+                        continue
+                    if n == now:
+                        already += 1
+                        continue
+                elif conn.execute(st.query).rowcount == 1:
+                    continue
+                if st.applied is not None and conn.execute(st.applied).fetchone() is not None:
+                    already += 1  # (merged before: the common point does not move with a patch)
+                    continue
+            except psycopg.errors.OperationalError:
+                raise
+            except psycopg.Error as e:
+                raise MergeFailedError(f"{target} refused the patch from {source}, and nothing was merged: "
+                                       f"{st.table} {st.what} {st.row}: {e}") from e
+            conflicts.append({"database": dbname, "table": st.table, "statement": st.what, "row": st.row})
+    return rendered, already, conflicts
 
 
-def _statements(compute: Any, tables: list[dict[str, Any]]) -> Iterator[tuple[_Statement, str]]:
+@dataclass
+class _Column:
+    type: str  # format_type on the target
+    generated: bool  # a stored generated column: never written
+    identity_always: bool  # GENERATED ALWAYS AS IDENTITY: an insert overrides it
+
+
+def _columns(conn: Any, nsp: str, rel: str) -> dict[str, _Column]:
+    rows = conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod), attgenerated <> '', attidentity = 'a' "
+        "FROM pg_attribute WHERE attrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass "
+        "AND attnum > 0 AND NOT attisdropped", (nsp, rel)).fetchall()
+    return {name: _Column(typ, gen, ident) for name, typ, gen, ident in rows}
+
+
+def _fk_order(conn: Any, tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tables, each referenced one before those that reference it
+    (inserts go in this order, deletes in reverse)."""
+    oids = {t["oid"]: t for t in tables}
+    edges = conn.execute("SELECT conrelid::oid::bigint, confrelid::oid::bigint FROM pg_constraint "
+                         "WHERE contype = 'f' AND conrelid = ANY(%s) AND confrelid = ANY(%s) "
+                         "AND conrelid <> confrelid", (list(oids), list(oids))).fetchall()
+    after: dict[int, set[int]] = {o: set() for o in oids}
+    for child, parent in edges:
+        after[int(child)].add(int(parent))
+    out: list[dict[str, Any]] = []
+    done: set[int] = set()
+    while len(done) < len(oids):
+        ready = sorted(o for o in oids if o not in done and after[o] <= done) or sorted(set(oids) - done)[:1]
+        for o in ready:  # (a cycle: broken at the lowest oid; deferrable constraints then decide)
+            done.add(o)
+            out.append(oids[o])
+    return out
+
+
+def _statements(conn: Any, tables: list[dict[str, Any]]) -> list[_Statement]:
+    """Deletes (referencing tables first), updates, then inserts (referenced
+    tables first), each guarded (see the top)."""
     from psycopg import sql
 
-    for t in tables:
-        dbname, name = t["database"], t["table"]
-        nsp, rel = name.split(".", 1)
-        ident = sql.Identifier(nsp, rel)
-        types = _types(compute, dbname, nsp, rel)
+    conn.execute("SET CONSTRAINTS ALL DEFERRED")  # (what may wait for the commit does)
+    ordered = _fk_order(conn, tables)
+    deletes: list[_Statement] = []
+    updates: list[_Statement] = []
+    inserts: list[_Statement] = []
+    for t in ordered:
+        name = t["table"]
+        ident = sql.Identifier(t["schema"], t["name"])
+        target_cols = _columns(conn, t["schema"], t["name"])
         cols: list[str] = t["columns_compared"]
+        missing = [c for c in cols if c not in target_cols]
+        if missing:
+            raise MergeFailedError(f"{name} on the target has no column {', '.join(missing)}: nothing was merged")
         key: list[str] | None = t["key"]
+        written = [c for c in cols if not target_cols[c].generated]
+        overriding = sql.SQL(" OVERRIDING SYSTEM VALUE") if any(
+            target_cols[c].identity_always for c in written) else sql.SQL("")
 
         def same(row: dict[str, str | None], only: list[str]) -> psql.Composed:
             return sql.SQL(" AND ").join(sql.SQL("{}::text IS NOT DISTINCT FROM {}").format(
                 sql.Identifier(c), sql.Literal(row[c])) for c in only)
 
-        def value(c: str, v: str | None, types: dict[str, str] = types) -> psql.Composed:
-            return sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(types[c]))
+        def value(c: str, v: str | None, types: dict[str, _Column] = target_cols) -> psql.Composed:
+            return sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(types[c].type))
 
-        for m in t["modified"]:
-            sets = sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), value(c, ch["to_"]))
-                                      for c, ch in m["changes"].items())
-            q = sql.SQL("UPDATE ONLY {} SET {} WHERE {}").format(ident, sets, same(m["from_"], cols))
-            after = {**m["from_"], **{c: ch["to_"] for c, ch in m["changes"].items()}}
-            done = sql.SQL("SELECT 1 FROM ONLY {} WHERE {}").format(ident, same(after, cols))
-            yield _Statement(name, "update", m["key"], q, done), dbname
+        def where(row: dict[str, str | None], keyed: list[str] | None = key, cols: list[str] = cols
+                  ) -> psql.Composed:
+            """The row's key by value (an index finds it), then every column as text (the guard)."""
+            by_key = [sql.SQL("{} = {}").format(sql.Identifier(k), value(k, row[k])) for k in keyed or []
+                      if row[k] is not None]
+            return sql.SQL(" AND ").join([*by_key, same(row, cols)])
+
         if not key:
-            yield from ((st, dbname) for st in _counted(t, ident, cols, value, same))
+            for st in _counted(t, ident, written, value, same):
+                (deletes if st.what == "delete" else inserts).append(st)
             continue
+        for m in t["modified"]:
+            changes = {c: ch for c, ch in m["changes"].items() if not target_cols[c].generated}
+            if not changes:
+                continue
+            sets = sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), value(c, ch["to_"]))
+                                      for c, ch in changes.items())
+            q = sql.SQL("UPDATE ONLY {} SET {} WHERE {}").format(ident, sets, where(m["from_"]))
+            after_row = {**m["from_"], **{c: ch["to_"] for c, ch in m["changes"].items()}}
+            done = sql.SQL("SELECT 1 FROM ONLY {} WHERE {}").format(ident, where(after_row))
+            updates.append(_Statement(name, "update", m["key"], q, done))
         for row in t["removed"]:
             q = sql.SQL("DELETE FROM ONLY {} WHERE ctid = (SELECT ctid FROM ONLY {} WHERE {} LIMIT 1)").format(
-                ident, ident, same(row, cols))
+                ident, ident, where(row))
             gone = sql.SQL("SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM ONLY {} WHERE {})").format(
-                ident, same(row, key))
-            yield _Statement(name, "delete", {c: row[c] for c in key}, q, gone), dbname
+                ident, sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier(k), value(k, row[k]))
+                                             for k in key))
+            deletes.append(_Statement(name, "delete", {c: row[c] for c in key}, q, gone))
         for row in t["added"]:
-            values = sql.SQL(", ").join(value(c, row[c]) for c in cols)
-            names = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
-            q = sql.SQL("INSERT INTO {} ({}) SELECT {} WHERE NOT EXISTS (SELECT 1 FROM ONLY {} WHERE {})").format(
-                ident, names, values, ident, same(row, key))
-            found = sql.SQL("SELECT 1 FROM ONLY {} WHERE {}").format(ident, same(row, cols))
-            yield _Statement(name, "insert", {c: row[c] for c in key}, q, found), dbname
+            values = sql.SQL(", ").join(value(c, row[c]) for c in written)
+            names = sql.SQL(", ").join(sql.Identifier(c) for c in written)
+            q = sql.SQL("INSERT INTO {} ({}){} SELECT {} WHERE NOT EXISTS (SELECT 1 FROM ONLY {} WHERE {})").format(
+                ident, names, overriding, values, ident, sql.SQL(" AND ").join(
+                    sql.SQL("{} = {}").format(sql.Identifier(k), value(k, row[k])) for k in key))
+            found = sql.SQL("SELECT 1 FROM ONLY {} WHERE {}").format(ident, where(row))
+            inserts.append(_Statement(name, "insert", {c: row[c] for c in key}, q, found))
+    return list(reversed(deletes)) + updates + inserts
 
 
 def _counted(t: dict[str, Any], ident: psql.Composable, cols: list[str], value: Any, same: Any
@@ -253,12 +329,13 @@ def _counted(t: dict[str, Any], ident: psql.Composable, cols: list[str], value: 
     from the common point's to the source's, guarded by the target's."""
     from psycopg import sql
 
+    all_cols: list[str] = t["columns_compared"]
     for r, was, now in t["copies"]:
-        row = dict(zip(cols, r, strict=True))
-        count = sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(ident, same(row, cols))
+        row = dict(zip(all_cols, r, strict=True))
+        count = sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(ident, same(row, all_cols))
         if now < was:
             q = sql.SQL("DELETE FROM ONLY {} WHERE ctid IN (SELECT ctid FROM ONLY {} WHERE {} LIMIT {})").format(
-                ident, ident, same(row, cols), sql.Literal(was - now))
+                ident, ident, same(row, all_cols), sql.Literal(was - now))
             what = "delete"
         else:
             values = sql.SQL(", ").join(value(c, row[c]) for c in cols)
@@ -280,7 +357,7 @@ def _copies(base: _Side, t: dict[str, Any]) -> list[tuple[tuple[str | None, ...]
         delta[tuple(row[c] for c in cols)] += 1
     for row in t["removed"]:
         delta[tuple(row[c] for c in cols)] -= 1
-    nsp, rel = t["table"].split(".", 1)
+    nsp, rel = t["schema"], t["name"]
     out = []
     assert base.compute is not None
     for r, d in sorted(delta.items(), key=repr):

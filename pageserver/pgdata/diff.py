@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.diff import Diff, Point, diff, read, version_id
-from pageserver.pgdata.heap import heap_mask
+from pageserver.pgdata.heap import heap_mask, is_heap_page, tuple_xids
 from pageserver.pgdata.layout import (
     BUCKETS,
     DIRECTORY,
@@ -72,6 +72,7 @@ class FileDiff:
     a_wrote: int = 0  # of those, blocks side a changed after the common point
     b_wrote: int = 0
     masked: int = 0  # blocks that differ only where PostgreSQL's masking ignores
+    twins: list[int] = field(default_factory=list)  # blocks both sides wrote alike after the common point
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "status": self.status, "a_size": self.a_size, "b_size": self.b_size,
@@ -93,13 +94,14 @@ class RelationDiff:
     b_wrote: int
     masked: int
     forks: dict[str, int]  # fork -> differing blocks (fsm, vm, init)
-    catalog: bool
+    catalog: bool  # by its relfilenode (below 16384): a catalog rewritten since (VACUUM FULL) has a higher one
+    twins: list[int] = field(default_factory=list)  # main-fork blocks both sides wrote alike
 
     def as_dict(self) -> dict[str, Any]:
         return {"db": self.db, "relfilenode": self.relfilenode, "status": self.status,
                 "blocks": self.blocks, "a_blocks": self.a_blocks, "b_blocks": self.b_blocks,
                 "a_wrote": self.a_wrote, "b_wrote": self.b_wrote, "masked": self.masked,
-                "forks": self.forks, "catalog": self.catalog}
+                "forks": self.forks, "catalog": self.catalog, "twins": len(self.twins)}
 
 
 @dataclass
@@ -170,7 +172,11 @@ def diff_pages(a: Point, b: Point, *, engine_diff: Diff | None = None) -> PageDi
     d = engine_diff or diff(a, b)
     a, b = d.a, d.b
     pages: dict[int, list[int]] = defaultdict(list)
-    touched: set[int] = set()
+    twins: dict[int, list[int]] = defaultdict(list)
+    for key in d.twins:
+        if key >> 56 == KIND_PAGE:
+            twins[(key >> 24) & 0xFFFFFFFF].append(key & 0xFFFFFF)
+    touched: set[int] = set(twins)
     dirs_changed = False
     for key in d.keys:
         kind, ino, low = key >> 56, (key >> 24) & 0xFFFFFFFF, key & 0xFFFFFF
@@ -202,14 +208,57 @@ def diff_pages(a: Point, b: Point, *, engine_diff: Diff | None = None) -> PageDi
             for block in sorted(pages.get(ia, ())):
                 if block < limit:
                     _compare(f, d, sa, sb, ia, ib, block, block < _blocks(a_size), block < _blocks(b_size))
+            f.twins = [b for b in sorted(twins.get(ia, ())) if b < min(_blocks(a_size), _blocks(b_size))
+                       and not _settled(sa.get(page_key(ia, b)), sa, sb)]
         else:
             status = "created" if ia is None else "dropped" if ib is None else "replaced"
             f = FileDiff(name, status, a_size, b_size)
             for block in range(max(_blocks(a_size), _blocks(b_size))):
                 _compare(f, d, sa, sb, ia, ib, block, block < _blocks(a_size), block < _blocks(b_size))
-        if f.blocks or f.status in ("created", "dropped") or a_size != b_size:  # (replaced, same bytes: none)
+        if f.blocks or f.twins or f.status in ("created", "dropped") or a_size != b_size:  # (replaced, alike: none)
             files.append(f)
-    return PageDiff(a, b, d.base, files, _relations(files), d.candidates, time.perf_counter() - t0)
+    return PageDiff(a, b, d.base, files, _relations(files, sa, sb), d.candidates, time.perf_counter() - t0)
+
+
+XACTS_PER_CLOG_PAGE = PAGE * 4  # pg_xact: 2 bits a transaction
+CLOG_PAGES_PER_SEGMENT = 32
+FIRST_NORMAL_XID = 3
+
+
+def _xact_status(side: _Side, xid: int, pages: dict[tuple[int, int], bytes | None]) -> int:
+    """A transaction's status in the side's pg_xact: 0 in progress (or
+    never), 1 committed, 2 aborted, 3 sub-committed."""
+    page_no = xid // XACTS_PER_CLOG_PAGE
+    seg, page = divmod(page_no, CLOG_PAGES_PER_SEGMENT)
+    key = (seg, page)
+    if key not in pages:
+        ino = side.names.get(f"pg_xact/{seg:04X}")
+        pages[key] = side.get(page_key(ino, page)) if ino is not None else None
+    raw = pages[key]
+    if raw is None:
+        return 0
+    i = xid % XACTS_PER_CLOG_PAGE
+    return (raw[i // 4] >> ((i % 4) * 2)) & 3
+
+
+def _settled(page: bytes | None, sa: _Side, sb: _Side) -> bool:
+    """A page both sides wrote alike shows the same rows on both: every
+    transaction id on it that its hint bits leave open ended the same way
+    on both sides (two branches hand out the same new ids to different
+    transactions; the commit log is another file)."""
+    if page is None or not is_heap_page(page):
+        return True  # (an index page, or an empty one: rows come from the heap)
+    a_pages: dict[tuple[int, int], bytes | None] = {}
+    b_pages: dict[tuple[int, int], bytes | None] = {}
+    for xmin, xmax, multi in tuple_xids(page):
+        if multi:
+            return False  # (multixact ids are handed out alike too: not followed here)
+        for xid in (xmin, xmax):
+            if xid is not None and xid >= FIRST_NORMAL_XID:
+                sa_st, sb_st = _xact_status(sa, xid, a_pages), _xact_status(sb, xid, b_pages)
+                if sa_st != sb_st or sa_st == 3:
+                    return False
+    return True
 
 
 def _compare(f: FileDiff, d: Diff, sa: _Side, sb: _Side, ia: int | None, ib: int | None, block: int,
@@ -241,7 +290,19 @@ def _compare(f: FileDiff, d: Diff, sa: _Side, sb: _Side, ia: int | None, ib: int
         f.b_wrote += kb is not None
 
 
-def _relations(files: list[FileDiff]) -> list[RelationDiff]:
+def _segments(side: _Side, db: int, node: int) -> dict[int, int]:
+    """The main-fork segments of a relation on one side: segment -> inode."""
+    prefix = f"base/{db}/{node}" if db else f"global/{node}"
+    out = {}
+    for seg in range(1 << 16):
+        ino = side.names.get(prefix if seg == 0 else f"{prefix}.{seg}")
+        if ino is None:
+            break
+        out[seg] = ino
+    return out
+
+
+def _relations(files: list[FileDiff], sa: _Side, sb: _Side) -> list[RelationDiff]:
     rels: dict[tuple[int, int], RelationDiff] = {}
     for f in files:
         m = _REL.match(f.path)
@@ -256,17 +317,26 @@ def _relations(files: list[FileDiff]) -> list[RelationDiff]:
             continue
         base = seg * SEGMENT_BLOCKS
         r.blocks += [base + blk for blk in f.blocks]
-        r.a_blocks += _blocks(f.a_size)
-        r.b_blocks += _blocks(f.b_size)
+        r.twins += [base + blk for blk in f.twins]
         r.a_wrote += f.a_wrote
         r.b_wrote += f.b_wrote
         r.masked += f.masked
-        if seg == 0 or not r.status:
+        if seg == 0:
             r.status = f.status
     for r in rels.values():
         r.blocks.sort()
-        if not r.status:
-            r.status = "modified"  # (only forks other than main changed)
-        if r.status == "modified" and r.a_blocks != r.b_blocks:
-            r.status = "extended" if r.b_blocks > r.a_blocks else "truncated"
+        r.twins.sort()
+        # sizes and status from every segment on each side, not only those that differ
+        seg_a, seg_b = _segments(sa, r.db, r.relfilenode), _segments(sb, r.db, r.relfilenode)
+        r.a_blocks = sum(_blocks(sa.size(i)) for i in seg_a.values())
+        r.b_blocks = sum(_blocks(sb.size(i)) for i in seg_b.values())
+        if not seg_a and not seg_b:
+            r.status = r.status or "modified"  # (forks only)
+        elif not seg_a:
+            r.status = "created"
+        elif not seg_b:
+            r.status = "dropped"
+        elif r.status != "replaced":
+            r.status = "modified" if r.a_blocks == r.b_blocks else (
+                "extended" if r.b_blocks > r.a_blocks else "truncated")
     return sorted(rels.values(), key=lambda r: (r.db, r.relfilenode))

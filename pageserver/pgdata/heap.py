@@ -44,6 +44,7 @@ HEAP_XMIN_INVALID = 0x0200
 HEAP_XMIN_FROZEN = HEAP_XMIN_COMMITTED | HEAP_XMIN_INVALID
 HEAP_XMAX_COMMITTED = 0x0400
 HEAP_XMAX_INVALID = 0x0800
+HEAP_XMAX_IS_MULTI = 0x1000
 HEAP_XACT_MASK = 0xFFF0
 SPEC_TOKEN_OFFSET = 0xFFFE
 TUPLE_MIN = 23
@@ -93,3 +94,19 @@ def heap_mask(page: bytes, block: int) -> bytes:
             pad = -length % 8
             p[off + length : min(off + length + pad, PAGE)] = bytes(min(pad, PAGE - off - length))
     return bytes(p)
+
+
+def tuple_xids(page: bytes) -> list[tuple[int | None, int | None, bool]]:
+    """Per normal tuple: (xmin, xmax, xmax is a multixact), an id left out
+    (None) where the tuple's hint bits settle it without the commit log."""
+    out = []
+    for off, lp_flags, length in items(page):
+        if lp_flags != LP_NORMAL or length < TUPLE_MIN or off + length > PAGE:
+            continue
+        xmin, xmax = struct.unpack_from("<II", page, off)
+        (infomask,) = struct.unpack_from("<H", page, off + 20)
+        settled_min = infomask & (HEAP_XMIN_COMMITTED | HEAP_XMIN_INVALID)
+        settled_max = infomask & (HEAP_XMAX_COMMITTED | HEAP_XMAX_INVALID) or xmax == 0
+        out.append((None if settled_min else xmin, None if settled_max else xmax,
+                    bool(infomask & HEAP_XMAX_IS_MULTI) and not settled_max))
+    return out
