@@ -81,7 +81,7 @@ def test_diff_against_full_comparisons(benchmark, served: ControlPlane, mb: int)
     with psycopg.connect(db.uri, autocommit=True) as conn:
         conn.execute(seed_sql(mb))
         conn.execute("vacuum freeze items")  # (hint bits set: the branches' reads change no page)
-    cp.suspend(db.name, "main")
+    cp.suspend(db.name, "main")  # (a clean stop: the branches start from a checkpointed image)
     n = mb * ROWS_PER_MB
     main_uri = cp.uri(f"{db.name}/main")
     for changes in CHANGES:
@@ -92,6 +92,7 @@ def test_diff_against_full_comparisons(benchmark, served: ControlPlane, mb: int)
         with psycopg.connect(br.uri, autocommit=True) as conn:
             conn.execute(f"update items set pad = 'x' || pad where id % {step} = 0")
         a, b = f"{db.name}/main", f"{db.name}/{name}"
+        cp.wake(a)  # (both sides running, as the full comparisons need them)
         fig: dict[str, float] = {}
         out = cp.diff(a, b, rows=False)
         fig["strata page diff, engine part"] = out["pages"]["seconds"]
