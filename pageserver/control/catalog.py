@@ -26,6 +26,11 @@ password in plaintext (`password`); the control plane turns that into a
 credential of each of its branches, and rewrites the record without it,
 when it opens the catalog (`legacy_passwords`).
 
+A branch made from a running parent holds in `extra["in_flight"]` the
+parent's timeline id, the branch LSN and the transaction ids that may
+have been in flight there (`xids`; null if too many began while it was
+made), for `pageserver.control.diff` to check.
+
 Both kinds of record hold the limits their database chose (`limits`, an
 object of `pageserver.control.limits.Limits`; a record without one chose
 none): the database's, and a copy in each of its branches, rewritten
