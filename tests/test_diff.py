@@ -13,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
+from engine.config import Retention
 from pageserver.errors import BadRequestError, MergeConflictError, UnknownObjectError
 
 from .conftest import in_ci
@@ -151,6 +152,9 @@ def test_catalogs_rewritten_by_vacuum_full_are_still_catalogs(env):
     sql(ddl.uri, "alter table t add column note text; create index on t(note)")
     out = cp.diff("vf/main", "vf/ddl", schema=True)
     assert {x["table"] for x in out["rows"]} <= {"public.t"}
+    stat = cp.diff("vf/main", "vf/ddl", rows=False)  # (storage only: pg_class known from pg_filenode.map)
+    assert stat["pages"]["catalog_changed"] and any(
+        r["mapped_oid"] == 1259 and r["relfilenode"] >= 16384 and r["catalog"] for r in stat["pages"]["relations"])
     assert "note text" in out["schema"]["diff"]
     with pytest.raises(BadRequestError, match="changed the schema"):
         cp.merge("vf/ddl", "vf/main")
@@ -213,6 +217,18 @@ def test_bad_input_is_refused_by_name(env, shop):
         cp.diff("shop/main@yesterday-ish", "shop/main")
     with pytest.raises(BadRequestError, match="max_pages"):
         cp.diff("shop/main", "shop/main", max_pages=-1)
+    # a point below the retention horizon: its history is gone
+    db = cp.create_database("hz", ttl="1h")
+    sql(db.uri, "create table t(x int)")
+    old = cp.lsn("hz", "main")
+    sql(db.uri, "insert into t select generate_series(1, 1000)")
+    tl = cp._timeline(cp.resolve("hz/main"))
+    tl.set_retention(Retention(period=None, lsn_distance=1))
+    cp.ps.store.gc(tl)
+    assert tl.horizon > old
+    with pytest.raises(BadRequestError, match="below the retention horizon"):
+        cp.diff(f"hz/main@{old}", "hz/main")
+    cp.delete_database("hz")
 
 
 class RowDiffMachine(RuleBasedStateMachine):
@@ -396,6 +412,53 @@ def test_a_patch_merge_with_identity_keys_foreign_keys_and_two_databases(env):
     assert sql(db.uri, "select id from parent where v = 'new parent'") == new_id  # (the identity's value kept)
     assert sql(db.uri, "select v from parent where id in (1, 5) order by id") == [("main",)]
     cp.delete_database("fk")
+
+
+def test_no_fast_forward_over_a_transaction_in_flight_that_committed_on_the_target(env):
+    """Its rows were written before the branch point and it committed on
+    main after: no page of main needs to change, yet main becoming dev's
+    head would lose them."""
+    cp = env.cp
+    db = cp.create_database("iff", ttl="1h")
+    sql(db.uri, "create table t(id int primary key)")
+    with psycopg.connect(db.uri) as conn:
+        conn.execute("insert into t values (1)")
+        sql(db.uri, "checkpoint")
+        cp.create_branch("iff", "dev")
+        conn.commit()
+    out = cp.merge("iff/dev", "iff/main")
+    assert out["mode"] == "patch" and "in flight" in out["fast_forward_refused"]
+    assert sql(db.uri, "select id from t") == [(1,)]
+    cp.delete_database("iff")
+
+
+def test_a_row_moved_to_a_new_parent_and_the_old_parent_deleted_merge(env):
+    cp = env.cp
+    db = cp.create_database("mv", ttl="1h")
+    sql(db.uri, "create table customer(id int primary key)")
+    sql(db.uri, "create table orders(id int primary key, customer int not null references customer(id))")
+    sql(db.uri, "insert into customer select generate_series(1, 10); insert into orders values (7, 5)")
+    feature = cp.create_branch("mv", "feature")
+    sql(feature.uri, "insert into customer values (42); update orders set customer = 42 where id = 7; "
+                     "delete from customer where id = 5")
+    sql(db.uri, "insert into customer values (11)")  # (main moved on: a row patch)
+    assert not cp.merge("mv/feature", "mv/main")["conflicts"]
+    assert sql(db.uri, "select customer from orders where id = 7") == [(42,)]
+    assert sql(db.uri, "select count(*) from customer where id in (5, 11, 42)") == [(2,)]
+    cp.delete_database("mv")
+
+
+def test_two_new_tables_that_share_an_oid_are_not_a_rename(env):
+    cp = env.cp
+    cp.create_database("nt", ttl="1h")
+    cp.suspend("nt", "main")
+    a, b = cp.create_branch("nt", "a"), cp.create_branch("nt", "b")
+    sql(a.uri, "create table foo(x int); insert into foo values (1)")
+    sql(b.uri, "create table bar(y int); insert into bar values (2)")
+    rows = {t["table"]: t for t in cp.diff("nt/a", "nt/b")["rows"]}
+    assert rows["public.foo"]["status"] == "dropped" and rows["public.bar"]["status"] == "created"
+    assert "renamed_from" not in rows["public.bar"]
+    cp.delete_database("nt")
 
 
 def test_merges_that_are_not_row_changes_are_refused(env):

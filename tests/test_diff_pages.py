@@ -174,3 +174,66 @@ def test_pages_both_sides_wrote_alike_are_twins_only_where_a_transaction_ended_d
     d = diff_pages(point(left), point(right))
     (r,) = [r for r in d.relations if r.relfilenode == 16384]
     assert r.blocks == [] and r.twins == [1]  # (block 2: its xmin's hint bit says committed on both)
+
+
+def test_a_mapped_catalog_moved_by_vacuum_full_is_still_a_catalog(tree):
+    """pg_class after VACUUM FULL lives in a relfilenode above 16384, named
+    in pg_filenode.map: a change to it is a catalog change."""
+    store, root, db, files = tree
+    dd = DataDir(root)
+    mapping = struct.pack("<ii", 0x592717, 2) + struct.pack("<4I", 1259, 16500, 1249, 16501)
+    dd.write(dd.create(db, b"pg_filenode.map", 0o600, 0, 0), 0, mapping + bytes(524 - len(mapping)))
+    moved = dd.create(db, b"16500", 0o600, 0, 0)
+    dd.write(moved, 0, heap_page([b"pg_class row"]))
+    dd.fsync()
+    child = store.branch(root)
+    kid = DataDir(child)
+    kid.write(moved, 0, heap_page([b"pg_class row, altered"]))
+    kid.fsync()
+
+    from pageserver.pgdata.diff import diff_pages, relmap
+
+    assert relmap(mapping) == {16500: 1259, 16501: 1249} and relmap(b"junk" * 10) == {}
+    d = diff_pages(point(root), point(child))
+    (r,) = d.relations
+    assert (r.relfilenode, r.catalog, r.mapped_oid) == (16500, True, 1259) and d.catalog_changed
+
+
+def _clog(dd, status: int, xid: int = 100) -> None:
+    xact = dd.mkdir(ROOT, b"pg_xact", 0o700, 0, 0)
+    clog = bytearray(PAGE)
+    clog[xid // 4] = status << ((xid % 4) * 2)
+    dd.write(dd.create(xact, b"0000", 0o600, 0, 0), 0, bytes(clog))
+
+
+def test_hint_bits_that_record_different_outcomes_are_not_just_masked(tree):
+    """Each side's reads set the hint its own commit log gives: 'committed'
+    on one, 'invalid' on the other. Masking hides both, so the block must
+    still go to the row diff."""
+    store, root, db, files = tree
+    left, right = store.branch(root), store.branch(root)
+    for tl, status, hint in ((left, 1, 0x0100), (right, 2, 0x0200)):
+        dd = DataDir(tl)
+        dd.write(files[b"16384"], PAGE, heap_page([b"the same insert on both"], infomask=hint))
+        _clog(dd, status)
+        dd.fsync()
+
+    from pageserver.pgdata.diff import diff_pages
+
+    (r,) = [r for r in diff_pages(point(left), point(right)).relations if r.relfilenode == 16384]
+    assert r.blocks == [] and r.masked == 1 and r.twins == [1]
+
+
+def test_a_file_made_alike_on_both_sides_is_read_where_outcomes_differ(tree):
+    store, root, db, files = tree
+    left, right = store.branch(root), store.branch(root)
+    for tl, status in ((left, 1), (right, 2)):
+        dd = DataDir(tl)
+        dd.write(dd.create(db, b"16400", 0o600, 0, 0), 0, heap_page([b"made alike"]))
+        _clog(dd, status)
+        dd.fsync()
+
+    from pageserver.pgdata.diff import diff_pages
+
+    (r,) = [r for r in diff_pages(point(left), point(right)).relations if r.relfilenode == 16400]
+    assert (r.status, r.blocks, r.twins) == ("replaced", [], [0])

@@ -90,7 +90,8 @@ class _Side:
                                                       connect_timeout=30)
         return c
 
-    def sql(self, query: Any, params: tuple[Any, ...] = (), dbname: str = "postgres") -> list[tuple[Any, ...]]:
+    def sql(self, query: Any, params: tuple[Any, ...] | dict[str, Any] = (), dbname: str = "postgres"
+            ) -> list[tuple[Any, ...]]:
         cur = self.conn(dbname).execute(query, params)
         return cur.fetchall() if cur.description else []
 
@@ -195,6 +196,9 @@ def diff(plane: ControlPlane, a: str, b: str, *, rows: bool = True, schema: bool
                      "change after it")
     elif flight is not None and not flight.get("checked"):
         notes.append(f"transactions in flight at the common point were not checked: {flight.get('why', '')}")
+    if out["pages"]["base"] is None:
+        notes.append("no common history: every key was compared, but a page equal on both sides was not "
+                     "checked for transactions that ended differently")
     out["exact"] = not notes
     out["notes"] = notes
     out["seconds"] = round(time.perf_counter() - t0, 4)
@@ -207,43 +211,66 @@ def diff(plane: ControlPlane, a: str, b: str, *, rows: bool = True, schema: bool
 IN_FLIGHT_RANGE = 10_000  # transaction ids started while a branch was made, at most, before it is not recorded
 
 
-def in_flight(c: Compute) -> tuple[int, int, list[int], int] | None:
-    """The compute's snapshot (xmin, xmax, in progress) and its next
-    transaction id, or None if it cannot answer at once (a branch is made
-    without a record then). Since PostgreSQL 14 a snapshot's xmax is the
-    last completed id + 1: ids from there to the next one are in progress
-    too, and not listed. Asking for the next id assigns one (its own)."""
+_IN_FLIGHT_SQL = """
+SELECT pg_current_snapshot()::text,
+       array(SELECT backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL
+             UNION SELECT transaction::text FROM pg_prepared_xacts)
+"""
+
+
+def _full_xid(x: int, near: int) -> int:
+    """A 32-bit transaction id as the 64-bit one nearest `near` (its epoch)."""
+    full = (near & ~0xFFFFFFFF) | x
+    if full - near > 1 << 31:
+        full -= 1 << 32
+    elif near - full > 1 << 31:
+        full += 1 << 32
+    return full
+
+
+def in_flight(c: Compute) -> tuple[int, int, list[int]] | None:
+    """(xmin, xmax, ids in progress) of the compute, from its snapshot and
+    its backends' and prepared transactions' ids (since PostgreSQL 14 a
+    snapshot's xmax is the last completed id + 1, so ids in progress above
+    it are not in its list). Reads only: assigns no id, writes nothing.
+    None if it cannot answer at once (a branch is made without a record)."""
     try:
         import psycopg
 
         with psycopg.connect(c.local_conninfo(), autocommit=True, connect_timeout=2,
                              options="-c statement_timeout=2000") as conn:
-            (snap, nxt), = conn.execute("SELECT pg_current_snapshot()::text, pg_current_xact_id()::text").fetchall()
+            (snap, running), = conn.execute(_IN_FLIGHT_SQL).fetchall()
     except Exception as e:  # noqa: BLE001 - a busy or stopping compute: nothing recorded, said at diff time
         log.info("no snapshot of compute %s for a branch: %s", c.id, e)
         return None
-    xmin, xmax, xip = str(snap).split(":")
-    return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x], int(nxt)
+    xmin, xmax, xip = (str(snap).split(":") + ["", "", ""])[:3]
+    ids = {int(x) for x in xip.split(",") if x} | {_full_xid(int(x), int(xmax)) for x in running or ()}
+    return int(xmin), int(xmax), sorted(ids)
 
 
-def in_flight_between(before: tuple[int, int, list[int], int] | None,
-                      after: tuple[int, int, list[int], int] | None) -> list[int] | None:
+def in_flight_between(before: tuple[int, int, list[int]] | None, after: tuple[int, int, list[int]] | None
+                      ) -> list[int] | None:
     """Transactions that may have been in flight at a branch point taken
-    between two snapshots: in progress at the first (listed, or at or above
-    its xmax), or started before the second."""
-    if before is None or after is None or after[3] - before[1] > IN_FLIGHT_RANGE:
+    between two looks: in progress at either, or completed between them
+    (a few that began after the branch point may be among them: at worst
+    a diff then says it is not exact where it is)."""
+    if before is None or after is None or after[1] - before[1] > IN_FLIGHT_RANGE:
         return None
-    return sorted(set(before[2]) | set(range(before[1], after[3])) - {before[3], after[3]})
+    return sorted(set(before[2]) | set(after[2]) | set(range(before[1], after[1])))
+
+
+def in_flight_record(plane: ControlPlane, base: Point | None) -> dict[str, Any] | None:
+    """What a branch made at the common point recorded of the transactions in flight there."""
+    for br in plane.catalog.snapshot.branches.values():
+        f = br.extra.get("in_flight") if br.extra else None
+        if f and base is not None and f.get("timeline") == base.timeline.id and f.get("lsn") == base.lsn:
+            return dict(f)
+    return None
 
 
 def _in_flight_check(plane: ControlPlane, sa: _Side, sb: _Side, base: Point | None) -> dict[str, Any]:
     """Whether a transaction in flight at the common point ended differently on the two sides."""
-    rec = None
-    for br in plane.catalog.snapshot.branches.values():
-        f = br.extra.get("in_flight") if br.extra else None
-        if f and base is not None and f.get("timeline") == base.timeline.id and f.get("lsn") == base.lsn:
-            rec = f
-            break
+    rec = in_flight_record(plane, base)
     if base is None or rec is None:
         return {"checked": False, "why": "no snapshot was recorded at the common point "
                                          "(the parent was not running, or it was branched at an LSN or time)"}
@@ -275,12 +302,17 @@ class _Table:
     relfilenode: int
     columns: list[str]
     key: list[str]  # primary key (or NOT NULL unique) columns; [] if none
+    blocks: int = 0  # its size on this side
+    toast_only: bool = False  # only its TOAST relation differs
 
 
 _TABLES = """
-SELECT c.oid, n.nspname, c.relname, pg_relation_filenode(c.oid)
+SELECT c.oid, n.nspname, c.relname, pg_relation_filenode(c.oid), pg_relation_size(c.oid) / 8192,
+       coalesce(pg_relation_filenode(c.reltoastrelid) = ANY(%(nodes)s), false)
+       AND NOT pg_relation_filenode(c.oid) = ANY(%(nodes)s)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'm') AND c.oid >= 16384 AND (pg_relation_filenode(c.oid) = ANY(%s) OR c.oid = ANY(%s))
+WHERE c.relkind IN ('r', 'm') AND c.oid >= 16384
+  AND (pg_relation_filenode(c.oid) = ANY(%(nodes)s) OR pg_relation_filenode(c.reltoastrelid) = ANY(%(nodes)s))
 """
 _COLUMNS = """
 SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum
@@ -297,13 +329,16 @@ ORDER BY i.indisprimary DESC, count(*), i.indexrelid
 """
 
 
-def _tables(s: _Side, dbname: str, nodes: list[int], oids: list[int]) -> dict[int, _Table]:
+def _tables(s: _Side, dbname: str, nodes: list[int]) -> dict[int, _Table]:
+    """The tables of `nodes` (relfilenodes that differ), and the owners of
+    TOAST relations among them (`toast_only`: their own heap did not)."""
     assert s.compute is not None
     out = {}
-    for oid, nsp, rel, node in s.sql(_TABLES, (nodes, oids), dbname):
+    for oid, nsp, rel, node, nblocks, toast_only in s.sql(_TABLES, {"nodes": nodes}, dbname):
         cols = [r[0] for r in s.sql(_COLUMNS, (oid,), dbname)]
         keys = s.sql(_KEY, (oid,), dbname)
-        out[int(oid)] = _Table(int(oid), nsp, rel, int(node), cols, list(keys[0][1]) if keys else [])
+        out[int(oid)] = _Table(int(oid), nsp, rel, int(node), cols, list(keys[0][1]) if keys else [],
+                               int(nblocks), bool(toast_only))
     return out
 
 
@@ -365,17 +400,23 @@ def _rows(sa: _Side, sb: _Side, pd: PageDiff, max_pages: int, shown: int | None 
         if name is None:
             continue  # (a template, or a database dropped on both sides)
         nodes = [r.relfilenode for r in rels]
-        ta = _tables(sa, name, nodes, []) if db in sa.dbs else {}
-        tb = _tables(sb, name, nodes, []) if db in sb.dbs else {}
+        ta = _tables(sa, name, nodes) if db in sa.dbs else {}
+        tb = _tables(sb, name, nodes) if db in sb.dbs else {}
         # Tables are paired by name: two branches hand out the same next oid to different tables, and a
         # table dropped and made again is the same table to its users. (One rewritten on one side has both
-        # its files in `rels`, so it is found on each side.) Left over, one oid on both sides: renamed.
+        # its files in `rels`, so it is found on each side.) Left over, one oid on both sides whose
+        # file was there at the common point: renamed.
         by_name_a = {(t.schema, t.name): t for t in ta.values()}
         by_name_b = {(t.schema, t.name): t for t in tb.values()}
         pairs = [(by_name_a.get(n), by_name_b.get(n)) for n in sorted(by_name_a.keys() | by_name_b.keys())]
-        lone_b = {b.oid: i for i, (a, b) in enumerate(pairs) if a is None and b is not None}
+
+        def shared(t: _Table, db: int = db) -> bool:  # (its file was there at the common point: not made since)
+            r = pd.relation(db, t.relfilenode)
+            return r is None or r.status not in ("created", "replaced")
+
+        lone_b = {b.oid: i for i, (a, b) in enumerate(pairs) if a is None and b is not None and shared(b)}
         for i, (a, b) in enumerate(pairs):
-            j = lone_b.get(a.oid) if a is not None and b is None else None
+            j = lone_b.get(a.oid) if a is not None and b is None and shared(a) else None
             if j is not None:
                 pairs[i], pairs[j] = (a, pairs[j][1]), (None, None)
         for a, b in pairs:
@@ -399,6 +440,10 @@ def _table_rows(sa: _Side, sb: _Side, dbname: str, ta: _Table | None, tb: _Table
     if ta is not None and tb is not None and (ta.schema, ta.name) != (tb.schema, tb.name):
         res["renamed_from"] = f"{ta.schema}.{ta.name}"
     rel = pd.relation(db, t.relfilenode)
+    if res["status"] == "modified" and (rel is None or (not rel.blocks and not rel.twins)):
+        # (only its TOAST relation differs: a value stored out of line changed under a heap tuple that
+        # did not; which rows point at the changed chunks is not known here: read whole)
+        res["status"] = "toast changed"
     if res["status"] == "modified":
         assert rel is not None
         # (twins too: pages written alike on both sides whose rows' transactions may have ended differently)
@@ -407,10 +452,8 @@ def _table_rows(sa: _Side, sb: _Side, dbname: str, ta: _Table | None, tb: _Table
         blocks_b: list[int] | None = read
         cost = len(read)
     else:
-        ra = pd.relation(db, ta.relfilenode) if ta else None
-        rb = pd.relation(db, tb.relfilenode) if tb else None
         blocks_a = blocks_b = None  # whole
-        cost = (ra.a_blocks if ra else 0) + (rb.b_blocks if rb else 0)
+        cost = (ta.blocks if ta else 0) + (tb.blocks if tb else 0)
     res["pages_read"] = cost
     if cost > max_pages:
         res["skipped"] = f"{cost} pages to read, more than max_pages ({max_pages})"

@@ -30,6 +30,7 @@ the target's values.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import Counter
@@ -38,9 +39,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.diff import Point, common_point
-from pageserver.control.diff import DEFAULT_MAX_PAGES, _prepared, _resolve, _rows, _schema, _Side
+from pageserver.control.diff import (
+    DEFAULT_MAX_PAGES,
+    _prepared,
+    _resolve,
+    _rows,
+    _schema,
+    _Side,
+    in_flight_record,
+)
 from pageserver.errors import BadRequestError, DiffFailedError, MergeConflictError, MergeFailedError
-from pageserver.pgdata.diff import diff_pages
+from pageserver.pgdata.diff import diff_pages, xact_statuses
 
 if TYPE_CHECKING:
     from psycopg import sql as psql
@@ -83,22 +92,37 @@ def merge(plane: ControlPlane, source: str, target: str, *, dry_run: bool = Fals
         raise BadRequestError(f"{source} and {target} are branches of two databases: a merge is within one")
     if sname == tname:
         raise BadRequestError(f"{source} merged into itself changes nothing")
-    snap = plane.catalog.snapshot
-    s_tl = plane._timeline(plane._branch(snap, sdb, sname))
-    t_tl = plane._timeline(plane._branch(snap, tdb, tname))
-    src, tgt = _Side(source, s_tl, None), _Side(target, t_tl, None)
+    src, tgt = _resolve(plane, source), _resolve(plane, target)
     with _prepared(plane, [src, tgt], computes=False):
         assert src.point is not None and tgt.point is not None
         base = common_point(src.point, tgt.point)
         if base is None:
             raise BadRequestError(f"{source} and {target} share no history")
         target_since = diff_pages(base, tgt.point)
-        source_point = src.point
-    if not target_since.relations:
+        source_point, target_point = src.point, tgt.point
+    why = _no_fast_forward(plane, base, source_point, target_point, len(target_since.relations))
+    if why is None:
         return _fast_forward(plane, sdb, tname, source_point, base, dry_run, caller)
-    log.info("merge %s into %s: the target changed %d relations since the common point: a row patch",
-             source, target, len(target_since.relations))
-    return _patch(plane, source, target, base, dry_run, max_pages)
+    log.info("merge %s into %s: no fast-forward (%s): a row patch", source, target, why)
+    out = _patch(plane, source, target, base, dry_run, max_pages)
+    out["fast_forward_refused"] = why
+    return out
+
+
+def _no_fast_forward(plane: ControlPlane, base: Point, source: Point, target: Point, changed: int) -> str | None:
+    """Why the target cannot simply become the source (None: it can). A
+    transaction in flight at the common point that committed on the target
+    only would be lost: its rows were written before the point, so no page
+    of the target needs to have changed since."""
+    if changed:
+        return f"the target changed {changed} relations since the common point"
+    rec = in_flight_record(plane, base)
+    if rec is None or rec.get("xids") is None:
+        return "the transactions in flight at the common point were not recorded"
+    xids = rec["xids"]
+    if xids and xact_statuses(source, xids) != xact_statuses(target, xids):
+        return "a transaction in flight at the common point ended differently on the two sides"
+    return None
 
 
 def _fast_forward(plane: ControlPlane, db: str, tname: str, at: Point, base: Point, dry_run: bool,
@@ -154,15 +178,21 @@ def _patch(plane: ControlPlane, source: str, target: str, base: Point, dry_run: 
         for dbname in by_db:
             conns[dbname] = psycopg.connect(compute.local_conninfo(dbname), autocommit=False, connect_timeout=30)
         rendered, already, conflicts = _apply(conns, by_db, source, target)
-        # every database's statements ran; commit only if all are clean (a failed commit is the one gap)
+        # every database's statements ran and their deferred checks too; commit only if all are clean
+        # (a commit that fails after another database's went through is the one gap left)
         for conn in conns.values():
             if conflicts or dry_run:
                 conn.rollback()
             else:
                 conn.commit()
-    except psycopg.OperationalError as e:
-        raise DiffFailedError(f"the compute of {target} stopped or failed during the merge ({e}); nothing was "
-                              "merged") from e
+    except psycopg.Error as e:
+        for conn in conns.values():
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
+        if any(c.broken for c in conns.values()):
+            raise DiffFailedError(f"the compute of {target} stopped or failed during the merge ({e}); nothing "
+                                  "was merged") from e
+        raise MergeFailedError(f"{target} refused the patch from {source}, and nothing was merged: {e}") from e
     finally:
         for conn in conns.values():
             conn.close()
@@ -193,7 +223,7 @@ def _apply(conns: dict[str, Any], by_db: dict[str, list[dict[str, Any]]], source
     conflicts: list[dict[str, Any]] = []
     for dbname, tables in sorted(by_db.items()):
         conn = conns[dbname]
-        statements = _statements(conn, tables)
+        statements = _statements(conn, tables)  # (its errors, a table the target dropped: MergeFailedError)
         for st in statements:
             rendered.append(st.query.as_string(conn) + ";")
             try:
@@ -210,12 +240,14 @@ def _apply(conns: dict[str, Any], by_db: dict[str, list[dict[str, Any]]], source
                 if st.applied is not None and conn.execute(st.applied).fetchone() is not None:
                     already += 1  # (merged before: the common point does not move with a patch)
                     continue
-            except psycopg.errors.OperationalError:
-                raise
             except psycopg.Error as e:
+                if conn.broken:
+                    raise
                 raise MergeFailedError(f"{target} refused the patch from {source}, and nothing was merged: "
                                        f"{st.table} {st.what} {st.row}: {e}") from e
             conflicts.append({"database": dbname, "table": st.table, "statement": st.what, "row": st.row})
+        if not conflicts:
+            conn.execute("SET CONSTRAINTS ALL IMMEDIATE")  # (deferred checks now, before any database commits)
     return rendered, already, conflicts
 
 
@@ -237,8 +269,15 @@ def _columns(conn: Any, nsp: str, rel: str) -> dict[str, _Column]:
 def _fk_order(conn: Any, tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The tables, each referenced one before those that reference it
     (inserts go in this order, deletes in reverse)."""
-    oids = {t["oid"]: t for t in tables}
-    edges = conn.execute("SELECT conrelid::oid::bigint, confrelid::oid::bigint FROM pg_constraint "
+    # (by name, as the target knows them: its oids may differ from the source's)
+    names = [f"{t['schema']}.{t['name']}" for t in tables]
+    found = conn.execute(
+        "SELECT n.nspname || '.' || c.relname, c.oid::bigint FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname || '.' || c.relname = ANY(%s)",
+        (names,)).fetchall()
+    by_name = {t: int(o) for t, o in found}
+    oids = {by_name.get(n, -i - 1): t for i, (n, t) in enumerate(zip(names, tables, strict=True))}
+    edges = conn.execute("SELECT conrelid::bigint, confrelid::bigint FROM pg_constraint "
                          "WHERE contype = 'f' AND conrelid = ANY(%s) AND confrelid = ANY(%s) "
                          "AND conrelid <> confrelid", (list(oids), list(oids))).fetchall()
     after: dict[int, set[int]] = {o: set() for o in oids}
@@ -255,8 +294,10 @@ def _fk_order(conn: Any, tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _statements(conn: Any, tables: list[dict[str, Any]]) -> list[_Statement]:
-    """Deletes (referencing tables first), updates, then inserts (referenced
-    tables first), each guarded (see the top)."""
+    """Inserts (referenced tables first), updates, then deletes (referencing
+    tables first), each guarded (see the top): a row moved to a new parent
+    finds it, and a parent goes after its children. (A unique value passed
+    from a deleted row to an inserted one is refused: MergeFailedError.)"""
     from psycopg import sql
 
     conn.execute("SET CONSTRAINTS ALL DEFERRED")  # (what may wait for the commit does)
@@ -320,7 +361,7 @@ def _statements(conn: Any, tables: list[dict[str, Any]]) -> list[_Statement]:
                     sql.SQL("{} = {}").format(sql.Identifier(k), value(k, row[k])) for k in key))
             found = sql.SQL("SELECT 1 FROM ONLY {} WHERE {}").format(ident, where(row))
             inserts.append(_Statement(name, "insert", {c: row[c] for c in key}, q, found))
-    return list(reversed(deletes)) + updates + inserts
+    return inserts + updates + list(reversed(deletes))
 
 
 def _counted(t: dict[str, Any], ident: psql.Composable, cols: list[str], value: Any, same: Any

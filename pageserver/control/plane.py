@@ -717,8 +717,14 @@ class ControlPlane:
                 except NotFoundError:
                     continue  # the parent was reset or restored meanwhile: its timeline is gone
                 after = in_flight(live) if before is not None and live is not None else None
-                extra = {"in_flight": {"timeline": src_tl.id, "lsn": tl.branch_lsn,
-                                       "xids": in_flight_between(before, after)}} if before and after else {}
+                if live is not None and before and after:
+                    xids: list[int] | None = in_flight_between(before, after)
+                elif live is None and when is None and lsn is None and not self.ps.compute_of(src.timeline):
+                    xids = []  # (no compute, before or after: nothing was in flight at its head)
+                else:
+                    xids = None  # (unknown: at an LSN or a time, or the compute did not answer)
+                extra = {"in_flight": {"timeline": src_tl.id, "lsn": tl.branch_lsn, "xids": xids}} if (
+                    when is None and lsn is None) else {}
                 br = BranchRecord(
                     id=self.catalog.new_id(), database=db.id, name=name, timeline=tl.id, created_at=now,
                     parent=src.id, expires_at=now + ttl_s if ttl_s else None, extra=extra,

@@ -21,8 +21,12 @@ buckets, file pages). Here they become files and relations:
   (`heap.heap_mask`): hint bits, the page LSN and checksum, free space.
   Pages equal after it count as `masked`, not as changed.
 - Catalog relations are those with a relfilenode below 16384 (where
-  initdb puts them); a change to one, or to a `pg_filenode.map` (a mapped
-  catalog rewritten), sets `catalog_changed`: the schema may differ.
+  initdb puts them) or named in a `pg_filenode.map` (the mapped catalogs:
+  pg_class, pg_attribute, pg_proc, pg_type, the shared ones, their
+  indexes, wherever VACUUM FULL moved them); a change to one, or to a map,
+  sets `catalog_changed`: the schema may differ. A non-mapped catalog
+  that VACUUM FULL moved is known only by its oid, which the control
+  plane asks PostgreSQL for.
 
 What this does not see: rows whose pages are unchanged but whose
 visibility differs (a transaction in flight at the branch point that
@@ -33,13 +37,14 @@ buffers and WAL (the control plane checkpoints a running compute first).
 from __future__ import annotations
 
 import re
+import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.diff import Diff, Point, diff, read, version_id
-from pageserver.pgdata.heap import heap_mask, is_heap_page, tuple_xids
+from pageserver.pgdata.heap import ABORTED, COMMITTED, MULTI, heap_mask, is_heap_page, tuple_states
 from pageserver.pgdata.layout import (
     BUCKETS,
     DIRECTORY,
@@ -58,6 +63,10 @@ from pageserver.pgdata.layout import (
 )
 
 SEGMENT_BLOCKS = 131072  # 1 GiB segments of 8 KiB blocks
+# pg_filenode.map (PostgreSQL's relmapper.c; read only): magic i32 0x592717 | count i32 |
+# count x (catalog oid u32, relfilenode u32) | ... | crc32c (of all before it)
+RELMAP_MAGIC = 0x592717
+RELMAP = struct.Struct("<ii")
 FIRST_NORMAL_OID = 16384
 _REL = re.compile(r"^(?:base/(\d+)|global)/(\d+)(?:_(fsm|vm|init))?(?:\.(\d+))?$")
 
@@ -94,14 +103,16 @@ class RelationDiff:
     b_wrote: int
     masked: int
     forks: dict[str, int]  # fork -> differing blocks (fsm, vm, init)
-    catalog: bool  # by its relfilenode (below 16384): a catalog rewritten since (VACUUM FULL) has a higher one
+    catalog: bool  # below 16384 (initdb's) or in a pg_filenode.map (not a non-mapped catalog VACUUM FULL moved)
     twins: list[int] = field(default_factory=list)  # main-fork blocks both sides wrote alike
+    mapped_oid: int | None = None  # a mapped catalog's oid, from pg_filenode.map
 
     def as_dict(self) -> dict[str, Any]:
         return {"db": self.db, "relfilenode": self.relfilenode, "status": self.status,
                 "blocks": self.blocks, "a_blocks": self.a_blocks, "b_blocks": self.b_blocks,
                 "a_wrote": self.a_wrote, "b_wrote": self.b_wrote, "masked": self.masked,
-                "forks": self.forks, "catalog": self.catalog, "twins": len(self.twins)}
+                "forks": self.forks, "catalog": self.catalog, "twins": len(self.twins),
+                "mapped_oid": self.mapped_oid}
 
 
 @dataclass
@@ -208,8 +219,10 @@ def diff_pages(a: Point, b: Point, *, engine_diff: Diff | None = None) -> PageDi
             for block in sorted(pages.get(ia, ())):
                 if block < limit:
                     _compare(f, d, sa, sb, ia, ib, block, block < _blocks(a_size), block < _blocks(b_size))
-            f.twins = [b for b in sorted(twins.get(ia, ())) if b < min(_blocks(a_size), _blocks(b_size))
-                       and not _settled(sa.get(page_key(ia, b)), sa, sb)]
+            page_of = sa.get
+            f.twins = sorted(set(f.twins) | {
+                b for b in twins.get(ia, ()) if b < min(_blocks(a_size), _blocks(b_size))
+                and not _same_rows(page := page_of(page_key(ia, b)), page, sa, sb)})
         else:
             status = "created" if ia is None else "dropped" if ib is None else "replaced"
             f = FileDiff(name, status, a_size, b_size)
@@ -222,8 +235,6 @@ def diff_pages(a: Point, b: Point, *, engine_diff: Diff | None = None) -> PageDi
 
 XACTS_PER_CLOG_PAGE = PAGE * 4  # pg_xact: 2 bits a transaction
 CLOG_PAGES_PER_SEGMENT = 32
-FIRST_NORMAL_XID = 3
-
 
 def _xact_status(side: _Side, xid: int, pages: dict[tuple[int, int], bytes | None]) -> int:
     """A transaction's status in the side's pg_xact: 0 in progress (or
@@ -241,24 +252,44 @@ def _xact_status(side: _Side, xid: int, pages: dict[tuple[int, int], bytes | Non
     return (raw[i // 4] >> ((i % 4) * 2)) & 3
 
 
-def _settled(page: bytes | None, sa: _Side, sb: _Side) -> bool:
-    """A page both sides wrote alike shows the same rows on both: every
-    transaction id on it that its hint bits leave open ended the same way
-    on both sides (two branches hand out the same new ids to different
-    transactions; the commit log is another file)."""
-    if page is None or not is_heap_page(page):
-        return True  # (an index page, or an empty one: rows come from the heap)
-    a_pages: dict[tuple[int, int], bytes | None] = {}
-    b_pages: dict[tuple[int, int], bytes | None] = {}
-    for xmin, xmax, multi in tuple_xids(page):
-        if multi:
-            return False  # (multixact ids are handed out alike too: not followed here)
-        for xid in (xmin, xmax):
-            if xid is not None and xid >= FIRST_NORMAL_XID:
-                sa_st, sb_st = _xact_status(sa, xid, a_pages), _xact_status(sb, xid, b_pages)
-                if sa_st != sb_st or sa_st == 3:
-                    return False
-    return True
+def xact_statuses(p: Point, xids: list[int]) -> list[int]:
+    """Each transaction's status in the commit log at a point (0 in
+    progress or never, 1 committed, 2 aborted, 3 sub-committed), read from
+    storage: no PostgreSQL needed."""
+    side, clog = _Side(p), dict[tuple[int, int], bytes | None]()
+    return [_xact_status(side, x & 0xFFFFFFFF, clog) for x in xids]
+
+
+def _outcomes(page: bytes, side: _Side, clog: dict[tuple[int, int], bytes | None]) -> list[tuple[str, str]] | None:
+    """What decides each tuple's visibility on one side: its hint bits,
+    else the side's commit log (None: a multixact or a sub-transaction,
+    not followed here: the page is read)."""
+    out = []
+    for lo, hi in tuple_states(page):
+        pair = []
+        for state in (lo, hi):
+            if state == MULTI:
+                return None
+            if isinstance(state, int):
+                st = _xact_status(side, state, clog)
+                if st == 3:
+                    return None
+                state = ("in progress", COMMITTED, ABORTED)[st]
+            pair.append(state)
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _same_rows(pa: bytes | None, pb: bytes | None, sa: _Side, sb: _Side) -> bool:
+    """Two heap pages equal but for what masking ignores (or equal) show
+    the same rows on both sides only if every tuple's transactions ended
+    the same way there: two branches hand out the same new ids to
+    different transactions, hint bits differ, and the commit log is
+    another file. Not a heap page: True (rows come from the heap)."""
+    if pa is None or pb is None or not is_heap_page(pa) or not is_heap_page(pb):
+        return True
+    a, b = _outcomes(pa, sa, {}), _outcomes(pb, sb, {})
+    return a is not None and a == b
 
 
 def _compare(f: FileDiff, d: Diff, sa: _Side, sb: _Side, ia: int | None, ib: int | None, block: int,
@@ -272,11 +303,17 @@ def _compare(f: FileDiff, d: Diff, sa: _Side, sb: _Side, ia: int | None, ib: int
         va = version_id(sa.p.timeline, ka, sa.p.lsn) if ka is not None else None
         vb = version_id(sb.p.timeline, kb, sb.p.lsn) if kb is not None else None
         if va == vb:
+            if va is not None:  # (made alike on both sides: a twin if its transactions ended differently)
+                page = sa.get(ka) if ka is not None else None
+                if not _same_rows(page, page, sa, sb):
+                    f.twins.append(block)
             return
     pa = sa.get(ka) if ka is not None else None
     pb = sb.get(kb) if kb is not None else None
     if pa is not None and pb is not None and pa != pb and heap_mask(pa, block) == heap_mask(pb, block):
         f.masked += 1
+        if not _same_rows(pa, pb, sa, sb):
+            f.twins.append(block)  # (hints differ where a transaction ended differently: rows are read)
         return
     if (pa or None) == (pb or None):
         return
@@ -302,8 +339,25 @@ def _segments(side: _Side, db: int, node: int) -> dict[int, int]:
     return out
 
 
+def relmap(raw: bytes | None) -> dict[int, int]:
+    """A pg_filenode.map's mappings: relfilenode -> catalog oid ({} if absent or not one)."""
+    if raw is None or len(raw) < RELMAP.size:
+        return {}
+    magic, n = RELMAP.unpack_from(raw, 0)
+    if magic != RELMAP_MAGIC or not 0 <= n <= (len(raw) - RELMAP.size) // 8:
+        return {}
+    pairs = struct.unpack_from(f"<{2 * n}I", raw, RELMAP.size)
+    return {pairs[i + 1]: pairs[i] for i in range(0, 2 * n, 2)}
+
+
+def _mapped(side: _Side, db: int) -> dict[int, int]:
+    ino = side.names.get(f"base/{db}/pg_filenode.map" if db else "global/pg_filenode.map")
+    return relmap(side.get(page_key(ino, 0))) if ino is not None else {}
+
+
 def _relations(files: list[FileDiff], sa: _Side, sb: _Side) -> list[RelationDiff]:
     rels: dict[tuple[int, int], RelationDiff] = {}
+    maps: dict[int, dict[int, int]] = {}
     for f in files:
         m = _REL.match(f.path)
         if m is None:
@@ -311,7 +365,11 @@ def _relations(files: list[FileDiff], sa: _Side, sb: _Side) -> list[RelationDiff
         db, node, fork, seg = int(m.group(1) or 0), int(m.group(2)), m.group(3) or "main", int(m.group(4) or 0)
         r = rels.get((db, node))
         if r is None:
-            r = rels[(db, node)] = RelationDiff(db, node, "", [], 0, 0, 0, 0, 0, {}, node < FIRST_NORMAL_OID)
+            if db not in maps:
+                maps[db] = {**_mapped(sa, db), **_mapped(sb, db)}
+            oid = maps[db].get(node)
+            r = rels[(db, node)] = RelationDiff(db, node, "", [], 0, 0, 0, 0, 0, {},
+                                                node < FIRST_NORMAL_OID or oid is not None, mapped_oid=oid)
         if fork != "main":
             r.forks[fork] = r.forks.get(fork, 0) + len(f.blocks)
             continue

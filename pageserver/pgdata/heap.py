@@ -96,17 +96,43 @@ def heap_mask(page: bytes, block: int) -> bytes:
     return bytes(p)
 
 
-def tuple_xids(page: bytes) -> list[tuple[int | None, int | None, bool]]:
-    """Per normal tuple: (xmin, xmax, xmax is a multixact), an id left out
-    (None) where the tuple's hint bits settle it without the commit log."""
-    out = []
+HEAP_XMAX_KEYSHR_LOCK = 0x0010
+HEAP_XMAX_EXCL_LOCK = 0x0040
+HEAP_XMAX_LOCK_ONLY = 0x0080
+FIRST_NORMAL_XID = 3
+
+# What decides a tuple's visibility on one side, besides the commit log: per id, a hint's answer
+# (COMMITTED, ABORTED), NONE (no xmax, or one that only locked), MULTI (a multixact: not followed),
+# or the id itself, for the side's commit log to answer.
+COMMITTED, ABORTED, NONE, MULTI = "committed", "aborted", "none", "multi"
+
+
+def tuple_states(page: bytes) -> list[tuple[int | str, int | str]]:
+    """Per normal tuple, in line pointer order: (xmin, xmax) as what its own
+    hint bits settle, else the id (see above)."""
+    out: list[tuple[int | str, int | str]] = []
     for off, lp_flags, length in items(page):
         if lp_flags != LP_NORMAL or length < TUPLE_MIN or off + length > PAGE:
             continue
         xmin, xmax = struct.unpack_from("<II", page, off)
         (infomask,) = struct.unpack_from("<H", page, off + 20)
-        settled_min = infomask & (HEAP_XMIN_COMMITTED | HEAP_XMIN_INVALID)
-        settled_max = infomask & (HEAP_XMAX_COMMITTED | HEAP_XMAX_INVALID) or xmax == 0
-        out.append((None if settled_min else xmin, None if settled_max else xmax,
-                    bool(infomask & HEAP_XMAX_IS_MULTI) and not settled_max))
+        lo: int | str
+        hi: int | str
+        if infomask & HEAP_XMIN_COMMITTED or xmin < FIRST_NORMAL_XID:  # (frozen sets both bits)
+            lo = COMMITTED
+        elif infomask & HEAP_XMIN_INVALID:
+            lo = ABORTED
+        else:
+            lo = xmin
+        lock_only = infomask & HEAP_XMAX_LOCK_ONLY or (
+            infomask & (HEAP_XMAX_IS_MULTI | HEAP_XMAX_KEYSHR_LOCK | HEAP_XMAX_EXCL_LOCK) == HEAP_XMAX_EXCL_LOCK)
+        if xmax == 0 or infomask & HEAP_XMAX_INVALID or lock_only:
+            hi = NONE
+        elif infomask & HEAP_XMAX_IS_MULTI:
+            hi = MULTI
+        elif infomask & HEAP_XMAX_COMMITTED:
+            hi = COMMITTED
+        else:
+            hi = xmax
+        out.append((lo, hi))
     return out
