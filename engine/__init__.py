@@ -12,8 +12,6 @@ See docs/architecture.md for how the pieces fit.
 
 from typing import TYPE_CHECKING
 
-from .clock import Clock, ManualClock
-from .config import KEEP_ALL, Retention, StoreConfig
 from .errors import (
     AlreadyExistsError,
     CorruptionError,
@@ -26,19 +24,23 @@ from .errors import (
     StoreLockedError,
     StrataError,
 )
-from .values import MAX_KEY, MAX_VALUE_SIZE, PAGE_SIZE
 
 if TYPE_CHECKING:
+    from .clock import Clock, ManualClock
     from .compaction import CompactionResult
+    from .config import KEEP_ALL, Retention, StoreConfig
     from .gc import GcResult
     from .store import Store
     from .timeline import Timeline, TimelineUsage
+    from .values import MAX_KEY, MAX_VALUE_SIZE, PAGE_SIZE
 
 # The store and what it returns are imported on first use (PEP 562): a process
 # that needs only the errors or a file helper (the CLI, the supervisor) does
 # not pay for the whole engine.
 _LAZY = {"CompactionResult": "compaction", "GcResult": "gc", "Store": "store", "Timeline": "timeline",
-         "TimelineUsage": "timeline"}
+         "TimelineUsage": "timeline", "Clock": "clock", "ManualClock": "clock", "KEEP_ALL": "config",
+         "Retention": "config", "StoreConfig": "config", "MAX_KEY": "values", "MAX_VALUE_SIZE": "values",
+         "PAGE_SIZE": "values"}  # (the errors alone are imported at once: a CLI needs nothing else)
 
 
 def __getattr__(name: str) -> object:

@@ -34,7 +34,7 @@ def _home(ctx: click.Context) -> str:
 
 def _client(ctx: click.Context) -> Strata:
     if "client" not in ctx.obj:
-        from pageserver.clients.sdk import Strata  # (httpx and psycopg: not for up, down, restore)
+        from pageserver.clients.sdk import Strata  # (not for up, down, restore)
 
         ctx.obj["client"] = Strata(_home(ctx), start=False)
     client: Strata = ctx.obj["client"]

@@ -10,19 +10,32 @@
 `./.strata`), and starts one there if none runs (`start=False` to refuse).
 Errors come back as the typed errors of `pageserver.errors` (and the
 engine's), named by the service.
+
+The HTTP path is the standard library's `http.client` (one kept-alive
+connection, JSON in and out), and psycopg is imported only to connect:
+a CLI call that makes one API request pays for neither httpx nor psycopg
+(issue: the CLI at agent speed).
+
+Concurrency: a `Strata` holds one connection, and a lock (`_Http.mu`)
+makes each request and its answer one step, so threads may share it
+(their requests then go one at a time).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import httpx
-import psycopg
+import http.client
+import json
+import threading
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import engine.errors as engine_errors
 from pageserver import errors as ps_errors
 from pageserver.errors import ControlPlaneError, ServiceNotRunningError
 from pageserver.service import daemon as service
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def _error_class(name: str) -> type[Exception]:
@@ -47,17 +60,65 @@ class ApiError(ControlPlaneError):
 _typed: dict[str, type[ApiError]] = {}
 
 
-def _raise(r: httpx.Response) -> None:
+def _raise(status: int, text: str) -> None:
     try:
-        body = r.json()
-        kind, message = body.get("error", "HTTPError"), body.get("message", r.text)
-    except ValueError:
-        kind, message = "HTTPError", r.text
+        body = json.loads(text)
+        kind, message = body.get("error", "HTTPError"), body.get("message", text)
+    except (ValueError, AttributeError):
+        kind, message = "HTTPError", text
     cls = _error_class(kind)
     typed: type[ApiError] = ApiError
     if not issubclass(ApiError, cls):
         typed = _typed.get(kind) or _typed.setdefault(kind, type(kind, (ApiError, cls), {}))
-    raise typed(r.status_code, kind, message)
+    raise typed(status, kind, message)
+
+
+class _Http:
+    """JSON over one kept-alive HTTP/1.1 connection (reopened when the
+    server closed it); `mu` makes a request and its answer one step."""
+
+    def __init__(self, url: str, token: str, timeout: float) -> None:
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ServiceNotRunningError(f"not an http(s) URL of a Strata service: {url!r}")
+        self.scheme, self.host, self.port = u.scheme, u.hostname, u.port
+        self.prefix = u.path.rstrip("/")
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self._conn: http.client.HTTPConnection | None = None
+        self.mu = threading.Lock()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+            self._conn = cls(self.host, self.port, timeout=self.timeout)
+        return self._conn
+
+    def request(self, method: str, path: str, body: Any) -> tuple[int, str]:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = dict(self.headers)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        with self.mu:
+            for attempt in (0, 1):
+                conn = self._connection()
+                try:
+                    conn.request(method, self.prefix + path, body=data, headers=headers)
+                    r = conn.getresponse()
+                    return r.status, r.read().decode("utf-8", "replace")
+                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                    self.close()  # (a kept-alive connection the server closed meanwhile: once more, anew)
+                    if attempt or method not in ("GET", "HEAD"):
+                        raise
+                except BaseException:
+                    self.close()
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class Strata:
@@ -79,8 +140,7 @@ class Strata:
                 with open(state["token_file"]) as f:
                     token = f.read().strip()
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url + "/v1", timeout=timeout,
-                                  headers={"Authorization": f"Bearer {token}"})
+        self._http = _Http(self.url + "/v1", token, timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -93,12 +153,12 @@ class Strata:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
-            r = self._http.request(method, path, json=body)
-        except httpx.TransportError as e:
+            status, text = self._http.request(method, path, body)
+        except (OSError, http.client.HTTPException) as e:  # (a timeout is an OSError)
             raise ServiceNotRunningError(f"cannot reach the Strata service at {self.url}: {e}") from e
-        if r.status_code >= 400:
-            _raise(r)
-        return None if r.status_code == 204 else r.json()
+        if status >= 400:
+            _raise(status, text)
+        return None if status == 204 or not text else json.loads(text)
 
     # --- databases -------------------------------------------------------------
 
@@ -165,10 +225,14 @@ class Branch:
         return f"<Branch {self.database}/{self.name}>"
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        import psycopg
+
         return psycopg.connect(self.uri, **kwargs)
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Run one statement (autocommit); its rows, or [] if it returns none."""
+        import psycopg
+
         with psycopg.connect(self.uri, autocommit=True) as conn:
             cur = conn.execute(query, params)  # type: ignore[arg-type]
             return cur.fetchall() if cur.description else []

@@ -18,26 +18,22 @@ Files are written with write-temp, fsync, rename, fsync-directory.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
 import logging
 import os
-import secrets
 import signal
-import socket
 import stat
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from engine.fs import OsFileSystem, write_atomically
 from pageserver.errors import AnotherServiceError, ServiceNotRunningError
-from pageserver.service.supervisor import FRONTEND_USER, Supervisor, frontend_identity
+
+# (the engine's file seam, the supervisor and what only starting a service needs are imported where
+# used: a CLI call that only reads the state file to find the API pays for none of them)
 
 if TYPE_CHECKING:
     pass
@@ -87,6 +83,8 @@ def _open_private(path: str, flags: int) -> int:
 
 
 def _write(path: str, data: bytes, mode: int = 0o600) -> None:
+    from engine.fs import OsFileSystem, write_atomically
+
     write_atomically(OsFileSystem(), path, data)
     os.chmod(path, mode)
 
@@ -103,6 +101,8 @@ def file_lock(path: str) -> Iterator[None]:
 
 
 def _free_port(host: str) -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
@@ -112,6 +112,8 @@ def _free_port(host: str) -> int:
 def ensure_token(home: str) -> str:
     path = os.path.join(home, TOKEN)
     if not os.path.exists(path):
+        import secrets
+
         _write(path, secrets.token_urlsafe(32).encode())
     with open(path) as f:
         return f.read().strip()
@@ -197,6 +199,11 @@ def hold_service_lock(home: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import threading
+
+    from pageserver.service.supervisor import FRONTEND_USER, Supervisor, frontend_identity
+
     p = argparse.ArgumentParser(prog="python -m pageserver.service", description=__doc__.splitlines()[0])
     p.add_argument("--home", default=default_home())
     p.add_argument("--api-port", type=int)
@@ -366,6 +373,8 @@ def _spawn(home: str, options: list[str], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pageserver.service", "--home", home, *options]
     logf = os.fdopen(_open_private(os.path.join(home, LOG), os.O_WRONLY | os.O_APPEND), "ab")
     with logf:
+        import subprocess
+
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd="/")
     deadline = time.monotonic() + timeout
