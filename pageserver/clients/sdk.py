@@ -26,6 +26,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -73,9 +74,15 @@ def _raise(status: int, text: str) -> None:
     raise typed(status, kind, message)
 
 
+IDLE_REUSE_S = 2.0  # a connection idle longer is not reused (the server closes idle ones after 5 s)
+
+
 class _Http:
-    """JSON over one kept-alive HTTP/1.1 connection (reopened when the
-    server closed it); `mu` makes a request and its answer one step."""
+    """JSON over one kept-alive HTTP/1.1 connection; `mu` makes a request
+    and its answer one step. A connection idle for `IDLE_REUSE_S` is
+    replaced before a request, so that a POST never meets one the server
+    is closing (whether it ran would be unknown); a GET that does is sent
+    once more on a new one."""
 
     def __init__(self, url: str, token: str, timeout: float) -> None:
         u = urlsplit(url)
@@ -86,6 +93,7 @@ class _Http:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         self._conn: http.client.HTTPConnection | None = None
+        self._used = 0.0
         self.mu = threading.Lock()
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -101,11 +109,15 @@ class _Http:
             headers["Content-Type"] = "application/json"
         with self.mu:
             for attempt in (0, 1):
+                if time.monotonic() - self._used > IDLE_REUSE_S:
+                    self.close()
                 conn = self._connection()
                 try:
                     conn.request(method, self.prefix + path, body=data, headers=headers)
                     r = conn.getresponse()
-                    return r.status, r.read().decode("utf-8", "replace")
+                    text = r.read().decode("utf-8", "replace")
+                    self._used = time.monotonic()
+                    return r.status, text
                 except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                     self.close()  # (a kept-alive connection the server closed meanwhile: once more, anew)
                     if attempt or method not in ("GET", "HEAD"):
