@@ -140,6 +140,23 @@ def test_strata_diff_from_the_cli_and_the_api(up):
     strata(home, "db", "delete", "dif")
 
 
+def test_db_create_from_nothing_starts_the_service_and_says_when_it_expires(tmp_path):
+    """An agent with nothing set up: one command to a URI (and its expiry)."""
+    home = str(tmp_path / "fresh")
+    try:
+        out = strata(home, "db", "create", "--ttl", "1h")
+        assert out["uri"].startswith("postgresql://") and out["expires_at"]
+        assert service.read_state(home) is not None
+        with psycopg.connect(out["uri"]) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        text = subprocess.run([*STRATA, "--home", home, "db", "create", "--ttl", "1h"], capture_output=True,
+                              text=True, timeout=120, check=True)
+        assert text.stdout.strip().startswith("postgresql://") and "\n" not in text.stdout.strip()
+        assert text.stderr.startswith("expires ")
+    finally:
+        strata(home, "down")
+
+
 def test_the_sdk_in_three_lines(up):
     home, _ = up
     os.environ["STRATA_HOME"] = home

@@ -32,11 +32,13 @@ def _home(ctx: click.Context) -> str:
     return str(ctx.obj["home"])
 
 
-def _client(ctx: click.Context) -> Strata:
+def _client(ctx: click.Context, *, start: bool = False) -> Strata:
+    """The SDK's client of the home's service; with `start`, the service is
+    started first if none runs (as `strata up` would, with its defaults)."""
     if "client" not in ctx.obj:
         from pageserver.clients.sdk import Strata  # (not for up, down, restore)
 
-        ctx.obj["client"] = Strata(_home(ctx), start=False)
+        ctx.obj["client"] = Strata(_home(ctx), start=start)
     client: Strata = ctx.obj["client"]
     return client
 
@@ -259,11 +261,17 @@ def db() -> None:
 def db_create(ctx: click.Context, as_json: bool, name: str | None, ttl: str | None,
               idle_timeout: str | None, expire_after_idle: str | None, durable: bool, **limits: Any) -> None:
     """Create a database (a branch of the template: no initdb). The limit
-    options override the service's defaults for it."""
-    d = _client(ctx).create_database(name, ttl=ttl, idle_timeout=idle_timeout,
-                                     expire_after_idle=expire_after_idle, durable=durable, **_limits(limits))
+    options override the service's defaults for it. With nothing running,
+    the home's service is started first (`strata up`'s defaults): one line
+    from nothing to a URI."""
+    d = _client(ctx, start=True).create_database(name, ttl=ttl, idle_timeout=idle_timeout,
+                                                 expire_after_idle=expire_after_idle, durable=durable,
+                                                 **_limits(limits))
     _emit(as_json, {"name": d.database, "branch": "main", "uri": d.uri, "token": d.token,
-                    "limits": d.info.get("limits"), "durable": d.info.get("durable")}, d.uri)
+                    "expires_at": d.info.get("expires_at"), "limits": d.info.get("limits"),
+                    "durable": d.info.get("durable")}, d.uri)
+    if d.info.get("expires_at") and not as_json:
+        click.echo(f"expires {d.info['expires_at']}", err=True)  # (stdout stays the URI alone)
 
 
 @command(db, "durable")
