@@ -155,17 +155,20 @@ def test_a_point_below_the_retention_horizon_is_refused(tmp_path):
         s.close()
 
 
-def test_writes_gc_folded_into_images_past_a_branch_point_still_show(tmp_path):
-    """The parent writes after a child's branch point, then compaction
-    folds that into images and GC drops the deltas (the horizon passed
-    them; the branch point below it is kept): the diff still finds it."""
+@pytest.mark.parametrize("later", [b"v2", None], ids=["write", "delete"])
+def test_writes_and_deletes_gc_folded_into_images_past_a_branch_point_still_show(tmp_path, later):
+    """The parent writes (or deletes) after a child's branch point, then
+    compaction folds that into images and GC drops the deltas (the horizon
+    passed them; the branch point below it is kept): the diff still finds
+    it. A root's complete image leaves a deleted key out, so every key
+    there at the common point is a candidate."""
     s = Store.open(str(tmp_path / "s"), config=dataclasses.replace(SMALL, merge_threshold=1000), background=False)
     try:
         root = s.create_timeline()
         root.commit({k: b"v1-%d" % k for k in range(10)})
         s.flush(root)  # (so that the deltas with the parent's later writes start above the branch point)
         child = s.branch(root)
-        root.commit({3: b"v2"})
+        root.commit({3: later})
         for i in range(40):
             root.commit({20 + i % 4: os.urandom(400)})
         root.set_retention(Retention(period=None, lsn_distance=1))
@@ -173,36 +176,10 @@ def test_writes_gc_folded_into_images_past_a_branch_point_still_show(tmp_path):
         for _ in range(3):
             root.commit({15: os.urandom(400)})
         s.gc(root)
-        assert root.horizon > child.branch_lsn
+        assert root.horizon > child.branch_lsn and root.get(3) == later and child.get(3) == b"v1-3"
         assert not [ly for ly in root._map.layers if not ly.is_image and 3 in ly.keys and ly.lsn_start > 2]
         d = diff(point(child), point(root))
         assert 3 in d.keys and 3 in d.b_wrote and 3 not in d.a_wrote
-        assert set(d.keys) == full(point(child), point(root), d.base)[0]
-    finally:
-        s.close()
-
-
-def test_a_delete_gc_folded_into_a_complete_image_still_shows(tmp_path):
-    """A root's complete image leaves a deleted key out: once GC dropped the
-    delta with the delete, the diff must still find it (every key there at
-    the common point is a candidate)."""
-    s = Store.open(str(tmp_path / "s"), config=dataclasses.replace(SMALL, merge_threshold=1000), background=False)
-    try:
-        root = s.create_timeline()
-        root.commit({k: b"v1-%d" % k for k in range(10)})
-        s.flush(root)
-        child = s.branch(root)
-        root.commit({3: None})
-        for i in range(40):
-            root.commit({20 + i % 4: os.urandom(400)})
-        root.set_retention(Retention(period=None, lsn_distance=1))
-        s.compact(root, force_images=True)
-        for _ in range(3):
-            root.commit({15: os.urandom(400)})
-        s.gc(root)
-        assert root.horizon > child.branch_lsn and root.get(3) is None and child.get(3) == b"v1-3"
-        d = diff(point(child), point(root))
-        assert 3 in d.keys and 3 in d.b_wrote
         assert set(d.keys) == full(point(child), point(root), d.base)[0]
     finally:
         s.close()

@@ -318,24 +318,23 @@ def _statements(conn: Any, tables: list[dict[str, Any]]) -> list[_Statement]:
         overriding = sql.SQL(" OVERRIDING SYSTEM VALUE") if any(
             target_cols[c].identity_always for c in written) else sql.SQL("")
 
-        def same(row: dict[str, str | None], only: list[str]) -> psql.Composed:
-            return sql.SQL(" AND ").join(sql.SQL("{}::text IS NOT DISTINCT FROM {}").format(
-                sql.Identifier(c), sql.Literal(row[c])) for c in only)
-
         def value(c: str, v: str | None, types: dict[str, _Column] = target_cols) -> psql.Composed:
             return sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(types[c].type))
 
-        def where(row: dict[str, str | None], keyed: list[str] | None = key, cols: list[str] = cols
-                  ) -> psql.Composed:
-            """The row's key by value (an index finds it), then every column as text (the guard)."""
-            by_key = [sql.SQL("{} = {}").format(sql.Identifier(k), value(k, row[k])) for k in keyed or []
-                      if row[k] is not None]
-            return sql.SQL(" AND ").join([*by_key, same(row, cols)])
-
         if not key:
-            for st in _counted(t, ident, written, value, same):
+            for st in _counted(t, ident, written, value):
                 (deletes if st.what == "delete" else inserts).append(st)
             continue
+
+        def by_key(row: dict[str, str | None], keyed: list[str] = key) -> psql.Composed:
+            """The row's key by value: an index finds it."""
+            return sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier(k), value(k, row[k]))
+                                         for k in keyed)
+
+        def where(row: dict[str, str | None], cols: list[str] = cols) -> psql.Composed:
+            """The row by its key, then every column as text (the guard)."""
+            return sql.SQL("{} AND {}").format(by_key(row), _same(row, cols))
+
         for m in t["modified"]:
             changes = {c: ch for c, ch in m["changes"].items() if not target_cols[c].generated}
             if not changes:
@@ -349,23 +348,33 @@ def _statements(conn: Any, tables: list[dict[str, Any]]) -> list[_Statement]:
         for row in t["removed"]:
             q = sql.SQL("DELETE FROM ONLY {} WHERE ctid = (SELECT ctid FROM ONLY {} WHERE {} LIMIT 1)").format(
                 ident, ident, where(row))
-            gone = sql.SQL("SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM ONLY {} WHERE {})").format(
-                ident, sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier(k), value(k, row[k]))
-                                             for k in key))
+            gone = sql.SQL("SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM ONLY {} WHERE {})").format(ident, by_key(row))
             deletes.append(_Statement(name, "delete", {c: row[c] for c in key}, q, gone))
         for row in t["added"]:
             values = sql.SQL(", ").join(value(c, row[c]) for c in written)
             names = sql.SQL(", ").join(sql.Identifier(c) for c in written)
             q = sql.SQL("INSERT INTO {} ({}){} SELECT {} WHERE NOT EXISTS (SELECT 1 FROM ONLY {} WHERE {})").format(
-                ident, names, overriding, values, ident, sql.SQL(" AND ").join(
-                    sql.SQL("{} = {}").format(sql.Identifier(k), value(k, row[k])) for k in key))
+                ident, names, overriding, values, ident, by_key(row))
             found = sql.SQL("SELECT 1 FROM ONLY {} WHERE {}").format(ident, where(row))
             inserts.append(_Statement(name, "insert", {c: row[c] for c in key}, q, found))
     return inserts + updates + list(reversed(deletes))
 
 
-def _counted(t: dict[str, Any], ident: psql.Composable, cols: list[str], value: Any, same: Any
-             ) -> Iterator[_Statement]:
+def _same(row: dict[str, str | None], cols: list[str]) -> psql.Composed:
+    """Every column of `cols` equal to the row's, compared as text (NULL to NULL)."""
+    from psycopg import sql
+
+    return sql.SQL(" AND ").join(sql.SQL("{}::text IS NOT DISTINCT FROM {}").format(
+        sql.Identifier(c), sql.Literal(row[c])) for c in cols)
+
+
+def _copies_of(ident: psql.Composable, row: dict[str, str | None], cols: list[str]) -> psql.Composed:
+    from psycopg import sql
+
+    return sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(ident, _same(row, cols))
+
+
+def _counted(t: dict[str, Any], ident: psql.Composable, cols: list[str], value: Any) -> Iterator[_Statement]:
     """A table without a key: per distinct row, its number of copies moves
     from the common point's to the source's, guarded by the target's."""
     from psycopg import sql
@@ -373,10 +382,10 @@ def _counted(t: dict[str, Any], ident: psql.Composable, cols: list[str], value: 
     all_cols: list[str] = t["columns_compared"]
     for r, was, now in t["copies"]:
         row = dict(zip(all_cols, r, strict=True))
-        count = sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(ident, same(row, all_cols))
+        count = _copies_of(ident, row, all_cols)
         if now < was:
             q = sql.SQL("DELETE FROM ONLY {} WHERE ctid IN (SELECT ctid FROM ONLY {} WHERE {} LIMIT {})").format(
-                ident, ident, same(row, all_cols), sql.Literal(was - now))
+                ident, ident, _same(row, all_cols), sql.Literal(was - now))
             what = "delete"
         else:
             values = sql.SQL(", ").join(value(c, row[c]) for c in cols)
@@ -398,15 +407,12 @@ def _copies(base: _Side, t: dict[str, Any]) -> list[tuple[tuple[str | None, ...]
         delta[tuple(row[c] for c in cols)] += 1
     for row in t["removed"]:
         delta[tuple(row[c] for c in cols)] -= 1
-    nsp, rel = t["schema"], t["name"]
+    ident = sql.Identifier(t["schema"], t["name"])
     out = []
     assert base.compute is not None
     for r, d in sorted(delta.items(), key=repr):
         if not d:
             continue
-        q = sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(sql.Identifier(nsp, rel), sql.SQL(" AND ").join(
-            sql.SQL("{}::text IS NOT DISTINCT FROM {}").format(sql.Identifier(c), sql.Literal(v))
-            for c, v in zip(cols, r, strict=True)))
-        (n,), = base.sql(q, (), t["database"])
+        (n,), = base.sql(_copies_of(ident, dict(zip(cols, r, strict=True)), cols), (), t["database"])
         out.append((r, int(n), int(n) + d))
     return out
