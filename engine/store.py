@@ -511,7 +511,6 @@ class Store:
                 raise
             meta = tl._meta
             old_anc = meta.ancestor
-            apply_edit(meta, decode_edit(payload, "", 0))
             tl._layers_gen += 1
             fetch = self._fetch_layer if self._remote is not None else None  # (evicted later, fetched back)
             new = [Layer(self.fs, tl._dir, d, tl._tid, fetch) for d in added]
@@ -522,7 +521,10 @@ class Store:
                 if drop_frozen is not None:
                     frozen = tuple(f for f in frozen if f is not drop_frozen)
                 tl._map = cur.replace(frozen=frozen, layers=keep + new)
-            if detach:  # after the map has the base images the reads now need
+            # A detach drops the ancestor only now, after the map has the base images the
+            # reads need from now on (a read takes its chain before its map: engine.timeline).
+            apply_edit(meta, decode_edit(payload, "", 0))
+            if detach:
                 self._link(tl._tid, None, old_anc)
             retiring = [ly for ly in cur.layers if ly.desc.name in gone]
             del cur

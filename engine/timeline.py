@@ -11,6 +11,12 @@ A timeline serves reads at any LSN from its *horizon* (its start, or the
 point below which GC has removed history) to its head. One thread at a time
 may commit to a timeline (commits are serialized by its write lock); any
 number may read, without locks, from the layer map they picked up.
+
+A read takes its ancestor chain *before* its layer map (`_view`), and a
+detach swaps in the map that holds its base images before it drops the
+ancestor (`Store._replace_layers`). So a read that finds no ancestor has
+a map with the images, and a read with an older map still has the
+ancestor to fall through to: none sees a key vanish while a detach runs.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ if TYPE_CHECKING:
 
 # A version found for materialization: (lsn, flags, raw_len, stored, checksum)
 RawVersion = tuple[int, int, int, bytes, int]
+# The ancestors a read falls through to (each with its LSN cap), and the filter of `_chain_info`.
+ChainInfo = tuple[tuple[tuple["Timeline", int], ...], FrozenBitMap64 | None]
+# What one read works on: a layer map and the chain taken with it (`Timeline._view`).
+View = tuple[LayerMap, ChainInfo]
 
 
 @dataclass(frozen=True)
@@ -210,9 +220,11 @@ class Timeline:
         """The value of `key` at `lsn` (default: head), or None if absent."""
         if type(key) is not int or not 0 <= key < KEY_LIMIT:
             check_key(key)
-        # Order matters: the head before the map (the map then holds every
-        # commit up to it), the map before the horizon (GC moves the horizon
-        # before it swaps in a map without the layers older reads need).
+        # Order matters: the chain before the map (see the module's notes on
+        # detach), the head before the map (the map then holds every commit
+        # up to it), the map before the horizon (GC moves the horizon before
+        # it swaps in a map without the layers older reads need).
+        ci = self._chain_info()
         head = self._head
         m = self._map
         if lsn is None:
@@ -223,7 +235,7 @@ class Timeline:
             self._check_lsn(lsn, head)
         r: Any = m.locate(key, lsn)
         if r is MISS:
-            r = self._locate_in_ancestors(key, lsn)
+            r = self._locate_in_ancestors(key, lsn, ci)
         if r.__class__ is tuple:
             src, v = r
             if src is None:
@@ -231,16 +243,23 @@ class Timeline:
             return src.read(v)
         return None  # MISS or ABSENT
 
+    def _view(self) -> View:
+        """A layer map and the ancestor chain to read with it (the chain
+        first: see the module's notes on detach)."""
+        ci = self._chain_info()
+        return self._map, ci
+
     def _find(
-        self, key: int, lsn: int, m: LayerMap | None = None
+        self, key: int, lsn: int, view: View | None = None
     ) -> tuple[Layer | None, MemVersion | Entry] | None:
-        r: Any = (m or self._map).locate(key, lsn)
+        m, ci = view or self._view()
+        r: Any = m.locate(key, lsn)
         if r is MISS:
-            r = self._locate_in_ancestors(key, lsn)
+            r = self._locate_in_ancestors(key, lsn, ci)
         return r if r.__class__ is tuple else None  # type: ignore[return-value]
 
-    def _locate_in_ancestors(self, key: int, lsn: int) -> object:
-        chain, skip = self._chain_info()
+    def _locate_in_ancestors(self, key: int, lsn: int, ci: ChainInfo) -> object:
+        chain, skip = ci
         if not chain:
             return MISS
         if skip is not None and key not in skip:
@@ -257,11 +276,12 @@ class Timeline:
     def trace(self, key: int, lsn: int | None = None) -> list[tuple[str, str]]:
         """The layer files a read of (key, lsn) examines, as (timeline id,
         layer file name), in order: a tool to check that reads stay short."""
+        m, (chain, _) = self._view()
         lsn = self._head if lsn is None else self._check_lsn(lsn)
         path: list[Layer] = []
-        r = self._map.locate(key, lsn, path)
+        r = m.locate(key, lsn, path)
         if r is MISS:
-            for tl, cap in self._chain():
+            for tl, cap in chain:
                 lsn = min(lsn, cap)
                 if tl._map.locate(key, lsn, path) is not MISS:
                     break
@@ -271,7 +291,7 @@ class Timeline:
         """The ancestors a read falls through to, with the LSN cap of each."""
         return self._chain_info()[0]
 
-    def _chain_info(self) -> tuple[tuple[tuple[Timeline, int], ...], FrozenBitMap64 | None]:
+    def _chain_info(self) -> ChainInfo:
         """The chain of ancestors, and a filter for reads that fall through:
         the keys any ancestor but the last has a version of at or below its
         cap (None: no filter). A key outside it is read from the last
@@ -317,12 +337,13 @@ class Timeline:
         return (e[0], e[5], e[3], src.read_stored(e), e[4])
 
     def _candidate_keys(
-        self, lsn: int, first: int, last: int, through_ancestors: bool, m: LayerMap | None = None
+        self, lsn: int, first: int, last: int, through_ancestors: bool, view: View | None = None
     ) -> BitMap64:
         keys = BitMap64()
-        maps = [m or self._map]
+        m, (chain, _) = view or self._view()
+        maps = [m]
         if through_ancestors:
-            maps += [tl._map for tl, _ in self._chain()]
+            maps += [tl._map for tl, _ in chain]
         for lm in maps:
             for mem in (lm.open,) + lm.frozen:
                 keys.update(list(mem.versions))
@@ -332,37 +353,40 @@ class Timeline:
 
     def _versions(
         self, lsn: int, first: int = 0, last: int = MAX_KEY, *, local: bool = False,
-        m: LayerMap | None = None,
+        view: View | None = None,
     ) -> Iterator[tuple[int, tuple[Layer | None, MemVersion | Entry]]]:
         """(key, where its version is) for every key with a version visible at
-        `lsn`, in key order, read from one layer map `m` of this timeline
-        (default: the current one) however long the iteration takes.
-        `local`: only this timeline's own versions (tombstones included)."""
-        m = m or self._map
-        for key in self._candidate_keys(lsn, first, last, not local, m):
+        `lsn`, in key order, read from one view (layer map and ancestor
+        chain) of this timeline (default: the current one) however long the
+        iteration takes. `local`: only this timeline's own versions
+        (tombstones included)."""
+        view = view or self._view()
+        m = view[0]
+        for key in self._candidate_keys(lsn, first, last, not local, view):
             if local:
                 r = m.locate(key, lsn)
                 if r is MISS or r is ABSENT:
                     continue
                 yield key, r  # type: ignore[misc]
             else:
-                f = self._find(key, lsn, m)
+                f = self._find(key, lsn, view)
                 if f is not None and not found_flags(f) & FLAG_TOMBSTONE:
                     yield key, f
 
-    def _snapshot_at(self, lsn: int | None) -> tuple[LayerMap, int]:
-        """A layer map and a checked LSN for a read that takes a while."""
+    def _snapshot_at(self, lsn: int | None) -> tuple[View, int]:
+        """A view and a checked LSN for a read that takes a while."""
+        ci = self._chain_info()
         head = self._head
         m = self._map  # see get() for why this order
         self._check_live()
-        return m, (head if lsn is None else self._check_lsn(lsn, head))
+        return (m, ci), (head if lsn is None else self._check_lsn(lsn, head))
 
     def scan(
         self, lsn: int | None = None, first: int = 0, last: int = MAX_KEY
     ) -> Iterator[tuple[int, bytes]]:
         """Every (key, value) present at `lsn` with first <= key <= last, by key."""
-        m, lsn = self._snapshot_at(lsn)
-        for key, found in self._versions(lsn, check_key(first), check_key(last), m=m):
+        view, lsn = self._snapshot_at(lsn)
+        for key, found in self._versions(lsn, check_key(first), check_key(last), view=view):
             src, v = found
             value = decode(v[1], v[2], v[3]) if src is None else src.read(v)  # type: ignore[index,arg-type]
             if value is not None:
@@ -437,8 +461,8 @@ class Timeline:
     def logical_size(self, lsn: int | None = None) -> int:
         """Bytes of all values visible at `lsn` (uncompressed). Reads indexes,
         not values: about a second per million keys."""
-        m, lsn = self._snapshot_at(lsn)
-        return sum(found_raw_len(f) for _, f in self._versions(lsn, m=m))
+        view, lsn = self._snapshot_at(lsn)
+        return sum(found_raw_len(f) for _, f in self._versions(lsn, view=view))
 
     def usage(self, lsn: int | None = None) -> TimelineUsage:
         return self._store._usage(self, lsn)

@@ -35,6 +35,7 @@ from pageserver.errors import (
     ComputeLimitError,
     ObjectExistsError,
     ProtectedError,
+    RateLimitedError,
     UnknownObjectError,
 )
 from pageserver.service import daemon as service
@@ -49,7 +50,9 @@ WORKERS = 6
 CAP = 3
 DBS = [f"s{i}" for i in range(5)]
 BRANCHES = [f"b{i}" for i in range(3)]
-REFUSALS = (UnknownObjectError, ObjectExistsError, ComputeLimitError, BadRequestError, ProtectedError)
+# (A long run, STRESS_SECONDS or TORTURE, meets the operator's creation rate: a refusal too.)
+REFUSALS = (UnknownObjectError, ObjectExistsError, ComputeLimitError, BadRequestError, ProtectedError,
+            RateLimitedError)
 # What a client of the proxy may legitimately hear while branches come and go around it: the
 # proxy's own refusals, and its reasons when a user's act stops a compute under connections.
 # PostgreSQL's own words for a stop ("terminating connection due to administrator command",
@@ -132,7 +135,7 @@ class Workload:
 
     def _refused(self, e: BaseException) -> bool:
         if isinstance(e, ApiError):
-            return e.status in (400, 404, 409, 503) and isinstance(e, REFUSALS)
+            return e.status in (400, 404, 409, 429, 503) and isinstance(e, REFUSALS)
         return isinstance(e, REFUSALS)
 
     def _one(self, rng: random.Random) -> str:
