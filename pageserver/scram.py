@@ -113,6 +113,7 @@ class ScramServer:
         self._server_first = ""
         self._nonce = ""
         self._gs2 = ""
+        self.matched: int | None = None  # which verifier the proof checked against (after `final`)
 
     def first(self, client_first: bytes) -> bytes:
         """The server-first message answering the client's first."""
@@ -154,11 +155,11 @@ class ScramServer:
             raise ScramError("the nonce does not match the exchange's")
         auth_message = f"{self._first_bare},{self._server_first},{without_proof}".encode()
         ok: Verifier | None = None
-        for v in self._verifiers:  # (every one is tried: the time does not tell which matched)
+        for i, v in enumerate(self._verifiers):  # (every one is tried: the time does not tell which matched)
             signature = _hmac(v.stored_key, auth_message)
             client_key = bytes(a ^ b for a, b in zip(proof, signature)) if len(proof) == 32 else b""
             if hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key) and ok is None:
-                ok = v
+                ok, self.matched = v, i
         if ok is None:
             raise ScramError("password authentication failed")
         return f"v={_b64(_hmac(ok.server_key, auth_message))}".encode()

@@ -89,6 +89,36 @@ def test_a_password_with_a_ttl_expires_and_a_wrong_one_never_wakes(env):
     cp.delete_database("creds")
 
 
+def test_a_read_only_password_reads_and_postgresql_itself_refuses_its_writes(env):
+    cp = env.cp
+    db = cp.create_database("ro")
+    sql(db.uri, "create table t(id int primary key)")
+    sql(db.uri, "insert into t values (1)")
+    # a tenant that gave the role a write right, or a superuser, has it taken back at the next read-only password
+    sql(db.uri, "alter role strata_readonly superuser")
+    sql(db.uri, "grant pg_write_all_data to strata_readonly")
+    ro = cp.uri("ro/main", readonly=True)
+    assert ro.startswith("postgresql://strata_readonly:")
+    assert sql(ro, "select id from t") == [(1,)]
+    for smuggled in ("insert into t values (2)",
+                     "set default_transaction_read_only = off; insert into t values (2)",
+                     "begin read write; insert into t values (2); commit",
+                     "create table mine(x int)",
+                     "alter role strata_readonly superuser"):
+        with psycopg.connect(ro, autocommit=True) as conn, pytest.raises(psycopg.Error):
+            for statement in smuggled.split("; "):
+                conn.execute(statement)
+    assert sql(db.uri, "select id from t") == [(1,)]
+    assert sql(db.uri, "select rolsuper from pg_roles where rolname = 'strata_readonly'") == [(False,)]
+    # the password opens the branch as that role only
+    as_owner = ro.replace("strata_readonly:", "postgres:", 1)
+    with pytest.raises(psycopg.OperationalError, match='only as role "strata_readonly"'):
+        sql(as_owner, "select 1")
+    with pytest.raises(BadRequestError, match="readonly"):
+        cp.uri("ro/main", readonly="yes")
+    cp.delete_database("ro")
+
+
 def test_branches_diverge_and_fall_through_to_their_parent(env):
     cp = env.cp
     main = cp.create_database("fork").uri

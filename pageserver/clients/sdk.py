@@ -224,10 +224,12 @@ class Branch:
             self._uri = self.new_uri()
         return self._uri
 
-    def new_uri(self, *, ttl: float | str | None = None) -> str:
+    def new_uri(self, *, ttl: float | str | None = None, readonly: bool = False) -> str:
         """A URI with a new password of this branch's, valid for `ttl` (or
-        as long as the branch). The service keeps only its verifier."""
-        return str(self.client.call("POST", self._path + "/credentials", {"ttl": ttl})["uri"])
+        as long as the branch). The service keeps only its verifier.
+        `readonly`: the password opens the branch only as a role that
+        PostgreSQL keeps from writing."""
+        return str(self.client.call("POST", self._path + "/credentials", {"ttl": ttl, "readonly": readonly})["uri"])
 
     @property
     def _path(self) -> str:

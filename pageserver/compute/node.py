@@ -48,7 +48,15 @@ import time
 from engine import NotFoundError, Store, StoreConfig, Timeline
 from pageserver.compute.cgroup import Cgroup, MemoryCgroups
 from pageserver.compute.paths import RUN_MODE, private_dir, run_dir_for
-from pageserver.compute.postgres import Compute, free_port, pg_bindir, pidfile_ready, reap_stale, run_as
+from pageserver.compute.postgres import (
+    READONLY_ROLE_SQL,
+    Compute,
+    free_port,
+    pg_bindir,
+    pidfile_ready,
+    reap_stale,
+    run_as,
+)
 from pageserver.errors import BranchBusyError, ComputeError, ComputeNotFoundError
 from pageserver.fuse.filesystem import Mount, unmount
 from pageserver.pgdata.datadir import DataDir
@@ -197,6 +205,12 @@ class Node:
                 f.write(PG_CONF)
             with open(os.path.join(pgdata, "pg_hba.conf"), "w") as f:
                 f.write(PG_HBA)
+            r = subprocess.run(  # every database is born with the read-only role (pageserver.compute.postgres)
+                [os.path.join(pg_bindir(), "postgres"), "--single", "-D", pgdata, "-c", "fsync=off", "postgres"],
+                input=READONLY_ROLE_SQL, capture_output=True, text=True, user=user, cwd="/",
+            )
+            if r.returncode != 0 or "ERROR" in r.stdout + r.stderr:
+                raise ComputeError("initdb", f"making the read-only role failed ({r.returncode})", r.stdout + r.stderr)
             log.info("initdb took %.2f s", time.monotonic() - t0)
             return import_datadir(self.store, pgdata, timeline_id=TEMPLATE_ID, progress=progress)
         finally:

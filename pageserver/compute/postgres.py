@@ -133,6 +133,24 @@ def run_as() -> tuple[str | None, int, int]:
     return pw.pw_name, pw.pw_uid, pw.pw_gid
 
 
+READONLY_ROLE = "strata_readonly"
+# The role a read-only credential opens a branch as, made (or put back) as it must be: it may log in,
+# read every table (pg_read_all_data) and nothing more, and its transactions are read-only unless it
+# says otherwise (it still has no right to write). One statement a line: single-user mode reads lines.
+READONLY_ROLE_SQL = (
+    f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{READONLY_ROLE}') THEN "
+    f"CREATE ROLE {READONLY_ROLE} LOGIN; END IF; END$$;\n"
+    f"ALTER ROLE {READONLY_ROLE} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS LOGIN "
+    f"NOINHERIT CONNECTION LIMIT -1 PASSWORD NULL;\n"
+    f"DO $$DECLARE r record; BEGIN FOR r IN SELECT roleid::regrole AS g FROM pg_auth_members "
+    f"WHERE member = '{READONLY_ROLE}'::regrole AND roleid <> 'pg_read_all_data'::regrole LOOP "
+    f"EXECUTE format('REVOKE %s FROM {READONLY_ROLE}', r.g); END LOOP; END$$;\n"
+    f"ALTER ROLE {READONLY_ROLE} INHERIT;\n"
+    f"GRANT pg_read_all_data TO {READONLY_ROLE};\n"
+    f"ALTER ROLE {READONLY_ROLE} SET default_transaction_read_only = on;\n"
+)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -26,6 +26,10 @@ password in plaintext (`password`); the control plane turns that into a
 credential of each of its branches, and rewrites the record without it,
 when it opens the catalog (`legacy_passwords`).
 
+A credential may name the one role it opens its branch as (`role`:
+READONLY_ROLE for a read-only grant; absent: any role); the proxy refuses
+it for any other user name.
+
 A branch made from a running parent holds in `extra["in_flight"]` the
 parent's timeline id, the branch LSN and the transaction ids that may
 have been in flight there (`xids`; null if too many began while it was
@@ -125,6 +129,9 @@ class Credential:
     verifier: str
     created_at: float
     expires_at: float | None = None
+    role: str | None = None  # the only role it opens the branch as (READONLY_ROLE); None: any
+
+
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,11 @@ class BranchRecord:
 
     def verifiers(self, now: float) -> list[str]:
         """The verifiers of its credentials that have not expired at `now`."""
-        return [c.verifier for c in self.credentials if c.expires_at is None or c.expires_at > now]
+        return [c.verifier for c in self.live_credentials(now)]
+
+    def live_credentials(self, now: float) -> list[Credential]:
+        """Its credentials that have not expired at `now` (in `verifiers`' order)."""
+        return [c for c in self.credentials if c.expires_at is None or c.expires_at > now]
 
 
 Record = DatabaseRecord | BranchRecord

@@ -100,7 +100,7 @@ from engine import (
 )
 from pageserver.compute.node import TEMPLATE_ID, Node
 from pageserver.compute.paths import private_dir
-from pageserver.compute.postgres import Compute
+from pageserver.compute.postgres import READONLY_ROLE, READONLY_ROLE_SQL, Compute
 from pageserver.control.catalog import (
     CATALOG_ID,
     BranchRecord,
@@ -475,20 +475,21 @@ class ControlPlane:
         db = self.catalog.snapshot.databases.get(br.database)  # gone while a deleted database's branches stop
         return f"{db.name if db else '(deleted)'}.{br.name}"
 
-    def _uri(self, br: BranchRecord, password: str | None = None) -> str:
+    def _uri(self, br: BranchRecord, password: str | None = None, user: str = "postgres") -> str:
         """The branch's URI at the proxy: with `password` if given (it is
         shown only when it is made), without one otherwise."""
-        who = f"postgres:{quote(password, safe='')}" if password is not None else "postgres"
+        who = f"{user}:{quote(password, safe='')}" if password is not None else user
         return (f"postgresql://{who}@{self.advertise_host}:{self.proxy_port}"
                 f"/postgres?options=endpoint%3D{quote(self.endpoint(br), safe='')}")
 
-    def _credential(self, br: BranchRecord, now: float, ttl: float | None = None) -> tuple[str, Credential]:
+    def _credential(self, br: BranchRecord, now: float, ttl: float | None = None,
+                    role: str | None = None) -> tuple[str, Credential]:
         """A new password of `br`'s and its credential (the verifier, with
-        the branch's salt)."""
+        the branch's salt; `role`: the only role it opens the branch as)."""
         if not br.salt:
             raise ValueError(f"branch #{br.id} has no salt for its credentials")
         password = new_password()
-        return password, Credential(make_verifier(password, br.salt), now, now + ttl if ttl else None)
+        return password, Credential(make_verifier(password, br.salt), now, now + ttl if ttl else None, role)
 
     def _with_first_credential(self, br: BranchRecord, now: float) -> tuple[str, BranchRecord]:
         """A new branch's record with its salt and first credential, and
@@ -504,16 +505,23 @@ class ControlPlane:
         live = [c for c in br.credentials if c.expires_at is None or c.expires_at > now]
         return replace(br, credentials=(*live, cred)[-MAX_CREDENTIALS:])
 
-    def uri(self, address: str | BranchRecord, *, ttl: float | str | None = None, caller: str | None = None) -> str:
+    def uri(self, address: str | BranchRecord, *, ttl: float | str | None = None, caller: str | None = None,
+            readonly: bool = False) -> str:
         """A URI of the branch with a new password of its own (valid for
         `ttl`, or as long as the branch; shown here only: the catalog keeps
         its verifier). A branch holds MAX_CREDENTIALS at most: a new one
-        past that retires the oldest."""
+        past that retires the oldest. `readonly`: the password opens the
+        branch only as READONLY_ROLE, which PostgreSQL itself keeps from
+        writing (the branch wakes, to make the role as it must be)."""
+        if not isinstance(readonly, bool):
+            raise BadRequestError(f"readonly must be true or false, not {readonly!r}")
         ttl_s = parse_duration(ttl, "ttl")
         br = address if isinstance(address, BranchRecord) else self.resolve(address)
         self._spend(caller)
+        if readonly:
+            self._ensure_readonly_role(br)
         now = self._clock()
-        password, cred = self._credential(br, now, ttl_s)
+        password, cred = self._credential(br, now, ttl_s, READONLY_ROLE if readonly else None)
 
         def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
             current = snap.branches.get(br.id)
@@ -522,8 +530,19 @@ class ControlPlane:
             return [self._with_credential(current, cred, now)], []
 
         self.catalog.change(check)
-        log.info("branch %s has a new credential%s", self.endpoint(br), f" for {ttl_s:g} s" if ttl_s else "")
-        return self._uri(br, password)
+        log.info("branch %s has a new %scredential%s", self.endpoint(br), "read-only " if readonly else "",
+                 f" for {ttl_s:g} s" if ttl_s else "")
+        return self._uri(br, password, cred.role or "postgres")
+
+    def _ensure_readonly_role(self, br: BranchRecord) -> None:
+        """Make READONLY_ROLE in the branch's PostgreSQL as it must be (a
+        database made before it existed, or a tenant that changed it)."""
+        import psycopg
+
+        c = self.wake(br)
+        with psycopg.connect(c.local_conninfo(), autocommit=True, connect_timeout=30) as conn:
+            for statement in READONLY_ROLE_SQL.splitlines():
+                conn.execute(statement.encode())
 
     # --- databases ---------------------------------------------------------------------
 

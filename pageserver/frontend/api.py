@@ -91,7 +91,11 @@ class BranchCreate(BaseModel):
 
 
 class CredentialCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     ttl: Duration = Field(None, description="the password works this long (default: as long as the branch)")
+    readonly: StrictBool = Field(False, description="it opens the branch only as a role PostgreSQL keeps "
+                                 "from writing (strata_readonly)")
 
 
 class BranchUpdate(BaseModel):
@@ -276,7 +280,7 @@ def make_app(control: ControlPlane | RemoteControl, token: str | Callable[[], st
                     who: str | None = Depends(principal)) -> dict[str, Any]:  # noqa: B008
         """A new password of the branch's, in its URI (shown only here: the
         catalog keeps its SCRAM verifier)."""
-        return {"uri": control.uri(f"{db}/{name}", ttl=req.ttl, caller=who or OPERATOR)}
+        return {"uri": control.uri(f"{db}/{name}", ttl=req.ttl, caller=who or OPERATOR, readonly=req.readonly)}
 
     @dbr.get("/databases/{db}/branches/{name}/lsn")
     def lsn(db: str, name: str) -> dict[str, Any]:

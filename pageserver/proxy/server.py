@@ -108,7 +108,7 @@ BACKLOG = 4096  # accepts waiting: a burst of connections is not dropped (client
 
 class ProxyMetrics:
     REASONS = ("proxy_full", "branch_full", "startup_timeout", "auth_timeout", "protocol", "unknown_branch",
-               "unavailable", "compute_limit", "auth_failed")
+               "unavailable", "compute_limit", "auth_failed", "wrong_role")
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -371,7 +371,8 @@ class Proxy:
         failed = f'password authentication failed for user "{user}"'
         try:
             async with asyncio.timeout(self.limits.startup_timeout):
-                scram = ScramServer(br.verifiers(time.time()))
+                creds = br.live_credentials(time.time())
+                scram = ScramServer([c.verifier for c in creds])
                 writer.write(sasl_mechanisms(MECHANISM))
                 await writer.drain()
                 mechanism, first = parse_sasl_initial(await _auth_message(reader))
@@ -380,6 +381,12 @@ class Proxy:
                 writer.write(authentication(AUTH_SASL_CONTINUE, scram.first(first)))
                 await writer.drain()
                 final = scram.final(await _auth_message(reader))
+                role = creds[scram.matched].role if scram.matched is not None else None
+                if role is not None and role != user:  # (a read-only credential: pageserver.control.catalog)
+                    self.metrics.refused.labels("wrong_role").inc()
+                    await _refuse(writer, "28000", f'strata proxy: this password opens the branch only as role '
+                                  f'"{role}", not "{user}"', reader=reader)
+                    return False
                 writer.write(authentication(AUTH_SASL_FINAL, final))  # (the compute's AuthenticationOk follows)
                 return True
         except TimeoutError:
