@@ -274,6 +274,16 @@ def db_create(ctx: click.Context, as_json: bool, name: str | None, ttl: str | No
         click.echo(f"expires {d.info['expires_at']}", err=True)  # (stdout stays the URI alone)
 
 
+@command(db, "claim")
+@click.argument("name")
+def db_claim(ctx: click.Context, as_json: bool, name: str) -> None:
+    """Keep a temporary database: its TTL goes, its passwords and token are
+    replaced (their connections end). Prints its new URI."""
+    info = _client(ctx).call("POST", f"/databases/{name}/claim")
+    _emit(as_json, {"name": name, "uri": info["uri"], "token": info.get("token"),
+                    "expires_at": info.get("expires_at")}, info["uri"])
+
+
 @command(db, "durable")
 @click.argument("name")
 @click.argument("mode", required=False, type=click.Choice(["on", "off"]))
@@ -570,6 +580,43 @@ def psql(ctx: click.Context, address: str, psql_args: tuple[str, ...]) -> None:
     env = {**os.environ, "PGPASSWORD": urllib.parse.unquote(target.password or "")}
     bare = target._replace(netloc=f"{target.username}@{target.hostname}:{target.port}").geturl()
     os.execve(exe, [exe, bare, *psql_args], env)
+
+
+# --- agents -----------------------------------------------------------------------------
+
+@cli.command("mcp")
+@click.option("--database", help="Databases the agent may use (a pattern: shop*, default all).")
+@click.option("--branch", help="Branches it may use (a pattern, default all).")
+@click.option("--access", type=click.Choice(["read-only", "read-write", "admin"]),
+              help="read-only (enforced by PostgreSQL), read-write (default), admin (may delete databases).")
+@click.option("--max-ttl", help="Longest TTL it may give (90s, 15m, 1h); then nothing it makes is persistent.")
+@click.option("--max-databases", type=click.IntRange(min=0), help="Databases it may create.")
+@click.option("--max-branches", type=click.IntRange(min=0), help="Branches it may create.")
+@click.option("--http", "http_port", type=int, default=None,
+              help="Serve streamable HTTP on this loopback port (default: stdio).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --http: the address to listen on.")
+@click.pass_context
+def mcp(ctx: click.Context, http_port: int | None, host: str, **settings: Any) -> None:
+    """Serve the agents' MCP interface (stdio, or HTTP with a bearer token
+    in $STRATA_MCP_TOKEN or a new one shown once on stderr)."""
+    from pageserver.clients import mcp as agents
+
+    client = _client(ctx, start=True)
+    try:
+        grant = agents.grant_for(client, {k: v for k, v in settings.items() if v is not None})
+    except StrataError as e:
+        raise click.UsageError(str(e)) from None
+    if http_port is None:
+        server, tools = agents.build_server(client, grant)
+        try:
+            server.run("stdio")
+        finally:
+            tools.close()
+        return
+    token = os.environ.get("STRATA_MCP_TOKEN") or agents.new_token()
+    if not os.environ.get("STRATA_MCP_TOKEN"):
+        click.echo(f"MCP at http://{host}:{http_port}/mcp, bearer token {token}", err=True)
+    agents.serve_http(client, grant, host=host, port=http_port, token=token)
 
 
 def main() -> None:

@@ -629,6 +629,43 @@ class ControlPlane:
         info.uri = self._uri(main, password)
         return info
 
+    def claim_database(self, name: str, *, caller: str | None = None) -> DatabaseInfo:
+        """Keep a temporary database: its TTL goes (and that of each branch
+        that expires with it), every password and its token are replaced
+        (their connections are ended, saying why). Returns it with its new
+        URI and token (shown only here)."""
+        self._spend(caller)
+        now = self._clock()
+        token = secrets.token_urlsafe(24)
+        made: list[tuple[str, BranchRecord]] = []
+        gone: list[BranchRecord] = []
+
+        def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
+            db = self._db(snap, name)
+            branches = self._branches_of(snap, db)
+            out: list[Record] = [replace(db, expires_at=None, token_sha256=sha256(token))]
+            made.clear()
+            for b in branches:
+                kept = replace(b, expires_at=None if b.expires_at == db.expires_at else b.expires_at,
+                               credentials=())
+                if b.name == MAIN:
+                    password, cred = self._credential(kept, now)
+                    kept = replace(kept, credentials=(cred,))
+                    made.append((password, kept))
+                out.append(kept)
+            gone[:] = branches
+            return out, []
+
+        self.catalog.change(change)
+        self._end_sessions(gone, f"database {name} was claimed: its passwords changed")
+        log.info("database %s claimed: no TTL, new passwords and token", name)
+        info = self.database(name)
+        info.token = token
+        password, main = made[0]
+        info.password = password
+        info.uri = self._uri(main, password)
+        return info
+
     def _check_durable(self, durable: object) -> None:
         if not isinstance(durable, bool):
             raise BadRequestError(f"durable must be true or false, not {durable!r}")

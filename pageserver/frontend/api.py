@@ -209,6 +209,11 @@ def make_app(control: ControlPlane | RemoteControl, token: str | Callable[[], st
                                        expire_after_idle=req.expire_after_idle, limits=req.limits(),
                                        caller=OPERATOR, durable=req.durable).to_dict()
 
+    @dbr.post("/databases/{db}/claim")
+    def claim_database(db: str, who: str | None = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+        """Keep a temporary database: no TTL, new passwords and token (shown only here)."""
+        return control.claim_database(db, caller=who or OPERATOR).to_dict()
+
     @v1.get("/databases")
     def list_databases() -> list[dict[str, Any]]:
         return [d.to_dict() for d in control.databases()]
@@ -286,9 +291,12 @@ def make_app(control: ControlPlane | RemoteControl, token: str | Callable[[], st
     def lsn(db: str, name: str) -> dict[str, Any]:
         return {"lsn": control.lsn(db, name)}
 
-    @v1.post("/diff")
-    def diff(req: DiffRequest) -> dict[str, Any]:
-        """What changed between two points: relations and pages, rows, schema."""
+    @app.post("/v1/diff")
+    def diff(req: DiffRequest, who: str | None = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+        """What changed between two points: relations and pages, rows, schema
+        (a database's token: two points of its own)."""
+        if who is not None and any(side.split("/")[0] != who for side in (req.a, req.b)):
+            raise HTTPException(403, f"this token is scoped to database {who!r}")
         return control.diff(req.a, req.b, rows=req.rows, schema=req.schema_, max_pages=req.max_pages)
 
     @v1.post("/merge")
