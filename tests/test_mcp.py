@@ -213,7 +213,16 @@ def test_a_protected_branch_is_deleted_only_when_the_human_says_yes(client):
     done = call(client, Grant(), delete, elicit=human("accept"))
     assert "delete done" in done["done"] and len(asked) == 2
     assert "keep" not in [b.name for b in db.branches()]
-    db.delete()
+    # a database with a protected branch: the same question, for the whole database
+    db.branch("again", protected=True, ttl="1h")
+
+    async def drop(c: Any) -> dict[str, Any]:
+        return await tool(c, "db_delete", database="guarded")
+
+    assert "nothing changed" in call(client, Grant(access="admin"), drop, elicit=human("cancel"))["done"]
+    assert "again" in [b.name for b in db.branches()] and "again" in asked[2]
+    assert "deleted" in call(client, Grant(access="admin"), drop, elicit=human("accept"))["done"]
+    assert "guarded" not in [d.database for d in client.databases()]
 
 
 def test_ttls_follow_the_grant_and_creates_are_idempotent(client):
@@ -255,3 +264,96 @@ def test_stdio_strata_mcp_serves_a_read_only_grant(home, client):
     names, rows = anyio.run(main)
     assert names == set(TOOLS) - WRITE_TOOLS and rows["rows"] == [[1]]
     db.delete()
+
+
+def test_streamable_http_needs_its_token_and_query_parameters_only_narrow_the_grant(home, client):
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "t0k3n-" + os.urandom(8).hex()
+    proc = subprocess.Popen([sys.executable, "-m", "pageserver.clients.cli", "--home", home, "mcp", "--http",
+                             str(port), "--access", "read-write"], env={**os.environ, "STRATA_MCP_TOKEN": token},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}/mcp"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(base, method="POST", data=b"{}"), timeout=5)
+            except urllib.error.HTTPError as e:
+                assert e.code == 401, e.code  # up, and no token: refused
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.2)
+        db = client.create_database("http-db", ttl="1h")
+        db.branch("keep", protected=True, ttl="1h")
+
+        def wrong(query: str) -> tuple[int, str]:
+            req = urllib.request.Request(base + query, method="POST", data=b"{}",
+                                         headers={"Authorization": f"Bearer {token}"})
+            try:
+                urllib.request.urlopen(req, timeout=10)
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+            raise AssertionError(f"{query} was served")
+
+        assert wrong("?access=admin")[0] == 400 and "wider" in wrong("?access=admin")[1]
+        assert "unknown grant setting" in wrong("?read_only=true")[1]
+
+        async def decline(context: Any, params: Any) -> ElicitResult:
+            return ElicitResult(action="decline")
+
+        async def main(query: str) -> tuple[set[str], Any]:
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            async with http, Client(streamable_http_client(base + query, http_client=http),
+                                    elicitation_callback=decline) as c:
+                names = {t.name for t in (await c.list_tools()).tools}
+                if "branch_delete" in names:
+                    return names, await tool(c, "branch_delete", database="http-db", branch="keep")
+                return names, await tool(c, "sql_query", database="http-db", sql="select 1")
+
+        ro_names, rows = anyio.run(main, "?access=read-only&database=http-*")
+        assert ro_names == set(TOOLS) - WRITE_TOOLS and rows["rows"] == [[1]]
+        rw_names, declined = anyio.run(main, "")
+        assert rw_names == set(TOOLS) - {"db_delete"} and "nothing changed" in declined["done"]
+        assert client.branch("http-db/keep").refresh()["protected"] is True
+        client.branch("http-db/keep").update(protected=False)
+        db.delete()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_database_token_narrows_the_grant_to_its_database(home, client):
+    from pageserver.clients.mcp import grant_for
+
+    db = client.create_database("scoped", ttl="1h")
+    scoped = Strata(home, start=False, token=db.token)
+    try:
+        g = grant_for(scoped, {})
+        assert (g.database, g.access) == ("scoped", "read-write")
+        with pytest.raises(GrantError, match="wider"):
+            grant_for(scoped, {"access": "admin"})
+        with pytest.raises(GrantError, match="wider"):
+            grant_for(scoped, {"database": "other"})
+        assert grant_for(client, {}).access == "admin"
+
+        async def steps(c: Any) -> dict[str, Any]:
+            return {"diff": await tool(c, "diff", a="scoped/main", b="scoped/main", mode="stat"),
+                    "other": await refused(c, "branch_list", database="trunc5")}
+
+        out = call(scoped, g, steps)
+        assert out["diff"]["report"]["pages"] is not None and "outside" in out["other"]
+    finally:
+        scoped.close()
+        db.delete()

@@ -15,13 +15,13 @@ import httpx
 import psycopg
 import pytest
 
-from pageserver.clients.sdk import Strata
+from pageserver.clients.sdk import ApiError, Strata
 from pageserver.compute.paths import RUN_MODE, run_dir_for
 from pageserver.errors import ProtectedError, ServiceNotRunningError, UnknownObjectError
 from pageserver.service import daemon as service
 from pageserver.service.supervisor import frontend_identity
 
-from .pg import STRATA, requires_pg, strata
+from .pg import STRATA, requires_pg, sql, strata
 from .test_private_files import _snapshot, modes
 
 pytestmark = requires_pg
@@ -153,6 +153,26 @@ def test_db_create_from_nothing_starts_the_service_and_says_when_it_expires(tmp_
                               text=True, timeout=120, check=True)
         assert text.stdout.strip().startswith("postgresql://") and "\n" not in text.stdout.strip()
         assert text.stderr.startswith("expires ")
+        # claimed: no TTL any more, and the old password and token open nothing (an open session is ended)
+        name = out["name"]
+        strata(home, "branch", "create", f"{name}/dev")
+        held = psycopg.connect(out["uri"], autocommit=True)
+        claimed = strata(home, "db", "claim", name)
+        assert claimed["uri"] != out["uri"] and claimed["expires_at"] is None and claimed["token"] != out["token"]
+        with pytest.raises(psycopg.OperationalError, match="claimed"):
+            held.execute("select 1")
+        held.close()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(out["uri"]).close()
+        assert sql(claimed["uri"], "select 1") == [(1,)]
+        client = Strata(home, start=False)
+        info = client.database(name).info
+        assert info["expires_at"] is None
+        assert all(b.info["expires_at"] is None for b in client.database(name).branches())
+        with pytest.raises(ApiError) as e:
+            Strata(home, start=False, token=out["token"]).database(name)
+        assert e.value.status == 401
+        assert Strata(home, start=False, token=claimed["token"]).database(name).info["name"] == name
     finally:
         strata(home, "down")
 

@@ -413,11 +413,29 @@ class StrataTools:
     def _created(self, database: str, branch: str, info: Mapping[str, Any]) -> CreatedOut:
         return CreatedOut(database=database, branch=branch, expires_at=_when(info.get("expires_at")), uri="")
 
-    def db_delete(self, database: str) -> DoneOut:
+    def db_delete(self, database: str, confirmation: ElicitationResult[Confirm]) -> DoneOut:
+        """Delete a database; one with protected branches only if the human says yes."""
         self.grant.check(database)
+        if not (isinstance(confirmation, AcceptedElicitation) and confirmation.data.confirm):
+            return DoneOut(done=f"nothing changed: deleting {database} was not confirmed ({confirmation.action})")
+        for b in self._api("GET", f"/databases/{database}/branches"):
+            if b.get("protected"):
+                self._api("PATCH", f"/databases/{database}/branches/{b['name']}", {"protected": False})
         self._api("DELETE", f"/databases/{database}")
         self._forget(database)
         return DoneOut(done=f"database {database} deleted")
+
+    def ask_database(self) -> Callable[..., Any]:
+        """A resolver: for a database with protected branches, the human's answer."""
+        def confirm_database_delete(database: str) -> Confirm | Elicit[Confirm]:
+            self.grant.check(database)
+            kept = [b["name"] for b in self._api("GET", f"/databases/{database}/branches") if b.get("protected")]
+            if not kept:
+                return Confirm(confirm=True)
+            return Elicit(f"Database {database} has protected branches ({', '.join(kept)}). Delete it with "
+                          "them? This cannot be undone.", Confirm)
+
+        return confirm_database_delete
 
     def _forget(self, database: str, branch: str | None = None) -> None:
         with self.mu:
@@ -813,14 +831,15 @@ def build_server(client: Strata, grant: Grant, *, name: str = "strata") -> tuple
         "Strata: branchable PostgreSQL. Branch before risky work (O(1)); test migrations with migration_test. "
         f"Grant: database {grant.database!r}, branch {grant.branch!r}, {grant.access}"
         + (f", max ttl {grant.max_ttl:g} s" if grant.max_ttl else "") + "."))
-    confirm_delete, confirm_reset = t.ask("Delete"), t.ask("Reset")
+    confirm_delete, confirm_reset, confirm_drop = t.ask("Delete"), t.ask("Reset"), t.ask_database()
 
     def db_create(name: str | None = None, ttl: str | None = None, persistent: bool = False,
                   idempotency_key: str | None = None) -> CreatedOut:
         return t.db_create(name, ttl, persistent, idempotency_key)
 
-    def db_delete(database: str) -> DoneOut:
-        return t.db_delete(database)
+    def db_delete(database: str,
+                  confirmation: Annotated[ElicitationResult[Confirm], Resolve(confirm_drop)]) -> DoneOut:
+        return t.db_delete(database, confirmation)
 
     def branch_create(database: str, name: str, parent: str = "main", lsn: int | None = None,
                       time: str | None = None, ttl: str | None = None, persistent: bool = False,

@@ -88,14 +88,14 @@ PUSH_TIMEOUT = 15.0  # seconds the page server waits for a front end to end a br
 
 # what the front ends may call: the control plane's public API, and the proxy's hooks
 CALLS = frozenset({
-    "create_database", "database", "databases", "delete_database", "update_database",
+    "create_database", "database", "databases", "delete_database", "update_database", "claim_database",
     "create_branch", "branch", "branches", "update_branch", "delete_branch",
     "reset_branch", "restore_branch", "detach_branch", "suspend", "start", "lsn", "diff", "merge",
     "database_for_token", "resolve", "route", "status", "metrics_text", "check", "uri", "endpoint",
 })  # (connection_opened and connection_closed go on the subscription: see RpcServer._subscribed)
 SLOW_CALLS = frozenset({"route", "start", "create_database", "create_branch", "check", "delete_database",
                         "update_database", "delete_branch", "reset_branch", "restore_branch", "detach_branch", "suspend",
-                        "diff", "merge"})
+                        "diff", "merge", "claim_database", "uri"})  # (a read-only password wakes its branch)
 CALL_TIMEOUT, SLOW_CALL_TIMEOUT = 60.0, 900.0  # seconds before a call is given up (the page server hangs)
 SUBSCRIBE_WAIT = 10.0  # seconds a connection count waits for the subscription (after a page server restart)
 
