@@ -37,6 +37,27 @@ def test_a_stale_service_file_does_not_make_another_process_the_service(tmp_path
         p.wait()
 
 
+def test_a_service_file_naming_a_live_pid_by_another_start_or_boot_is_stale(tmp_path):
+    """The fast path (pid, start time, boot: no /proc/locks) takes only the
+    process that wrote the file; a pid reused since, or one from before a
+    reboot, falls to the lock's word (nobody holds it here: not running)."""
+    home = str(tmp_path)
+    p = impostor("pageserver.service")
+    try:
+        start = process_start(p.pid)
+        for wrong in ({"start": start - 1, "boot": BOOT_ID}, {"start": start, "boot": "another-boot"},
+                      {"start": str(start), "boot": BOOT_ID}, {}):
+            with open(os.path.join(home, daemon.STATE), "w") as f:
+                json.dump({"pid": p.pid, "api": "http://127.0.0.1:1", **wrong}, f)
+            assert daemon.read_state(home) is None, wrong
+        with open(os.path.join(home, daemon.STATE), "w") as f:
+            json.dump({"pid": p.pid, "api": "http://127.0.0.1:1", "start": start, "boot": BOOT_ID}, f)
+        assert daemon.read_state(home) is not None  # (the writer itself, alive: as the service writes it)
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_the_service_is_whoever_holds_its_lock(tmp_path):
     home = str(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", (

@@ -7,14 +7,16 @@
 
 `Strata()` finds the service from `url`/`token`, or `$STRATA_URL` and
 `$STRATA_TOKEN`, or the home directory (`home`, `$STRATA_HOME`, or
-`./.strata`), and starts one there if none runs (`start=False` to refuse).
+`./.strata`), and starts one there if none runs (`start=False` to refuse;
+it keeps AUTO_WARM_POOL spare computes).
 Errors come back as the typed errors of `pageserver.errors` (and the
 engine's), named by the service.
 
-The HTTP path is the standard library's `http.client` (one kept-alive
-connection, JSON in and out), and psycopg is imported only to connect:
-a CLI call that makes one API request pays for neither httpx nor psycopg
-(issue: the CLI at agent speed).
+The HTTP path is one kept-alive HTTP/1.1 connection on a socket (JSON in
+and out; HTTPS through the standard library's `http.client`), and psycopg
+is imported only to connect: a CLI call that makes one API request pays
+for neither httpx, http.client (email, ssl) nor psycopg (issue: the CLI at
+agent speed).
 
 Concurrency: a `Strata` holds one connection, and a lock (`_Http.mu`)
 makes each request and its answer one step, so threads may share it
@@ -23,7 +25,6 @@ makes each request and its answer one step, so threads may share it
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import time
@@ -74,7 +75,109 @@ def _raise(status: int, text: str) -> None:
     raise typed(status, kind, message)
 
 
+# A service started on demand keeps a spare compute: a new database's first query does not wait for a
+# postgres to start (create to first query from a shell, p50: 286 ms without, 210 ms with; issue 16).
+AUTO_WARM_POOL = 1
 IDLE_REUSE_S = 2.0  # a connection idle longer is not reused (the server closes idle ones after 5 s)
+
+
+class HttpError(OSError):
+    """An answer that is not HTTP/1.1 as this client reads it."""
+
+
+class _Plain:
+    """One HTTP/1.1 connection over a TCP socket: a request, and its
+    answer with a Content-Length or chunked body. (The standard library's
+    http.client imports email and ssl: 17 ms of a CLI call's 100. HTTPS
+    goes through http.client.)"""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        import socket
+
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.file = self.sock.makefile("rb")
+        self.host = f"{host}:{port}"
+
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}", *(f"{k}: {v}" for k, v in headers.items()),
+                 f"Content-Length: {len(body or b'')}", "", ""]
+        self.sock.sendall("\r\n".join(lines).encode("latin-1") + (body or b""))
+        status_line = self.file.readline(65537)
+        if not status_line:
+            raise ConnectionResetError("the server closed the connection")
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise HttpError(f"not an HTTP answer: {status_line[:80]!r}")
+        status = int(parts[1])
+        fields: dict[bytes, bytes] = {}
+        while True:
+            line = self.file.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            data = b""
+        elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+            chunks = []
+            while True:
+                size = int(self.file.readline(65537).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.file.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # (trailers)
+                    break
+                chunks.append(self._exactly(size))
+                self.file.readline(65537)
+            data = b"".join(chunks)
+        elif b"content-length" in fields:
+            data = self._exactly(int(fields[b"content-length"]))
+        else:
+            data = self.file.read()  # (to the end: the server closes)
+            fields[b"connection"] = b"close"
+        if fields.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, data
+
+    def _exactly(self, n: int) -> bytes:
+        data = self.file.read(n)
+        if len(data) != n:
+            raise ConnectionResetError("the server closed the connection mid-answer")
+        return data
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class _Tls:
+    """HTTPS through the standard library's http.client."""
+
+    def __init__(self, host: str, port: int | None, timeout: float) -> None:
+        import http.client
+
+        self.conn = http.client.HTTPSConnection(host, port, timeout=timeout)
+        self.closed = False
+
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        import http.client
+
+        try:
+            self.conn.request(method, path, body=body, headers=headers)
+            r = self.conn.getresponse()
+            return r.status, r.read()
+        except http.client.RemoteDisconnected as e:
+            raise ConnectionResetError(str(e)) from e
+        except http.client.HTTPException as e:
+            raise HttpError(f"not an HTTP answer: {e}") from e
+
+    def close(self) -> None:
+        self.conn.close()
+        self.closed = True
 
 
 class _Http:
@@ -92,14 +195,16 @@ class _Http:
         self.prefix = u.path.rstrip("/")
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: _Plain | _Tls | None = None
         self._used = 0.0
         self.mu = threading.Lock()
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            self._conn = cls(self.host, self.port, timeout=self.timeout)
+    def _connection(self) -> _Plain | _Tls:
+        if self._conn is None or self._conn.closed:
+            if self.scheme == "https":
+                self._conn = _Tls(self.host, self.port, self.timeout)
+            else:
+                self._conn = _Plain(self.host, self.port or 80, self.timeout)
         return self._conn
 
     def request(self, method: str, path: str, body: Any) -> tuple[int, str]:
@@ -111,16 +216,15 @@ class _Http:
             for attempt in (0, 1):
                 if time.monotonic() - self._used > IDLE_REUSE_S:
                     self.close()
-                conn = self._connection()
+                fresh = self._conn is None or self._conn.closed
                 try:
-                    conn.request(method, self.prefix + path, body=data, headers=headers)
-                    r = conn.getresponse()
-                    text = r.read().decode("utf-8", "replace")
+                    conn = self._connection()
+                    status, raw = conn.request(method, self.prefix + path, data, headers)
                     self._used = time.monotonic()
-                    return r.status, text
-                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                    return status, raw.decode("utf-8", "replace")
+                except (BrokenPipeError, ConnectionResetError):
                     self.close()  # (a kept-alive connection the server closed meanwhile: once more, anew)
-                    if attempt or method not in ("GET", "HEAD"):
+                    if attempt or fresh or method not in ("GET", "HEAD"):
                         raise
                 except BaseException:
                     self.close()
@@ -146,7 +250,7 @@ class Strata:
             if state is None:
                 if not start:
                     raise ServiceNotRunningError(f"no Strata service runs for {home} (run `strata up`)")
-                state = service.start(home)
+                state = service.start(home, warm_pool=AUTO_WARM_POOL)
             url = url or state["api"]
             if token is None:
                 with open(state["token_file"]) as f:
@@ -166,7 +270,7 @@ class Strata:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
             status, text = self._http.request(method, path, body)
-        except (OSError, http.client.HTTPException) as e:  # (a timeout is an OSError)
+        except OSError as e:  # (a timeout and a malformed answer are OSErrors too)
             raise ServiceNotRunningError(f"cannot reach the Strata service at {self.url}: {e}") from e
         if status >= 400:
             _raise(status, text)

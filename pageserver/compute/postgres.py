@@ -37,6 +37,7 @@ from urllib.parse import quote
 
 from pageserver.compute.cgroup import Cgroup
 from pageserver.errors import ComputeError, PostgresVersionError
+from pageserver.proc import boot_id, process_start
 
 log = logging.getLogger("strata.compute")
 
@@ -325,26 +326,7 @@ def pidfile_ready(path: str) -> bool:
     return len(lines) > 7 and lines[7].strip() == READY
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-BOOT_ID = _boot_id()
-
-
-def process_start(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot (None: no such
-    process). With the boot, a process's identity: a reused pid differs."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19])  # field 22 of proc(5), counting from the state (field 3)
+BOOT_ID = boot_id()
 
 
 _warned_pidfd: list[bool] = []

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pageserver.errors import AnotherServiceError, ServiceNotRunningError
+from pageserver.proc import is_process
 
 # (the engine's file seam, the supervisor and what only starting a service needs are imported where
 # used: a CLI call that only reads the state file to find the API pays for none of them)
@@ -139,6 +140,11 @@ def read_state(home: str) -> dict[str, Any] | None:
             state: dict[str, Any] = json.load(f)
     except (OSError, ValueError):
         return None
+    if is_process(state.get("pid"), state.get("start"), state.get("boot")):
+        # The process that wrote it is alive (pid, start time and boot: the kernel's word, no pid reuse
+        # passes), and it wrote it holding the lock it holds until it ends: the service. (Reading
+        # /proc/locks costs 10 ms at a process's first read: a CLI call's budget is 100.)
+        return state
     pid = service_pid(home)
     return state if pid is not None and state.get("pid") == pid else None
 
@@ -306,9 +312,11 @@ def _control_socket(home: str, group: int) -> str:
 
 def _write_state(home: str, api_port: int, proxy_port: int, processes: dict[str, Any],
                  limits: dict[str, Any]) -> None:
+    from pageserver.proc import boot_id, process_start
+
     state = {"api": f"http://{HOST}:{api_port}", "proxy": f"{HOST}:{proxy_port}",
              "token_file": os.path.join(home, TOKEN), "pid": os.getpid(), "home": home, "processes": processes,
-             "limits": limits}
+             "limits": limits, "start": process_start(os.getpid()), "boot": boot_id()}
     _write(os.path.join(home, STATE), json.dumps(state).encode())
 
 
