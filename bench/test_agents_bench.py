@@ -40,7 +40,8 @@ STRATA_BIN = os.path.join(os.path.dirname(sys.executable), "strata")
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     h = str(tmp_path_factory.mktemp("agents") / "home")
-    strata(h, "up", "--idle-timeout", "5", "--warm-pool", "1")
+    # (1,000 cycles in two minutes are more creations than the default rate allows the operator's token)
+    strata(h, "up", "--idle-timeout", "5", "--warm-pool", "1", "--creations-per-minute", "100000")
     try:
         yield h
     finally:
@@ -106,8 +107,14 @@ def test_the_cli_from_a_shell_next_to_the_sdk(benchmark, home):
         db.sql("select 1")
         sdk_first.append(time.perf_counter() - t0)
         db.delete()
-        cli_first.append(_shell(f'u=$({STRATA_BIN} db create --ttl 10m 2>/dev/null) && {psql} -Atqc "select 1" "$u"',
-                                env))
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        uri = subprocess.run(["bash", "-c", f'u=$({STRATA_BIN} db create --ttl 10m 2>/dev/null) && '
+                              f'{psql} -Atqc "select 1" "$u" >/dev/null && echo "$u"'],
+                             check=True, env=env, capture_output=True, text=True, timeout=120).stdout
+        cli_first.append(time.perf_counter() - t0)
+        client.database(uri.split("endpoint%3D")[1].split(".")[0]).delete()  # (not timed)
+        time.sleep(0.5)  # (the spare compute is made again meanwhile, as between an agent's steps)
     benchmark.pedantic(lambda: _shell(f"{STRATA_BIN} --help >/dev/null", env), rounds=CLI_ROUNDS)
     client.close()
     for name, xs, target in (("strata db list", cli_list, "< 100 ms"), ("SDK GET /databases", sdk_list, ""),

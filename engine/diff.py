@@ -132,8 +132,8 @@ def _side(p: Point, base: Point | None) -> BitMap64:
             keys |= written(tl, base.lsn, upto)
             return keys
         keys |= written(tl, tl.branch_lsn if tl.ancestor_id is not None else -1, upto)
-    if base is not None:  # (unreachable: the common point is on every lineage that has one)
-        raise AssertionError(f"{base!r} is not in the lineage of {p!r}")
+    if base is not None:  # (the common point was on it: a detach cut it off since)
+        raise InvalidArgumentError(f"timeline {p.timeline.id} was detached while it was diffed: try again")
     return keys
 
 

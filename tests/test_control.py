@@ -104,6 +104,7 @@ def test_a_read_only_password_reads_and_postgresql_itself_refuses_its_writes(env
                      "set default_transaction_read_only = off; insert into t values (2)",
                      "begin read write; insert into t values (2); commit",
                      "create table mine(x int)",
+                     "set default_transaction_read_only = off; select lo_from_bytea(0, 'x')",
                      "alter role strata_readonly superuser"):
         with psycopg.connect(ro, autocommit=True) as conn, pytest.raises(psycopg.Error):
             for statement in smuggled.split("; "):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -356,4 +357,90 @@ def test_a_database_token_narrows_the_grant_to_its_database(home, client):
         assert out["diff"]["report"]["pages"] is not None and "outside" in out["other"]
     finally:
         scoped.close()
+        db.delete()
+
+
+def test_names_that_are_not_names_are_refused_before_any_request(client):
+    async def steps(c: Any) -> list[str]:
+        smuggled = "agent-x HTTP/1.1\r\nHost: a\r\n\r\nDELETE /v1/databases/prod"
+        return [await refused(c, "branch_info", database="shop1", branch=smuggled),
+                await refused(c, "connection_string", database="shop1", branch="prod?x=-tmp")]
+
+    for text in call(client, Grant(branch="agent-*"), steps):
+        assert "is not a name" in text
+    from pageserver.errors import BadRequestError
+    with pytest.raises(BadRequestError, match="not a path"):
+        client.call("GET", "/databases/x y")
+
+
+def test_review_fixes_explain_migrations_quotas_confirmation_cursors_and_keys(client):
+    """Each a race or a hole a review found: analyze under read-only, a base
+    reset since its test, quotas of narrowed grants, a branch protected
+    between the question and the act, an expired cursor, one key at once."""
+    import threading
+
+    from mcp.server.mcpserver import AcceptedElicitation
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from pageserver.clients.mcp import Quota, StrataTools, _Unasked
+
+    from .interleave import Pause
+
+    db = client.create_database("fixes", ttl="1h")
+    sql(db.uri, "create table t as select g as id from generate_series(1, 20) g")
+    db.branch("dev", ttl="1h")
+
+    async def ro(c: Any) -> str:
+        return await refused(c, "explain", database="fixes", sql="select 1", analyze=True)
+
+    assert "read-write grant" in call(client, Grant(access="read-only"), ro)
+
+    async def reset_since(c: Any) -> str:
+        m = await tool(c, "migration_test", database="fixes", branch="dev", sql="create index on t(id)")
+        await tool(c, "branch_reset", database="fixes", branch="dev")
+        return await refused(c, "migration_apply", migration_id=m["migration_id"])
+
+    assert "reset or restored" in call(client, Grant(), reset_since)
+
+    shared = Quota()
+    a, b = (StrataTools(client, Grant(max_databases=1), shared) for _ in range(2))
+    a._quota("databases")
+    with pytest.raises(ToolError, match="allows 1 databases"):
+        b._quota("databases")
+
+    t = StrataTools(client, Grant())
+    try:
+        client.branch("fixes/dev").update(protected=True)  # protected after the resolver found it was not
+        with pytest.raises(ToolError, match="protected meanwhile"):
+            t.branch_delete("fixes", "dev", AcceptedElicitation[Any].model_construct(data=_Unasked()))
+        assert "dev" in [x.name for x in db.branches()]
+        client.branch("fixes/dev").update(protected=False)
+
+        page = t.sql_query("fixes", "select id from t order by id", max_rows=5)
+        assert page.cursor is not None
+        t._cursors[page.cursor].deadline = 0.0  # (past its time: as if nobody fetched for CURSOR_TTL)
+        with pytest.raises(ToolError, match="expired"):
+            t.sql_query("fixes", cursor=page.cursor)
+        assert t._cursors == {}
+
+        out: dict[str, Any] = {}
+        with Pause(t, "_created", thread="first") as p:
+            first = threading.Thread(target=lambda: out.setdefault("first", t.db_create(ttl="10m",
+                                                                                        idempotency_key="k")),
+                                     name="first")
+            first.start()
+            p.reached()  # made, not yet recorded: the same key again waits for it
+            second = threading.Thread(target=lambda: out.setdefault("second", t.db_create(ttl="10m",
+                                                                                          idempotency_key="k")))
+            second.start()
+            time.sleep(0.3)
+            assert second.is_alive()
+        first.join(30)
+        second.join(30)
+        assert out["first"].database == out["second"].database
+        client.database(out["first"].database).delete()
+    finally:
+        t.close()
+        a.close()
+        b.close()
         db.delete()

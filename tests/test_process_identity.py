@@ -51,8 +51,15 @@ def test_a_service_file_naming_a_live_pid_by_another_start_or_boot_is_stale(tmp_
                 json.dump({"pid": p.pid, "api": "http://127.0.0.1:1", **wrong}, f)
             assert daemon.read_state(home) is None, wrong
         with open(os.path.join(home, daemon.STATE), "w") as f:
-            json.dump({"pid": p.pid, "api": "http://127.0.0.1:1", "start": start, "boot": BOOT_ID}, f)
+            json.dump({"pid": p.pid, "api": "http://127.0.0.1:1", "start": start, "boot": BOOT_ID,
+                       "home": home + "-elsewhere"}, f)
+        assert daemon.read_state(home) is None  # (a copied home's file names the original's service)
+        with open(os.path.join(home, daemon.STATE), "w") as f:
+            json.dump({"pid": p.pid, "api": "http://127.0.0.1:1", "start": start, "boot": BOOT_ID, "home": home}, f)
         assert daemon.read_state(home) is not None  # (the writer itself, alive: as the service writes it)
+        p.kill()
+        time.sleep(0.2)  # dead, not yet reaped: a zombie keeps its pid and start time, and is not the service
+        assert daemon.read_state(home) is None
     finally:
         p.kill()
         p.wait()

@@ -146,6 +146,13 @@ class Grant:
         return ACCESS.index(self.access) >= ACCESS.index(access)
 
     def check(self, database: str, branch: str | None = None) -> None:
+        """Refuse a name that is not a name (before a pattern, whose `*`
+        matches anything), or one outside the grant."""
+        from pageserver.control.objects import NAME
+
+        for kind, name in (("database", database), ("branch", branch)):
+            if name is not None and not (isinstance(name, str) and NAME.match(name)):
+                raise ToolError(f"{kind} name {name!r} is not a name (1-63 of a-z, 0-9, _ and -)")
         if not fnmatch.fnmatchcase(database, self.database):
             raise ToolError(f"database {database!r} is outside this server's grant ({self.database!r})")
         if branch is not None and not fnmatch.fnmatchcase(branch, self.branch):
@@ -261,6 +268,17 @@ class Confirm(BaseModel):
     confirm: bool = Field(description="yes, do it")
 
 
+class _Unasked:
+    """A resolver's answer when nothing protected was there: nobody was asked.
+    The tool refuses if something protected is there when it acts."""
+
+
+def _said_yes(confirmation: Any) -> bool:
+    data = getattr(confirmation, "data", None)
+    return isinstance(confirmation, AcceptedElicitation) and (
+        isinstance(data, _Unasked) or (isinstance(data, Confirm) and data.confirm))
+
+
 # --- the tools -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -279,6 +297,7 @@ class _Migration:
     branch: str
     sql: str
     base_lsn: int
+    base_timeline: str  # (a reset or restore replaces it: the LSN then names another history)
     ok: bool
 
 
@@ -318,18 +337,30 @@ def _branch_out(database: str, info: Mapping[str, Any]) -> BranchOut:
                      lsn=info.get("lsn"))
 
 
+class Quota:
+    """What the servers of one grant (and the narrower ones made from it)
+    have created, counted together."""
+
+    def __init__(self) -> None:
+        self.mu = threading.Lock()
+        self.made = {"databases": 0, "branches": 0}  # under mu
+
+
 class StrataTools:
     """The tools of one grant, on one service."""
 
-    def __init__(self, client: Strata, grant: Grant) -> None:
+    def __init__(self, client: Strata, grant: Grant, quota: Quota | None = None) -> None:
         self.client, self.grant = client, grant
+        self.quota = quota or Quota()
         self.mu = threading.Lock()
         self._uris: dict[tuple[str, str], tuple[str, float]] = {}  # (db, branch) -> (uri, good until)
         self._cursors: dict[str, _Cursor] = {}
         self._keys: dict[str, tuple[str, float, BaseModel]] = {}  # key -> (digest of the call, when, result)
         self._migrations: dict[str, _Migration] = {}
-        self._made = {"databases": 0, "branches": 0}
+        self._pending: dict[str, threading.Event] = {}  # idempotency keys whose first call runs now
         self.max_bytes = MAX_BYTES  # of row data in one sql_query result
+        self._closed = threading.Event()
+        threading.Thread(target=self._reap, name="mcp-cursors", daemon=True).start()
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -355,40 +386,57 @@ class StrataTools:
         return str(uri)
 
     def _connect(self, database: str, branch: str, **kw: Any) -> psycopg.Connection[Any]:
-        try:
-            return psycopg.connect(self._uri(database, branch), connect_timeout=60, **kw)
-        except psycopg.Error as e:
-            raise ToolError(f"connecting to {database}/{branch}: {' '.join(str(e).split())}") from None
+        for attempt in (0, 1):
+            try:
+                return psycopg.connect(self._uri(database, branch), connect_timeout=60, **kw)
+            except psycopg.Error as e:
+                if attempt == 0 and "password authentication failed" in str(e):
+                    self._forget(database, branch)  # (claimed, made again, or pushed out: a new one)
+                    continue
+                raise ToolError(f"connecting to {database}/{branch}: {' '.join(str(e).split())}") from None
+        raise AssertionError("unreachable")
 
     def _quota(self, kind: str) -> None:
         limit = self.grant.max_databases if kind == "databases" else self.grant.max_branches
-        with self.mu:
-            if limit is not None and self._made[kind] >= limit:
+        with self.quota.mu:
+            if limit is not None and self.quota.made[kind] >= limit:
                 raise ToolError(f"this server's grant allows {limit} {kind} to be created, and they were")
-            self._made[kind] += 1
+            self.quota.made[kind] += 1
 
     def _unquota(self, kind: str) -> None:
-        with self.mu:
-            self._made[kind] -= 1
+        with self.quota.mu:
+            self.quota.made[kind] -= 1
 
     def _once(self, key: str | None, call: tuple[Any, ...], make: Callable[[], BaseModel]) -> BaseModel:
         """`make()` once per idempotency key (the same call again returns its first result)."""
         if key is None:
             return make()
         digest = hashlib.sha256(json.dumps(call, default=str).encode()).hexdigest()
-        now = time.time()
-        with self.mu:
-            for k in [k for k, (_, t, _) in self._keys.items() if t < now - IDEMPOTENCY_TTL]:
-                del self._keys[k]
-            seen = self._keys.get(key)
-        if seen is not None:
-            if seen[0] != digest:
-                raise ToolError(f"idempotency key {key!r} was used for another call")
-            return seen[2]
-        out = make()
-        with self.mu:
-            self._keys.setdefault(key, (digest, now, out))
-            return self._keys[key][2]
+        while True:
+            now = time.time()
+            with self.mu:
+                for k in [k for k, (_, t, _) in self._keys.items() if t < now - IDEMPOTENCY_TTL]:
+                    del self._keys[k]
+                seen = self._keys.get(key)
+                running = self._pending.get(key)
+                if seen is None and running is None:
+                    mine = self._pending[key] = threading.Event()  # (a retry meanwhile waits for this one)
+                    break
+            if seen is not None:
+                if seen[0] != digest:
+                    raise ToolError(f"idempotency key {key!r} was used for another call")
+                return seen[2]
+            assert running is not None
+            running.wait(300)
+        try:
+            out = make()
+            with self.mu:
+                self._keys[key] = (digest, now, out)
+            return out
+        finally:
+            with self.mu:
+                del self._pending[key]
+            mine.set()
 
     # --- databases and branches -------------------------------------------------------------------
 
@@ -411,27 +459,41 @@ class StrataTools:
         return out.model_copy(update={"uri": self._uri(out.database, out.branch)})
 
     def _created(self, database: str, branch: str, info: Mapping[str, Any]) -> CreatedOut:
+        """The create's answer, without its password (an idempotent retry
+        gets a password of its own); the password is the server's own for
+        the branch from now on (no second credential for the first query)."""
+        if info.get("uri"):
+            with self.mu:
+                self._uris[(database, branch)] = (str(info["uri"]), time.time() + CREDENTIAL_TTL)
         return CreatedOut(database=database, branch=branch, expires_at=_when(info.get("expires_at")), uri="")
 
-    def db_delete(self, database: str, confirmation: ElicitationResult[Confirm]) -> DoneOut:
+    def db_delete(self, database: str, confirmation: ElicitationResult[Any]) -> DoneOut:
         """Delete a database; one with protected branches only if the human says yes."""
         self.grant.check(database)
-        if not (isinstance(confirmation, AcceptedElicitation) and confirmation.data.confirm):
+        if not _said_yes(confirmation):
             return DoneOut(done=f"nothing changed: deleting {database} was not confirmed ({confirmation.action})")
-        for b in self._api("GET", f"/databases/{database}/branches"):
-            if b.get("protected"):
-                self._api("PATCH", f"/databases/{database}/branches/{b['name']}", {"protected": False})
-        self._api("DELETE", f"/databases/{database}")
+        kept = [b["name"] for b in self._api("GET", f"/databases/{database}/branches") if b.get("protected")]
+        if kept and isinstance(getattr(confirmation, "data", None), _Unasked):
+            raise ToolError(f"nothing changed: {database} has protected branches now ({', '.join(kept)}); "
+                            "call again to be asked")
+        for name in kept:
+            self._api("PATCH", f"/databases/{database}/branches/{name}", {"protected": False})
+        try:
+            self._api("DELETE", f"/databases/{database}")
+        except BaseException:
+            for name in kept:
+                self._api("PATCH", f"/databases/{database}/branches/{name}", {"protected": True})
+            raise
         self._forget(database)
         return DoneOut(done=f"database {database} deleted")
 
     def ask_database(self) -> Callable[..., Any]:
         """A resolver: for a database with protected branches, the human's answer."""
-        def confirm_database_delete(database: str) -> Confirm | Elicit[Confirm]:
+        def confirm_database_delete(database: str) -> _Unasked | Elicit[Confirm]:
             self.grant.check(database)
             kept = [b["name"] for b in self._api("GET", f"/databases/{database}/branches") if b.get("protected")]
             if not kept:
-                return Confirm(confirm=True)
+                return _Unasked()
             return Elicit(f"Database {database} has protected branches ({', '.join(kept)}). Delete it with "
                           "them? This cannot be undone.", Confirm)
 
@@ -477,26 +539,27 @@ class StrataTools:
 
     def ask(self, what: str) -> Callable[..., Any]:
         """A resolver: for a protected branch, the human's answer to `what`."""
-        def resolver(database: str, branch: str) -> Confirm | Elicit[Confirm]:
+        def resolver(database: str, branch: str) -> _Unasked | Elicit[Confirm]:
             self.grant.check(database, branch)
             info = self._api("GET", f"/databases/{database}/branches/{branch}")
             if not info.get("protected"):
-                return Confirm(confirm=True)
+                return _Unasked()
             return Elicit(f"Branch {database}/{branch} is protected. {what} it? This cannot be undone.", Confirm)
 
         resolver.__name__ = resolver.__qualname__ = f"confirm_{what.lower()}"
         return resolver
 
-    def _unprotect_then(self, database: str, branch: str, confirmation: ElicitationResult[Confirm],
+    def _unprotect_then(self, database: str, branch: str, confirmation: ElicitationResult[Any],
                         act: Callable[[bool], Any], what: str) -> DoneOut:
         """`act(was_protected)`, if the human said yes (an unprotected branch asks nobody)."""
         self.grant.check(database, branch)
-        yes = isinstance(confirmation, AcceptedElicitation) and confirmation.data.confirm
-        if not yes:
+        if not _said_yes(confirmation):
             return DoneOut(done=f"nothing changed: the {what} of {database}/{branch} was not confirmed "
                            f"({confirmation.action})")
         path = f"/databases/{database}/branches/{branch}"
         protected = bool(self._api("GET", path).get("protected"))
+        if protected and isinstance(getattr(confirmation, "data", None), _Unasked):
+            raise ToolError(f"nothing changed: {database}/{branch} was protected meanwhile; call again to be asked")
         if protected:
             self._api("PATCH", path, {"protected": False})
         try:
@@ -507,14 +570,14 @@ class StrataTools:
             raise
         return DoneOut(done=f"{database}/{branch}: {what} done")
 
-    def branch_reset(self, database: str, branch: str, confirmation: ElicitationResult[Confirm]) -> DoneOut:
+    def branch_reset(self, database: str, branch: str, confirmation: ElicitationResult[Any]) -> DoneOut:
         def act(was_protected: bool) -> None:
             self._api("POST", f"/databases/{database}/branches/{branch}/reset")
             if was_protected:
                 self._api("PATCH", f"/databases/{database}/branches/{branch}", {"protected": True})
         return self._unprotect_then(database, branch, confirmation, act, "reset")
 
-    def branch_delete(self, database: str, branch: str, confirmation: ElicitationResult[Confirm]) -> DoneOut:
+    def branch_delete(self, database: str, branch: str, confirmation: ElicitationResult[Any]) -> DoneOut:
         def act(was_protected: bool) -> None:
             self._api("DELETE", f"/databases/{database}/branches/{branch}")
             self._forget(database, branch)
@@ -539,6 +602,9 @@ class StrataTools:
         if cursor is not None:
             with self.mu:
                 c = self._cursors.get(cursor)
+            if c is not None and c.deadline < time.monotonic():
+                self._close_cursor(cursor)
+                c = None
             if c is None:
                 raise ToolError(f"cursor {cursor!r} is unknown or expired (cursors live {CURSOR_TTL:g} s)")
             return self._page(cursor, c, max_rows, max_bytes)
@@ -562,10 +628,9 @@ class StrataTools:
         with self.mu:
             self._cursors[cid] = c
             old = sorted(self._cursors.items(), key=lambda kv: kv[1].deadline)
-            drop = [k for k, v in old if v.deadline < time.monotonic()] + [k for k, _ in old[:-CURSORS]]
-            dropped = [self._cursors.pop(k) for k in dict.fromkeys(drop) if k in self._cursors and k != cid]
-        for d in dropped:
-            d.conn.close()
+            drop = [k for k, _ in old[:-CURSORS] if k != cid]  # (the oldest, past CURSORS)
+        for k in drop:
+            self._close_cursor(k)
         return self._page(cid, c, max_rows, max_bytes)
 
     def _page(self, cid: str, c: _Cursor, max_rows: int, max_bytes: int) -> QueryOut:
@@ -573,7 +638,7 @@ class StrataTools:
             try:
                 rows = c.pending + list(c.cur.fetchmany(max_rows + 1 - len(c.pending)))
             except psycopg.Error as e:
-                self._close_cursor(cid)
+                self._close_cursor(cid, held=True)
                 raise ToolError(f"PostgreSQL: {' '.join(str(e).split())}") from None
             out: list[list[Any]] = []
             size = 0
@@ -591,17 +656,34 @@ class StrataTools:
             self._close_cursor(cid)
         return QueryOut(columns=c.columns, rows=out, truncated=more, cursor=cid if more else None)
 
-    def _close_cursor(self, cid: str) -> None:
+    def _close_cursor(self, cid: str, *, held: bool = False) -> None:
+        """Take it out of the table, and end its transaction once no fetch
+        uses it (`held`: the caller holds its lock, in a fetch)."""
         with self.mu:
             c = self._cursors.pop(cid, None)
         if c is not None:
-            c.conn.close()
+            if held:
+                c.conn.close()
+            else:
+                with c.mu:
+                    c.conn.close()
+
+    def _reap(self) -> None:
+        """Close the cursors nobody fetched from for CURSOR_TTL: an open READ
+        ONLY transaction would keep its branch awake and hold back vacuum."""
+        while not self._closed.wait(min(30.0, CURSOR_TTL / 4)):
+            now = time.monotonic()
+            with self.mu:
+                expired = [k for k, c in self._cursors.items() if c.deadline < now]
+            for k in expired:
+                self._close_cursor(k)
 
     def close(self) -> None:
+        self._closed.set()
         with self.mu:
-            cursors, self._cursors = list(self._cursors.values()), {}
-        for c in cursors:
-            c.conn.close()
+            cids = list(self._cursors)
+        for k in cids:
+            self._close_cursor(k)
 
     def sql_exec(self, database: str, statements: list[str], branch: str = "main") -> ExecOut:
         self.grant.check(database, branch)
@@ -670,6 +752,9 @@ class StrataTools:
                 except psycopg.Error as e:
                     raise ToolError(f"PostgreSQL: {' '.join(str(e).split())}") from None
             return ExplainOut(plan="\n".join(r[0] for r in plan))
+        if not self.grant.at_least("read-write"):
+            # (ANALYZE runs the statement, on a branch this server makes and opens as its owner)
+            raise ToolError("explain with analyze needs a read-write grant; without analyze it plans only")
         scratch = f"explain-{secrets.token_hex(4)}"  # ANALYZE runs the statement: never on the target
         self._api("POST", f"/databases/{database}/branches",
                   {"name": scratch, "parent": branch, "ttl": 600})
@@ -697,6 +782,7 @@ class StrataTools:
         return out
 
     def _test(self, database: str, branch: str, sql: str, checks: list[str]) -> MigrationOut:
+        timeline = self._api("GET", f"/databases/{database}/branches/{branch}")["timeline"]
         lsn = self._api("GET", f"/databases/{database}/branches/{branch}/lsn")["lsn"]
         scratch = f"mig-{secrets.token_hex(4)}"
         self._api("POST", f"/databases/{database}/branches", {"name": scratch, "parent": branch, "lsn": lsn,
@@ -733,7 +819,7 @@ class StrataTools:
             self._api("DELETE", f"/databases/{database}/branches/{scratch}")
         ok = error is None and all(c.passed for c in results)
         with self.mu:
-            self._migrations[mid] = _Migration(database, branch, sql, lsn, ok)
+            self._migrations[mid] = _Migration(database, branch, sql, lsn, timeline, ok)
         return MigrationOut(migration_id=mid, ok=ok, error=error,
                             schema_diff=(report.get("schema") or {}).get("diff", ""),
                             row_counts={t: [before.get(t), after.get(t)] for t in sorted(before.keys() | after.keys())},
@@ -767,26 +853,36 @@ class StrataTools:
 
     def migration_apply(self, migration_id: str, sql: str | None = None) -> ExecOut:
         with self.mu:
-            m = self._migrations.get(migration_id)
+            m = self._migrations.pop(migration_id, None)  # (taken: a second apply at the same time finds none)
         if m is None:
-            raise ToolError(f"no migration {migration_id!r} was tested on this server")
-        self.grant.check(m.database, m.branch)
-        if sql is not None and sql != m.sql:
-            raise ToolError(f"this is not the SQL migration {migration_id} tested; test it again")
-        if not m.ok:
-            raise ToolError(f"migration {migration_id} failed its test; fix it and test it again")
+            raise ToolError(f"no migration {migration_id!r} was tested on this server (or it was applied)")
+        try:
+            self.grant.check(m.database, m.branch)
+            if sql is not None and sql != m.sql:
+                raise ToolError(f"this is not the SQL migration {migration_id} tested; test it again")
+            if not m.ok:
+                raise ToolError(f"migration {migration_id} failed its test; fix it and test it again")
+            self._unmoved(m, migration_id)
+            out = ExecOut(statements=self._run_all(m.database, m.branch, [m.sql]))
+        except BaseException:
+            with self.mu:
+                self._migrations.setdefault(migration_id, m)
+            raise
+        return out
+
+    def _unmoved(self, m: _Migration, migration_id: str) -> None:
+        """Refuse if the base is not what was tested: another timeline (reset,
+        restored), or rows or schema changed since the tested LSN."""
+        moved_why = f"{m.database}/{m.branch} changed since migration {migration_id} was tested"
+        info = self._api("GET", f"/databases/{m.database}/branches/{m.branch}")
+        if info.get("timeline") != m.base_timeline:
+            raise ToolError(f"{moved_why} (it was reset or restored): test it again")
         report = self._api("POST", "/diff", {"a": f"{m.database}/{m.branch}@{m.base_lsn}",
                                              "b": f"{m.database}/{m.branch}", "rows": True, "schema": True})
         moved = [r["table"] for r in report.get("rows", [])
                  if r.get("status") != "modified" or r.get("skipped") or any(r.get("counts", {}).values())]
         if moved or (report.get("schema") or {}).get("changed"):
-            raise ToolError(f"{m.database}/{m.branch} changed since migration {migration_id} was tested "
-                            f"({', '.join(moved) or 'its schema'}): test it again")
-        out = ExecOut(statements=self._run_all(m.database, m.branch, [m.sql]))
-        with self.mu:
-            self._migrations.pop(migration_id, None)
-        return out
-
+            raise ToolError(f"{moved_why} ({', '.join(moved) or 'its schema'}): test it again")
 
 # --- the server ----------------------------------------------------------------------------------
 
@@ -824,9 +920,10 @@ def _text_of(model: BaseModel, rows: bool) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
 
 
-def build_server(client: Strata, grant: Grant, *, name: str = "strata") -> tuple[MCPServer, StrataTools]:
+def build_server(client: Strata, grant: Grant, *, name: str = "strata",
+                 quota: Quota | None = None) -> tuple[MCPServer, StrataTools]:
     """An MCP server whose tools are those `grant` allows, on `client`'s service."""
-    t = StrataTools(client, grant)
+    t = StrataTools(client, grant, quota)
     server: MCPServer = MCPServer(name, instructions=(
         "Strata: branchable PostgreSQL. Branch before risky work (O(1)); test migrations with migration_test. "
         f"Grant: database {grant.database!r}, branch {grant.branch!r}, {grant.access}"
@@ -954,35 +1051,43 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def http_app(client: Strata, grant: Grant, token: str, *, max_grants: int = 32) -> Any:
+def http_app(client: Strata, grant: Grant, token: str, *, host: str = "127.0.0.1", max_grants: int = 32) -> Any:
     """The streamable-HTTP app: a bearer token, and query parameters that
-    narrow the grant (one MCP server per distinct grant, made on first use)."""
-    import contextlib
+    narrow the grant (one MCP server per distinct grant, made on first use,
+    its session manager run by a task of the app's lifespan; the quotas of
+    all of them counted together)."""
     from urllib.parse import parse_qsl
 
+    import anyio
     from starlette.responses import JSONResponse
 
     servers: dict[Grant, Any] = {}
     made: list[StrataTools] = []
-    stack = contextlib.AsyncExitStack()
-    mu = None
+    quota = Quota()
+    life: dict[str, Any] = {}
+
+    async def run_manager(server: MCPServer, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        async with server.session_manager.run():
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def lifespan(receive: Any, send: Any) -> None:
+        msg = await receive()
+        assert msg["type"] == "lifespan.startup"
+        async with anyio.create_task_group() as tg:
+            life["tg"], life["mu"] = tg, anyio.Lock()
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            tg.cancel_scope.cancel()
+        for t in made:
+            t.close()
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        nonlocal mu
-        import anyio
-
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    mu = anyio.Lock()
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await stack.aclose()
-                    for t in made:
-                        t.close()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization", b"").decode("latin-1")
         if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), token.encode())):
@@ -997,18 +1102,18 @@ def http_app(client: Strata, grant: Grant, token: str, *, max_grants: int = 32) 
         except GrantError as e:
             await JSONResponse({"error": "GrantError", "message": str(e)}, 400)(scope, receive, send)
             return
-        assert mu is not None
-        async with mu:
+        async with life["mu"]:
             sub = servers.get(narrowed)
             if sub is None:
                 if len(servers) >= max_grants:
                     await JSONResponse({"error": "TooManyGrants", "message": f"{max_grants} distinct grants at "
                                         "most"}, 429)(scope, receive, send)
                     return
-                server, tools = build_server(client, narrowed)
-                sub = server.streamable_http_app(stateless_http=True, json_response=True, host="127.0.0.1")
-                await stack.enter_async_context(server.session_manager.run())
-                servers[narrowed], made[len(made):] = sub, [tools]
+                server, tools = build_server(client, narrowed, quota=quota)
+                made.append(tools)
+                sub = server.streamable_http_app(stateless_http=True, json_response=True, host=host)
+                await life["tg"].start(run_manager, server)
+                servers[narrowed] = sub
         await sub(scope, receive, send)
 
     return app
@@ -1017,4 +1122,4 @@ def http_app(client: Strata, grant: Grant, token: str, *, max_grants: int = 32) 
 def serve_http(client: Strata, grant: Grant, *, host: str, port: int, token: str) -> None:
     import uvicorn
 
-    uvicorn.run(http_app(client, grant, token), host=host, port=port, log_level="warning", lifespan="on")
+    uvicorn.run(http_app(client, grant, token, host=host), host=host, port=port, log_level="warning", lifespan="on")

@@ -122,7 +122,13 @@ class _Plain:
         elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
             chunks = []
             while True:
-                size = int(self.file.readline(65537).split(b";")[0].strip() or b"0", 16)
+                head = self.file.readline(65537)
+                if not head.endswith(b"\n"):
+                    raise ConnectionResetError("the server closed the connection mid-answer")
+                try:
+                    size = int(head.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise HttpError(f"not a chunk size: {head[:40]!r}") from None
                 if size == 0:
                     while self.file.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass  # (trailers)
@@ -208,6 +214,10 @@ class _Http:
         return self._conn
 
     def request(self, method: str, path: str, body: Any) -> tuple[int, str]:
+        if not path.isascii() or any(c <= " " or c == "\x7f" for c in path):
+            # (a name with a space or a line break would end the request line and start another request)
+            raise ps_errors.BadRequestError(f"{path!r} is not a path of the API: no spaces, control characters "
+                                            "or non-ASCII in names")
         data = json.dumps(body).encode() if body is not None else None
         headers = dict(self.headers)
         if data is not None:

@@ -49,6 +49,7 @@ from engine import NotFoundError, Store, StoreConfig, Timeline
 from pageserver.compute.cgroup import Cgroup, MemoryCgroups
 from pageserver.compute.paths import RUN_MODE, private_dir, run_dir_for
 from pageserver.compute.postgres import (
+    READONLY_DB_SQL,
     READONLY_ROLE_SQL,
     Compute,
     free_port,
@@ -205,12 +206,14 @@ class Node:
                 f.write(PG_CONF)
             with open(os.path.join(pgdata, "pg_hba.conf"), "w") as f:
                 f.write(PG_HBA)
-            r = subprocess.run(  # every database is born with the read-only role (pageserver.compute.postgres)
-                [os.path.join(pg_bindir(), "postgres"), "--single", "-D", pgdata, "-c", "fsync=off", "postgres"],
-                input=READONLY_ROLE_SQL, capture_output=True, text=True, user=user, cwd="/",
-            )
-            if r.returncode != 0 or "ERROR" in r.stdout + r.stderr:
-                raise ComputeError("initdb", f"making the read-only role failed ({r.returncode})", r.stdout + r.stderr)
+            for dbname, sql in (("postgres", READONLY_ROLE_SQL + READONLY_DB_SQL), ("template1", READONLY_DB_SQL)):
+                r = subprocess.run(  # every database is born with the read-only role (pageserver.compute.postgres)
+                    [os.path.join(pg_bindir(), "postgres"), "--single", "-D", pgdata, "-c", "fsync=off", dbname],
+                    input=sql, capture_output=True, text=True, user=user, cwd="/",
+                )
+                if r.returncode != 0 or "ERROR" in r.stdout + r.stderr:
+                    raise ComputeError("initdb", f"making the read-only role failed ({r.returncode})",
+                                       r.stdout + r.stderr)
             log.info("initdb took %.2f s", time.monotonic() - t0)
             return import_datadir(self.store, pgdata, timeline_id=TEMPLATE_ID, progress=progress)
         finally:

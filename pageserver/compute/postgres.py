@@ -142,14 +142,18 @@ READONLY_ROLE_SQL = (
     f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{READONLY_ROLE}') THEN "
     f"CREATE ROLE {READONLY_ROLE} LOGIN; END IF; END$$;\n"
     f"ALTER ROLE {READONLY_ROLE} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS LOGIN "
-    f"NOINHERIT CONNECTION LIMIT -1 PASSWORD NULL;\n"
+    f"INHERIT CONNECTION LIMIT -1 PASSWORD NULL;\n"
     f"DO $$DECLARE r record; BEGIN FOR r IN SELECT roleid::regrole AS g FROM pg_auth_members "
     f"WHERE member = '{READONLY_ROLE}'::regrole AND roleid <> 'pg_read_all_data'::regrole LOOP "
     f"EXECUTE format('REVOKE %s FROM {READONLY_ROLE}', r.g); END LOOP; END$$;\n"
-    f"ALTER ROLE {READONLY_ROLE} INHERIT;\n"
     f"GRANT pg_read_all_data TO {READONLY_ROLE};\n"
+    f"ALTER ROLE {READONLY_ROLE} RESET ALL;\n"
     f"ALTER ROLE {READONLY_ROLE} SET default_transaction_read_only = on;\n"
 )
+# In each database (functions are a database's): large objects are what any role may create, whatever it
+# may read; not here (the owner, a superuser, still may). Template1 has it too: CREATE DATABASE copies it.
+READONLY_DB_SQL = ("REVOKE EXECUTE ON FUNCTION lo_creat(integer), lo_create(oid), lo_from_bytea(oid, bytea), "
+                   "lo_import(text), lo_import(text, oid) FROM PUBLIC;\n")
 
 
 def free_port() -> int:

@@ -100,7 +100,7 @@ from engine import (
 )
 from pageserver.compute.node import TEMPLATE_ID, Node
 from pageserver.compute.paths import private_dir
-from pageserver.compute.postgres import READONLY_ROLE, READONLY_ROLE_SQL, Compute
+from pageserver.compute.postgres import READONLY_DB_SQL, READONLY_ROLE, READONLY_ROLE_SQL, Compute
 from pageserver.control.catalog import (
     CATALOG_ID,
     BranchRecord,
@@ -500,10 +500,13 @@ class ControlPlane:
 
     @staticmethod
     def _with_credential(br: BranchRecord, cred: Credential, now: float) -> BranchRecord:
-        """`br` with `cred` added (its expired ones dropped, and the
-        oldest beyond MAX_CREDENTIALS)."""
-        live = [c for c in br.credentials if c.expires_at is None or c.expires_at > now]
-        return replace(br, credentials=(*live, cred)[-MAX_CREDENTIALS:])
+        """`br` with `cred` added (its expired ones dropped, and the oldest
+        of its role's beyond MAX_CREDENTIALS: a read-only agent's passwords
+        never push out the owner's)."""
+        live = br.live_credentials(now)
+        same = [c for c in live if c.role == cred.role]
+        drop = {id(c) for c in same[:max(0, len(same) + 1 - MAX_CREDENTIALS)]}
+        return replace(br, credentials=(*(c for c in live if id(c) not in drop), cred))
 
     def uri(self, address: str | BranchRecord, *, ttl: float | str | None = None, caller: str | None = None,
             readonly: bool = False) -> str:
@@ -540,9 +543,16 @@ class ControlPlane:
         import psycopg
 
         c = self.wake(br)
-        with psycopg.connect(c.local_conninfo(), autocommit=True, connect_timeout=30) as conn:
-            for statement in READONLY_ROLE_SQL.splitlines():
-                conn.execute(statement.encode())
+        with psycopg.connect(c.local_conninfo(), connect_timeout=30) as conn:
+            with conn.transaction():
+                conn.execute(b"SELECT pg_advisory_xact_lock(4242, 1)")  # (two at once: one after the other)
+                for statement in READONLY_ROLE_SQL.splitlines():
+                    conn.execute(statement.encode())
+            names = [r[0] for r in conn.execute(b"SELECT datname FROM pg_database WHERE datallowconn")]
+        for dbname in names:
+            # (the name as a keyword: a database called "x host=..." is only a name)
+            with psycopg.connect(c.local_conninfo(), dbname=dbname, autocommit=True, connect_timeout=30) as conn:
+                conn.execute(READONLY_DB_SQL.strip().encode())
 
     # --- databases ---------------------------------------------------------------------
 
@@ -630,8 +640,8 @@ class ControlPlane:
         return info
 
     def claim_database(self, name: str, *, caller: str | None = None) -> DatabaseInfo:
-        """Keep a temporary database: its TTL goes (and that of each branch
-        that expires with it), every password and its token are replaced
+        """Keep a temporary database: its TTL and expiry when unused go (and
+        those each branch has from it), every password and its token are replaced
         (their connections are ended, saying why). Returns it with its new
         URI and token (shown only here)."""
         self._spend(caller)
@@ -643,11 +653,12 @@ class ControlPlane:
         def change(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
             db = self._db(snap, name)
             branches = self._branches_of(snap, db)
-            out: list[Record] = [replace(db, expires_at=None, token_sha256=sha256(token))]
+            out: list[Record] = [replace(db, expires_at=None, expire_after_idle=None, token_sha256=sha256(token))]
             made.clear()
             for b in branches:
+                same = b.expire_after_idle == db.expire_after_idle
                 kept = replace(b, expires_at=None if b.expires_at == db.expires_at else b.expires_at,
-                               credentials=())
+                               expire_after_idle=None if same else b.expire_after_idle, credentials=())
                 if b.name == MAIN:
                     password, cred = self._credential(kept, now)
                     kept = replace(kept, credentials=(cred,))
@@ -700,17 +711,20 @@ class ControlPlane:
         self._delete_database(name, why="was deleted")
 
     def _delete_database(self, name: str, *, why: str, unless_used_since: float | None = None,
-                         expected_id: int | None = None) -> bool:
+                         expected_id: int | None = None, still: Callable[[Record], bool] | None = None) -> bool:
         """Delete a database (checked at commit time: the branches deleted
         are those it has then). With `unless_used_since`, only if none of
-        its branches has a connection or was used since that wall time.
-        Returns whether it was deleted."""
+        its branches has a connection or was used since that wall time;
+        with `still`, only if the record as it is then still expires (a
+        claim meanwhile keeps it). Returns whether it was deleted."""
         gone: list[BranchRecord] = []
 
         def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
             db = self._db(snap, name)
             if expected_id is not None and db.id != expected_id:
                 raise UnknownObjectError("database", name)  # another database took the name meanwhile
+            if still is not None and not still(db):
+                raise _Moved()
             branches = self._branches_of(snap, db)
             for b in branches:
                 if b.protected:
@@ -998,13 +1012,15 @@ class ControlPlane:
         self._delete_branch(database, name, why="was deleted")
 
     def _delete_branch(self, database: str, name: str, *, why: str, unless_used_since: float | None = None,
-                       expected_id: int | None = None) -> bool:
+                       expected_id: int | None = None, still: Callable[[Record], bool] | None = None) -> bool:
         gone: list[BranchRecord] = []
 
         def check(snap: Snapshot) -> tuple[Sequence[Record], Sequence[Record]]:
             br = self._branch(snap, database, name)
             if expected_id is not None and br.id != expected_id:
                 raise UnknownObjectError("branch", f"{database}/{name}")
+            if still is not None and not still(br):
+                raise _Moved()
             self._check_removable(snap, br, "deleted")
             if unless_used_since is not None and self._in_use_since(br, unless_used_since):
                 raise _Moved()
@@ -1540,17 +1556,24 @@ class ControlPlane:
         now = self._clock()
         done: dict[str, list[str]] = {"suspended": [], "expired": []}
         snap = self.catalog.snapshot
+
+        def ttl_ended(r: Record) -> bool:  # (at commit: a claim meanwhile keeps it)
+            return r.expires_at is not None and r.expires_at <= now
+
+        def idle_rule(r: Record) -> bool:
+            return bool(r.expire_after_idle)
+
         for db in snap.databases.values():
             if db.expires_at and db.expires_at <= now:
                 self._attempt(("database", db.id), partial(
                     self._delete_database, db.name, why=f"expired (its TTL ended at {iso(db.expires_at)})",
-                    expected_id=db.id), done["expired"], db.name)
+                    expected_id=db.id, still=ttl_ended), done["expired"], db.name)
             elif db.expire_after_idle:
                 last = max([db.last_used] + [self._last_used(b) for b in self._branches_of(snap, db)])
                 if now - last >= db.expire_after_idle:
                     self._attempt(("database", db.id), partial(
                         self._delete_database, db.name, why="expired (unused)", expected_id=db.id,
-                        unless_used_since=now - db.expire_after_idle), done["expired"], db.name)
+                        unless_used_since=now - db.expire_after_idle, still=idle_rule), done["expired"], db.name)
         snap = self.catalog.snapshot
         for br in snap.branches.values():
             owner = snap.databases.get(br.database)
@@ -1560,11 +1583,11 @@ class ControlPlane:
             if br.expires_at and br.expires_at <= now:
                 self._attempt(("branch", br.id), partial(
                     self._delete_branch, owner.name, br.name, why=f"expired (its TTL ended at {iso(br.expires_at)})",
-                    expected_id=br.id), done["expired"], name)
+                    expected_id=br.id, still=ttl_ended), done["expired"], name)
             elif br.expire_after_idle and now - self._last_used(br) >= br.expire_after_idle:
                 self._attempt(("branch", br.id), partial(
                     self._delete_branch, owner.name, br.name, why="expired (unused)", expected_id=br.id,
-                    unless_used_since=now - br.expire_after_idle), done["expired"], name)
+                    unless_used_since=now - br.expire_after_idle, still=idle_rule), done["expired"], name)
         mono = self._mono()
         for br in self._running():
             timeout = self._idle_timeout(br)

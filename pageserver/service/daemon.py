@@ -140,7 +140,8 @@ def read_state(home: str) -> dict[str, Any] | None:
             state: dict[str, Any] = json.load(f)
     except (OSError, ValueError):
         return None
-    if is_process(state.get("pid"), state.get("start"), state.get("boot")):
+    same_home = isinstance(state.get("home"), str) and os.path.realpath(state["home"]) == os.path.realpath(home)
+    if same_home and is_process(state.get("pid"), state.get("start"), state.get("boot")):
         # The process that wrote it is alive (pid, start time and boot: the kernel's word, no pid reuse
         # passes), and it wrote it holding the lock it holds until it ends: the service. (Reading
         # /proc/locks costs 10 ms at a process's first read: a CLI call's budget is 100.)
