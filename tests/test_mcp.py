@@ -18,6 +18,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp_types import ElicitResult
 
+from pageserver.clients import mcp as mcp_module
 from pageserver.clients.mcp import TOOLS, Grant, GrantError, build_server, token_budget
 from pageserver.clients.sdk import Strata
 
@@ -160,7 +161,7 @@ def test_truncation_is_exact_at_n_and_n_plus_one_rows_and_the_cursor_continues(c
     db.delete()
 
 
-def test_migrations_are_tested_on_a_branch_and_applied_only_as_tested_on_an_unmoved_base(client):
+def test_migrations_are_tested_on_a_branch_and_applied_only_as_tested_on_an_unmoved_base(client, monkeypatch):
     db = client.create_database("mig", ttl="1h")
     sql(db.uri, "create table items(id int primary key, name text)")
     sql(db.uri, "insert into items select g, 'n' || g from generate_series(1, 1000) g")
@@ -176,6 +177,9 @@ def test_migrations_are_tested_on_a_branch_and_applied_only_as_tested_on_an_unmo
                                         sql=migration + "; drop table items")
         sql(db.uri, "insert into items values (5000, 'late')")  # the base moves
         out["moved"] = await refused(c, "migration_apply", migration_id=good["migration_id"])
+        monkeypatch.setattr(mcp_module, "LOCK_WARN_BYTES", 8192)  # (items, ~100 KB, is now "large")
+        out["locked"] = await tool(c, "migration_test", database="mig", sql=migration)
+        monkeypatch.undo()
         again = await tool(c, "migration_test", database="mig", sql=migration,
                            checks=["select count(*) = 990 from items"])
         out["applied"] = await tool(c, "migration_apply", migration_id=again["migration_id"])
@@ -186,6 +190,7 @@ def test_migrations_are_tested_on_a_branch_and_applied_only_as_tested_on_an_unmo
     assert [c["passed"] for c in t["checks"]] == [True, False] and t["ok"] is False
     assert "price" in t["schema_diff"] and t["row_counts"]["public.items"] == [1000, 990]
     assert t["lock_warnings"] == []  # (a 1,000-row table is below the warning size)
+    assert [w.split(" (")[0] for w in out["locked"]["lock_warnings"]] == ["ACCESS EXCLUSIVE on items"]
     assert "failed its test" in out["failed"]
     assert "not the SQL" in out["tampered"] and "changed since" in out["moved"]
     assert [(s["status"], s["rows_affected"]) for s in out["applied"]["statements"]] == [

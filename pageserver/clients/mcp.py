@@ -51,6 +51,7 @@ call to the service or to PostgreSQL. A cursor has its own lock (one
 fetch at a time).
 """
 
+import contextlib
 import dataclasses
 import datetime as dt
 import fnmatch
@@ -59,7 +60,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 import psycopg
@@ -69,6 +70,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from pageserver.clients.sdk import ApiError, Strata
+from pageserver.control.objects import NAME, parse_duration
 from pageserver.errors import BadRequestError
 
 ACCESS = ("read-only", "read-write", "admin")
@@ -148,8 +150,6 @@ class Grant:
     def check(self, database: str, branch: str | None = None) -> None:
         """Refuse a name that is not a name (before a pattern, whose `*`
         matches anything), or one outside the grant."""
-        from pageserver.control.objects import NAME
-
         for kind, name in (("database", database), ("branch", branch)):
             if name is not None and not (isinstance(name, str) and NAME.match(name)):
                 raise ToolError(f"{kind} name {name!r} is not a name (1-63 of a-z, 0-9, _ and -)")
@@ -176,8 +176,6 @@ class Grant:
 
 
 def _seconds(text: str, what: str, err: type[Exception] = GrantError) -> float:
-    from pageserver.control.objects import parse_duration
-
     try:
         s = parse_duration(text, what)
     except BadRequestError as e:
@@ -378,12 +376,29 @@ class StrataTools:
             got = self._uris.get((database, branch))
         if got is not None and got[1] > now + 60:
             return got[0]
-        readonly = not self.grant.at_least("read-write")
-        uri = self._api("POST", f"/databases/{database}/branches/{branch}/credentials",
-                        {"ttl": CREDENTIAL_TTL, "readonly": readonly})["uri"]
+        uri = self._password(database, branch, CREDENTIAL_TTL)
         with self.mu:
             self._uris[(database, branch)] = (uri, now + CREDENTIAL_TTL)
-        return str(uri)
+        return uri
+
+    def _password(self, database: str, branch: str, ttl: float) -> str:
+        """A URI with a new password for `ttl` seconds (read-only under a read-only grant)."""
+        readonly = not self.grant.at_least("read-write")
+        return str(self._api("POST", f"/databases/{database}/branches/{branch}/credentials",
+                             {"ttl": ttl, "readonly": readonly})["uri"])
+
+    @contextlib.contextmanager
+    def _scratch(self, database: str, parent: str, prefix: str, lsn: int | None = None) -> Iterator[str]:
+        """A throwaway branch of `parent` (at `lsn`), deleted when done (its
+        TTL covers a server that dies meanwhile)."""
+        scratch = f"{prefix}-{secrets.token_hex(4)}"
+        self._api("POST", f"/databases/{database}/branches", {"name": scratch, "parent": parent, "lsn": lsn,
+                                                              "ttl": 900})
+        try:
+            yield scratch
+        finally:
+            self._api("DELETE", f"/databases/{database}/branches/{scratch}")
+            self._forget(database, scratch)
 
     def _connect(self, database: str, branch: str, **kw: Any) -> psycopg.Connection[Any]:
         for attempt in (0, 1):
@@ -586,10 +601,8 @@ class StrataTools:
     def connection_string(self, database: str, branch: str = "main", ttl: str = "15m") -> UriOut:
         self.grant.check(database, branch)
         seconds = min(_seconds(ttl, "ttl", err=ToolError), 3600.0)
-        readonly = not self.grant.at_least("read-write")
-        uri = self._api("POST", f"/databases/{database}/branches/{branch}/credentials",
-                        {"ttl": seconds, "readonly": readonly})["uri"]
-        return UriOut(uri=uri, expires_at=_when(time.time() + seconds) or "", readonly=readonly)
+        return UriOut(uri=self._password(database, branch, seconds), expires_at=_when(time.time() + seconds) or "",
+                      readonly=not self.grant.at_least("read-write"))
 
     # --- SQL ---------------------------------------------------------------------------------------
 
@@ -755,18 +768,12 @@ class StrataTools:
         if not self.grant.at_least("read-write"):
             # (ANALYZE runs the statement, on a branch this server makes and opens as its owner)
             raise ToolError("explain with analyze needs a read-write grant; without analyze it plans only")
-        scratch = f"explain-{secrets.token_hex(4)}"  # ANALYZE runs the statement: never on the target
-        self._api("POST", f"/databases/{database}/branches",
-                  {"name": scratch, "parent": branch, "ttl": 600})
-        try:
-            uri = self._api("POST", f"/databases/{database}/branches/{scratch}/credentials", {"ttl": 600})["uri"]
-            with psycopg.connect(uri, connect_timeout=60) as conn:
+        with self._scratch(database, branch, "explain") as scratch:  # ANALYZE runs it: never on the target
+            with self._connect(database, scratch) as conn:
                 try:
                     plan = conn.execute(b"EXPLAIN (ANALYZE, BUFFERS) " + sql.encode(), prepare=True).fetchall()
                 except psycopg.Error as e:
                     raise ToolError(f"PostgreSQL: {' '.join(str(e).split())}") from None
-        finally:
-            self._api("DELETE", f"/databases/{database}/branches/{scratch}")
         return ExplainOut(plan=f"(analyzed on throwaway branch {database}/{scratch})\n" + "\n".join(r[0] for r in plan))
 
     # --- migrations ---------------------------------------------------------------------------------
@@ -784,16 +791,16 @@ class StrataTools:
     def _test(self, database: str, branch: str, sql: str, checks: list[str]) -> MigrationOut:
         timeline = self._api("GET", f"/databases/{database}/branches/{branch}")["timeline"]
         lsn = self._api("GET", f"/databases/{database}/branches/{branch}/lsn")["lsn"]
-        scratch = f"mig-{secrets.token_hex(4)}"
-        self._api("POST", f"/databases/{database}/branches", {"name": scratch, "parent": branch, "lsn": lsn,
-                                                              "ttl": 900})
         mid = f"m-{secrets.token_hex(8)}"
         warnings: list[str] = []
         error = None
         results: list[CheckOut] = []
-        try:
-            before = self._counts(database, scratch)
-            sizes = self._sizes(database, scratch)
+        with self._scratch(database, branch, "mig", lsn) as scratch:
+            with self._connect(database, scratch, autocommit=True) as conn:
+                before = _counts(conn)
+                sizes: dict[int, int] = dict(conn.execute(
+                    "SELECT c.oid::int8, pg_total_relation_size(c.oid) FROM pg_class c "
+                    "WHERE c.relkind IN ('r', 'p', 'm') AND c.oid >= 16384", ()).fetchall())
 
             def locks(conn: psycopg.Connection[Any]) -> None:
                 # (held to the end of the transaction: every ACCESS EXCLUSIVE it took is here)
@@ -810,13 +817,12 @@ class StrataTools:
                 self._run_all(database, scratch, [sql], before_commit=locks)
             except ToolError as e:
                 error = str(e)
-            after = self._counts(database, scratch)
-            if error is None:
-                results = self._checks(database, scratch, checks)
+            with self._connect(database, scratch, autocommit=True) as conn:
+                after = _counts(conn)
+                if error is None:
+                    results = _checks(conn, checks)
             report = self._api("POST", "/diff", {"a": f"{database}/{branch}@{lsn}", "b": f"{database}/{scratch}",
                                                  "rows": False, "schema": True})
-        finally:
-            self._api("DELETE", f"/databases/{database}/branches/{scratch}")
         ok = error is None and all(c.passed for c in results)
         with self.mu:
             self._migrations[mid] = _Migration(database, branch, sql, lsn, timeline, ok)
@@ -824,32 +830,6 @@ class StrataTools:
                             schema_diff=(report.get("schema") or {}).get("diff", ""),
                             row_counts={t: [before.get(t), after.get(t)] for t in sorted(before.keys() | after.keys())},
                             lock_warnings=warnings, checks=results)
-
-    def _sizes(self, database: str, branch: str) -> dict[int, int]:
-        with self._connect(database, branch, autocommit=True) as conn:
-            return dict(conn.execute("SELECT c.oid::int8, pg_total_relation_size(c.oid) FROM pg_class c "
-                                     "WHERE c.relkind IN ('r', 'p', 'm') AND c.oid >= 16384", ()).fetchall())
-
-    def _counts(self, database: str, branch: str) -> dict[str, int]:
-        with self._connect(database, branch, autocommit=True) as conn:
-            tables = [r[0] for r in conn.execute(
-                "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n "
-                "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN "
-                "('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%' ORDER BY 1 LIMIT 200",
-                ()).fetchall()]
-            return {t: conn.execute(f"SELECT count(*) FROM {t}".encode()).fetchone()[0] for t in tables}  # type: ignore[index]
-
-    def _checks(self, database: str, branch: str, checks: list[str]) -> list[CheckOut]:
-        out = []
-        with self._connect(database, branch, autocommit=True) as conn:
-            for check in checks:
-                try:
-                    row = conn.execute(check.encode(), prepare=True).fetchone()
-                    value = _json_value(row[0]) if row else None
-                    out.append(CheckOut(passed=bool(value), value=value))
-                except psycopg.Error as e:
-                    out.append(CheckOut(passed=False, value=" ".join(str(e).split())))
-        return out
 
     def migration_apply(self, migration_id: str, sql: str | None = None) -> ExecOut:
         with self.mu:
@@ -883,6 +863,29 @@ class StrataTools:
                  if r.get("status") != "modified" or r.get("skipped") or any(r.get("counts", {}).values())]
         if moved or (report.get("schema") or {}).get("changed"):
             raise ToolError(f"{moved_why} ({', '.join(moved) or 'its schema'}): test it again")
+
+
+def _counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Rows of each user table (200 at most), counted."""
+    tables = [r[0] for r in conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN "
+        "('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%' ORDER BY 1 LIMIT 200",
+        ()).fetchall()]
+    return {t: conn.execute(f"SELECT count(*) FROM {t}".encode()).fetchone()[0] for t in tables}  # type: ignore[index]
+
+
+def _checks(conn: psycopg.Connection[Any], checks: list[str]) -> list[CheckOut]:
+    """Each check's first value (one statement each: prepared), passed if true."""
+    out = []
+    for check in checks:
+        try:
+            row = conn.execute(check.encode(), prepare=True).fetchone()
+            value = _json_value(row[0]) if row else None
+            out.append(CheckOut(passed=bool(value), value=value))
+        except psycopg.Error as e:
+            out.append(CheckOut(passed=False, value=" ".join(str(e).split())))
+    return out
 
 # --- the server ----------------------------------------------------------------------------------
 
